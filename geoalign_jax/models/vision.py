@@ -1,0 +1,90 @@
+"""The CLIP ViT image tower (OpenAI layout): conv patches, class token, ln_pre, blocks, ln_post, proj."""
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from geoalign_jax.models.layers import Transformer, layer_norm, partitioned
+from geoalign_jax.models.posemb import resize_image_posemb
+
+Array = jax.Array
+DenseFeatures = Literal["last", "segearth"]
+
+
+class VisionTransformer(nn.Module):
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    embed_dim: int
+    quick_gelu: bool
+    remat: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        scale = self.width**-0.5
+        grid = self.image_size // self.patch_size
+        self.conv1 = nn.Conv(
+            self.width,
+            (self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
+        )
+        self.class_embedding = self.param(
+            "class_embedding", partitioned(nn.initializers.normal(scale), ("embed",)), (self.width,),
+            self.param_dtype,
+        )
+        self.positional_embedding = self.param(
+            "positional_embedding", partitioned(nn.initializers.normal(scale), ("position", "embed")),
+            (grid * grid + 1, self.width), self.param_dtype,
+        )
+        self.ln_pre = layer_norm("ln_pre", self.dtype, self.param_dtype)
+        self.transformer = Transformer(
+            self.width, self.layers, self.heads, self.mlp_ratio, self.quick_gelu, self.remat,
+            self.dtype, self.param_dtype, name="transformer",
+        )
+        self.ln_post = layer_norm("ln_post", self.dtype, self.param_dtype)
+        self.proj = self.param(
+            "proj", partitioned(nn.initializers.normal(scale), ("embed", "joint_embed")),
+            (self.width, self.embed_dim), self.param_dtype,
+        )
+
+    def _project(self, tokens: Array) -> Array:
+        return jnp.einsum("...d,de->...e", self.ln_post(tokens), self.proj.astype(self.dtype))
+
+    def __call__(self, image: Array, dense: DenseFeatures = "last") -> tuple[Array, Array]:
+        """image [B, H, W, 3] normalised -> (embedding [B, E], patch_tokens [B, gh, gw, E]), float32.
+
+        H, W other than `image_size` interpolate the position embedding (open_clip's resize).
+        """
+        if image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"image must be [B, H, W, 3], got {image.shape}")
+        if image.shape[1] % self.patch_size or image.shape[2] % self.patch_size:
+            raise ValueError(f"image size {image.shape[1:3]} is not a multiple of patch size {self.patch_size}")
+        x = self.conv1(image.astype(self.dtype))
+        batch, gh, gw, width = x.shape
+        x = x.reshape(batch, gh * gw, width)
+        cls = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (batch, 1, width))
+        x = jnp.concatenate([cls, x], axis=1)
+        x = x + resize_image_posemb(self.positional_embedding, (gh, gw)).astype(self.dtype)
+        x = self.ln_pre(x)
+        x, penultimate = self.transformer(x)
+        embedding = self._project(x[:, 0])
+        if dense == "segearth":
+            patch_tokens = self._project(self.transformer.segearth(penultimate)[:, 1:])
+        elif dense == "last":
+            patch_tokens = self._project(x[:, 1:])
+        else:
+            raise ValueError(f"dense features must be 'last' or 'segearth', got {dense!r}")
+        patch_tokens = patch_tokens.reshape(batch, gh, gw, -1)
+        return embedding.astype(jnp.float32), patch_tokens.astype(jnp.float32)

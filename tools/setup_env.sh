@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs what geoalign-jax needs; re-running is a no-op while the requirement
+# files are unchanged. Usage: bash tools/setup_env.sh [runtime|test]   (default: test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind="${1:-test}"
+case "$kind" in
+  runtime) req=requirements.txt ;;
+  test) req=requirements-test.txt ;;
+  *) echo "usage: $0 [runtime|test]" >&2; exit 2 ;;
+esac
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed-$kind-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing $req (first run takes a few minutes)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -r "$req"
+  .venv/bin/python -m pip install --quiet --no-deps -e .
+  touch "$stamp"
+fi
+echo "[setup] .venv ready ($kind)"
