@@ -218,7 +218,9 @@ def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_L
     """Token ids [N, context_length] int32, equal to ``open_clip.tokenize(texts, context_length)``.
 
     Each row is SOT, the BPE ids, EOT, then zeros; a text too long keeps its first ``context_length - 1``
-    tokens and EOT in the last position (so the EOT-pooled embedding still exists).
+    tokens and EOT in the last position (so the EOT-pooled embedding still exists). Id 0 is also a real
+    token ("!"), so a row's length is the first EOT position + 1, not its count of non-zero ids; a text that
+    literally contains "<end_of_text>" gets an EOT there too, as in open_clip.
     """
     context_length = _check_context_length(context_length)
     if isinstance(texts, str):
@@ -265,7 +267,9 @@ class Tokenizer:
         return tokenize(texts, self.context_length)
 
 
-def write_hf_tokenizer_files(out_dir: str | pathlib.Path, context_length: int = DEFAULT_CONTEXT_LENGTH) -> list[pathlib.Path]:
+def write_hf_tokenizer_files(
+    out_dir: str | pathlib.Path, context_length: int = DEFAULT_CONTEXT_LENGTH
+) -> list[pathlib.Path]:
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json for
     ``transformers.CLIPTokenizer.from_pretrained(out_dir)``, built from the bundled BPE file (no download).
 

@@ -25,8 +25,8 @@ from open_clip import tokenizer as open_clip_tokenizer  # noqa: E402
 
 CONTEXT_LENGTHS = (77, 248)
 LONG_CAPTION = " ".join(
-    f"there are {index} white planes parked near the {index}th terminal of the busy airport" for index in range(12)
-)  # ~150 words, far over 248 tokens
+    f"there are {index} white planes parked near the {index}th terminal of the busy airport" for index in range(20)
+)  # 280 words, 322 tokens: over 248
 
 HARD_CASES = [
     "3 planes, 12.5m apart",
@@ -128,7 +128,9 @@ def test_count_tokens_is_untruncated_length(real_captions):
     np.testing.assert_array_equal(counts, reference)
     rows = tokenizer.tokenize(sample, 248)
     fits = counts <= 248
-    np.testing.assert_array_equal((rows[fits] != 0).sum(axis=1), counts[fits])
+    # Length from the EOT position, not from non-zero ids: id 0 is the symbol "!" (e.g. inside "x!!!!").
+    np.testing.assert_array_equal(np.argmax(rows[fits] == tokenizer.EOT_TOKEN_ID, axis=1) + 1, counts[fits])
+    assert 0 in tokenizer.encode("x!!!!"), "id 0 is a real token as well as the padding value"
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
@@ -191,7 +193,11 @@ def test_decode_matches_open_clip(real_captions):
     for text in real_captions[:20] + HARD_CASES:
         (row,) = tokenizer.tokenize(text, 248)
         core = tokenizer.encode(text)[:246]
+        if tokenizer.EOT_TOKEN_ID in core:  # a literal "<end_of_text>" in the text: decode stops there
+            core = core[: core.index(tokenizer.EOT_TOKEN_ID)]
+        core = [token_id for token_id in core if token_id != tokenizer.SOT_TOKEN_ID]
         assert tokenizer.decode(row) == open_clip_tokenizer._tokenizer.decode(core)
+    assert tokenizer.decode(tokenizer.tokenize("two <end_of_text> planes")[0]) == "two "
 
 
 def test_tokenizing_needs_neither_torch_nor_transformers():
@@ -201,7 +207,8 @@ def test_tokenizing_needs_neither_torch_nor_transformers():
         "loaded = [m for m in ('torch', 'open_clip', 'transformers', 'tokenizers') if m in sys.modules]; "
         "assert not loaded, loaded"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root)
     assert result.returncode == 0, result.stderr
 
 
@@ -211,10 +218,12 @@ def test_hf_tokenizer_files_give_our_ids(tmp_path, real_captions, context_length
     tokenizer.write_hf_tokenizer_files(tmp_path, context_length)
     hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path)
     assert hf_tokenizer.model_max_length == context_length
-    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (tokenizer.SOT_TOKEN_ID, tokenizer.EOT_TOKEN_ID)
+    hf_special_ids = (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
+    assert hf_special_ids == (tokenizer.SOT_TOKEN_ID, tokenizer.EOT_TOKEN_ID)
     assert len(hf_tokenizer) == tokenizer.VOCAB_SIZE
     # HF does not run ftfy/html cleaning, so compare on text that cleaning leaves alone (all real captions).
-    texts = real_captions[::120] + ["## #: #... #@ #… hashtags", "3 planes, 12.5m!! a-b/c café 日本", LONG_CAPTION]
+    hard_texts = ["## #: #... #@ #… hashtags", "3 planes, 12.5m!! a-b/c café 日本", LONG_CAPTION]
+    texts = real_captions[::120] + hard_texts
     hf_ids = hf_tokenizer(texts, padding="max_length", truncation=True)["input_ids"]
     ours = tokenizer.tokenize(texts, context_length)
     for text, our_row, hf_row in zip(texts, ours, hf_ids):

@@ -1,0 +1,633 @@
+"""Dataset converters: from the layouts RS datasets ship in to geoalign record shards (docs/data_format.md).
+
+Each `convert_*` function only reads annotation files and turns every image into an `ImageTask`; the shared
+machinery in `writers.py` loads and checks the images in worker processes, drops what does not fit (counted
+and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLIs in `tools/`
+are thin wrappers over these functions, so tests and `tools/make_demo_data.py` call the same code.
+
+Inputs are processed in a deterministic order (the annotation file's order, or sorted directory listings),
+so the same input gives byte-identical shards whatever the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from geoalign_jax.data import writers
+from geoalign_jax.data.writers import (
+    ANNOTATION,
+    RECORD,
+    BuildOptions,
+    ConversionError,
+    ConversionSummary,
+    ImageTask,
+    RawRegion,
+    ShardingOptions,
+    Skip,
+    SkipLog,
+)
+
+PathLike = str | os.PathLike
+
+
+def _write(
+    tasks: Sequence[ImageTask],
+    out_dir: PathLike,
+    *,
+    name: str,
+    created_by: str,
+    log: SkipLog,
+    manifest_extra: Mapping[str, Any],
+    workers: int,
+    num_shards: int | None,
+    records_per_shard: int | None,
+    max_bad_fraction: float,
+    min_box_visible: float,
+    overwrite: bool,
+    progress: bool,
+) -> ConversionSummary:
+    if num_shards is not None and records_per_shard is not None:
+        raise ConversionError("give num_shards or records_per_shard, not both")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConversionError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
+    if not 0.0 < min_box_visible <= 1.0:
+        raise ConversionError(f"min_box_visible must lie in (0, 1], got {min_box_visible}")
+    return writers.write_dataset(
+        tasks, out_dir, name=name, created_by=created_by, skip_log=log, workers=workers,
+        sharding=ShardingOptions(num_shards=num_shards, records_per_shard=records_per_shard),
+        build_options=BuildOptions(min_box_visible=min_box_visible), max_bad_fraction=max_bad_fraction,
+        manifest_extra=manifest_extra, overwrite=overwrite, progress=progress,
+    )
+
+
+_COMMON_DOC = """
+    Common options: `workers` processes build records (1 = in this process); `num_shards` per split or
+    `records_per_shard`; a region box is clipped to the image when at least `min_box_visible` of its area
+    is inside, else dropped; ConversionError (nothing written) when more than `max_bad_fraction` of the
+    inputs or of the annotations are bad; an existing output is replaced only with `overwrite`.
+"""
+
+
+def readable_class_name(folder_name: str) -> str:
+    """A class folder name as words for prompts: 'DenseResidential' -> 'dense residential',
+    'sparse_residential' -> 'sparse residential', 'storage-tanks' -> 'storage tanks'."""
+    spaced = re.sub(r"[_\-\s]+", " ", folder_name)
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", spaced)
+    return " ".join(spaced.lower().split())
+
+
+def _claim_id(seen_ids: set[str], record_id: str, name: str, log: SkipLog) -> bool:
+    """False (and a counted skip) when the id was already used: ids identify images in retrieval metrics."""
+    if record_id in seen_ids:
+        log.add_input(Skip(writers.DUPLICATE_ID, name))
+        return False
+    seen_ids.add(record_id)
+    return True
+
+
+def _load_json(path: PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ConversionError(f"annotation file not found: {path}") from None
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"annotation file {path} is not readable JSON: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Karpathy-style caption JSON (RSICD, RSITMD, UCM-captions, Sydney-captions)
+
+
+def convert_karpathy(
+    json_path: PathLike,
+    image_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    name: str | None = None,
+    splits: Sequence[str] | None = None,
+    split_map: Mapping[str, str] | None = None,
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert a Karpathy-layout caption JSON (`images[].filename`, `.split`, `.sentences[].raw`, optional
+    `.filepath` and scene `.label`) with its image folder.
+
+    Blank captions are dropped (counted); an image keeps its record while one caption is left. `split_map`
+    renames splits (e.g. {"restval": "train"}), `splits` keeps only those (after renaming). A scene `label`
+    string becomes `label` (index into the sorted label names) and `class_name` (readable).
+    """
+    data = _load_json(json_path)
+    if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
+        raise ConversionError(f"{json_path}: expected a Karpathy JSON object with an 'images' list")
+    name = name or str(data.get("dataset") or pathlib.Path(json_path).stem)
+    image_root = pathlib.Path(image_dir)
+    json_name = pathlib.Path(json_path).name
+    split_map = dict(split_map or {})
+    labels = sorted({entry["label"] for entry in data["images"]
+                     if isinstance(entry, Mapping) and isinstance(entry.get("label"), str)})
+    label_index = {label: index for index, label in enumerate(labels)}
+
+    log, tasks, seen_ids = SkipLog(), [], set()
+    for index, entry in enumerate(data["images"]):
+        where = f"{json_name}:images[{index}]"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("filename"), str) \
+                or not isinstance(entry.get("split"), str) or not isinstance(entry.get("sentences"), list):
+            log.add_input(Skip(writers.MALFORMED_ANNOTATION, where))
+            continue
+        split = split_map.get(entry["split"], entry["split"])
+        if splits is not None and split not in splits:
+            continue
+        filename = entry["filename"]
+        if not _claim_id(seen_ids, filename, filename, log):
+            continue
+        path = image_root / filename
+        if isinstance(entry.get("filepath"), str) and (image_root / entry["filepath"] / filename).is_file():
+            path = image_root / entry["filepath"] / filename
+        captions = tuple(s.get("raw") if isinstance(s, Mapping) else None for s in entry["sentences"])
+        label = entry.get("label")
+        tasks.append(ImageTask(
+            split=split, id=filename, source=name, name=filename, image_path=str(path), captions=captions,
+            label=label_index.get(label, -1) if isinstance(label, str) else -1,
+            class_name=readable_class_name(label) if isinstance(label, str) else None, require="captions",
+        ))
+    extra = {"class_names": [readable_class_name(label) for label in labels], "raw_class_names": labels}
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_karpathy.py", log=log,
+                  manifest_extra=extra, workers=workers, num_shards=num_shards,
+                  records_per_shard=records_per_shard, max_bad_fraction=max_bad_fraction,
+                  min_box_visible=min_box_visible, overwrite=overwrite, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# COCO JSON (DIOR, NWPU VHR-10 as usually distributed; also COCO-style caption files)
+
+
+def _coco_box(bbox: Any) -> tuple[float, float, float, float] | None:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    return (x, y, x + w, y + h)
+
+
+def convert_coco(
+    annotation_files: Mapping[str, PathLike],
+    image_dir: PathLike | Mapping[str, PathLike],
+    out_dir: PathLike,
+    *,
+    name: str,
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert COCO JSON files, one per split ({split: path}), with their image folder (one, or per split).
+
+    Annotations with a `bbox` ([x, y, w, h] pixels) become regions whose text is the category name
+    (`category_id` = index of the category in the id-sorted `categories`, listed in the manifest's
+    `category_names`); annotations with a `caption` become captions. Images without annotations are kept
+    (with no regions), so region-free images still count for image-level tasks.
+    """
+    categories: dict[int, str] = {}
+    parsed = {}
+    for split, path in sorted(annotation_files.items()):
+        data = _load_json(path)
+        if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
+            raise ConversionError(f"{path}: expected a COCO JSON object with an 'images' list")
+        for category in data.get("categories", []) or []:
+            if not isinstance(category, Mapping) or not isinstance(category.get("id"), int) \
+                    or not isinstance(category.get("name"), str):
+                raise ConversionError(f"{path}: malformed category {category!r} (needs int 'id' and str 'name')")
+            known = categories.setdefault(category["id"], category["name"])
+            if known != category["name"]:
+                raise ConversionError(f"{path}: category id {category['id']} is {category['name']!r} here "
+                                      f"but {known!r} in another file")
+        parsed[split] = (pathlib.Path(path).name, data)
+    category_ids = sorted(categories)
+    category_index = {category_id: index for index, category_id in enumerate(category_ids)}
+
+    log, tasks, seen_ids = SkipLog(), [], set()
+    for split, (json_name, data) in parsed.items():
+        root = pathlib.Path(image_dir[split] if isinstance(image_dir, Mapping) else image_dir)
+        per_image: dict[Any, dict[str, list]] = {}
+        images = []
+        for index, image in enumerate(data["images"]):
+            if not isinstance(image, Mapping) or not isinstance(image.get("file_name"), str) or "id" not in image:
+                log.add_input(Skip(writers.MALFORMED_ANNOTATION, f"{json_name}:images[{index}]"))
+                continue
+            images.append(image)
+            per_image[image["id"]] = {"regions": [], "captions": []}
+        for index, annotation in enumerate(data.get("annotations", []) or []):
+            where = f"{json_name}:annotations[{index}]"
+            if not isinstance(annotation, Mapping):
+                log.annotations_seen += 1
+                log.add(Skip(writers.MALFORMED_ANNOTATION, where, ANNOTATION))
+                continue
+            target = per_image.get(annotation.get("image_id"))
+            if target is None:
+                log.annotations_seen += 1
+                log.add(Skip(writers.UNKNOWN_IMAGE_ID, where, ANNOTATION))
+                continue
+            if "caption" in annotation:
+                target["captions"].append(annotation["caption"])
+            if "bbox" not in annotation:
+                continue
+            box = _coco_box(annotation["bbox"])
+            category_id = annotation.get("category_id")
+            if box is None:
+                log.annotations_seen += 1
+                log.add(Skip(writers.MALFORMED_ANNOTATION, where, ANNOTATION))
+            elif category_id not in categories:
+                log.annotations_seen += 1
+                log.add(Skip(writers.UNKNOWN_CATEGORY, where, ANNOTATION))
+            else:
+                target["regions"].append(RawRegion(box=box, category=categories[category_id],
+                                                   category_id=category_index[category_id], name=where))
+        for image in images:
+            file_name = image["file_name"]
+            if not _claim_id(seen_ids, file_name, file_name, log):
+                continue
+            size = (image["width"], image["height"]) if isinstance(image.get("width"), int) \
+                and isinstance(image.get("height"), int) else None
+            found = per_image[image["id"]]
+            tasks.append(ImageTask(
+                split=split, id=file_name, source=name, name=file_name, image_path=str(root / file_name),
+                captions=tuple(found["captions"]), regions=tuple(found["regions"]), expected_size=size,
+            ))
+    extra = {"category_names": [categories[category_id] for category_id in category_ids],
+             "coco_category_ids": category_ids}
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_coco.py", log=log, manifest_extra=extra,
+                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
+                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
+                  progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DOTA text labels (oriented 8-point boxes)
+
+
+def parse_dota_labels(text: str, file_name: str, *, skip_difficult: bool = False
+                      ) -> tuple[list[tuple[tuple[float, float, float, float], str]], list[Skip], int]:
+    """Parse one DOTA label file: `x1 y1 x2 y2 x3 y3 x4 y4 category [difficulty]` per object, optionally after
+    `imagesource:` / `gsd:` header lines. Each polygon is reduced to its axis-aligned bounding box.
+
+    Returns ([(box, category)], skips for malformed lines, number of object lines seen). The difficulty flag
+    is not stored; `skip_difficult` drops objects marked difficult (1) instead, without counting them bad.
+    """
+    objects, skips, seen = [], [], 0
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or re.match(r"^(imagesource|gsd)\s*:", stripped, re.IGNORECASE):
+            continue
+        seen += 1
+        fields = stripped.split()
+        where = f"{file_name}:{line_number}"
+        if len(fields) not in (9, 10):
+            skips.append(Skip(writers.MALFORMED_LINE, where, ANNOTATION))
+            continue
+        try:
+            coordinates = [float(v) for v in fields[:8]]
+        except ValueError:
+            skips.append(Skip(writers.MALFORMED_LINE, where, ANNOTATION))
+            continue
+        if not all(math.isfinite(v) for v in coordinates):
+            skips.append(Skip(writers.MALFORMED_LINE, where, ANNOTATION))
+            continue
+        if skip_difficult and len(fields) == 10 and fields[9] == "1":
+            seen -= 1
+            continue
+        xs, ys = coordinates[0::2], coordinates[1::2]
+        objects.append(((min(xs), min(ys), max(xs), max(ys)), fields[8]))
+    return objects, skips, seen
+
+
+def convert_dota(
+    image_dir: PathLike,
+    label_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    name: str = "dota",
+    split: str = "train",
+    categories: Sequence[str] | None = None,
+    skip_difficult: bool = False,
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert DOTA-style `labelTxt/*.txt` files with their images (same stem, any image suffix).
+
+    One record per label file; a label file without an image is an 'unknown file', an image without a label
+    file is a 'no label file' skip. Category names are the region text; `category_id` indexes `categories`
+    (default: the sorted category names found), listed in the manifest's `category_names`. Large scenes are
+    stored whole: tile them first (e.g. with the DOTA devkit) if needed.
+    """
+    image_root, label_root = pathlib.Path(image_dir), pathlib.Path(label_dir)
+    if not label_root.is_dir():
+        raise ConversionError(f"label folder not found: {label_root}")
+    images = {}
+    if image_root.is_dir():
+        for path in sorted(image_root.iterdir()):
+            if path.suffix.lower() in writers.IMAGE_SUFFIXES and not path.name.startswith("."):
+                images.setdefault(path.stem, path)
+    label_files = sorted(p for p in label_root.iterdir() if p.suffix == ".txt" and not p.name.startswith("."))
+
+    log = SkipLog()
+    parsed = []
+    for label_file in label_files:
+        objects, skips, seen = parse_dota_labels(label_file.read_text(encoding="utf-8", errors="replace"),
+                                                 label_file.name, skip_difficult=skip_difficult)
+        log.annotations_seen += len(skips)  # the kept objects are counted by the worker
+        for skip in skips:
+            log.add(skip)
+        parsed.append((label_file, objects))
+    found = sorted({category for _, objects in parsed for _, category in objects})
+    category_names = list(categories) if categories is not None else found
+    category_index = {category: index for index, category in enumerate(category_names)}
+
+    tasks = []
+    for label_file, objects in parsed:
+        regions = []
+        for number, (box, category) in enumerate(objects):
+            if category not in category_index:
+                log.annotations_seen += 1
+                log.add(Skip(writers.UNKNOWN_CATEGORY, f"{label_file.name} ({category})", ANNOTATION))
+                continue
+            regions.append(RawRegion(box=box, category=category, category_id=category_index[category],
+                                     name=f"{label_file.name} (object {number})"))
+        image_path = images.get(label_file.stem)
+        tasks.append(ImageTask(
+            split=split, id=label_file.stem, source=name,
+            name=image_path.name if image_path is not None else f"{label_file.stem} (no image for {label_file.name})",
+            image_path=str(image_path) if image_path is not None else None, regions=tuple(regions),
+        ))
+    labelled = {label_file.stem for label_file in label_files}
+    for stem, path in sorted(images.items()):
+        if stem not in labelled:
+            log.add_input(Skip(writers.NO_LABEL_FILE, path.name))
+    extra = {"category_names": category_names}
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_dota.py", log=log, manifest_extra=extra,
+                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
+                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
+                  progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSONL multi-granular corpora (RSFG-100k, MGRS-200k, DGTRSD, the demo data)
+
+JSONL_FIELDS = {"image", "split", "id", "captions", "caption", "long_caption", "hard_negatives", "regions",
+                "label", "class_name", "metadata"}
+JSONL_REGION_FIELDS = {"box", "category", "caption"}
+
+
+class _LineError(ValueError):
+    pass
+
+
+def _text_list(value: Any, field: str) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list):
+        raise _LineError(f"{field} must be a list of strings")
+    return tuple(value)
+
+
+def _parse_jsonl_line(line: str) -> dict[str, Any]:
+    """Check one JSONL object's structure (types, known fields); text content is checked by the builder."""
+    try:
+        obj = json.loads(line)
+    except ValueError as error:
+        raise _LineError(f"bad JSON ({error.__class__.__name__})") from None
+    if not isinstance(obj, dict):
+        raise _LineError("not a JSON object")
+    unknown = sorted(set(obj) - JSONL_FIELDS)
+    if unknown:
+        raise _LineError(f"unknown fields {unknown}")
+    if not isinstance(obj.get("image"), str) or not obj["image"].strip():
+        raise _LineError("missing 'image'")
+    for field in ("split", "id", "class_name"):
+        if field in obj and obj[field] is not None and (not isinstance(obj[field], str) or not obj[field].strip()):
+            raise _LineError(f"'{field}' must be a non-empty string")
+    if "long_caption" in obj and obj["long_caption"] is not None and not isinstance(obj["long_caption"], str):
+        raise _LineError("'long_caption' must be a string")
+    if "label" in obj and (not isinstance(obj["label"], int) or isinstance(obj["label"], bool) or obj["label"] < -1):
+        raise _LineError("'label' must be an int >= -1")
+    obj["captions"] = _text_list(obj.get("captions", []), "captions") + \
+        (_text_list(obj["caption"], "caption") if "caption" in obj else ())
+    obj["hard_negatives"] = _text_list(obj.get("hard_negatives", []), "hard_negatives")
+    regions = obj.get("regions", [])
+    if not isinstance(regions, list):
+        raise _LineError("'regions' must be a list")
+    for index, region in enumerate(regions):
+        if not isinstance(region, dict) or "box" not in region:
+            raise _LineError(f"regions[{index}] needs a 'box'")
+        if set(region) - JSONL_REGION_FIELDS:
+            raise _LineError(f"regions[{index}] has unknown fields {sorted(set(region) - JSONL_REGION_FIELDS)}")
+        box = region["box"]
+        if not isinstance(box, list) or len(box) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise _LineError(f"regions[{index}].box must be [x1, y1, x2, y2] numbers")
+        for field in ("category", "caption"):
+            if region.get(field) is not None and not isinstance(region[field], str):
+                raise _LineError(f"regions[{index}].{field} must be a string")
+    return obj
+
+
+def convert_jsonl(
+    jsonl_paths: PathLike | Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    name: str,
+    image_root: PathLike | None = None,
+    default_split: str = "train",
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert JSONL files (one JSON object per image, schema in docs/data_format.md).
+
+    Image paths are relative to `image_root` (default: the JSONL file's folder). A line that is not valid
+    JSON, misses `image`, or has a field of the wrong type or an unknown field is skipped and reported as
+    `file.jsonl:LINE`. A record needs some text: a caption, a long caption or a region. `category_id` of a
+    region indexes the sorted category names found, listed in the manifest's `category_names`.
+    """
+    paths = [jsonl_paths] if isinstance(jsonl_paths, (str, os.PathLike)) else list(jsonl_paths)
+    log, entries = SkipLog(), []
+    for path in paths:
+        path = pathlib.Path(path)
+        root = pathlib.Path(image_root) if image_root is not None else path.parent
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ConversionError(f"JSONL file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConversionError(f"JSONL file {path} is unreadable: {error}") from None
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{line_number}"
+            try:
+                obj = _parse_jsonl_line(line)
+            except _LineError as error:
+                log.add_input(Skip(f"{writers.MALFORMED_LINE}", f"{where} ({error})"))
+                continue
+            entries.append((where, root, obj))
+    category_names = sorted({region["category"] for _, _, obj in entries for region in obj.get("regions", [])
+                             if isinstance(region.get("category"), str) and region["category"].strip()})
+    category_index = {category: index for index, category in enumerate(category_names)}
+
+    tasks, seen_ids = [], set()
+    for where, root, obj in entries:
+        record_id = obj.get("id") or obj["image"]
+        if not _claim_id(seen_ids, record_id, where, log):
+            continue
+        regions = tuple(
+            RawRegion(box=tuple(region["box"]), category=region.get("category"),
+                      category_id=category_index.get((region.get("category") or "").strip(), -1),
+                      caption=region.get("caption"), name=f"{where} (region {index})")
+            for index, region in enumerate(obj.get("regions", []))
+        )
+        tasks.append(ImageTask(
+            split=obj.get("split") or default_split, id=record_id, source=name, name=f"{where} ({obj['image']})",
+            image_path=str(root / obj["image"]), captions=obj["captions"], long_caption=obj.get("long_caption"),
+            hard_negatives=obj["hard_negatives"], regions=regions, label=obj.get("label", -1),
+            class_name=obj.get("class_name"), require="text",
+        ))
+    extra = {"category_names": category_names}
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_jsonl.py", log=log, manifest_extra=extra,
+                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
+                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
+                  progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class-per-folder classification sets (UCM, AID, RESISC45, EuroSAT, WHU-RS19)
+
+
+def convert_folders(
+    root: PathLike,
+    out_dir: PathLike,
+    *,
+    name: str,
+    split: str = "test",
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert `root/<ClassFolder>/*.jpg|png|tif...` into one split (default 'test', for zero-shot eval).
+
+    `label` is the index of the folder in sorted folder names; `class_name` the readable name
+    ('DenseResidential' -> 'dense residential'). The manifest lists `class_names` (readable) and
+    `raw_class_names` (folder names), both in label order. Non-image files in class folders are skipped
+    and counted ('not an image file'); files directly in `root` are ignored.
+    """
+    root_path = pathlib.Path(root)
+    if not root_path.is_dir():
+        raise ConversionError(f"class folder root not found: {root_path}")
+    folders = sorted(p for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ConversionError(f"{root_path} has no class folders (expected root/<ClassName>/<image files>)")
+    readable = [readable_class_name(folder.name) for folder in folders]
+    log, tasks = SkipLog(), []
+    for label, folder in enumerate(folders):
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            record_id = f"{folder.name}/{path.name}"
+            if path.suffix.lower() not in writers.IMAGE_SUFFIXES:
+                log.add_input(Skip(writers.NOT_AN_IMAGE_FILE, record_id))
+                continue
+            tasks.append(ImageTask(split=split, id=record_id, source=name, name=record_id, image_path=str(path),
+                                   label=label, class_name=readable[label]))
+    extra = {"class_names": readable, "raw_class_names": [folder.name for folder in folders]}
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_folders.py", log=log, manifest_extra=extra,
+                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
+                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
+                  progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TFDS datasets prepared in array_record format
+
+
+def examples_to_tasks(
+    examples: Iterable[Mapping[str, Any]], *, split: str, source: str, log: SkipLog, where: str
+) -> list[ImageTask]:
+    """Turn mapped example dicts (as `sources.map_tfds_example` returns) into tasks with their image bytes."""
+    tasks, seen_ids = [], set()
+    for index, example in enumerate(examples):
+        name = f"{where}[{index}]"
+        if not isinstance(example.get("image"), (bytes, bytearray)) or not example["image"]:
+            log.add_input(Skip(writers.BROKEN_IMAGE, name))
+            continue
+        record_id = str(example.get("id") or f"{split}/{index:08d}")
+        if not _claim_id(seen_ids, record_id, name, log):
+            continue
+        tasks.append(ImageTask(
+            split=split, id=record_id, source=source, name=f"{name} ({record_id})", image_bytes=bytes(example["image"]),
+            captions=tuple(example.get("captions", ())), long_caption=example.get("long_caption"),
+            label=int(example.get("label", -1)), class_name=example.get("class_name"),
+        ))
+    return tasks
+
+
+def convert_tfds(
+    dataset: str,
+    splits: Sequence[str],
+    out_dir: PathLike,
+    *,
+    data_dir: PathLike | None = None,
+    name: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert splits of a TFDS dataset prepared in array_record format (read with `tfds.data_source`,
+    no TensorFlow needed) into geoalign shards. `mapping` names the TFDS features (see
+    `sources.DEFAULT_TFDS_MAPPING`); label names come from the label feature's `names` when it has them."""
+    from geoalign_jax.data import sources
+
+    name = name or dataset.split("/")[0].replace(":", "-")
+    log, tasks, class_names = SkipLog(), [], None
+    for split in splits:
+        source = sources.tfds_source(dataset, split, data_dir=data_dir, mapping=mapping)
+        class_names = class_names or source.class_names
+        tasks.extend(examples_to_tasks((source[i] for i in range(len(source))), split=split, source=name, log=log,
+                                       where=f"{dataset}/{split}"))
+    extra = {"class_names": [readable_class_name(c) for c in class_names or []],
+             "raw_class_names": list(class_names or [])}
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_tfds.py", log=log, manifest_extra=extra,
+                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
+                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
+                  progress=progress)

@@ -1,0 +1,531 @@
+"""Shared machinery of the dataset converters: skip bookkeeping, ordered parallel building, sharded writing.
+
+Why one place: every converter must behave the same way on bad input (skip, count, name the file, fail past
+a bad fraction), write byte-identical shards whatever the worker count, and leave either a complete output
+(shards + manifest.json) or none. Converters only turn their annotation files into `ImageTask`s.
+
+This module never imports jax: worker processes are started with 'spawn', and jax must not be forked.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import sys
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from geoalign_jax.data import records
+
+# ---------------------------------------------------------------------------------------------------------
+# Skip bookkeeping
+
+RECORD = "record"  # a whole input (image / line) was dropped
+ANNOTATION = "annotation"  # one caption, region or hard negative of a kept record was dropped
+
+# Reasons shared by the converters, so reports and tests use the same words.
+UNKNOWN_FILE = "unknown file"
+BROKEN_IMAGE = "broken image"
+UNSUPPORTED_IMAGE_MODE = "unsupported image mode"
+EMPTY_CAPTION = "empty caption"
+NO_CAPTIONS = "no captions"
+NO_TEXT = "no text"
+BOX_OUTSIDE_IMAGE = "box outside image"
+DEGENERATE_BOX = "degenerate box"
+REGION_WITHOUT_TEXT = "region without text"
+MALFORMED_LINE = "malformed line"
+MALFORMED_ANNOTATION = "malformed annotation"
+DUPLICATE_ID = "duplicate id"
+SIZE_MISMATCH = "image size differs from annotation"
+UNKNOWN_CATEGORY = "unknown category"
+UNKNOWN_IMAGE_ID = "unknown image id"
+INVALID_RECORD = "invalid record"
+NOT_AN_IMAGE_FILE = "not an image file"
+NO_LABEL_FILE = "no label file"
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """One dropped input or annotation: why, which file (and line/index), and whether a record or annotation."""
+
+    reason: str
+    name: str
+    kind: str = RECORD
+
+
+class ConversionError(RuntimeError):
+    """A conversion that found more bad input than allowed, or a configuration it cannot use."""
+
+    def __init__(self, message: str, summary: "ConversionSummary | None" = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclasses.dataclass
+class SkipLog:
+    """Counts of skips per reason and kind, with the first few file names per reason for the report."""
+
+    max_examples: int = 10
+    counts: Counter = dataclasses.field(default_factory=Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    records_seen: int = 0
+    records_skipped: int = 0
+    annotations_seen: int = 0
+    annotations_skipped: int = 0
+
+    def add(self, skip: Skip) -> None:
+        self.counts[skip.reason] += 1
+        if len(self.examples[skip.reason]) < self.max_examples:
+            self.examples[skip.reason].append(skip.name)
+        if skip.kind == RECORD:
+            self.records_skipped += 1
+        else:
+            self.annotations_skipped += 1
+
+    def add_input(self, skip: Skip | None = None) -> None:
+        """Count one input (image, line) the parent looked at; with `skip`, it was dropped before building."""
+        self.records_seen += 1
+        if skip is not None:
+            self.add(skip)
+
+    def record_fraction(self) -> float:
+        return self.records_skipped / self.records_seen if self.records_seen else 0.0
+
+    def annotation_fraction(self) -> float:
+        return self.annotations_skipped / self.annotations_seen if self.annotations_seen else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building one record (runs in worker processes)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+#: PIL modes that map to RGB without losing meaning; 16-bit / float images are refused, not silently scaled.
+_CONVERTIBLE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRegion:
+    """A region as the annotation gives it, before clipping to the image: [x1, y1, x2, y2] float pixels."""
+
+    box: tuple[float, float, float, float]
+    category: str | None = None
+    category_id: int = -1
+    caption: str | None = None
+    name: str = ""  # where it comes from, for skip reports (e.g. "P0706.txt:7")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+    """Everything a worker needs to build one record; small and picklable (image bytes only when no path).
+
+    Captions, hard negatives and regions are passed raw: the worker drops blank texts and boxes that do not
+    fit, so every converter applies the same rules in one place.
+    """
+
+    split: str
+    id: str
+    source: str
+    name: str  # file name used in skip reports
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+    captions: tuple[Any, ...] = ()
+    long_caption: Any = None
+    hard_negatives: tuple[Any, ...] = ()
+    regions: tuple[RawRegion, ...] = ()
+    label: int = -1
+    class_name: str | None = None
+    expected_size: tuple[int, int] | None = None  # (width, height) the annotation was made for
+    require: str = "nothing"  # "captions": needs a caption; "text": caption, long caption or region
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Rules shared by all converters. `min_box_visible` = the fraction of a box's area that must stay inside
+    the image for the clipped box to be kept (otherwise the region is dropped as 'box outside image')."""
+
+    min_box_visible: float = 0.5
+    reencode_format: str = "PNG"  # used for images that are not JPEG/PNG (TIFF, BMP, WebP): lossless
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    split: str
+    record: bytes | None
+    skips: tuple[Skip, ...]
+    annotations_seen: int
+
+
+def load_image(path: str | None, data: bytes | None, options: BuildOptions) -> tuple[bytes, int, int]:
+    """Read, fully decode (truncated files fail here, `verify()` would not catch them) and return the bytes
+    to store with the pixel size. JPEG/PNG bytes are kept as they are; other formats are re-encoded."""
+    from PIL import Image  # local: keeps the parent's import cheap
+
+    if data is None:
+        data = pathlib.Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        width, height = image.size
+        if image.mode not in _CONVERTIBLE_MODES:
+            raise _UnsupportedMode(f"mode {image.mode}")
+        if records.image_format(data[:8]) is not None:
+            return data, width, height
+        converted = image.convert("RGBA" if "A" in image.mode else "RGB") if image.mode not in ("RGB", "L") else image
+        buffer = io.BytesIO()
+        if options.reencode_format.upper() == "JPEG":
+            converted.convert("RGB").save(buffer, format="JPEG", quality=95)
+        else:
+            converted.save(buffer, format="PNG")
+        return buffer.getvalue(), width, height
+
+
+class _UnsupportedMode(ValueError):
+    pass
+
+
+def clip_box(
+    box: Sequence[float], width: int, height: int, min_visible: float
+) -> tuple[list[float] | None, str | None]:
+    """Clip an [x1, y1, x2, y2] box to the image. Returns (box, None) or (None, reason): a degenerate box, or
+    one of which less than `min_visible` of its area lies inside the image, is refused."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return None, DEGENERATE_BOX
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+        return None, DEGENERATE_BOX
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+    if cx2 <= cx1 or cy2 <= cy1:
+        return None, BOX_OUTSIDE_IMAGE
+    visible = (cx2 - cx1) * (cy2 - cy1) / ((x2 - x1) * (y2 - y1))
+    if visible < min_visible:
+        return None, BOX_OUTSIDE_IMAGE
+    return [cx1, cy1, cx2, cy2], None
+
+
+def _clean_texts(texts: Iterable[Any], reason: str, name: str, skips: list[Skip]) -> list[str]:
+    kept = []
+    for text in texts:
+        if isinstance(text, str) and text.strip():
+            kept.append(text.strip())
+        else:
+            skips.append(Skip(reason, name, ANNOTATION))
+    return kept
+
+
+def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
+    """Turn one task into record bytes, or into a record-level skip; never raises for bad input."""
+    skips: list[Skip] = []
+    annotations_seen = len(task.captions) + len(task.hard_negatives) + len(task.regions)
+    annotations_seen += task.long_caption is not None
+
+    def dropped(reason: str) -> BuildResult:
+        return BuildResult(task.split, None, tuple(skips) + (Skip(reason, task.name, RECORD),), 0)
+
+    if task.image_bytes is None and (task.image_path is None or not os.path.isfile(task.image_path)):
+        return dropped(UNKNOWN_FILE)
+    try:
+        image, width, height = load_image(task.image_path, task.image_bytes, options)
+    except _UnsupportedMode as error:
+        return dropped(f"{UNSUPPORTED_IMAGE_MODE} ({error})")
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for bad files
+        return dropped(BROKEN_IMAGE)
+    if task.expected_size is not None and tuple(task.expected_size) != (width, height):
+        return dropped(SIZE_MISMATCH)
+
+    captions = _clean_texts(task.captions, EMPTY_CAPTION, task.name, skips)
+    hard_negatives = _clean_texts(task.hard_negatives, EMPTY_CAPTION, task.name, skips)
+    long_caption = None
+    if task.long_caption is not None:
+        cleaned = _clean_texts([task.long_caption], EMPTY_CAPTION, task.name, skips)
+        long_caption = cleaned[0] if cleaned else None
+    regions = []
+    for index, raw in enumerate(task.regions):
+        region_name = raw.name or f"{task.name} (region {index})"
+        box, reason = clip_box(raw.box, width, height, options.min_box_visible)
+        category = raw.category.strip() if isinstance(raw.category, str) and raw.category.strip() else None
+        caption = raw.caption.strip() if isinstance(raw.caption, str) and raw.caption.strip() else None
+        if reason is None and category is None and caption is None:
+            reason = REGION_WITHOUT_TEXT
+        if reason is not None:
+            skips.append(Skip(reason, region_name, ANNOTATION))
+            continue
+        regions.append(records.make_region(box, category=category, category_id=raw.category_id, caption=caption))
+
+    if task.require == "captions" and not captions:
+        return dropped(NO_CAPTIONS)
+    if task.require == "text" and not (captions or long_caption or regions):
+        return dropped(NO_TEXT)
+    example = records.make_example(
+        id=task.id, source=task.source, split=task.split, image=image, width=width, height=height,
+        captions=captions, long_caption=long_caption, hard_negatives=hard_negatives, regions=regions,
+        label=task.label, class_name=task.class_name,
+    )
+    try:
+        data = records.encode_record(example)
+    except records.RecordError as error:
+        return dropped(f"{INVALID_RECORD}: {error}")
+    return BuildResult(task.split, data, tuple(skips), annotations_seen)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ordered parallel map
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_parallel_map(
+    function: Callable[[T], R], items: Iterable[T], workers: int, *, window: int | None = None
+) -> Iterator[R]:
+    """`map(function, items)` over `workers` spawned processes, results in input order, at most `window`
+    items in flight (so a million-image dataset does not queue a million futures). workers <= 1: inline."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    window = window or workers * 4
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+        pending: deque[concurrent.futures.Future] = deque()
+        for item in items:
+            pending.append(executor.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _BuildWithOptions:
+    """Picklable `build_record` with its options bound (a lambda would not cross to spawned workers)."""
+
+    def __init__(self, options: BuildOptions):
+        self.options = options
+
+    def __call__(self, task: ImageTask) -> BuildResult:
+        return build_record(task, self.options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded writing, manifest and summary
+
+MANIFEST_NAME = "manifest.json"
+
+
+def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
+    """`<name>-<split>-00000-of-00004.array_record`, the shard naming every reader expects."""
+    return f"{name}-{split}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingOptions:
+    """Either a fixed number of shards per split (`num_shards`) or a target `records_per_shard`."""
+
+    num_shards: int | None = None
+    records_per_shard: int | None = None
+    writer_options: str = "group_size:1"  # group_size:1 = random access, which grain needs
+
+    def records_per_shard_for(self, expected_records: int) -> int:
+        if self.records_per_shard is not None:
+            return max(1, self.records_per_shard)
+        num_shards = self.num_shards or 1
+        return max(1, math.ceil(expected_records / num_shards))
+
+
+class _SplitWriter:
+    """Writes one split's records to consecutive temporary shards; renamed once the final count is known."""
+
+    def __init__(self, out_dir: pathlib.Path, name: str, split: str, records_per_shard: int, writer_options: str):
+        self.out_dir, self.name, self.split = out_dir, name, split
+        self.records_per_shard = records_per_shard
+        self.writer_options = writer_options
+        self.count = 0
+        self.temp_paths: list[pathlib.Path] = []
+        self._writer = None
+
+    def write(self, data: bytes) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self.count % self.records_per_shard == 0:
+            self._close_current()
+            path = self.out_dir / f".tmp-{self.name}-{self.split}-{len(self.temp_paths):05d}.array_record"
+            self.temp_paths.append(path)
+            self._writer = ArrayRecordWriter(str(path), self.writer_options)
+        self._writer.write(data)
+        self.count += 1
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def finish(self) -> list[str]:
+        """Close and rename to the final `-of-N` names; returns the shard names relative to out_dir."""
+        self._close_current()
+        names = []
+        for index, temp in enumerate(self.temp_paths):
+            final = shard_name(self.name, self.split, index, len(self.temp_paths))
+            os.replace(temp, self.out_dir / final)
+            names.append(final)
+        return names
+
+    def abort(self) -> None:
+        self._close_current()
+        for temp in self.temp_paths:
+            temp.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+    """What a conversion wrote and skipped; `format()` is the report the CLIs print."""
+
+    name: str
+    out_dir: str
+    written: dict[str, int]
+    shards: dict[str, list[str]]
+    skipped: dict[str, int]
+    skipped_examples: dict[str, list[str]]
+    records_seen: int
+    records_skipped: int
+    annotations_seen: int
+    annotations_skipped: int
+    max_bad_fraction: float
+
+    def format(self) -> str:
+        lines = [f"{self.name}: wrote {sum(self.written.values())} records to {self.out_dir}"]
+        for split, count in sorted(self.written.items()):
+            lines.append(f"  {split}: {count} records in {len(self.shards.get(split, []))} shards")
+        lines.append(
+            f"  skipped {self.records_skipped} of {self.records_seen} inputs, "
+            f"{self.annotations_skipped} of {self.annotations_seen} annotations "
+            f"(max bad fraction {self.max_bad_fraction:g})"
+        )
+        for reason, count in sorted(self.skipped.items()):
+            examples = ", ".join(self.skipped_examples.get(reason, []))
+            more = " ..." if count > len(self.skipped_examples.get(reason, [])) else ""
+            lines.append(f"    {reason}: {count} (e.g. {examples}{more})")
+        return "\n".join(lines)
+
+
+def _check_bad_fraction(log: SkipLog, max_bad_fraction: float) -> str | None:
+    problems = []
+    if log.record_fraction() > max_bad_fraction:
+        problems.append(f"{log.records_skipped} of {log.records_seen} inputs skipped ({log.record_fraction():.1%})")
+    if log.annotation_fraction() > max_bad_fraction:
+        problems.append(
+            f"{log.annotations_skipped} of {log.annotations_seen} annotations skipped ({log.annotation_fraction():.1%})"
+        )
+    if log.records_seen == 0:
+        problems.append("no inputs found")
+    elif log.records_seen == log.records_skipped:
+        problems.append("every input was skipped")
+    if not problems:
+        return None
+    return "; ".join(problems) + f" (allowed bad fraction: {max_bad_fraction:g}, --max-bad-fraction)"
+
+
+def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
+    """Create out_dir; an existing conversion there is removed only with `overwrite` (its listed shards)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    if not manifest_path.exists():
+        return
+    if not overwrite:
+        raise ConversionError(f"{manifest_path} exists: pass overwrite=True (--overwrite) to replace that dataset")
+    try:
+        old = json.loads(manifest_path.read_text())
+        old_shards = [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConversionError(f"{manifest_path} is unreadable ({error}); remove it by hand") from None
+    for shard in old_shards:
+        target = (out_dir / shard).resolve()
+        if target.parent == out_dir.resolve():  # never delete outside out_dir, whatever the manifest says
+            target.unlink(missing_ok=True)
+    manifest_path.unlink()
+
+
+def write_dataset(
+    tasks: Sequence[ImageTask],
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    created_by: str,
+    skip_log: SkipLog | None = None,
+    workers: int = 1,
+    sharding: ShardingOptions = ShardingOptions(),
+    build_options: BuildOptions = BuildOptions(),
+    max_bad_fraction: float = 0.05,
+    manifest_extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Build the tasks in parallel, write them in task order to sharded ArrayRecord files and a manifest.
+
+    `skip_log` carries what the converter already dropped while reading its annotation files (malformed
+    lines, ...). The output is the same for any `workers`. When the bad fraction is exceeded nothing is left
+    behind (no shards, no manifest) and ConversionError carries the summary.
+    """
+    from tqdm import tqdm
+
+    if not name or any(ch in name for ch in "/\\") or name.startswith("."):
+        raise ConversionError(f"dataset name {name!r} must be a plain file-name prefix")
+    out_path = pathlib.Path(out_dir)
+    _prepare_out_dir(out_path, overwrite)
+    log = skip_log or SkipLog()
+    expected = Counter(task.split for task in tasks)
+    writers = {
+        split: _SplitWriter(out_path, name, split, sharding.records_per_shard_for(count), sharding.writer_options)
+        for split, count in sorted(expected.items())
+    }
+    try:
+        results = ordered_parallel_map(_BuildWithOptions(build_options), tasks, workers)
+        bar = tqdm(results, total=len(tasks), desc=f"converting {name}", unit="img", disable=not progress,
+                   file=sys.stderr)
+        for result in bar:
+            log.records_seen += 1
+            log.annotations_seen += result.annotations_seen
+            for skip in result.skips:
+                log.add(skip)
+            if result.record is not None:
+                writers[result.split].write(result.record)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    summary = ConversionSummary(
+        name=name, out_dir=str(out_path), written={s: w.count for s, w in writers.items() if w.count},
+        shards={}, skipped=dict(log.counts), skipped_examples={k: list(v) for k, v in log.examples.items()},
+        records_seen=log.records_seen, records_skipped=log.records_skipped,
+        annotations_seen=log.annotations_seen, annotations_skipped=log.annotations_skipped,
+        max_bad_fraction=max_bad_fraction,
+    )
+    problem = _check_bad_fraction(log, max_bad_fraction)
+    if problem is not None:
+        for writer in writers.values():
+            writer.abort()
+        raise ConversionError(f"{name}: {problem}; nothing written.\n{summary.format()}", summary)
+    summary.shards = {split: writer.finish() for split, writer in writers.items() if writer.count}
+    manifest = {
+        "format": records.FORMAT_NAME,
+        "version": records.FORMAT_VERSION,
+        "name": name,
+        "splits": {split: {"count": summary.written[split], "shards": summary.shards[split]}
+                   for split in sorted(summary.shards)},
+        "skipped": dict(sorted(summary.skipped.items())),
+        "skipped_examples": dict(sorted(summary.skipped_examples.items())),
+        "inputs": {"seen": log.records_seen, "skipped": log.records_skipped},
+        "annotations": {"seen": log.annotations_seen, "skipped": log.annotations_skipped},
+        "class_names": [],
+        "created_by": created_by,
+    }
+    manifest.update(manifest_extra or {})
+    manifest_path = out_path / MANIFEST_NAME
+    temp_manifest = out_path / f".tmp-{MANIFEST_NAME}"
+    temp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    os.replace(temp_manifest, manifest_path)
+    return summary

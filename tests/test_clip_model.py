@@ -1,0 +1,174 @@
+"""Model configuration, numerics options (remat, bf16), SegEarth dense features, parameter checkpoints.
+
+Numerical parity with open_clip / transformers lives in test_towers.py and test_convert_*.py.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from geoalign_jax.models import clip
+from geoalign_jax.train import checkpoint
+
+TINY = clip.get_model_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return clip.init_params(TINY, jax.random.key(0))
+
+
+def _tokens(batch: int, length: int = 77) -> jnp.ndarray:
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((batch, length), np.int32)
+    for i in range(batch):
+        n = 3 + i
+        tokens[i, 0] = 49406
+        tokens[i, 1 : n - 1] = rng.integers(1, 49000, n - 2)
+        tokens[i, n - 1] = 49407
+    return jnp.asarray(tokens)
+
+
+def test_named_configs_have_open_clip_parameter_counts():
+    # open_clip 3.3.0 create_model(name) parameter counts (same architecture, fused qkv).
+    expected = {"ViT-B-32": 151_277_313, "ViT-B-16": 149_620_737, "ViT-L-14": 427_616_513}
+    for name, count in expected.items():
+        shapes = checkpoint.abstract_params(clip.get_model_config(name))
+        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count, name
+
+
+def test_config_overrides_and_unknown_fields_rejected():
+    config = clip.get_model_config("ViT-B-16-quickgelu", vision_image_size=288, text_context_length=248)
+    assert config.quick_gelu and config.vision.image_size == 288 and config.text.context_length == 248
+    assert clip.CLIPConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown model 'ViT-X'"):
+        clip.get_model_config("ViT-X")
+    with pytest.raises(ValueError, match="vision.'image_szie'"):
+        clip.get_model_config("tiny", vision_image_szie=64)
+    with pytest.raises(ValueError, match="'dtpye'"):
+        clip.get_model_config("tiny", dtpye="bfloat16")
+
+
+def test_every_parameter_has_logical_axis_names(tiny_params):
+    axes = clip.param_logical_axes(TINY)
+    flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    flat_params = jax.tree_util.tree_flatten_with_path(tiny_params)[0]
+    assert len(flat_axes) == len(flat_params)
+    for (path, spec), (_, leaf) in zip(flat_axes, flat_params):
+        assert len(spec) == leaf.ndim, path
+        assert all(isinstance(name, str) for name in spec), path
+
+
+def test_text_pooling_at_eot_ignores_tokens_after_it(tiny_params):
+    tokens = _tokens(3)
+    embedding, states = clip.encode_text(TINY, tiny_params, tokens)
+    assert states.shape == (3, 77, TINY.text.width)
+    # Causal mask + EOT pooling: changing padding after EOT must not change the embedding.
+    noisy = tokens.at[:, 60:].set(7)
+    embedding_noisy, _ = clip.encode_text(TINY, tiny_params, noisy)
+    np.testing.assert_allclose(embedding, embedding_noisy, atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds the text tower's context length 77"):
+        clip.encode_text(TINY, tiny_params, jnp.zeros((1, 78), jnp.int32))
+
+
+def test_remat_gives_identical_gradients_and_bf16_is_close(tiny_params):
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    tokens = _tokens(2)
+
+    def loss(config, params):
+        image_embedding, patches = clip.encode_image(config, params, images)
+        text_embedding, _ = clip.encode_text(config, params, tokens)
+        return jnp.sum(image_embedding * text_embedding) + jnp.mean(patches**2)
+
+    plain = jax.grad(functools.partial(loss, TINY))(tiny_params)
+    remat = jax.grad(functools.partial(loss, clip.get_model_config("tiny", remat=True)))(tiny_params)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    bf16 = clip.get_model_config("tiny", dtype="bfloat16")
+    emb32, _ = clip.encode_image(TINY, tiny_params, images)
+    emb16, _ = clip.encode_image(bf16, tiny_params, images)
+    assert emb16.dtype == jnp.float32  # outputs go back to float32 for the loss
+    cos = jnp.sum(emb32 * emb16, -1) / (jnp.linalg.norm(emb32, axis=-1) * jnp.linalg.norm(emb16, axis=-1))
+    assert float(cos.min()) > 0.99
+    assert float(jnp.abs(emb32 - emb16).max()) > 0  # bf16 really ran in bf16
+
+
+def _np_layer_norm(x, p, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_segearth_patch_tokens_follow_farslip_formula(tiny_params):
+    """SegEarth last layer: softmax(qq^T)+softmax(kk^T)+softmax(vv^T) times v, out_proj, no residual/MLP."""
+    images = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
+    embedding_last, patches_last = clip.encode_image(TINY, tiny_params, images, dense="last")
+    embedding_seg, patches_seg = clip.encode_image(TINY, tiny_params, images, dense="segearth")
+    np.testing.assert_allclose(embedding_last, embedding_seg, atol=1e-6)  # CLS path unchanged
+
+    # Input of the last block, from a one-layer-shorter model sharing the first block's weights.
+    visual = jax.tree.map(np.asarray, tiny_params["visual"])
+    one_layer = clip.get_model_config("tiny", vision_layers=1)
+    short_params = {**tiny_params, "visual": {**tiny_params["visual"], "transformer": {
+        "resblocks_0": tiny_params["visual"]["transformer"]["resblocks_0"]}}}
+    x = np.asarray(
+        clip.CLIP(one_layer).apply({"params": short_params}, images, method=_visual_tokens)
+    )[0]
+    block = visual["transformer"]["resblocks_1"]
+    h = _np_layer_norm(x, block["ln_1"])
+    q, k, v = (np.einsum("nd,dhk->nhk", h, block["attn"][n]["kernel"]) + block["attn"][n]["bias"]
+               for n in ("query", "key", "value"))
+    scale = q.shape[-1] ** -0.5
+    weights = sum(_np_softmax(np.einsum("qhd,khd->hqk", t, t) * scale) for t in (q, k, v))
+    attended = np.einsum("hqk,khd->qhd", weights, v)
+    out = np.einsum("qhd,hde->qe", attended, block["attn"]["out"]["kernel"]) + block["attn"]["out"]["bias"]
+    expected = _np_layer_norm(out, visual["ln_post"]) @ visual["proj"]
+    np.testing.assert_allclose(np.asarray(patches_seg)[0].reshape(16, -1), expected[1:], atol=2e-5)
+    assert not np.allclose(patches_seg, patches_last, atol=1e-3)
+
+
+def _visual_tokens(module: clip.CLIP, images: jnp.ndarray) -> jnp.ndarray:
+    """Tokens after the whole (shortened) transformer, before ln_post."""
+    visual = module.visual
+    x = visual.conv1(images)
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    x = jnp.concatenate([jnp.broadcast_to(visual.class_embedding, (b, 1, d)), x], 1)
+    x = visual.ln_pre(x + visual.positional_embedding)
+    return visual.transformer(x)[0]
+
+
+def test_other_image_size_interpolates_position_embedding(tiny_params):
+    images = jax.random.normal(jax.random.key(3), (2, 48, 48, 3))
+    embedding, patches = clip.encode_image(TINY, tiny_params, images)
+    assert embedding.shape == (2, 32) and patches.shape == (2, 6, 6, 32)
+    crops = jax.random.normal(jax.random.key(4), (2, 3, 32, 32, 3))
+    crop_embedding, _ = clip.encode_image(TINY, tiny_params, crops)
+    flat_embedding, _ = clip.encode_image(TINY, tiny_params, crops.reshape(6, 32, 32, 3))
+    np.testing.assert_allclose(crop_embedding.reshape(6, -1), flat_embedding, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple of patch size 8"):
+        clip.encode_image(TINY, tiny_params, jnp.zeros((1, 30, 30, 3)))
+
+
+def test_params_checkpoint_round_trip_and_wrong_architecture(tmp_path, tiny_params):
+    path = checkpoint.save_params(tmp_path / "ckpt", TINY, tiny_params)
+    config, restored = checkpoint.load_params(path)
+    assert config == TINY
+    for a, b in zip(jax.tree.leaves(tiny_params), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    other = clip.get_model_config("tiny", vision_width=32)
+    with pytest.raises(ValueError, match=r"'visual/class_embedding' has shape \(64,\), the model config expects \(32,\)"):
+        checkpoint.load_params(path, expected_config=other)
+    with pytest.raises(FileNotFoundError, match="not a geoalign-jax parameters checkpoint"):
+        checkpoint.load_params(tmp_path)
