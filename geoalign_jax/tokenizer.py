@@ -48,8 +48,8 @@ _WORD_PATTERN = regex.compile(
     _OPEN_CLIP_SOT + "|" + _OPEN_CLIP_EOT + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
-# Any character outside printable ASCII (plus tab and newline), '&' (an HTML entity may follow) or '\r': text
-# without one of these is returned unchanged by ftfy.fix_text and html.unescape, so cleaning may skip them.
+# A character that ftfy.fix_text or html.unescape might change: anything but printable ASCII, tab and newline
+# ('\r', controls, escapes, non-ASCII), and '&' (an HTML entity may start). Text without one skips both.
 _NEEDS_FTFY = regex.compile(r"[^\x20-\x25\x27-\x7e\t\n]")
 
 # Words are few (a caption corpus has some ten thousand); the bound only keeps adversarial streams in check.

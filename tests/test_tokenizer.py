@@ -55,6 +55,7 @@ HARD_CASES = [
     "## #: #... #@ #… hashtags #rs",
     "a" * 300,
     "x" + "!" * 200,
+    "!#$% starts with id 0",
     LONG_CAPTION,
 ]
 
@@ -128,9 +129,11 @@ def test_count_tokens_is_untruncated_length(real_captions):
     np.testing.assert_array_equal(counts, reference)
     rows = tokenizer.tokenize(sample, 248)
     fits = counts <= 248
-    # Length from the EOT position, not from non-zero ids: id 0 is the symbol "!" (e.g. inside "x!!!!").
-    np.testing.assert_array_equal(np.argmax(rows[fits] == tokenizer.EOT_TOKEN_ID, axis=1) + 1, counts[fits])
-    assert 0 in tokenizer.encode("x!!!!"), "id 0 is a real token as well as the padding value"
+    # Length from the last EOT, not from non-zero ids: id 0 is the symbol "!" (e.g. in "!#$%"), and a literal
+    # "<end_of_text>" in a text is an earlier EOT.
+    last_eot = 247 - np.argmax(rows[fits][:, ::-1] == tokenizer.EOT_TOKEN_ID, axis=1)
+    np.testing.assert_array_equal(last_eot + 1, counts[fits])
+    assert tokenizer.encode("!#$%")[0] == 0, "id 0 is a real token as well as the padding value"
 
 
 @hypothesis.settings(max_examples=300, deadline=None)

@@ -10,18 +10,18 @@ so the same input gives byte-identical shards whatever the number of workers.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import pathlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from geoalign_jax.data import writers
 from geoalign_jax.data.writers import (
     ANNOTATION,
-    RECORD,
     BuildOptions,
     ConversionError,
     ConversionSummary,
@@ -51,18 +51,29 @@ def _write(
     overwrite: bool,
     progress: bool,
 ) -> ConversionSummary:
+    return writers.write_dataset(
+        tasks, out_dir, name=name, created_by=created_by, skip_log=log, workers=workers,
+        sharding=_sharding(num_shards, records_per_shard),
+        build_options=_build_options(max_bad_fraction, min_box_visible), max_bad_fraction=max_bad_fraction,
+        manifest_extra=manifest_extra, overwrite=overwrite, progress=progress,
+    )
+
+
+def _sharding(num_shards: int | None, records_per_shard: int | None) -> ShardingOptions:
     if num_shards is not None and records_per_shard is not None:
         raise ConversionError("give num_shards or records_per_shard, not both")
+    for label, value in (("num_shards", num_shards), ("records_per_shard", records_per_shard)):
+        if value is not None and value < 1:
+            raise ConversionError(f"{label} must be >= 1, got {value}")
+    return ShardingOptions(num_shards=num_shards, records_per_shard=records_per_shard)
+
+
+def _build_options(max_bad_fraction: float, min_box_visible: float) -> BuildOptions:
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ConversionError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
     if not 0.0 < min_box_visible <= 1.0:
         raise ConversionError(f"min_box_visible must lie in (0, 1], got {min_box_visible}")
-    return writers.write_dataset(
-        tasks, out_dir, name=name, created_by=created_by, skip_log=log, workers=workers,
-        sharding=ShardingOptions(num_shards=num_shards, records_per_shard=records_per_shard),
-        build_options=BuildOptions(min_box_visible=min_box_visible), max_bad_fraction=max_bad_fraction,
-        manifest_extra=manifest_extra, overwrite=overwrite, progress=progress,
-    )
+    return BuildOptions(min_box_visible=min_box_visible)
 
 
 _COMMON_DOC = """
@@ -576,25 +587,17 @@ def convert_folders(
 # TFDS datasets prepared in array_record format
 
 
-def examples_to_tasks(
-    examples: Iterable[Mapping[str, Any]], *, split: str, source: str, log: SkipLog, where: str
-) -> list[ImageTask]:
-    """Turn mapped example dicts (as `sources.map_tfds_example` returns) into tasks with their image bytes."""
-    tasks, seen_ids = [], set()
-    for index, example in enumerate(examples):
-        name = f"{where}[{index}]"
-        if not isinstance(example.get("image"), (bytes, bytearray)) or not example["image"]:
-            log.add_input(Skip(writers.BROKEN_IMAGE, name))
-            continue
+def _tfds_tasks(source: Any, *, split: str, name: str, where: str) -> Iterator[ImageTask]:
+    """Lazy tasks over a mapped TFDS source (image bytes read one example at a time, bounded memory)."""
+    for index in range(len(source)):
+        example = source[index]
         record_id = str(example.get("id") or f"{split}/{index:08d}")
-        if not _claim_id(seen_ids, record_id, name, log):
-            continue
-        tasks.append(ImageTask(
-            split=split, id=record_id, source=source, name=f"{name} ({record_id})", image_bytes=bytes(example["image"]),
-            captions=tuple(example.get("captions", ())), long_caption=example.get("long_caption"),
-            label=int(example.get("label", -1)), class_name=example.get("class_name"),
-        ))
-    return tasks
+        yield ImageTask(
+            split=split, id=record_id, source=name, name=f"{where}[{index}] ({record_id})",
+            image_bytes=bytes(example.get("image") or b""), captions=tuple(example.get("captions", ())),
+            long_caption=example.get("long_caption"), hard_negatives=tuple(example.get("hard_negatives", ())),
+            label=int(example.get("label", -1)), class_name=example.get("class_name"), require="nothing",
+        )
 
 
 def convert_tfds(
@@ -615,19 +618,24 @@ def convert_tfds(
 ) -> ConversionSummary:
     """Convert splits of a TFDS dataset prepared in array_record format (read with `tfds.data_source`,
     no TensorFlow needed) into geoalign shards. `mapping` names the TFDS features (see
-    `sources.DEFAULT_TFDS_MAPPING`); label names come from the label feature's `names` when it has them."""
+    `sources.DEFAULT_TFDS_MAPPING`); label names come from the label feature's `names` when it has them.
+    Ids are the mapped `id` feature, else `<split>/<index>`; empty image bytes count as broken images."""
     from geoalign_jax.data import sources
 
-    name = name or dataset.split("/")[0].replace(":", "-")
-    log, tasks, class_names = SkipLog(), [], None
-    for split in splits:
-        source = sources.tfds_source(dataset, split, data_dir=data_dir, mapping=mapping)
-        class_names = class_names or source.class_names
-        tasks.extend(examples_to_tasks((source[i] for i in range(len(source))), split=split, source=name, log=log,
-                                       where=f"{dataset}/{split}"))
-    extra = {"class_names": [readable_class_name(c) for c in class_names or []],
-             "raw_class_names": list(class_names or [])}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_tfds.py", log=log, manifest_extra=extra,
-                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
-                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
-                  progress=progress)
+    name = name or re.sub(r"[^A-Za-z0-9_.]+", "-", dataset.split("/")[0])
+    log = SkipLog()
+    split_sources = {split: sources.tfds_source(dataset, split, data_dir=data_dir, mapping=mapping)
+                     for split in splits}
+    class_names = next((s.class_names for s in split_sources.values() if s.class_names), [])
+    tasks = itertools.chain.from_iterable(
+        _tfds_tasks(source, split=split, name=name, where=f"{dataset}/{split}")
+        for split, source in split_sources.items()
+    )
+    extra = {"class_names": [readable_class_name(c) for c in class_names], "raw_class_names": list(class_names)}
+    return writers.write_dataset(
+        tasks, out_dir, name=name, created_by="tools/convert_tfds.py", skip_log=log, workers=workers,
+        sharding=_sharding(num_shards, records_per_shard),
+        build_options=_build_options(max_bad_fraction, min_box_visible), max_bad_fraction=max_bad_fraction,
+        manifest_extra=extra, overwrite=overwrite, progress=progress,
+        expected_counts={split: len(source) for split, source in split_sources.items()},
+    )

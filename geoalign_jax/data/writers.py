@@ -450,7 +450,7 @@ def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
 
 
 def write_dataset(
-    tasks: Sequence[ImageTask],
+    tasks: Iterable[ImageTask],
     out_dir: str | os.PathLike,
     *,
     name: str,
@@ -463,11 +463,13 @@ def write_dataset(
     manifest_extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    expected_counts: Mapping[str, int] | None = None,
 ) -> ConversionSummary:
     """Build the tasks in parallel, write them in task order to sharded ArrayRecord files and a manifest.
 
     `skip_log` carries what the converter already dropped while reading its annotation files (malformed
-    lines, ...). The output is the same for any `workers`. When the bad fraction is exceeded nothing is left
+    lines, ...). `tasks` may be a lazy iterable (bounded memory for big sources) when `expected_counts`
+    gives the number of tasks per split (it sizes the shards). The output is the same for any `workers`. When the bad fraction is exceeded nothing is left
     behind (no shards, no manifest) and ConversionError carries the summary.
     """
     from tqdm import tqdm
@@ -477,14 +479,17 @@ def write_dataset(
     out_path = pathlib.Path(out_dir)
     _prepare_out_dir(out_path, overwrite)
     log = skip_log or SkipLog()
-    expected = Counter(task.split for task in tasks)
+    if expected_counts is None:
+        tasks = list(tasks)
+        expected_counts = Counter(task.split for task in tasks)
+    expected = dict(expected_counts)
     writers = {
         split: _SplitWriter(out_path, name, split, sharding.records_per_shard_for(count), sharding.writer_options)
         for split, count in sorted(expected.items())
     }
     try:
         results = ordered_parallel_map(_BuildWithOptions(build_options), tasks, workers)
-        bar = tqdm(results, total=len(tasks), desc=f"converting {name}", unit="img", disable=not progress,
+        bar = tqdm(results, total=sum(expected.values()), desc=f"converting {name}", unit="img", disable=not progress,
                    file=sys.stderr)
         for result in bar:
             log.records_seen += 1
@@ -492,6 +497,8 @@ def write_dataset(
             for skip in result.skips:
                 log.add(skip)
             if result.record is not None:
+                if result.split not in writers:
+                    raise ConversionError(f"task of split {result.split!r} not announced in expected_counts")
                 writers[result.split].write(result.record)
     except BaseException:
         for writer in writers.values():

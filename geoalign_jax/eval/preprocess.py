@@ -2,8 +2,9 @@
 
 ``resize_mode="shortest"`` (open_clip's default eval transform): bicubic resize of the shortest side
 to ``image_size`` (long side ``int(size * long / short)``, torchvision's rule), centre crop with
-torchvision's rounding, then the data pipeline's CLIP normalisation (``data.transforms.normalise``). ``"squash"`` resizes both sides to ``image_size``
-(FarSLIP's region crops; whole images whose boxes must keep their normalised coordinates).
+torchvision's rounding, then the data pipeline's CLIP normalisation (``data.transforms.normalise``).
+``"squash"`` resizes both sides to ``image_size`` (FarSLIP's region crops; whole images whose boxes
+must keep their normalised coordinates).
 Images are converted to RGB before resizing (open_clip converts after; identical for RGB and
 greyscale sources, which is what RS benchmarks ship).
 

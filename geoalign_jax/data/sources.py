@@ -1,0 +1,302 @@
+"""Where records come from: converted shards (manifest + ArrayRecord files) and TFDS array_record datasets.
+
+`RecordSource` is a grain random-access data source (`__len__`, `__getitem__`) over the shards of one split;
+every record it returns has been checked by `records.decode_record`, and an error names the shard file and
+the record's index inside it, so a damaged or foreign shard is found without bisecting a training run.
+"""
+from __future__ import annotations
+
+import bisect
+import glob
+import io
+import itertools
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, SupportsIndex
+
+from geoalign_jax.data import records
+
+MANIFEST_NAME = "manifest.json"
+_SHARD_PATTERN = re.compile(r"-(?P<split>[^/]+?)-\d{5}-of-\d{5}\.array_record$")
+
+
+class SourceError(ValueError):
+    """A dataset folder, manifest, split or shard that cannot be used; the message names it."""
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Load and check `<directory>/manifest.json` (format name and version, splits with counts and shards)."""
+    path = os.path.join(os.fspath(directory), MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by a tools/convert_*.py converter?)") \
+            from None
+    except (OSError, ValueError) as error:
+        raise SourceError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != records.FORMAT_NAME:
+        raise SourceError(f"{path}: not a {records.FORMAT_NAME} manifest")
+    if manifest.get("version") != records.FORMAT_VERSION:
+        raise SourceError(f"{path}: format version {manifest.get('version')!r}, this reader reads version "
+                          f"{records.FORMAT_VERSION}")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(
+            isinstance(s, dict) and isinstance(s.get("count"), int) and isinstance(s.get("shards"), list)
+            for s in splits.values()):
+        raise SourceError(f"{path}: 'splits' must map split names to {{'count': int, 'shards': [paths]}}")
+    return manifest
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
+    """The shard files of `split`: from a converted folder's manifest, or from a glob of shard files (filtered
+    by the `<name>-<split>-NNNNN-of-NNNNN.array_record` naming). Raises SourceError naming what is missing."""
+    location = os.fspath(dir_or_glob)
+    if _is_glob(location):
+        matches = sorted(glob.glob(location))
+        paths = [p for p in matches if (m := _SHARD_PATTERN.search(p)) and m.group("split") == split]
+        if not paths:
+            raise SourceError(f"no shards of split {split!r} match {location} ({len(matches)} files matched the glob)")
+        return paths
+    if os.path.isfile(location):
+        return [location]
+    manifest = read_manifest(location)
+    if split not in manifest["splits"]:
+        raise SourceError(f"split {split!r} not in {os.path.join(location, MANIFEST_NAME)} "
+                          f"(splits: {sorted(manifest['splits'])})")
+    paths = [os.path.join(location, shard) for shard in manifest["splits"][split]["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SourceError(f"shard files listed in the manifest are missing: {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}")
+    return paths
+
+
+class RecordSource:
+    """grain random-access source over ArrayRecord shards: decoded record dicts, or raw bytes with `raw=True`.
+
+    Built on `grain.sources.ArrayRecordDataSource` (which needs shards written with group_size:1, as the
+    converters do). Picklable, so grain worker processes can each open their own readers.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, raw: bool = False):
+        import grain
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self._paths = [os.fspath(p) for p in paths]
+        if not self._paths:
+            raise SourceError("RecordSource needs at least one shard path")
+        missing = [p for p in self._paths if not os.path.isfile(p)]
+        if missing:
+            raise SourceError(f"shard files not found: {missing[:5]}")
+        self._raw = raw
+        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        self._prefix_sums: list[int] | None = None
+
+    @classmethod
+    def from_dir(cls, dir_or_glob: str | os.PathLike, split: str, *, raw: bool = False) -> "RecordSource":
+        """The shards of `split` in a converted folder (or a glob), see `shard_paths`."""
+        return cls(shard_paths(dir_or_glob, split), raw=raw)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return f"RecordSource({len(self._paths)} shards, {len(self)} records, raw={self._raw})"
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(shard path, index inside that shard) of a global record index, for error messages."""
+        if self._prefix_sums is None:
+            import grain
+
+            counts = [len(grain.sources.ArrayRecordDataSource([p])) for p in self._paths]
+            self._prefix_sums = list(itertools.accumulate(counts))
+        shard = bisect.bisect_right(self._prefix_sums, index)
+        start = self._prefix_sums[shard - 1] if shard else 0
+        return self._paths[shard], index - start
+
+    def _where(self, index: int) -> str:
+        path, local = self.locate(index)
+        return f"{path} record {local}"
+
+    def _check_index(self, record_key: SupportsIndex) -> int:
+        index = record_key.__index__()
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} out of range for {len(self)} records")
+        return index
+
+    def _decode(self, data: bytes, index: int) -> Any:
+        if self._raw:
+            return data
+        try:
+            return records.decode_record(data)
+        except records.RecordError as error:
+            raise records.RecordError(f"{self._where(index)}: {error}") from None
+
+    def __getitem__(self, record_key: SupportsIndex) -> Any:
+        index = self._check_index(record_key)
+        return self._decode(self._source[index], index)
+
+    def __getitems__(self, record_keys: Sequence[SupportsIndex]) -> list[Any]:
+        indices = [self._check_index(key) for key in record_keys]
+        return [self._decode(data, index) for data, index in zip(self._source.__getitems__(indices), indices)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TFDS datasets prepared in array_record format
+
+#: Our field -> TFDS feature name (dotted for nested features); None = the dataset has no such feature.
+DEFAULT_TFDS_MAPPING: dict[str, str | None] = {
+    "image": "image",
+    "label": "label",
+    "captions": None,
+    "long_caption": None,
+    "hard_negatives": None,
+    "id": None,
+}
+
+
+def _lookup(example: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = example
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def _as_text(value: Any) -> str:
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+def _as_text_list(value: Any) -> list[str]:
+    if isinstance(value, (str, bytes, bytearray)) or getattr(value, "shape", None) == ():
+        return [_as_text(value)]
+    return [_as_text(v) for v in value]
+
+
+def _as_image_bytes(value: Any) -> bytes:
+    """Encoded bytes as they are; a decoded uint8 array ([H, W], [H, W, 1|3|4]) is encoded losslessly as PNG."""
+    import numpy as np
+
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    array = np.asarray(value)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"image feature is neither encoded bytes nor a uint8 image array "
+                         f"(dtype {array.dtype}, shape {array.shape})")
+    from PIL import Image
+
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def map_tfds_example(
+    example: Mapping[str, Any], mapping: Mapping[str, str | None], class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """A TFDS example (numpy-decoded) as the fields of our example dict: `image` bytes, `captions`,
+    `long_caption`, `hard_negatives`, `label`, `class_name`, `id`. A mapped feature that is absent raises
+    KeyError naming it, so a wrong mapping fails at the first example instead of yielding empty records."""
+    mapped: dict[str, Any] = {"captions": [], "hard_negatives": [], "long_caption": None, "label": -1,
+                              "class_name": None, "id": None}
+    unknown = sorted(set(mapping) - set(DEFAULT_TFDS_MAPPING))
+    if unknown:
+        raise KeyError(f"unknown fields in TFDS mapping: {unknown} (allowed: {sorted(DEFAULT_TFDS_MAPPING)})")
+    feature = mapping.get("image")
+    if not feature:
+        raise KeyError("the TFDS mapping needs an 'image' feature")
+    mapped["image"] = _as_image_bytes(_lookup(example, feature))
+    for field in ("captions", "hard_negatives"):
+        if mapping.get(field):
+            mapped[field] = _as_text_list(_lookup(example, mapping[field]))
+    for field in ("long_caption", "id"):
+        if mapping.get(field):
+            mapped[field] = _as_text(_lookup(example, mapping[field]))
+    if mapping.get("label"):
+        label = int(_lookup(example, mapping["label"]))
+        mapped["label"] = label
+        if class_names is not None and 0 <= label < len(class_names):
+            mapped["class_name"] = str(class_names[label])
+    return mapped
+
+
+class TfdsSource:
+    """A TFDS array_record split as a random-access source of mapped example dicts (see `map_tfds_example`).
+    Image features are read undecoded (`tfds.decode.SkipDecoding`), so the original encoded bytes are kept."""
+
+    def __init__(self, data_source: Any, mapping: Mapping[str, str | None], class_names: Sequence[str] | None):
+        self._data_source = data_source
+        self.mapping = dict(mapping)
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def __len__(self) -> int:
+        return len(self._data_source)
+
+    def __getitem__(self, record_key: SupportsIndex) -> dict[str, Any]:
+        return map_tfds_example(self._data_source[record_key.__index__()], self.mapping, self.class_names)
+
+
+def tfds_source(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    mapping: Mapping[str, str | None] | None = None,
+) -> TfdsSource:
+    """Open split `split` of the TFDS dataset `name` that the user already prepared in array_record format
+    (`tfds.data_source`, no TensorFlow needed, never downloads). `mapping` overrides DEFAULT_TFDS_MAPPING."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(
+            "reading TFDS datasets needs tensorflow-datasets (pip install tensorflow-datasets importlib_resources; "
+            f"TensorFlow itself is not needed): {error}"
+        ) from None
+    full_mapping = dict(DEFAULT_TFDS_MAPPING)
+    full_mapping.update(mapping or {})
+    try:
+        builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir is not None else None)
+    except Exception as error:  # tfds raises DatasetNotFoundError and others
+        raise SourceError(f"TFDS dataset {name!r} not found in {data_dir or 'the default data dir'}: {error}") from None
+    if not builder.is_prepared():
+        raise SourceError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; prepare it first "
+                          "(this tool never downloads)")
+    features = builder.info.features
+    decoders = {}
+    image_feature = full_mapping["image"]
+    if image_feature and "." not in image_feature and image_feature in features \
+            and isinstance(features[image_feature], tfds.features.Image):
+        decoders[image_feature] = tfds.decode.SkipDecoding()
+    class_names = None
+    label_feature = full_mapping.get("label")
+    if label_feature and label_feature in features and isinstance(features[label_feature], tfds.features.ClassLabel):
+        class_names = list(features[label_feature].names)
+    elif label_feature and label_feature not in features:
+        full_mapping["label"] = None  # default mapping on a dataset without labels
+    try:
+        data_source = builder.as_data_source(split=split, decoders=decoders or None)
+    except NotImplementedError as error:
+        raise SourceError(f"TFDS dataset {name!r} was not prepared in array_record format: {error}") from None
+    except Exception as error:
+        raise SourceError(f"cannot open split {split!r} of TFDS dataset {name!r}: {error}") from None
+    return TfdsSource(data_source, full_mapping, class_names)
