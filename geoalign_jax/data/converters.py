@@ -7,16 +7,23 @@ are thin wrappers over these functions, so tests and `tools/make_demo_data.py` c
 
 Inputs are processed in a deterministic order (the annotation file's order, or sorted directory listings),
 so the same input gives byte-identical shards whatever the number of workers.
+
+Options every `convert_*` shares: `workers` processes build records (<= 1: in this process); `num_shards`
+per split (at most; fewer when inputs are skipped) or `records_per_shard`; a region box partly outside the
+image is clipped when at least `min_box_visible` of its area is inside, else dropped; ConversionError
+(nothing written) when more than `max_bad_fraction` of the inputs or of the annotations are bad; an
+existing dataset in `out_dir` is replaced only with `overwrite`; `progress` shows a tqdm bar.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
 import os
 import pathlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from geoalign_jax.data import writers
@@ -76,14 +83,6 @@ def _build_options(max_bad_fraction: float, min_box_visible: float) -> BuildOpti
     return BuildOptions(min_box_visible=min_box_visible)
 
 
-_COMMON_DOC = """
-    Common options: `workers` processes build records (1 = in this process); `num_shards` per split or
-    `records_per_shard`; a region box is clipped to the image when at least `min_box_visible` of its area
-    is inside, else dropped; ConversionError (nothing written) when more than `max_bad_fraction` of the
-    inputs or of the annotations are bad; an existing output is replaced only with `overwrite`.
-"""
-
-
 def readable_class_name(folder_name: str) -> str:
     """A class folder name as words for prompts: 'DenseResidential' -> 'dense residential',
     'sparse_residential' -> 'sparse residential', 'storage-tanks' -> 'storage tanks'."""
@@ -141,7 +140,7 @@ def convert_karpathy(
     data = _load_json(json_path)
     if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
         raise ConversionError(f"{json_path}: expected a Karpathy JSON object with an 'images' list")
-    name = name or str(data.get("dataset") or pathlib.Path(json_path).stem)
+    name = name or str(data.get("dataset") or pathlib.Path(json_path).stem).lower()
     image_root = pathlib.Path(image_dir)
     json_name = pathlib.Path(json_path).name
     split_map = dict(split_map or {})
@@ -416,8 +415,8 @@ class _LineError(ValueError):
 def _text_list(value: Any, field: str) -> tuple[Any, ...]:
     if isinstance(value, str):
         return (value,)
-    if not isinstance(value, list):
-        raise _LineError(f"{field} must be a list of strings")
+    if not isinstance(value, list) or not all(isinstance(text, str) for text in value):
+        raise _LineError(f"'{field}' must be a list of strings")
     return tuple(value)
 
 
@@ -431,7 +430,7 @@ def _parse_jsonl_line(line: str) -> dict[str, Any]:
         raise _LineError("not a JSON object")
     unknown = sorted(set(obj) - JSONL_FIELDS)
     if unknown:
-        raise _LineError(f"unknown fields {unknown}")
+        raise _LineError(f"unknown fields {unknown} (allowed: {sorted(JSONL_FIELDS)})")
     if not isinstance(obj.get("image"), str) or not obj["image"].strip():
         raise _LineError("missing 'image'")
     for field in ("split", "id", "class_name"):
@@ -451,7 +450,8 @@ def _parse_jsonl_line(line: str) -> dict[str, Any]:
         if not isinstance(region, dict) or "box" not in region:
             raise _LineError(f"regions[{index}] needs a 'box'")
         if set(region) - JSONL_REGION_FIELDS:
-            raise _LineError(f"regions[{index}] has unknown fields {sorted(set(region) - JSONL_REGION_FIELDS)}")
+            raise _LineError(f"regions[{index}] has unknown fields {sorted(set(region) - JSONL_REGION_FIELDS)} "
+                             f"(allowed: {sorted(JSONL_REGION_FIELDS)}; category ids are derived from names)")
         box = region["box"]
         if not isinstance(box, list) or len(box) != 4 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
@@ -596,7 +596,8 @@ def _tfds_tasks(source: Any, *, split: str, name: str, where: str) -> Iterator[I
             split=split, id=record_id, source=name, name=f"{where}[{index}] ({record_id})",
             image_bytes=bytes(example.get("image") or b""), captions=tuple(example.get("captions", ())),
             long_caption=example.get("long_caption"), hard_negatives=tuple(example.get("hard_negatives", ())),
-            label=int(example.get("label", -1)), class_name=example.get("class_name"), require="nothing",
+            label=int(example.get("label", -1)),
+            class_name=readable_class_name(example["class_name"]) if example.get("class_name") else None,
         )
 
 
@@ -624,8 +625,11 @@ def convert_tfds(
 
     name = name or re.sub(r"[^A-Za-z0-9_.]+", "-", dataset.split("/")[0])
     log = SkipLog()
-    split_sources = {split: sources.tfds_source(dataset, split, data_dir=data_dir, mapping=mapping)
-                     for split in splits}
+    try:
+        split_sources = {split: sources.tfds_source(dataset, split, data_dir=data_dir, mapping=mapping)
+                         for split in splits}
+    except (sources.SourceError, ImportError) as error:
+        raise ConversionError(str(error)) from None
     class_names = next((s.class_names for s in split_sources.values() if s.class_names), [])
     tasks = itertools.chain.from_iterable(
         _tfds_tasks(source, split=split, name=name, where=f"{dataset}/{split}")
@@ -639,3 +643,55 @@ def convert_tfds(
         manifest_extra=extra, overwrite=overwrite, progress=progress,
         expected_counts={split: len(source) for split, source in split_sources.items()},
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared command-line plumbing of tools/convert_*.py
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every converter CLI has (output, workers, sharding, bad-input policy)."""
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that decode and check images (1 = none; output is the same for any value)")
+    shards = parser.add_mutually_exclusive_group()
+    shards.add_argument("--num-shards", type=int, default=None, help="shards per split (default 1)")
+    shards.add_argument("--records-per-shard", type=int, default=None, help="records per shard instead")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="fail (nothing written) when more than this fraction of inputs or annotations is bad")
+    parser.add_argument("--min-box-visible", type=float, default=0.5,
+                        help="keep a box partly outside the image (clipped) when this fraction of it is inside")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `convert_*` from the options of `add_common_arguments`."""
+    return {"workers": args.workers, "num_shards": args.num_shards, "records_per_shard": args.records_per_shard,
+            "max_bad_fraction": args.max_bad_fraction, "min_box_visible": args.min_box_visible,
+            "overwrite": args.overwrite, "progress": not args.no_progress}
+
+
+def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]:
+    """`["train=a.json", "test=b.json"]` -> {"train": "a.json", "test": "b.json"}; clear error otherwise."""
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConversionError(f"{option} expects KEY=VALUE, got {item!r}")
+        result[key] = value
+    return result
+
+
+def run_cli(convert: Callable[[], ConversionSummary]) -> int:
+    """Run a converter, print its summary; exit status 1 with the summary on ConversionError (or a bad
+    option it raises), so a shell script or a launcher stops on bad input."""
+    import sys
+
+    try:
+        summary = convert()
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return 0

@@ -277,11 +277,21 @@ def tfds_source(
     try:
         builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir is not None else None)
     except Exception as error:  # tfds raises DatasetNotFoundError and others
-        raise SourceError(f"TFDS dataset {name!r} not found in {data_dir or 'the default data dir'}: {error}") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceError(f"TFDS dataset {name!r} not found in {data_dir or 'the default data dir'}: {first_line}") \
+            from None
     if not builder.is_prepared():
         raise SourceError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; prepare it first "
                           "(this tool never downloads)")
     features = builder.info.features
+    if full_mapping.get("label") and full_mapping["label"] == DEFAULT_TFDS_MAPPING["label"] \
+            and full_mapping["label"] not in features:
+        full_mapping["label"] = None  # the default mapping on a dataset without labels
+    absent = sorted(f"{field}={feature}" for field, feature in full_mapping.items()
+                    if feature and feature.split(".")[0] not in features)
+    if absent:
+        raise SourceError(f"TFDS dataset {name!r} has no feature for the mapping {absent} "
+                          f"(its features: {sorted(features.keys())})")
     decoders = {}
     image_feature = full_mapping["image"]
     if image_feature and "." not in image_feature and image_feature in features \
@@ -291,8 +301,6 @@ def tfds_source(
     label_feature = full_mapping.get("label")
     if label_feature and label_feature in features and isinstance(features[label_feature], tfds.features.ClassLabel):
         class_names = list(features[label_feature].names)
-    elif label_feature and label_feature not in features:
-        full_mapping["label"] = None  # default mapping on a dataset without labels
     try:
         data_source = builder.as_data_source(split=split, decoders=decoders or None)
     except NotImplementedError as error:

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_CATEGORY_PROMPT = "a satellite image of {}."
+#: Resampling filters for the data config's ``interpolation`` (bicubic = open_clip / FarSLIP training).
+RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,16 +200,27 @@ def crop_resize(
 
 
 def normalise(image: Image.Image | np.ndarray) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> float32 CLIP-normalised (OpenAI mean/std), the model's input convention."""
-    pixels = np.asarray(image, dtype=np.float32)
-    pixels *= _NORM_SCALE
-    pixels -= _NORM_SHIFT
-    return pixels
+    """uint8 RGB [H, W, 3] -> float32 CLIP-normalised (OpenAI mean/std), the model's input convention.
+
+    A per-channel lookup table of the 256 possible values: the same numbers as ``(x / 255 - mean) / std`` in
+    float32, at about half the cost of the arithmetic (this runs on every pixel of every view).
+    """
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB pixels [H, W, 3], got {pixels.dtype} {pixels.shape}")
+    out = np.empty(pixels.shape, np.float32)
+    for channel in range(3):
+        np.take(_NORM_TABLE[channel], pixels[..., channel], out=out[..., channel])
+    return out
 
 
 _NORM_SCALE = (1.0 / (255.0 * np.asarray(OPENAI_STD, dtype=np.float64))).astype(np.float32)
 _NORM_SHIFT = (np.asarray(OPENAI_MEAN, dtype=np.float64) / np.asarray(OPENAI_STD, dtype=np.float64)).astype(
     np.float32
+)
+#: [3, 256] float32: normalised value of each uint8 level per channel.
+_NORM_TABLE = np.ascontiguousarray(
+    (np.arange(256, dtype=np.float32)[:, None] * _NORM_SCALE - _NORM_SHIFT).T.astype(np.float32)
 )
 
 
@@ -266,6 +278,7 @@ class TransformConfig:
     min_box_size_px: float = 2.0
     category_prompt: str = DEFAULT_CATEGORY_PROMPT
     category_ids: tuple[tuple[str, int], ...] = ()
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "context_length"):
@@ -281,8 +294,20 @@ class TransformConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"data config: {name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        for name in ("random_resized_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"data config: {name} must satisfy 0 < min <= max <= 1, got {(low, high)}")
+        for name in ("random_resized_crop_ratio", "local_crop_ratio"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"data config: {name} must satisfy 0 < min <= max, got {(low, high)}")
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"data config: hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.interpolation not in RESAMPLING:
+            raise ValueError(
+                f"data config: interpolation must be one of {sorted(RESAMPLING)}, got {self.interpolation!r}"
+            )
         if "{}" not in self.category_prompt:
             raise ValueError(f"data config: category_prompt needs a '{{}}' placeholder, got {self.category_prompt!r}")
 
@@ -346,6 +371,23 @@ def _region_category(region: Mapping[str, Any], category_ids: Mapping[str, int])
     return int(region.get("category_id", -1))
 
 
+def fallback_caption(record: Mapping[str, Any], prompt: str) -> str:
+    """A caption for a record that has none (classification or detection data such as DOTA): the category
+    prompt of its class name, else of its (up to three most frequent) region categories. Raises ExampleError
+    when there is nothing to say, so such a record is skipped and counted rather than paired with no text."""
+    class_name = record.get("class_name")
+    if class_name:
+        return prompt.format(class_name)
+    counts: dict[str, int] = {}
+    for region in record.get("regions") or []:
+        if region.get("category"):
+            counts[region["category"]] = counts.get(region["category"], 0) + 1
+    if not counts:
+        raise ExampleError("record has no caption, no long caption, no class name and no region category")
+    names = sorted(counts, key=lambda name: (-counts[name], name))[:3]
+    return prompt.format(names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
+
+
 def _region_text(region: Mapping[str, Any], prompt: str) -> str:
     caption = region.get("caption")
     if caption:
@@ -394,7 +436,7 @@ def make_example(
     captions = [c for c in record.get("captions") or [] if c]
     long_caption = record.get("long_caption") or None
     if not captions and not long_caption:
-        raise ExampleError("record has no caption and no long caption: nothing to align the image with")
+        captions = [fallback_caption(record, config.category_prompt)]
 
     # Geometry first (record size is known), pixels later.
     if config.random_resized_crop:
@@ -465,21 +507,25 @@ def make_example(
         short_texts += [_region_text(r, config.category_prompt) for r in chosen_regions]
 
     # Pixels.
+    resample = RESAMPLING[config.interpolation]
     image, scale_x, scale_y = decode_image(record["image"], (width, height), needed_scale)
-    example["image"] = normalise(crop_resize(image, view.scaled(scale_x, scale_y), (size, size), flip))
+    example["image"] = normalise(crop_resize(image, view.scaled(scale_x, scale_y), (size, size), flip, resample))
     if config.max_regions and config.region_crop_size:
         crop_out = (config.region_crop_size, config.region_crop_size)
         region_crops = np.zeros((config.max_regions, *crop_out[::-1], 3), np.float32)
         for index, region in enumerate(chosen_regions):
             x1, y1, x2, y2 = region["box"]
             region_crops[index] = normalise(
-                crop_resize(image, Crop(x1, y1, x2 - x1, y2 - y1).scaled(scale_x, scale_y), crop_out)
+                crop_resize(image, Crop(x1, y1, x2 - x1, y2 - y1).scaled(scale_x, scale_y), crop_out, False, resample)
             )
         example["region_crops"] = region_crops
     if config.num_local_crops:
         local = config.local_size
         example["local_crops"] = np.stack(
-            [normalise(crop_resize(image, c.scaled(scale_x, scale_y), (local, local), flip)) for c in local_views]
+            [
+                normalise(crop_resize(image, c.scaled(scale_x, scale_y), (local, local), flip, resample))
+                for c in local_views
+            ]
         )
         example["local_crop_boxes"] = np.stack([crop_box_in_view(c, view, flip) for c in local_views])
 
@@ -509,5 +555,3 @@ def describe_failure(error: BaseException) -> str:
     """One line for the skip log: exception type and message."""
     return f"{type(error).__name__}: {error}"
 
-
-logger = logging.getLogger(__name__)

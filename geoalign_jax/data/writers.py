@@ -199,8 +199,8 @@ def clip_box(
         return None, DEGENERATE_BOX
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
         return None, DEGENERATE_BOX
-    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+    cx1, cy1 = min(max(x1, 0.0), float(width)), min(max(y1, 0.0), float(height))
+    cx2, cy2 = min(max(x2, 0.0), float(width)), min(max(y2, 0.0), float(height))
     if cx2 <= cx1 or cy2 <= cy1:
         return None, BOX_OUTSIDE_IMAGE
     visible = (cx2 - cx1) * (cy2 - cy1) / ((x2 - x1) * (y2 - y1))
@@ -226,7 +226,9 @@ def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
     annotations_seen += task.long_caption is not None
 
     def dropped(reason: str) -> BuildResult:
-        return BuildResult(task.split, None, tuple(skips) + (Skip(reason, task.name, RECORD),), 0)
+        # annotations count as seen only once the image loaded (then some may have been dropped already)
+        seen = annotations_seen if skips else 0
+        return BuildResult(task.split, None, tuple(skips) + (Skip(reason, task.name, RECORD),), seen)
 
     if task.image_bytes is None and (task.image_path is None or not os.path.isfile(task.image_path)):
         return dropped(UNKNOWN_FILE)
@@ -395,9 +397,14 @@ class ConversionSummary:
     annotations_seen: int
     annotations_skipped: int
     max_bad_fraction: float
+    failed: bool = False
 
     def format(self) -> str:
-        lines = [f"{self.name}: wrote {sum(self.written.values())} records to {self.out_dir}"]
+        total = sum(self.written.values())
+        if self.failed:
+            lines = [f"{self.name}: built {total} records, NOTHING written to {self.out_dir} (too much bad input)"]
+        else:
+            lines = [f"{self.name}: wrote {total} records to {self.out_dir}"]
         for split, count in sorted(self.written.items()):
             lines.append(f"  {split}: {count} records in {len(self.shards.get(split, []))} shards")
         lines.append(
@@ -513,6 +520,7 @@ def write_dataset(
     )
     problem = _check_bad_fraction(log, max_bad_fraction)
     if problem is not None:
+        summary.failed = True
         for writer in writers.values():
             writer.abort()
         raise ConversionError(f"{name}: {problem}; nothing written.\n{summary.format()}", summary)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import pathlib
 from typing import Any, Sequence
@@ -326,8 +325,3 @@ def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: i
 
 def _nonzero(counts: dict[str, int]) -> dict[str, int]:
     return {reason: count for reason, count in counts.items() if count}
-
-
-def read_json(path: pathlib.Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)

@@ -10,6 +10,7 @@ evaluation compiles exactly one image function and one text function whatever th
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -39,17 +40,42 @@ def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
     return padded
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_towers(config: Any, dense: str, matmul_precision: str | None) -> tuple[Any, Any]:
+    """jit-compiled (image_fn, text_fn) per architecture, shared by every JaxEmbedder of that config, so
+    periodic evaluation in a training loop compiles once, not once per evaluation."""
+    import contextlib
+
+    import jax
+
+    from geoalign_jax.models import clip
+
+    def precision() -> Any:
+        return jax.default_matmul_precision(matmul_precision) if matmul_precision else contextlib.nullcontext()
+
+    def image_fn(params: Any, images: Any) -> Any:
+        with precision():
+            return clip.encode_image(config, params, images, dense=dense)
+
+    def text_fn(params: Any, tokens: Any) -> Any:
+        with precision():
+            return clip.encode_text(config, params, tokens)[0]
+
+    return jax.jit(image_fn), jax.jit(text_fn)
+
+
 class JaxEmbedder:
     """``models.clip.encode_image`` / ``encode_text`` under ``jax.jit`` with fixed, padded batches.
 
     dense: which patch tokens ``embed_images_with_patches`` returns ("last" or "segearth").
+    matmul_precision: None keeps JAX's default; "highest" forces full float32 matmuls on GPU/TPU
+    (whose defaults use TF32 / bf16 passes), e.g. to compare with torch to 1e-4.
     """
 
     def __init__(self, config: Any, params: Any, *, batch_size: int = 64, text_batch_size: int = 256,
-                 dense: str = "last") -> None:
+                 dense: str = "last", matmul_precision: str | None = None) -> None:
         import jax
 
-        from geoalign_jax.models import clip
         from geoalign_jax.tokenizer import Tokenizer
 
         if batch_size < 1 or text_batch_size < 1:
@@ -60,15 +86,7 @@ class JaxEmbedder:
         self.text_batch_size = text_batch_size
         self._tokenize = Tokenizer(config.text.context_length)
         self._params = jax.device_put(params)
-
-        def image_fn(params: Any, images: Any) -> Any:
-            return clip.encode_image(config, params, images, dense=dense)
-
-        def text_fn(params: Any, tokens: Any) -> Any:
-            return clip.encode_text(config, params, tokens)[0]
-
-        self._image_fn = jax.jit(image_fn)
-        self._text_fn = jax.jit(text_fn)
+        self._image_fn, self._text_fn = _compiled_towers(config, dense, matmul_precision)
 
     def _images(self, images: np.ndarray, with_patches: bool) -> tuple[np.ndarray, np.ndarray | None]:
         images = np.asarray(images, dtype=np.float32)

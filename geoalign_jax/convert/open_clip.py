@@ -1,0 +1,440 @@
+"""open_clip (OpenAI-style `CLIP` class) state dicts <-> geoalign-jax parameters.
+
+Layout rules (see /work/shared/reference/clip-weight-formats.md, section 1d):
+- conv1: torch OIHW <-> our HWIO; Dense kernels are torch Linear weights transposed;
+- attention: torch's fused `in_proj_weight` [3D, D] (rows q; k; v) <-> our separate query/key/value
+  kernels [D, H, D/H] (heads are contiguous D/H-row chunks); `out_proj.weight` <-> out kernel [H, D/H, D];
+- `visual.proj` and `text_projection` are raw [in, out] matrices in both (no transpose);
+- LayerNorm weight <-> scale; `logit_scale` is the log-space scalar in both.
+Every mapping is pure data movement, so JAX -> open_clip -> JAX is bit-exact.
+
+Import accepts what RS-CLIP projects publish: a bare state dict or {"state_dict": ...}, `module.` prefixes,
+fp16/bf16 tensors (widened to float32), OpenAI's `input_resolution` / `context_length` / `vocab_size`
+entries (checked against the inferred architecture, then dropped), and Long-CLIP's
+`positional_embedding_res` (merged: pe_eff = cat(pe[:keep], pe_res[keep:]), keep = 20 or as its masks say).
+The architecture is inferred from the shapes; heads are width // 64 unless a model name or the folder's
+`open_clip_config.json` says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from geoalign_jax.convert.common import (
+    StateDict,
+    as_float32,
+    check_state_dict_shapes,
+    concat_rows,
+    contiguous,
+    count_blocks,
+    expected_shapes,
+    heads_for_width,
+    params_as_float32_numpy,
+    read_state_dict,
+    resolve_quick_gelu,
+)
+from geoalign_jax.models.clip import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    CLIPConfig,
+    Params,
+    TextConfig,
+    VisionConfig,
+    get_model_config,
+)
+from geoalign_jax.models.posemb import LONG_CLIP_KEEP
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+# open_clip's own preference when it looks for weights in a folder (factory._find_checkpoint_in_dir).
+WEIGHTS_PREFERENCE = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+)
+# Entries of OpenAI's original checkpoints that are not weights: name -> how to read it off our config.
+OPENAI_EXTRA_KEYS = {
+    "input_resolution": lambda config: config.vision.image_size,
+    "context_length": lambda config: config.text.context_length,
+    "vocab_size": lambda config: config.text.vocab_size,
+}
+# open_clip model_cfg options that change the computation; a folder that sets any of them to another value
+# describes a model these towers do not implement, and is refused.
+_UNSUPPORTED_VISION_OPTIONS = {
+    "ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
+    "final_ln_after_pool": False, "pool_type": "tok", "act_kwargs": None, "norm_kwargs": None, "qk_norm": False,
+    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+    "scale_fc": False, "timm_model_name": None,
+}
+_UNSUPPORTED_TEXT_OPTIONS = {
+    "hf_model_name": None, "ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
+    "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False, "proj_type": "linear",
+    "act_kwargs": None, "norm_kwargs": None, "qk_norm": False, "scaled_cosine_attn": False,
+    "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceHints:
+    """What a source's own config says beyond the weights (None = it says nothing)."""
+
+    quick_gelu: bool | None = None
+    vision_heads: int | None = None
+    text_heads: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout mapping (pure; works on numpy arrays and under jax.eval_shape)
+
+
+def _block_to_torch(block: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    attn = block["attn"]
+    width = attn["query"]["kernel"].shape[0]
+    return {
+        f"{prefix}ln_1.weight": block["ln_1"]["scale"],
+        f"{prefix}ln_1.bias": block["ln_1"]["bias"],
+        f"{prefix}attn.in_proj_weight": concat_rows(
+            [attn[name]["kernel"].reshape(width, width).T for name in ("query", "key", "value")]
+        ),
+        f"{prefix}attn.in_proj_bias": concat_rows(
+            [attn[name]["bias"].reshape(width) for name in ("query", "key", "value")]
+        ),
+        f"{prefix}attn.out_proj.weight": attn["out"]["kernel"].reshape(width, width).T,
+        f"{prefix}attn.out_proj.bias": attn["out"]["bias"],
+        f"{prefix}ln_2.weight": block["ln_2"]["scale"],
+        f"{prefix}ln_2.bias": block["ln_2"]["bias"],
+        f"{prefix}mlp.c_fc.weight": block["mlp"]["c_fc"]["kernel"].T,
+        f"{prefix}mlp.c_fc.bias": block["mlp"]["c_fc"]["bias"],
+        f"{prefix}mlp.c_proj.weight": block["mlp"]["c_proj"]["kernel"].T,
+        f"{prefix}mlp.c_proj.bias": block["mlp"]["c_proj"]["bias"],
+    }
+
+
+def _block_from_torch(state_dict: Mapping[str, np.ndarray], prefix: str, heads: int) -> Params:
+    in_weight = state_dict[f"{prefix}attn.in_proj_weight"]
+    in_bias = state_dict[f"{prefix}attn.in_proj_bias"]
+    width = in_weight.shape[1]
+    head_dim = width // heads
+    attn: Params = {}
+    for index, name in enumerate(("query", "key", "value")):
+        rows = slice(index * width, (index + 1) * width)
+        attn[name] = {
+            "kernel": in_weight[rows].T.reshape(width, heads, head_dim),
+            "bias": in_bias[rows].reshape(heads, head_dim),
+        }
+    attn["out"] = {
+        "kernel": state_dict[f"{prefix}attn.out_proj.weight"].T.reshape(heads, head_dim, width),
+        "bias": state_dict[f"{prefix}attn.out_proj.bias"],
+    }
+    return {
+        "ln_1": {"scale": state_dict[f"{prefix}ln_1.weight"], "bias": state_dict[f"{prefix}ln_1.bias"]},
+        "attn": attn,
+        "ln_2": {"scale": state_dict[f"{prefix}ln_2.weight"], "bias": state_dict[f"{prefix}ln_2.bias"]},
+        "mlp": {
+            "c_fc": {"kernel": state_dict[f"{prefix}mlp.c_fc.weight"].T, "bias": state_dict[f"{prefix}mlp.c_fc.bias"]},
+            "c_proj": {
+                "kernel": state_dict[f"{prefix}mlp.c_proj.weight"].T,
+                "bias": state_dict[f"{prefix}mlp.c_proj.bias"],
+            },
+        },
+    }
+
+
+def to_open_clip_layout(config: CLIPConfig, params: Params) -> dict[str, Any]:
+    """Our parameter tree -> open_clip state-dict entries (views/arrays in torch layout, any dtype)."""
+    visual, text = params["visual"], params["text"]
+    out: dict[str, Any] = {
+        "visual.conv1.weight": visual["conv1"]["kernel"].transpose(3, 2, 0, 1),
+        "visual.class_embedding": visual["class_embedding"],
+        "visual.positional_embedding": visual["positional_embedding"],
+        "visual.ln_pre.weight": visual["ln_pre"]["scale"],
+        "visual.ln_pre.bias": visual["ln_pre"]["bias"],
+    }
+    for index in range(config.vision.layers):
+        out.update(_block_to_torch(visual["transformer"][f"resblocks_{index}"], f"visual.transformer.resblocks.{index}."))
+    out["visual.ln_post.weight"] = visual["ln_post"]["scale"]
+    out["visual.ln_post.bias"] = visual["ln_post"]["bias"]
+    out["visual.proj"] = visual["proj"]
+    out["token_embedding.weight"] = text["token_embedding"]["embedding"]
+    out["positional_embedding"] = text["positional_embedding"]
+    for index in range(config.text.layers):
+        out.update(_block_to_torch(text["transformer"][f"resblocks_{index}"], f"transformer.resblocks.{index}."))
+    out["ln_final.weight"] = text["ln_final"]["scale"]
+    out["ln_final.bias"] = text["ln_final"]["bias"]
+    out["text_projection"] = text["text_projection"]
+    out["logit_scale"] = params["logit_scale"]
+    if "logit_bias" in params:
+        out["logit_bias"] = params["logit_bias"]
+    return out
+
+
+def from_open_clip_layout(config: CLIPConfig, state_dict: Mapping[str, np.ndarray]) -> Params:
+    """open_clip state-dict entries (already shape-checked against `config`) -> our parameter tree."""
+    visual: Params = {
+        "conv1": {"kernel": state_dict["visual.conv1.weight"].transpose(2, 3, 1, 0)},
+        "class_embedding": state_dict["visual.class_embedding"],
+        "positional_embedding": state_dict["visual.positional_embedding"],
+        "ln_pre": {"scale": state_dict["visual.ln_pre.weight"], "bias": state_dict["visual.ln_pre.bias"]},
+        "transformer": {
+            f"resblocks_{index}": _block_from_torch(state_dict, f"visual.transformer.resblocks.{index}.", config.vision.heads)
+            for index in range(config.vision.layers)
+        },
+        "ln_post": {"scale": state_dict["visual.ln_post.weight"], "bias": state_dict["visual.ln_post.bias"]},
+        "proj": state_dict["visual.proj"],
+    }
+    text: Params = {
+        "token_embedding": {"embedding": state_dict["token_embedding.weight"]},
+        "positional_embedding": state_dict["positional_embedding"],
+        "transformer": {
+            f"resblocks_{index}": _block_from_torch(state_dict, f"transformer.resblocks.{index}.", config.text.heads)
+            for index in range(config.text.layers)
+        },
+        "ln_final": {"scale": state_dict["ln_final.weight"], "bias": state_dict["ln_final.bias"]},
+        "text_projection": state_dict["text_projection"],
+    }
+    params: Params = {"visual": visual, "text": text, "logit_scale": state_dict["logit_scale"]}
+    if "logit_bias" in state_dict:
+        params["logit_bias"] = state_dict["logit_bias"]
+    return params
+
+
+def params_to_open_clip(config: CLIPConfig, params: Params) -> StateDict:
+    """Our parameters -> a contiguous float32 open_clip state dict (ready for safetensors / torch)."""
+    layout = to_open_clip_layout(config, params_as_float32_numpy(params))
+    return {key: contiguous(value) for key, value in layout.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Import: normalise the published variants, infer the architecture, check every shape
+
+
+def merge_long_clip_posemb(state_dict: Mapping[str, np.ndarray], *, source: str) -> StateDict:
+    """Long-CLIP keeps a frozen `positional_embedding` and a trained `positional_embedding_res` and uses
+    pe * mask1 + pe_res * mask2 (mask1 = the first 20 rows); merge them into one embedding."""
+    state_dict = dict(state_dict)
+    if "positional_embedding_res" not in state_dict:
+        return state_dict
+    posemb = state_dict.pop("positional_embedding")
+    residual = state_dict.pop("positional_embedding_res")
+    if posemb.shape != residual.shape:
+        raise ValueError(
+            f"{source}: key 'positional_embedding_res' has shape {residual.shape}, "
+            f"'positional_embedding' has {posemb.shape}; Long-CLIP needs them equal"
+        )
+    keep = LONG_CLIP_KEEP
+    mask1, mask2 = state_dict.pop("mask1", None), state_dict.pop("mask2", None)
+    if (mask1 is None) != (mask2 is None):
+        raise ValueError(f"{source}: Long-CLIP masks must come as a pair, found only {'mask1' if mask2 is None else 'mask2'}")
+    if mask1 is not None:
+        first = np.asarray(mask1, np.float32).reshape(-1)
+        keep = int(first.sum())
+        step = (np.arange(first.shape[0]) < keep).astype(np.float32)
+        if first.shape[0] != posemb.shape[0] or not np.array_equal(first, step) or not np.array_equal(
+            np.asarray(mask2, np.float32).reshape(-1), 1.0 - step
+        ):
+            raise ValueError(
+                f"{source}: keys 'mask1'/'mask2' (shapes {tuple(mask1.shape)}, {tuple(mask2.shape)}) are not "
+                f"Long-CLIP's complementary step masks over {posemb.shape[0]} positions"
+            )
+    state_dict["positional_embedding"] = np.concatenate([posemb[:keep], residual[keep:]], axis=0)
+    log.info("%s: merged Long-CLIP position embeddings (keep %d of %d rows)", source, keep, posemb.shape[0])
+    return state_dict
+
+
+def _shape(state_dict: Mapping[str, np.ndarray], key: str, ndim: int, *, source: str) -> tuple[int, ...]:
+    if key not in state_dict:
+        hint = ""
+        if any(k.startswith(("vision_model.", "text_model.")) for k in state_dict):
+            hint = " (this looks like a Hugging Face CLIPModel state dict: use --format hf)"
+        elif any(k.startswith(("visual.trunk.", "text.transformer.", "visual.layer1.")) for k in state_dict):
+            hint = " (timm / HF-text / ResNet towers are not OpenAI-style ViT CLIP and are not supported)"
+        raise ValueError(f"{source}: key {key!r} is missing; it is needed to infer the architecture{hint}")
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{source}: key {key!r} has shape {shape}, expected a {ndim}-d tensor")
+    return shape
+
+
+def infer_open_clip_config(
+    state_dict: Mapping[str, np.ndarray], *, quick_gelu: bool, hints: SourceHints = SourceHints(), source: str = "state dict"
+) -> CLIPConfig:
+    """Reads the architecture off the shapes: widths, patch, grid, layer counts, context, vocab, embed."""
+    vision_width, channels, patch, patch_w = _shape(state_dict, "visual.conv1.weight", 4, source=source)
+    if patch != patch_w:
+        raise ValueError(f"{source}: key 'visual.conv1.weight' has shape {(vision_width, channels, patch, patch_w)}; non-square patches are not supported")
+    tokens = _shape(state_dict, "visual.positional_embedding", 2, source=source)[0]
+    grid = int(round((tokens - 1) ** 0.5))
+    if grid * grid != tokens - 1:
+        raise ValueError(f"{source}: key 'visual.positional_embedding' has {tokens} rows, not 1 + a square patch grid")
+    vision_layers = count_blocks(state_dict, "visual.transformer.resblocks.")
+    text_layers = count_blocks(state_dict, "transformer.resblocks.")
+    if not vision_layers or not text_layers:
+        raise ValueError(f"{source}: no residual blocks found (keys 'visual.transformer.resblocks.N.*' and 'transformer.resblocks.N.*')")
+    vision_hidden = _shape(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight", 2, source=source)[0]
+    embed_dim = _shape(state_dict, "visual.proj", 2, source=source)[1]
+    vocab_size, text_width = _shape(state_dict, "token_embedding.weight", 2, source=source)
+    context_length = _shape(state_dict, "positional_embedding", 2, source=source)[0]
+    text_hidden = _shape(state_dict, "transformer.resblocks.0.mlp.c_fc.weight", 2, source=source)[0]
+    logit_bias = state_dict.get("logit_bias")
+    return CLIPConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(
+            image_size=grid * patch, patch_size=patch, width=vision_width, layers=vision_layers,
+            heads=heads_for_width(vision_width, hints.vision_heads, tower="vision"),
+            mlp_ratio=vision_hidden / vision_width,
+        ),
+        text=TextConfig(
+            context_length=context_length, vocab_size=vocab_size, width=text_width,
+            heads=heads_for_width(text_width, hints.text_heads, tower="text"), layers=text_layers,
+            mlp_ratio=text_hidden / text_width,
+        ),
+        quick_gelu=quick_gelu,
+        init_logit_bias=None if logit_bias is None else float(np.asarray(logit_bias).reshape(())),
+    )
+
+
+def _check_openai_extras(config: CLIPConfig, extras: Mapping[str, np.ndarray], *, source: str) -> None:
+    for key, value in extras.items():
+        stored, ours = int(np.asarray(value).reshape(())), OPENAI_EXTRA_KEYS[key](config)
+        if stored != ours:
+            raise ValueError(f"{source}: entry {key!r} says {stored}, the weights' shapes say {ours}")
+
+
+def config_for_source(
+    inferred: CLIPConfig, model: str | None, quick_gelu: bool
+) -> CLIPConfig:
+    """The architecture to build: the named model's (whose shapes the source must then fit) or the inferred one."""
+    if model is None:
+        return inferred
+    named = get_model_config(model)
+    return dataclasses.replace(named, quick_gelu=quick_gelu, init_logit_bias=inferred.init_logit_bias)
+
+
+def open_clip_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    quick_gelu: bool | None = None,
+    model: str | None = None,
+    hints: SourceHints = SourceHints(),
+    source: str = "state dict",
+) -> tuple[CLIPConfig, Params]:
+    """An open_clip state dict (already unwrapped) -> (config, float32 params).
+
+    `model` names an architecture the weights must have (e.g. "ViT-B-32"); it also fixes the heads.
+    Refuses, naming the first offending key with both shapes, anything that does not fit.
+    """
+    state_dict = as_float32(merge_long_clip_posemb(state_dict, source=source))
+    extras = {key: state_dict.pop(key) for key in list(state_dict) if key in OPENAI_EXTRA_KEYS}
+    if "logit_scale" in state_dict and state_dict["logit_scale"].shape == (1,):
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(())
+    if "logit_bias" in state_dict and state_dict["logit_bias"].shape == (1,):
+        state_dict["logit_bias"] = state_dict["logit_bias"].reshape(())
+    activation = resolve_quick_gelu(quick_gelu, hints.quick_gelu, model, source=source)
+    if model is not None:
+        named = get_model_config(model)
+        hints = SourceHints(activation, named.vision.heads, named.text.heads)
+    inferred = infer_open_clip_config(state_dict, quick_gelu=activation, hints=hints, source=source)
+    config = config_for_source(inferred, model, activation)
+    hint = f" (model {model!r})" if model else ""
+    check_state_dict_shapes(expected_shapes(to_open_clip_layout, config), state_dict, source=source, hint=hint)
+    _check_openai_extras(config, extras, source=source)
+    return config, from_open_clip_layout(config, state_dict)
+
+
+def read_open_clip_folder_config(folder: pathlib.Path) -> tuple[SourceHints, pathlib.Path]:
+    """An open_clip `local-dir:` / HF-hub folder -> (what its config says, the weights file open_clip would load)."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not an open_clip model folder")
+    meta = json.loads(config_path.read_text())
+    model_cfg = meta.get("model_cfg", meta)
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    for section, options, cfg in (("vision_cfg", _UNSUPPORTED_VISION_OPTIONS, vision_cfg), ("text_cfg", _UNSUPPORTED_TEXT_OPTIONS, text_cfg)):
+        for option, default in options.items():
+            if cfg.get(option, default) != default:
+                raise ValueError(
+                    f"{config_path}: {section}.{option} = {cfg[option]!r} is not supported by these towers "
+                    f"(only OpenAI-style ViT CLIP; expected {default!r})"
+                )
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        raise ValueError(f"{config_path}: vision_cfg.layers = {vision_cfg['layers']} describes a ResNet, not supported")
+    vision_heads = None
+    if "width" in vision_cfg:
+        vision_heads = int(vision_cfg["width"]) // int(vision_cfg.get("head_width", 64))
+    hints = SourceHints(
+        quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+        vision_heads=vision_heads,
+        text_heads=int(text_cfg["heads"]) if "heads" in text_cfg else None,
+    )
+    for name in WEIGHTS_PREFERENCE:
+        if (folder / name).is_file():
+            return hints, folder / name
+    raise FileNotFoundError(f"{folder}: no weights file (looked for {', '.join(WEIGHTS_PREFERENCE)})")
+
+
+def load_open_clip(
+    src: str | pathlib.Path, *, quick_gelu: bool | None = None, model: str | None = None
+) -> tuple[CLIPConfig, Params]:
+    """Imports an open_clip checkpoint: a weights file (.safetensors/.pt/.bin) or an open_clip model folder."""
+    src = pathlib.Path(src)
+    hints = SourceHints()
+    weights = src
+    if src.is_dir():
+        hints, weights = read_open_clip_folder_config(src)
+    state_dict = read_state_dict(weights)
+    return open_clip_to_params(state_dict, quick_gelu=quick_gelu, model=model, hints=hints, source=str(weights))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+
+
+def open_clip_model_cfg(config: CLIPConfig) -> dict[str, Any]:
+    """The `model_cfg` open_clip builds exactly our architecture from (QuickGELU flagged)."""
+    vision, text = config.vision, config.text
+    if vision.width % vision.heads:
+        raise ValueError(f"vision width {vision.width} is not divisible by heads {vision.heads}")
+    model_cfg: dict[str, Any] = {
+        "embed_dim": config.embed_dim,
+        "quick_gelu": config.quick_gelu,
+        "vision_cfg": {
+            "image_size": vision.image_size, "layers": vision.layers, "width": vision.width,
+            "patch_size": vision.patch_size, "head_width": vision.width // vision.heads, "mlp_ratio": vision.mlp_ratio,
+        },
+        "text_cfg": {
+            "context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+            "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio,
+        },
+    }
+    if config.init_logit_bias is not None:
+        model_cfg["init_logit_bias"] = config.init_logit_bias
+    return model_cfg
+
+
+def export_open_clip(config: CLIPConfig, params: Params, out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """Writes an open_clip `local-dir:` folder: open_clip_config.json + open_clip_model.safetensors (float32).
+
+    `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads it strictly, as it is; no torch
+    is needed to write it.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model_cfg": open_clip_model_cfg(config),
+        "preprocess_cfg": {
+            "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic", "resize_mode": "shortest",
+        },
+    }
+    config_path = out_dir / CONFIG_FILE
+    config_path.write_text(json.dumps(meta, indent=2))
+    weights_path = out_dir / WEIGHTS_FILE
+    save_file(params_to_open_clip(config, params), str(weights_path), metadata={"format": "pt"})
+    return [config_path, weights_path]

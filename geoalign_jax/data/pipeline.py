@@ -1,0 +1,440 @@
+"""The grain training input pipeline: shards -> per-process slice -> augmented, tokenised, fixed-shape batches.
+
+Order of operations (``make_train_dataset``)::
+
+    MapDataset.source(RecordSource(shards, raw=True))   # raw bytes; decoding happens after slicing
+      .map_with_index(attach the source index)           # so a bad record can be named (shard + index)
+      .seed(seed).shuffle()                              # global, seeded, different every epoch
+      .repeat(num_epochs)                                # None = forever
+      [process_index::process_count]                     # disjoint and covering per-host slices
+      .random_map(DecodeAndTransform)                    # per-example RNG from (seed, index): reproducible
+      .to_iter_dataset(ReadOptions)                      # threads within each worker
+      -> SkipAndCount                                    # drop records that failed, count them in the data
+      .batch(per-host batch, drop_remainder=True)        # fixed shapes
+      .mp_prefetch(worker_count)                         # spawned worker processes, when worker_count > 0
+      -> DecodeErrorTotal                                # running total of skipped records (main process)
+
+Why the skip count travels with the data: with multiprocess workers no global counter can be right, and a
+counter must be part of the checkpointed iterator state to survive a restart. Each example carries the number
+of records its worker skipped just before it (``_skipped``); the main-process ``DecodeErrorTotal`` adds them up
+and keeps the running total in its own iterator state, so ``batch["decode_errors"]`` is exact for any number
+of workers and resumes with the iterator. (A skip is reported with the next good example, so skips after the
+last example of a finite stream go unreported; training streams repeat forever.)
+
+Everything passed to grain is a small top-level class (no lambdas, no closures): grain's workers are spawned
+and unpickle the whole pipeline; this module has no import-time side effects for the same reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from geoalign_jax.data import records, sources, transforms
+
+logger = logging.getLogger(__name__)
+
+#: Per-example key carrying the number of records skipped right before it in the same worker.
+SKIPPED_KEY = "_skipped"
+#: Batch key of the running per-host count of skipped (undecodable / unusable) records: a host-side metric.
+DECODE_ERRORS_KEY = "decode_errors"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data config with every field documented once (the single reference for these names)."""
+    config = ml_collections.ConfigDict()
+    # --- what to read
+    config.train_shards = ""  # a converted folder (with manifest.json) or a glob of *.array_record shards
+    config.train_split = "train"  # split name: the manifest's split, or the <name>-<split>-NNNNN-of-NNNNN filter
+    # --- batch
+    config.batch_size = 256  # GLOBAL batch size; each host yields batch_size // process_count (must divide)
+    # --- global view
+    config.image_size = 224  # square output side of `image`, pixels
+    config.random_resized_crop = True  # False: the whole image squashed to image_size (FarSLIP's global view)
+    config.random_resized_crop_scale = (0.5, 1.0)  # area fraction range of the global crop (torchvision)
+    config.random_resized_crop_ratio = (3 / 4, 4 / 3)  # aspect-ratio range of the global crop
+    config.hflip_prob = 0.5  # probability of a left-right flip (image, boxes, local crops together)
+    config.interpolation = "bicubic"  # resize filter of every view: "bicubic" (open_clip, FarSLIP) or "bilinear"
+    # --- text
+    config.context_length = 77  # tokens of `text`, `hard_negatives`, `region_text`
+    config.long_context_length = 248  # tokens of `long_text` (Long-CLIP); 0 = no long_text key
+    config.num_hard_negatives = 0  # K: hard negatives per image, padded + `hard_negative_mask`; 0 = off
+    # --- regions
+    config.max_regions = 0  # R: boxes per image after augmentation, padded + `region_mask`; 0 = off
+    config.min_box_visible_fraction = 0.25  # a box keeps >= this fraction of its area inside the crop, else dropped
+    config.min_box_size_px = 2.0  # ... and at least this many output pixels wide and high
+    config.region_crop_size = 0  # side of `region_crops` (crops of the ORIGINAL image at each box); 0 = off
+    config.category_prompt = transforms.DEFAULT_CATEGORY_PROMPT  # region text when a region has no caption
+    # category name -> id for `region_category`. Empty (default): the record's own category_id, assigned by the
+    # converter from the dataset's sorted category names (manifest 'category_names'), identical on every host and
+    # worker because it is data. Give a mapping to unify several datasets; names missing from it get -1.
+    config.category_ids = ml_collections.ConfigDict()
+    # --- local crops (FarSLIP multicrop, patch-to-patch distillation)
+    config.num_local_crops = 0  # C: local views per image + `local_crop_boxes`; 0 = off
+    config.local_crop_size = 0  # side of `local_crops`; 0 = image_size
+    config.local_crop_scale = (0.3, 0.7)  # area fraction of the global view covered by a local crop
+    config.local_crop_ratio = (3 / 4, 4 / 3)  # aspect-ratio range of a local crop
+    # --- order, epochs, workers
+    config.seed = 0  # shuffle + augmentation seed (same seed, same stream)
+    config.shuffle = True  # global seeded shuffle, reshuffled every epoch
+    config.num_epochs = ml_collections.FieldReference(None, field_type=int)  # None = repeat forever
+    config.worker_count = 0  # grain worker processes (mp_prefetch); 0 = in the main process
+    config.worker_buffer_size = 2  # batches buffered per worker
+    config.read_threads = 4  # threads per process that decode + augment examples (PIL releases the GIL)
+    config.read_buffer_size = 32  # examples prefetched per process by those threads
+    config.max_consecutive_skips = 1000  # more skipped records than this in a row is a broken dataset: raise
+    return config
+
+
+def per_host_batch_size(batch_size: int, process_count: int) -> int:
+    """Global batch -> the batch each host yields; refuses sizes that do not divide evenly."""
+    if batch_size <= 0:
+        raise ValueError(f"data config: batch_size must be positive, got {batch_size}")
+    if batch_size % process_count:
+        raise ValueError(
+            f"data config: batch_size {batch_size} (global) is not divisible by process_count {process_count}; "
+            f"use a multiple of {process_count}"
+        )
+    return batch_size // process_count
+
+
+def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformConfig:
+    """The frozen per-example part of the data config (what workers need)."""
+    category_ids = config.get("category_ids") or {}
+    if not isinstance(category_ids, Mapping):
+        category_ids = dict(category_ids)
+    for name, value in category_ids.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"data config: category_ids[{name!r}] must be an int >= 0, got {value!r}")
+    return transforms.TransformConfig(
+        image_size=int(config.image_size),
+        context_length=int(config.context_length),
+        long_context_length=int(config.long_context_length),
+        num_hard_negatives=int(config.num_hard_negatives),
+        max_regions=int(config.max_regions),
+        region_crop_size=int(config.region_crop_size),
+        num_local_crops=int(config.num_local_crops),
+        local_crop_size=int(config.local_crop_size),
+        local_crop_scale=tuple(float(v) for v in config.local_crop_scale),
+        local_crop_ratio=tuple(float(v) for v in config.local_crop_ratio),
+        random_resized_crop=bool(config.random_resized_crop),
+        random_resized_crop_scale=tuple(float(v) for v in config.random_resized_crop_scale),
+        random_resized_crop_ratio=tuple(float(v) for v in config.random_resized_crop_ratio),
+        hflip_prob=float(config.hflip_prob),
+        min_box_visible_fraction=float(config.min_box_visible_fraction),
+        min_box_size_px=float(config.min_box_size_px),
+        category_prompt=str(config.category_prompt),
+        category_ids=tuple(sorted((str(k), int(v)) for k, v in category_ids.items())),
+        interpolation=str(config.interpolation),
+    )
+
+
+def batch_spec(config: ml_collections.ConfigDict, process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Keys, per-host shapes and dtypes of the batches ``make_train_dataset(config)`` yields (incl. the metric)."""
+    batch = per_host_batch_size(int(config.batch_size), process_count)
+    spec = {key: ((batch, *shape), dtype) for key, (shape, dtype) in transforms.output_spec(transform_config(config)).items()}
+    spec[DECODE_ERRORS_KEY] = ((), np.dtype(np.int64))
+    return spec
+
+
+def pop_host_metrics(batch: dict[str, Any]) -> dict[str, int]:
+    """Remove and return the host-side scalars (``decode_errors``) so the rest can become global arrays."""
+    return {DECODE_ERRORS_KEY: int(batch.pop(DECODE_ERRORS_KEY))} if DECODE_ERRORS_KEY in batch else {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grain transforms (top-level classes: picklable for spawned workers)
+
+
+class AttachIndex(grain.transforms.MapWithIndex):
+    """raw record -> (index in the source, raw record): the index names the shard and record on failure.
+
+    grain hands a repeated dataset's indices past the end through to the parent (it reads them modulo the
+    length), so the index is reduced here to the record's position in the source.
+    """
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
+
+    def map_with_index(self, index: int, element: bytes) -> tuple[int, bytes]:
+        return (index % self.num_records, element)
+
+
+class DecodeAndTransform(grain.transforms.RandomMap):
+    """(source index, raw bytes) -> example dict, or a ``SkippedRecord`` (logged) when the record is unusable.
+
+    Any failure of one record (bytes that are not a record, a record of another version, an image that does
+    not decode, no text...) becomes a skip rather than a crash: one bad record must not stop a week-long run.
+    A dataset that is bad throughout still fails loudly, in ``SkipAndCount`` (``max_consecutive_skips``).
+    """
+
+    def __init__(self, source: sources.RecordSource, config: transforms.TransformConfig):
+        self.source = source
+        self.transform = transforms.TrainTransform(config)
+
+    def _where(self, index: int) -> str:
+        try:
+            path, local = self.source.locate(index)
+            return f"{path} record {local}"
+        except Exception:  # never let the error message itself fail
+            return f"record {index}"
+
+    def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> Any:
+        index, data = element
+        record_id = "?"
+        try:
+            record = records.decode_record(data)  # the location is added below, only when it fails
+            record_id = record["id"]
+            return self.transform.random_map(record, rng)
+        except Exception as error:  # noqa: BLE001 - every per-record failure is a counted skip, see above
+            where = self._where(index)
+            reason = transforms.describe_failure(error)
+            logger.warning("skipping record id=%s at %s: %s", record_id, where, reason)
+            return transforms.SkippedRecord(where=f"{where} (id {record_id})", reason=reason)
+
+
+class SkipAndCountIterDataset(grain.IterDataset):
+    """Drops ``SkippedRecord`` sentinels; each kept example gets ``_skipped`` = sentinels dropped before it."""
+
+    def __init__(self, parent: grain.IterDataset, max_consecutive_skips: int):
+        super().__init__(parent)
+        self._max_consecutive_skips = max_consecutive_skips
+
+    def __iter__(self) -> SkipAndCountIterator:
+        return SkipAndCountIterator(self._parent.__iter__(), self._max_consecutive_skips)
+
+    def __str__(self) -> str:
+        return f"SkipAndCountIterDataset(max_consecutive_skips={self._max_consecutive_skips})"
+
+
+class SkipAndCountIterator(grain.DatasetIterator):
+    """Iterator of ``SkipAndCountIterDataset``; its state is the parent's (the count is per element)."""
+
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive_skips: int):
+        super().__init__(parent)
+        self._max_consecutive_skips = max_consecutive_skips
+
+    def __next__(self) -> dict[str, Any]:
+        skipped = 0
+        last: transforms.SkippedRecord | None = None
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, transforms.SkippedRecord):
+                break
+            skipped += 1
+            last = element
+            if skipped > self._max_consecutive_skips:
+                raise RuntimeError(
+                    f"{skipped} records in a row could not be used (max_consecutive_skips="
+                    f"{self._max_consecutive_skips}); the data or the data config is broken. "
+                    f"Last: {last.where}: {last.reason}"
+                )
+        example = dict(element)
+        example[SKIPPED_KEY] = np.int32(skipped)
+        return example
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+    def __str__(self) -> str:
+        return "SkipAndCountIterator"
+
+
+class DecodeErrorTotalIterDataset(grain.IterDataset):
+    """Replaces the per-example ``_skipped`` [B] with the running host total ``decode_errors`` (int64 scalar)."""
+
+    def __iter__(self) -> DecodeErrorTotalIterator:
+        return DecodeErrorTotalIterator(self._parent.__iter__())
+
+    def __str__(self) -> str:
+        return "DecodeErrorTotalIterDataset"
+
+
+class DecodeErrorTotalIterator(grain.DatasetIterator):
+    """Keeps the running total in its state: ``{"parent": <grain state>, "decode_errors": int}``."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._total = 0
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._parent)
+        batch = dict(batch)
+        self._total += int(np.sum(batch.pop(SKIPPED_KEY)))
+        batch[DECODE_ERRORS_KEY] = np.int64(self._total)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), DECODE_ERRORS_KEY: self._total}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._total = int(state[DECODE_ERRORS_KEY])
+
+    def __str__(self) -> str:
+        return "DecodeErrorTotalIterator"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the datasets
+
+
+def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only here: tests and tools pass both and never initialise jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must lie in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's mp_prefetch reads an absl flag (grain_enable_multiprocess_worker_profiling, whenever jax's
+    profiler is importable); outside ``absl.app.run`` the flags are unparsed and that read raises
+    UnparsedFlagAccessError. Mark them parsed with their defaults, leaving already-parsed flags alone."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def open_train_source(config: ml_collections.ConfigDict) -> sources.RecordSource:
+    """The raw-bytes source over the training shards named by ``train_shards`` + ``train_split``."""
+    if not config.train_shards:
+        raise ValueError("data config: train_shards is empty (give a converted folder or a shard glob)")
+    return sources.RecordSource(sources.shard_paths(config.train_shards, config.train_split), raw=True)
+
+
+def make_record_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: sources.RecordSource | None = None,
+) -> grain.MapDataset:
+    """This host's (source index, raw record) stream: shuffled, repeated, sliced ``[process_index::count]``.
+
+    Slicing after shuffle + repeat makes the hosts' slices disjoint and together exactly the (repeated) data:
+    with ``num_epochs=1`` every record goes to exactly one host. With a finite ``num_epochs`` the hosts' lengths
+    may differ by one example, so the last per-host batch counts can differ: train with ``num_epochs=None`` and
+    stop by steps (as the trainer does), which also keeps multi-host steps in lock-step.
+    """
+    process_index, process_count = _resolve_process(process_index, process_count)
+    source = source if source is not None else open_train_source(config)
+    if len(source) == 0:
+        raise ValueError(f"data config: no records in {config.train_shards} split {config.train_split!r}")
+    dataset = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source))).seed(int(config.seed))
+    if config.shuffle:
+        dataset = dataset.shuffle()
+    num_epochs = config.num_epochs
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"data config: num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    dataset = dataset.repeat(num_epochs)
+    return dataset[process_index::process_count]
+
+
+def make_train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """This host's training batches: dicts of fixed-shape numpy arrays (``batch_spec(config)``).
+
+    ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``; pass them to
+    build another host's stream without jax.distributed (tests, data inspection).
+    """
+    process_index, process_count = _resolve_process(process_index, process_count)
+    batch_size = per_host_batch_size(int(config.batch_size), process_count)
+    example_config = transform_config(config)
+    source = open_train_source(config)
+    dataset = make_record_dataset(config, process_index=process_index, process_count=process_count, source=source)
+    dataset = dataset.random_map(DecodeAndTransform(source, example_config))
+    read_options = grain.ReadOptions(
+        num_threads=int(config.read_threads), prefetch_buffer_size=int(config.read_buffer_size)
+    )
+    iter_dataset = dataset.to_iter_dataset(read_options)
+    iter_dataset = SkipAndCountIterDataset(iter_dataset, int(config.max_consecutive_skips))
+    iter_dataset = iter_dataset.batch(batch_size, drop_remainder=True)
+    if int(config.worker_count) > 0:
+        _ensure_absl_flags_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=int(config.worker_count), per_worker_buffer_size=int(config.worker_buffer_size)
+            )
+        )
+    return DecodeErrorTotalIterDataset(iter_dataset)
+
+
+def make_train_iterator(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    state: Mapping[str, Any] | bytes | None = None,
+) -> grain.DatasetIterator:
+    """An iterator over ``make_train_dataset``; with ``state`` it continues exactly where that state was taken.
+
+    The iterator works with orbax directly (``grain.checkpoint.CheckpointSave(it)`` /
+    ``CheckpointRestore(it)``), or through ``iterator_state``/``restore_iterator_state``.
+    Call ``close()`` when done (worker processes).
+    """
+    iterator = iter(make_train_dataset(config, process_index=process_index, process_count=process_count))
+    if state is not None:
+        restore_iterator_state(iterator, state)
+    return iterator
+
+
+def iterator_state(iterator: grain.DatasetIterator) -> bytes:
+    """The iterator's position as JSON bytes (what grain's orbax handler writes per process)."""
+    return json.dumps(iterator.get_state(), sort_keys=True).encode("utf-8")
+
+
+def restore_iterator_state(iterator: grain.DatasetIterator, state: Mapping[str, Any] | bytes | str) -> None:
+    """Move ``iterator`` to ``state`` (from ``iterator_state`` or ``get_state``): the next batch is the one that
+    would have followed when the state was taken. Refuses a state of another pipeline layout."""
+    if isinstance(state, (bytes, str)):
+        state = json.loads(state)
+    if not isinstance(state, Mapping) or "parent" not in state or DECODE_ERRORS_KEY not in state:
+        raise ValueError(
+            "iterator state is not from geoalign_jax.data.pipeline (expected keys 'parent' and "
+            f"'{DECODE_ERRORS_KEY}', got {sorted(state) if isinstance(state, Mapping) else type(state).__name__})"
+        )
+    iterator.set_state(dict(state))
+
+
+def take(iterator: Iterator[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
+    """The next ``count`` batches (helper for tests and tools)."""
+    return [next(iterator) for _ in range(count)]
+
+
+def num_batches_per_epoch(num_records: int, config: ml_collections.ConfigDict, process_count: int = 1) -> int:
+    """Full per-host batches in one epoch when no record is skipped (for step <-> epoch bookkeeping)."""
+    per_host_records = num_records // process_count  # the smallest host slice
+    return per_host_records // per_host_batch_size(int(config.batch_size), process_count)
+
+
+__all__: Sequence[str] = (
+    "DECODE_ERRORS_KEY",
+    "batch_spec",
+    "default_data_config",
+    "iterator_state",
+    "make_record_dataset",
+    "make_train_dataset",
+    "make_train_iterator",
+    "num_batches_per_epoch",
+    "per_host_batch_size",
+    "pop_host_metrics",
+    "restore_iterator_state",
+    "transform_config",
+)

@@ -1,0 +1,127 @@
+"""The evaluate CLI: ``python -m geoalign_jax.evaluate`` (or ``python -m geoalign_jax.eval``).
+
+Examples::
+
+    python -m geoalign_jax.evaluate --checkpoint runs/demo/params \\
+        --tasks zeroshot:aid=/data/aid_records retrieval:rsicd=/data/rsicd_records,split=test,protocol=both \\
+                regions:dota=/data/dota_records,methods=crop+roi --out eval_out
+    python -m geoalign_jax.evaluate --open_clip exported_dir --backend open_clip --tasks ... --out ...
+
+Weights: exactly one of --checkpoint (geoalign-jax parameters), --open_clip (a weights file or an
+open_clip folder), --hf (a transformers CLIPModel folder), --model NAME (random init; smoke tests).
+Writes ``results.json`` and PNG plots into --out and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+log = logging.getLogger("geoalign_jax.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m geoalign_jax.evaluate",
+        description="Zero-shot classification, image-text retrieval and region classification of a CLIP model.",
+        epilog="Task syntax: KIND:NAME=PATH[,key=value...]; KIND in zeroshot, retrieval, regions. Keys: split, "
+               "limit, templates (farslip|rs|single), dataset (zero-shot class table), protocol (standard|"
+               "skyscript|both), methods (crop+roi). PATH: a record folder (manifest.json) or, for zeroshot, "
+               "a tree of class folders.")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint directory")
+    weights.add_argument("--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
+    weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
+    weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
+    parser.add_argument("--tasks", nargs="+", required=True, help="evaluation tasks (see below)")
+    parser.add_argument("--out", required=True, help="output folder for results.json and plots")
+    parser.add_argument("--backend", choices=("jax", "open_clip"), default="jax",
+                        help="embed with the JAX towers (default) or with open_clip in torch (needs --open_clip DIR)")
+    parser.add_argument("--quick_gelu", choices=("auto", "true", "false"), default="auto",
+                        help="activation of imported open_clip weights when the source does not say")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_threads", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--dense", choices=("last", "segearth"), default="last",
+                        help="patch tokens for RoI region features (JAX backend): last layer or FarSLIP's SegEarth")
+    parser.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic")
+    parser.add_argument("--seed", type=int, default=0, help="init seed for --model")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_plots", action="store_true")
+    return parser
+
+
+def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model config, params, description) from the weights option."""
+    quick = {"auto": None, "true": True, "false": False}[args.quick_gelu]
+    if args.checkpoint:
+        from geoalign_jax.train.checkpoint import load_params
+
+        config, params = load_params(args.checkpoint)
+        return config, params, f"checkpoint {args.checkpoint}"
+    if args.open_clip:
+        from geoalign_jax.convert.open_clip import load_open_clip
+
+        config, params = load_open_clip(args.open_clip, quick_gelu=quick)
+        return config, params, f"open_clip {args.open_clip}"
+    if args.hf:
+        from geoalign_jax.convert import hf
+
+        config, params = hf.load_hf(args.hf, quick_gelu=quick)
+        return config, params, f"hf {args.hf}"
+    import jax
+
+    from geoalign_jax.models import clip
+
+    config = clip.get_model_config(args.model)
+    return config, clip.init_params(config, jax.random.key(args.seed)), f"random {args.model} (seed {args.seed})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from geoalign_jax.eval import embed, library, plots, report
+
+    try:
+        tasks = [library.parse_task(text) for text in args.tasks]
+    except library.TaskError as error:
+        parser.error(str(error))
+    for task in tasks:
+        if not pathlib.Path(task.path).exists():
+            parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
+    if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
+        parser.error("--backend open_clip needs --open_clip pointing at an open_clip folder (local-dir layout)")
+    if args.backend == "open_clip" and args.dense != "last":
+        parser.error("--dense segearth exists only for the JAX backend")
+
+    started = time.time()
+    if args.backend == "open_clip":
+        embedder = embed.OpenClipEmbedder.from_dir(args.open_clip, batch_size=args.batch_size)
+        config, params, source = None, None, f"open_clip (torch) {args.open_clip}"
+    else:
+        config, params, source = load_weights(args)
+        embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
+    try:
+        result = library.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
+                                   progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads)
+    except library.TaskError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {"weights": source, "backend": args.backend, "tasks": list(args.tasks), "ties": args.ties,
+                "batch_size": args.batch_size, "dense": args.dense, "seconds": round(time.time() - started, 2),
+                "model_config": config.to_dict() if config is not None else None}
+    results_path = report.write_results(out / "results.json", result.metrics, result.details, run_info)
+    print(report.format_table(result.metrics))
+    written = [] if args.no_plots else plots.write_plots(result.details, out)
+    log.info("wrote %s and %d plots to %s", results_path.name, len(written), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""One training objective from `config.loss`: which terms, their weights and schedules, and the forward
+pass that encodes exactly what the enabled terms need.
+
+A term is enabled when its weight in `loss.weights` is > 0 (a static, Python-level decision): a term
+with weight zero is never traced, and inputs only it needs are never encoded. An enabled term whose
+batch inputs are missing is an error (naming the term and the key), never a silent skip.
+
+Terms (`term(outputs, batch, params, *, axis_context, config) -> (loss, metrics)`):
+  scene                      image vs `text`: InfoNCE (or SigLIP, `scene_kind`), global-batch negatives
+  hard_negative              image vs `text` with the image's own `hard_negatives` added to its row
+  region_text                RoI-Align(patch tokens, `region_boxes`) mean-pooled vs `region_text`
+  region_cls                 CLS of `region_crops` vs `region_text` (category prompts), FarSLIP's MPCL
+  long_text                  image vs `long_text` (DGTRS); shares the scene weight via the curriculum
+  patch_distill              FarSLIP patch-to-patch distillation with `local_crops` / `local_crop_boxes`
+  global_region_consistency  RoI feature of each region in the global view vs the CLS of its crop
+  short_long_consistency     `text` vs `long_text` InfoNCE
+
+Short/long curriculum (DGTRS-CLIP): with a(t) = `long_text_schedule` at step t, when long_text is enabled
+the scene term is weighted `weights.scene * (1 - a(t))` and the long term `weights.long_text * a(t)`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from geoalign_jax.losses.consistency import (
+    global_region_consistency_loss,
+    patch_distillation_loss,
+    short_long_consistency_loss,
+)
+from geoalign_jax.losses.contrastive import (
+    clip_loss,
+    hard_negative_loss,
+    l2_normalize,
+    logit_scale_value,
+    principal_component_reconstruction,
+    siglip_loss,
+)
+from geoalign_jax.losses.region import REGION_TEXT_POSITIVES, multi_positive_loss, region_features, region_text_loss
+from geoalign_jax.parallel.mesh import AxisContext
+
+Array = jax.Array
+Metrics = dict[str, Array]
+Batch = Mapping[str, Array]
+Outputs = dict[str, Array]
+EncodeImage = Callable[..., tuple[Array, Array]]
+EncodeText = Callable[..., tuple[Array, Array]]
+
+TERM_NAMES = (
+    "scene",
+    "hard_negative",
+    "region_text",
+    "region_cls",
+    "long_text",
+    "patch_distill",
+    "global_region_consistency",
+    "short_long_consistency",
+)
+SCENE_KINDS = ("infonce", "siglip")
+DENSE_FEATURES = ("last", "segearth")
+DISTILL_TEACHERS = ("active", "frozen", "ema")
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+    """Every `config.loss` field with its default. The one place the fields are documented.
+
+    weights.<term>          float >= 0 per term (see TERM_NAMES); 0 = off and not traced. Default: scene only.
+    scene_kind              "infonce" (CLIP, open_clip ClipLoss) | "siglip" (sigmoid loss; needs the
+                            model's `logit_bias` parameter, `init_logit_bias` in the model config).
+                            Applies to scene and long_text.
+    chunk_size              0 = plain contrastive losses (full [B_local x B_global] logits per device);
+                            n > 0 = chunked: at most [B_local x n] logits per device, same values/gradients.
+                            Applies to every global-batch contrastive term.
+    roi_output_size         RoI-Align output bins per side for region_text and global_region_consistency.
+    roi_sampling_ratio      bilinear samples per bin side; -1 = adaptive (torchvision/FarSLIP default).
+    region_text_positives   "diagonal" (each region's own text is its positive) | "category" (regions
+                            of the same category id are all positives; free-text ones only their own).
+    dense_features          patch tokens for dense terms: "last" (plain last block) | "segearth"
+                            (FarSLIP's q-q + k-k + v-v last layer, no residual/MLP).
+    distill_teacher         crop branch of patch_distill: "active" (same params, with gradient; FarSLIP
+                            default) | "frozen" (initial weights) | "ema" (EMA weights); the last two
+                            read `frozen_params` passed to the objective (kept by the train state).
+    distill_ema_momentum    EMA momentum for distill_teacher="ema" (FarSLIP 0.99); used by the train step.
+    distill_output_size     RoI-Align output per side for patch_distill; 0 = the patch grid (FarSLIP).
+    long_text_schedule      a(t), the long-text share of the short/long curriculum:
+                            kind "constant" (start_weight) | "linear" | "cosine" (start_weight ->
+                            end_weight between start_step and end_step, held outside) | "step"
+                            (start_weight before start_step, end_weight from it on); weights in [0, 1].
+    long_text_pca_components  0 = off; k > 0 = Long-CLIP primary-component matching: the short caption
+                            is contrasted with the image embeddings rebuilt from their top-k principal
+                            components (needs weights.long_text > 0).
+    """
+    config = ml_collections.ConfigDict()
+    config.weights = ml_collections.ConfigDict({name: 0.0 for name in TERM_NAMES})
+    config.weights.scene = 1.0
+    config.scene_kind = "infonce"
+    config.chunk_size = 0
+    config.roi_output_size = 7
+    config.roi_sampling_ratio = -1
+    config.region_text_positives = "diagonal"
+    config.dense_features = "last"
+    config.distill_teacher = "active"
+    config.distill_ema_momentum = 0.99
+    config.distill_output_size = 0
+    config.long_text_schedule = ml_collections.ConfigDict(
+        {"kind": "constant", "start_step": 0, "end_step": 0, "start_weight": 0.5, "end_weight": 0.5}
+    )
+    config.long_text_pca_components = 0
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, ml_collections.ConfigDict):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return {key: _as_dict(value) if isinstance(value, (Mapping, ml_collections.ConfigDict)) else value for key, value in config.items()}
+    raise TypeError(f"loss config must be a ConfigDict or a mapping, got {type(config).__name__}")
+
+
+def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field (known: {sorted(expected)})")
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise ValueError(f"{where}.{missing[0]}: missing field (start from default_loss_config())")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, field: str, value: Any, expectation: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} = {value!r}: {expectation}")
+
+
+def validate_loss_config(config: Any) -> dict[str, Any]:
+    """Checks every field of `config.loss`; returns it as a plain nested dict.
+
+    Unknown or missing fields and bad values raise ValueError naming the field (e.g. "loss.chunk_size").
+    """
+    data = _as_dict(config)
+    defaults = default_loss_config().to_dict()
+    _check_keys(data, defaults, "loss")
+    weights = data["weights"]
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"loss.weights = {weights!r}: must be a mapping of term -> weight")
+    _check_keys(weights, defaults["weights"], "loss.weights")
+    for name, weight in weights.items():
+        _require(_is_number(weight) and weight >= 0, f"loss.weights.{name}", weight, "must be a finite number >= 0")
+    _require(any(weight > 0 for weight in weights.values()), "loss.weights", weights, "every weight is zero; enable a term")
+    _require(data["scene_kind"] in SCENE_KINDS, "loss.scene_kind", data["scene_kind"], f"must be one of {SCENE_KINDS}")
+    _require(_is_int(data["chunk_size"]) and data["chunk_size"] >= 0, "loss.chunk_size", data["chunk_size"], "must be an int >= 0 (0 = plain)")
+    _require(_is_int(data["roi_output_size"]) and data["roi_output_size"] >= 1, "loss.roi_output_size", data["roi_output_size"], "must be an int >= 1")
+    _require(
+        _is_int(data["roi_sampling_ratio"]) and (data["roi_sampling_ratio"] >= 1 or data["roi_sampling_ratio"] == -1),
+        "loss.roi_sampling_ratio", data["roi_sampling_ratio"], "must be -1 (adaptive) or an int >= 1",
+    )
+    _require(
+        data["region_text_positives"] in REGION_TEXT_POSITIVES,
+        "loss.region_text_positives", data["region_text_positives"], f"must be one of {REGION_TEXT_POSITIVES}",
+    )
+    _require(data["dense_features"] in DENSE_FEATURES, "loss.dense_features", data["dense_features"], f"must be one of {DENSE_FEATURES}")
+    _require(data["distill_teacher"] in DISTILL_TEACHERS, "loss.distill_teacher", data["distill_teacher"], f"must be one of {DISTILL_TEACHERS}")
+    momentum = data["distill_ema_momentum"]
+    _require(_is_number(momentum) and 0.0 <= momentum < 1.0, "loss.distill_ema_momentum", momentum, "must be in [0, 1)")
+    _require(
+        _is_int(data["distill_output_size"]) and data["distill_output_size"] >= 0,
+        "loss.distill_output_size", data["distill_output_size"], "must be an int >= 0 (0 = the patch grid)",
+    )
+    _validate_schedule(data["long_text_schedule"], defaults["long_text_schedule"], "loss.long_text_schedule")
+    pca = data["long_text_pca_components"]
+    _require(_is_int(pca) and pca >= 0, "loss.long_text_pca_components", pca, "must be an int >= 0 (0 = off)")
+    _require(
+        pca == 0 or weights["long_text"] > 0,
+        "loss.long_text_pca_components", pca, "primary-component matching needs loss.weights.long_text > 0",
+    )
+    return data
+
+
+def _validate_schedule(schedule: Any, defaults: Mapping[str, Any], where: str) -> None:
+    if not isinstance(schedule, Mapping):
+        raise ValueError(f"{where} = {schedule!r}: must be a mapping")
+    _check_keys(schedule, defaults, where)
+    kind = schedule["kind"]
+    _require(kind in SCHEDULE_KINDS, f"{where}.kind", kind, f"must be one of {SCHEDULE_KINDS}")
+    for key in ("start_step", "end_step"):
+        _require(_is_int(schedule[key]) and schedule[key] >= 0, f"{where}.{key}", schedule[key], "must be an int >= 0")
+    for key in ("start_weight", "end_weight"):
+        value = schedule[key]
+        _require(_is_number(value) and 0.0 <= value <= 1.0, f"{where}.{key}", value, "must be in [0, 1]")
+    if kind in ("linear", "cosine"):
+        _require(
+            schedule["end_step"] > schedule["start_step"], f"{where}.end_step", schedule["end_step"],
+            f"must be > start_step ({schedule['start_step']}) for a {kind} schedule",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules and weights
+
+
+def schedule_value(schedule: Mapping[str, Any], step: Array | int) -> Array:
+    """The scheduled value at `step` (a traced int is fine) for a validated schedule mapping."""
+    step = jnp.asarray(step, jnp.float32)
+    start_weight = jnp.float32(schedule["start_weight"])
+    end_weight = jnp.float32(schedule["end_weight"])
+    kind = schedule["kind"]
+    if kind == "constant":
+        return start_weight
+    if kind == "step":
+        return jnp.where(step >= schedule["start_step"], end_weight, start_weight)
+    progress = jnp.clip((step - schedule["start_step"]) / (schedule["end_step"] - schedule["start_step"]), 0.0, 1.0)
+    if kind == "cosine":
+        progress = 0.5 * (1.0 - jnp.cos(jnp.pi * progress))
+    return start_weight + (end_weight - start_weight) * progress
+
+
+def enabled_terms(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Terms with weight > 0, in TERM_NAMES order (validated config)."""
+    return tuple(name for name in TERM_NAMES if config["weights"][name] > 0)
+
+
+def term_weights(config: Mapping[str, Any], step: Array | int) -> dict[str, Array]:
+    """The weight of every enabled term at `step`, curriculum applied."""
+    weights = {name: jnp.float32(config["weights"][name]) for name in enabled_terms(config)}
+    if "long_text" in weights:
+        long_share = schedule_value(config["long_text_schedule"], step)
+        weights["long_text"] = weights["long_text"] * long_share
+        if "scene" in weights:
+            weights["scene"] = weights["scene"] * (1.0 - long_share)
+    return weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward: encode what the enabled terms need.
+
+# Model outputs each term reads.
+TERM_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "scene": ("image_emb", "text_emb"),
+    "hard_negative": ("image_emb", "text_emb", "hard_negative_emb"),
+    "region_text": ("patch_tokens", "region_text_emb"),
+    "region_cls": ("region_crop_emb", "region_text_emb"),
+    "long_text": ("image_emb", "long_text_emb"),
+    "patch_distill": ("patch_tokens", "local_crop_patch_tokens"),
+    "global_region_consistency": ("patch_tokens", "region_crop_emb"),
+    "short_long_consistency": ("text_emb", "long_text_emb"),
+}
+# Batch keys each term reads (beyond the model outputs' sources).
+TERM_BATCH_KEYS: dict[str, tuple[str, ...]] = {
+    "scene": ("image", "text"),
+    "hard_negative": ("image", "text", "hard_negatives", "hard_negative_mask"),
+    "region_text": ("image", "region_boxes", "region_mask", "region_text"),
+    "region_cls": ("region_crops", "region_text", "region_category", "region_mask"),
+    "long_text": ("image", "long_text"),
+    "patch_distill": ("image", "local_crops", "local_crop_boxes"),
+    "global_region_consistency": ("image", "region_boxes", "region_mask", "region_crops"),
+    "short_long_consistency": ("text", "long_text"),
+}
+
+
+def required_batch_keys(config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Batch keys each enabled term needs (validated config)."""
+    required = {name: TERM_BATCH_KEYS[name] for name in enabled_terms(config)}
+    if "region_text" in required and config["region_text_positives"] == "category":
+        required["region_text"] = required["region_text"] + ("region_category",)
+    return required
+
+
+def check_batch(config: Mapping[str, Any], batch: Batch) -> None:
+    """Raises ValueError naming the term and key when an enabled term's input is absent."""
+    for name, keys in required_batch_keys(config).items():
+        for key in keys:
+            if key not in batch:
+                raise ValueError(
+                    f"loss.weights.{name} = {config['weights'][name]} needs batch[{key!r}], which is absent "
+                    f"(batch keys: {sorted(batch)})"
+                )
+
+
+def _encode_texts(encode_text: EncodeText, model_config: Any, params: Any, tokens: Array) -> Array:
+    """Token arrays of any leading shape [..., L] -> embeddings [..., E]."""
+    lead = tokens.shape[:-1]
+    embedding, _ = encode_text(model_config, params, tokens.reshape((-1, tokens.shape[-1])))
+    return embedding.reshape(lead + embedding.shape[1:])
+
+
+def _encode_images(encode_image: EncodeImage, model_config: Any, params: Any, images: Array, dense: str) -> tuple[Array, Array]:
+    """Images [..., H, W, 3] -> (embeddings [..., E], patch tokens [..., gh, gw, E])."""
+    lead = images.shape[:-3]
+    embedding, patches = encode_image(model_config, params, images.reshape((-1,) + images.shape[-3:]), dense=dense)
+    return embedding.reshape(lead + embedding.shape[1:]), patches.reshape(lead + patches.shape[1:])
+
+
+def _default_encoders() -> tuple[EncodeImage, EncodeText]:
+    from geoalign_jax.models import clip  # the models package is upstream of losses
+
+    return clip.encode_image, clip.encode_text
+
+
+def compute_outputs(
+    model_config: Any,
+    params: Any,
+    batch: Batch,
+    loss_config: Any,
+    *,
+    encode_image: EncodeImage | None = None,
+    encode_text: EncodeText | None = None,
+    frozen_params: Any = None,
+) -> Outputs:
+    """Encodes only what the enabled terms read; see TERM_OUTPUTS for the keys.
+
+    image -> image_emb [B, E], patch_tokens [B, gh, gw, E] (dense per `dense_features`); text, long_text ->
+    [B, E]; hard_negatives [B, K, L] -> [B, K, E]; region_text [B, R, L] -> [B, R, E]; region_crops ->
+    CLS embeddings [B, R, E]; local_crops [B, C, H, W, 3] -> patch tokens [B, C, gh, gw, E] from the crop
+    branch (`distill_teacher`: params, or stop_gradient(frozen_params) for "frozen"/"ema").
+    """
+    config = validate_loss_config(loss_config)
+    if encode_image is None or encode_text is None:
+        default_image, default_text = _default_encoders()
+        encode_image = encode_image or default_image
+        encode_text = encode_text or default_text
+    check_batch(config, batch)
+    needed = {key for name in enabled_terms(config) for key in TERM_OUTPUTS[name]}
+    dense = config["dense_features"]
+    outputs: Outputs = {}
+    if needed & {"image_emb", "patch_tokens"}:
+        outputs["image_emb"], outputs["patch_tokens"] = _encode_images(encode_image, model_config, params, batch["image"], dense)
+    text_sources = {"text_emb": "text", "long_text_emb": "long_text", "hard_negative_emb": "hard_negatives", "region_text_emb": "region_text"}
+    for output_key, batch_key in text_sources.items():
+        if output_key in needed:
+            outputs[output_key] = _encode_texts(encode_text, model_config, params, batch[batch_key])
+    if "region_crop_emb" in needed:
+        outputs["region_crop_emb"], _ = _encode_images(encode_image, model_config, params, batch["region_crops"], "last")
+    if "local_crop_patch_tokens" in needed:
+        teacher = config["distill_teacher"]
+        if teacher == "active":
+            crop_params = params
+        elif frozen_params is None:
+            raise ValueError(f"loss.distill_teacher = {teacher!r} needs frozen_params (the {teacher} copy of the weights)")
+        else:
+            crop_params = jax.lax.stop_gradient(frozen_params)
+        _, outputs["local_crop_patch_tokens"] = _encode_images(encode_image, model_config, crop_params, batch["local_crops"], dense)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Terms: thin wrappers from (outputs, batch) to the array-level losses.
+
+
+def _optional_mask(batch: Batch, *keys: str) -> Array | None:
+    masks = [jnp.asarray(batch[key], bool) for key in keys if key in batch]
+    if not masks:
+        return None
+    combined = masks[0]
+    for mask in masks[1:]:
+        combined = combined & mask
+    return combined
+
+
+def _logit_bias(params: Mapping[str, Any]) -> Array:
+    if "logit_bias" not in params:
+        raise ValueError(
+            "loss.scene_kind = 'siglip' needs params['logit_bias'] (build the model with init_logit_bias, e.g. -10)"
+        )
+    return params["logit_bias"]
+
+
+def _image_text_loss(image_emb, text_emb, mask, params, axis_context, config) -> tuple[Array, Metrics]:
+    common = dict(mask=mask, chunk_size=config["chunk_size"], axis_context=axis_context)
+    if config["scene_kind"] == "siglip":
+        return siglip_loss(image_emb, text_emb, params["logit_scale"], _logit_bias(params), **common)
+    return clip_loss(image_emb, text_emb, params["logit_scale"], **common)
+
+
+def scene_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """Image vs short caption; with Long-CLIP PCM on, the image side is its primary-component rebuild."""
+    mask = _optional_mask(batch, "text_mask")
+    image_emb = outputs["image_emb"]
+    components = config["long_text_pca_components"]
+    if components > 0:
+        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components, mask=mask)
+    return _image_text_loss(image_emb, outputs["text_emb"], mask, params, axis_context, config)
+
+
+def long_text_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """Image vs long description (DGTRS-CLIP / Long-CLIP)."""
+    mask = _optional_mask(batch, "long_text_mask")
+    return _image_text_loss(outputs["image_emb"], outputs["long_text_emb"], mask, params, axis_context, config)
+
+
+def hard_negative_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """Image vs caption with its own hard negatives joining the row's negatives."""
+    return hard_negative_loss(
+        outputs["image_emb"], outputs["text_emb"], outputs["hard_negative_emb"], batch["hard_negative_mask"],
+        params["logit_scale"], mask=_optional_mask(batch, "text_mask"), chunk_size=config["chunk_size"],
+        axis_context=axis_context,
+    )
+
+
+def region_text_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """RoI-pooled patch tokens vs region captions / category prompts over the global batch."""
+    regions = region_features(outputs["patch_tokens"], batch["region_boxes"], config["roi_output_size"], config["roi_sampling_ratio"])
+    return region_text_loss(
+        regions, outputs["region_text_emb"], batch["region_mask"], params["logit_scale"],
+        region_category=batch.get("region_category"), positives=config["region_text_positives"],
+        chunk_size=config["chunk_size"], axis_context=axis_context,
+    )
+
+
+def region_cls_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """FarSLIP stage 2: CLS embeddings of region crops vs category prompts, multi-positive."""
+    return multi_positive_loss(
+        outputs["region_crop_emb"], outputs["region_text_emb"], batch["region_category"], batch["region_mask"],
+        params["logit_scale"], chunk_size=config["chunk_size"], axis_context=axis_context,
+    )
+
+
+def patch_distill_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """FarSLIP stage 1 patch-to-patch distillation (crop branch chosen in compute_outputs)."""
+    del params, axis_context
+    output_size = config["distill_output_size"] or None
+    return patch_distillation_loss(
+        outputs["patch_tokens"], outputs["local_crop_patch_tokens"], batch["local_crop_boxes"],
+        batch.get("local_crop_mask"), output_size=output_size, sampling_ratio=config["roi_sampling_ratio"],
+    )
+
+
+def global_region_consistency_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """Region inside the global view (RoI) vs the region's own crop (CLS)."""
+    del params, axis_context
+    return global_region_consistency_loss(
+        outputs["patch_tokens"], batch["region_boxes"], outputs["region_crop_emb"], batch["region_mask"],
+        output_size=config["roi_output_size"], sampling_ratio=config["roi_sampling_ratio"],
+    )
+
+
+def short_long_consistency_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
+    """Short caption vs long description of the same image (text-text InfoNCE)."""
+    return short_long_consistency_loss(
+        outputs["text_emb"], outputs["long_text_emb"], params["logit_scale"],
+        mask=_optional_mask(batch, "text_mask", "long_text_mask"), chunk_size=config["chunk_size"],
+        axis_context=axis_context,
+    )
+
+
+TERMS: dict[str, Callable[..., tuple[Array, Metrics]]] = {
+    "scene": scene_term,
+    "hard_negative": hard_negative_term,
+    "region_text": region_text_term,
+    "region_cls": region_cls_term,
+    "long_text": long_text_term,
+    "patch_distill": patch_distill_term,
+    "global_region_consistency": global_region_consistency_term,
+    "short_long_consistency": short_long_consistency_term,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+
+
+def make_objective(
+    loss_config: Any,
+    *,
+    encode_image: EncodeImage | None = None,
+    encode_text: EncodeText | None = None,
+) -> Callable[..., tuple[Array, Metrics]]:
+    """`objective(params, batch, step, *, model_config, axis_context=None, frozen_params=None) -> (loss, metrics)`.
+
+    The config is validated now (errors name the field). Metrics: "loss" (total), "<term>/<name>" per
+    term (its loss and accuracies), "weight/<term>" (current weight), "logit_scale" (the clipped scale).
+    `encode_image` / `encode_text` default to `geoalign_jax.models.clip`'s.
+    """
+    config = validate_loss_config(loss_config)
+    terms = enabled_terms(config)
+
+    def objective(
+        params: Any,
+        batch: Batch,
+        step: Array | int,
+        *,
+        model_config: Any,
+        axis_context: AxisContext | None = None,
+        frozen_params: Any = None,
+    ) -> tuple[Array, Metrics]:
+        outputs = compute_outputs(
+            model_config, params, batch, config, encode_image=encode_image, encode_text=encode_text,
+            frozen_params=frozen_params,
+        )
+        weights = term_weights(config, step)
+        total = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        for name in terms:
+            value, term_metrics = TERMS[name](outputs, batch, params, axis_context=axis_context, config=config)
+            total = total + weights[name] * value
+            metrics.update({f"{name}/{key}": metric for key, metric in term_metrics.items()})
+            metrics[f"weight/{name}"] = weights[name]
+        metrics["loss"] = total
+        metrics["logit_scale"] = jax.lax.stop_gradient(logit_scale_value(params["logit_scale"]))
+        return total, metrics
+
+    return objective
+
+
+__all__ = [
+    "TERMS",
+    "TERM_NAMES",
+    "check_batch",
+    "compute_outputs",
+    "default_loss_config",
+    "enabled_terms",
+    "make_objective",
+    "required_batch_keys",
+    "schedule_value",
+    "term_weights",
+    "validate_loss_config",
+]

@@ -1,0 +1,294 @@
+"""The grain training pipeline (geoalign_jax.data.pipeline) on demo data made in a temporary folder."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import pathlib
+import re
+import shutil
+import sys
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from geoalign_jax import tokenizer
+from geoalign_jax.data import pipeline, records, sources, transforms
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_TRAIN = 32
+
+
+def _load_demo_module():
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO_ROOT / "tools" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_demo_data", module)  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo_module()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("pipeline-demo")
+    result = demo.make_demo_data(out, num_train=NUM_TRAIN, num_val=4, num_per_class=0, image_size=64, seed=0)
+    return pathlib.Path(result["scenes"])
+
+
+@pytest.fixture(scope="session")
+def corrupt_glob(demo_dir, tmp_path_factory) -> str:
+    """The demo shards plus a shard (sorted first) of three bad records: not msgpack, format version 2, and a
+    valid record whose PNG is cut off (only decoding the image finds that)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    folder = tmp_path_factory.mktemp("with-corrupt")
+    for shard in sources.shard_paths(demo_dir, "train"):
+        shutil.copy(shard, folder)
+    good = sources.RecordSource.from_dir(demo_dir, "train")[0]
+    newer = dict(good, version=2)
+    newer["image"] = good["image"]
+    truncated = dict(good, id="truncated-png")
+    truncated["image"] = good["image"][: len(good["image"]) // 3]
+    writer = ArrayRecordWriter(str(folder / "aaa-train-00000-of-00001.array_record"), "group_size:1")
+    writer.write(b"\x00not a msgpack record at all\xff\xfe")
+    writer.write(msgpack.packb(newer, use_bin_type=True))
+    writer.write(records.encode_record({k: v for k, v in truncated.items() if k not in ("format", "version")}))
+    writer.close()
+    return str(folder / "*.array_record")
+
+
+def _config(train_shards, **overrides):
+    config = pipeline.default_data_config()
+    config.train_shards = str(train_shards)
+    config.batch_size = 4
+    config.image_size = 32
+    config.read_threads = 2
+    config.read_buffer_size = 8
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _assert_batches_equal(expected, actual):
+    assert len(expected) == len(actual)
+    for step, (a, b) in enumerate(zip(expected, actual)):
+        assert sorted(a) == sorted(b), f"batch {step}: keys differ"
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step} key {key}")
+
+
+def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
+    config = _config(demo_dir, image_size=64, num_hard_negatives=4, max_regions=4, region_crop_size=16,
+                     num_local_crops=2, local_crop_size=32, long_context_length=248)
+    iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    batches = pipeline.take(iterator, 3)
+    spec = pipeline.batch_spec(config)
+    assert set(spec) == {
+        "image", "text", "long_text", "hard_negatives", "hard_negative_mask", "region_boxes", "region_mask",
+        "region_text", "region_category", "region_crops", "local_crops", "local_crop_boxes", "decode_errors"}
+    for batch in batches:
+        assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == spec
+        assert batch["decode_errors"] == 0
+        # texts: SOT first; padding rows are all zero exactly where the mask is off
+        assert (batch["text"][:, 0] == tokenizer.SOT_TOKEN_ID).all()
+        assert (batch["long_text"][:, 0] == tokenizer.SOT_TOKEN_ID).all()
+        assert batch["hard_negative_mask"].all()  # every demo image has 4 hard negatives
+        assert (batch["region_text"].any(-1) == batch["region_mask"]).all()
+        assert (batch["region_crops"].any((-1, -2, -3)) == batch["region_mask"]).all()
+        boxes = batch["region_boxes"][batch["region_mask"]]
+        assert len(boxes) > 0 and (boxes >= 0).all() and (boxes <= 1).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert not batch["region_boxes"][~batch["region_mask"]].any()
+        assert (batch["region_category"][~batch["region_mask"]] == -1).all()
+        local = batch["local_crop_boxes"]
+        assert (local >= 0).all() and (local <= 1).all() and (local[..., 2:] > local[..., :2]).all()
+        # CLIP-normalised pixels: within the range that uint8 inputs map to
+        low = (0 - np.array(transforms.OPENAI_MEAN)) / np.array(transforms.OPENAI_STD)
+        high = (1 - np.array(transforms.OPENAI_MEAN)) / np.array(transforms.OPENAI_STD)
+        assert (batch["image"] >= low - 1e-4).all() and (batch["image"] <= high + 1e-4).all()
+    iterator.close()
+
+
+def _unnormalise(image: np.ndarray) -> np.ndarray:
+    return (image * np.array(transforms.OPENAI_STD) + np.array(transforms.OPENAI_MEAN)) * 255.0
+
+
+def _colour_fraction(pixels: np.ndarray, colour: str) -> float:
+    distance = np.linalg.norm(pixels.reshape(-1, 3) - np.array(demo.COLOURS[colour]), axis=-1)
+    return float(np.mean(distance < 60))
+
+
+def test_augmented_region_boxes_frame_the_named_object(demo_dir):
+    """End to end: in the augmented (cropped, flipped) view, the pixels inside each captioned region's box show
+    the colour its caption names, much more than the image as a whole; so does the region crop."""
+    config = _config(demo_dir, image_size=64, max_regions=4, region_crop_size=24, hflip_prob=0.5,
+                     random_resized_crop_scale=(0.5, 1.0))
+    iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    checked = 0
+    for batch in pipeline.take(iterator, 4):
+        for b in range(config.batch_size):
+            image = _unnormalise(batch["image"][b])
+            for r in np.flatnonzero(batch["region_mask"][b]):
+                if batch["region_category"][b, r] != -1:
+                    continue  # category prompts name no colour
+                words = tokenizer.decode(batch["region_text"][b, r])
+                colour = next(c for c in demo.COLOURS if re.search(rf"\b{c}\b", words))
+                x1, y1, x2, y2 = batch["region_boxes"][b, r] * 64
+                inside = image[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))]
+                assert _colour_fraction(inside, colour) >= 0.15, (words, batch["region_boxes"][b, r])
+                assert _colour_fraction(inside, colour) > 2 * _colour_fraction(image, colour)
+                crop = _unnormalise(batch["region_crops"][b, r])
+                assert _colour_fraction(crop, colour) >= 0.15
+                checked += 1
+    iterator.close()
+    assert checked >= 10
+
+
+def test_per_host_batch_size_must_divide():
+    with pytest.raises(ValueError, match="batch_size 6 .* not divisible by process_count 4"):
+        pipeline.per_host_batch_size(6, 4)
+    assert pipeline.per_host_batch_size(6, 3) == 2
+
+
+def test_process_slices_are_disjoint_and_cover_the_data(demo_dir):
+    source = sources.RecordSource.from_dir(demo_dir, "train")
+    all_ids = sorted(source[i]["id"] for i in range(len(source)))
+    assert len(all_ids) == NUM_TRAIN
+    for process_count in (1, 2, 3):
+        config = _config(demo_dir, num_epochs=1, seed=3)
+        slices = []
+        for process_index in range(process_count):
+            dataset = pipeline.make_record_dataset(config, process_index=process_index, process_count=process_count)
+            slices.append([records.decode_record(raw)["id"] for _, raw in dataset])
+        seen = [record_id for ids in slices for record_id in ids]
+        assert sorted(seen) == all_ids, f"{process_count} processes: not each record exactly once"
+        sizes = [len(ids) for ids in slices]
+        assert max(sizes) - min(sizes) <= 1
+        if process_count > 1:  # shuffled, not a contiguous block per host
+            assert slices[0] != sorted(slices[0])
+    # repeating forever (training): two epochs' worth over 2 hosts holds every record exactly twice
+    config = _config(demo_dir, num_epochs=None, seed=3)
+    seen = []
+    for process_index in range(2):
+        dataset = pipeline.make_record_dataset(config, process_index=process_index, process_count=2)
+        seen += [records.decode_record(dataset[i][1])["id"] for i in range(NUM_TRAIN)]
+    assert sorted(seen) == sorted(all_ids * 2)
+
+
+def test_same_seed_same_stream_other_seed_other_stream(demo_dir):
+    first = pipeline.take(pipeline.make_train_iterator(_config(demo_dir, seed=1), process_index=0, process_count=1), 2)
+    again = pipeline.take(pipeline.make_train_iterator(_config(demo_dir, seed=1), process_index=0, process_count=1), 2)
+    other = pipeline.take(pipeline.make_train_iterator(_config(demo_dir, seed=2), process_index=0, process_count=1), 2)
+    _assert_batches_equal(first, again)
+    assert not np.array_equal(first[0]["text"], other[0]["text"])
+
+
+def test_finite_epochs_end(demo_dir):
+    config = _config(demo_dir, num_epochs=2, batch_size=5)
+    batches = list(pipeline.make_train_dataset(config, process_index=0, process_count=1))
+    assert len(batches) == (2 * NUM_TRAIN) // 5
+
+
+def test_resume_from_saved_state_continues_the_stream(demo_dir, tmp_path):
+    """State after 2 batches, restored into fresh iterators (JSON bytes, and orbax + grain's handler), gives
+    exactly batches 3..6 of the uninterrupted run."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = _config(demo_dir, max_regions=2, num_hard_negatives=2, long_context_length=0)
+    uninterrupted = pipeline.take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 6)
+
+    iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    _assert_batches_equal(uninterrupted[:2], pipeline.take(iterator, 2))
+    state = pipeline.iterator_state(iterator)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(2, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    pipeline.take(iterator, 3)  # move on: the saved state must not depend on the live iterator
+
+    resumed = pipeline.make_train_iterator(config, process_index=0, process_count=1, state=state)
+    _assert_batches_equal(uninterrupted[2:], pipeline.take(resumed, 4))
+
+    restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"iter": grain.checkpoint.CheckpointHandler()}) as mgr:
+        mgr.restore(2, args=ocp.args.Composite(iter=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_batches_equal(uninterrupted[2:], pipeline.take(restored, 4))
+
+    with pytest.raises(ValueError, match="not from geoalign_jax.data.pipeline"):
+        pipeline.restore_iterator_state(restored, {"next_index": 3})
+
+
+def test_bad_records_are_skipped_counted_and_named(corrupt_glob, caplog):
+    config = _config(corrupt_glob, shuffle=False, num_epochs=2)
+    with caplog.at_level("WARNING", logger="geoalign_jax.data.pipeline"):
+        batches = list(pipeline.make_train_dataset(config, process_index=0, process_count=1))
+    per_epoch = NUM_TRAIN // config.batch_size
+    assert len(batches) == 2 * per_epoch  # every good record used, no crash
+    assert [int(b["decode_errors"]) for b in batches] == [3] * per_epoch + [6] * per_epoch
+    messages = [r.getMessage() for r in caplog.records]
+    shard = "aaa-train-00000-of-00001.array_record"
+    for pattern in (rf"{shard} record 0: .*broken record", rf"{shard} record 1: .*version 2",
+                    rf"id=truncated-png at .*{shard} record 2"):
+        assert sum(bool(re.search(pattern, m)) for m in messages) == 2, pattern  # once per epoch, same place
+
+
+def test_two_workers_resume_and_count_skips(corrupt_glob):
+    """With 2 worker processes: the skip count is exact (summed over workers in the data), and a restored
+    state continues with exactly the batches of the uninterrupted run."""
+    config = _config(corrupt_glob, shuffle=False, worker_count=2, worker_buffer_size=1, read_threads=1)
+    iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    first = pipeline.take(iterator, 3)
+    state = pipeline.iterator_state(iterator)
+    uninterrupted = first + pipeline.take(iterator, 3)  # taking the state does not disturb the stream
+    iterator.close()
+    # worker 0 reads records 0, 2, 4, ...; worker 1 reads 1, 3, ...: the three bad records come first
+    assert [int(b["decode_errors"]) for b in uninterrupted] == [2, 3, 3, 3, 3, 3]
+
+    resumed = pipeline.make_train_iterator(config, process_index=0, process_count=1, state=state)
+    _assert_batches_equal(uninterrupted[3:], pipeline.take(resumed, 3))
+    resumed.close()
+
+
+def test_demo_image_decodes_like_the_source(demo_dir):
+    """The global view without augmentation is the record's image resized + normalised (no silent shift)."""
+    config = _config(demo_dir, random_resized_crop=False, hflip_prob=0.0, shuffle=False, image_size=64)
+    batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+    record = sources.RecordSource.from_dir(demo_dir, "train")[0]
+    expected = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"), np.float32)
+    np.testing.assert_allclose(_unnormalise(batch["image"][0]), expected, atol=0.05)
+
+
+def test_real_dota_boxes_survive_the_pipeline(shared_data, tmp_path):
+    """Real DOTA images (large PNGs, many oriented boxes as axis-aligned regions): without augmentation every
+    emitted box is one of the record's boxes normalised; with augmentation boxes stay valid and crops exist."""
+    from geoalign_jax.data import converters
+
+    dota = shared_data / "dota_sample"
+    converters.convert_dota(dota / "images", dota / "labelTxt", tmp_path / "dota", progress=False)
+    source = sources.RecordSource.from_dir(tmp_path / "dota", "train")
+    boxes_by_size = {}
+    for index in range(len(source)):
+        record = source[index]
+        scale = np.array([record["width"], record["height"]] * 2, np.float64)
+        boxes_by_size[(record["width"], record["height"])] = np.array([r["box"] for r in record["regions"]]) / scale
+
+    plain = _config(tmp_path / "dota", batch_size=2, image_size=64, max_regions=8, random_resized_crop=False,
+                    hflip_prob=0.0, min_box_size_px=0.0, shuffle=False)
+    batch = next(pipeline.make_train_iterator(plain, process_index=0, process_count=1))
+    for b, record_boxes in enumerate(boxes_by_size.values()):
+        kept = batch["region_boxes"][b][batch["region_mask"][b]]
+        assert len(kept) == min(8, len(record_boxes))
+        for box in kept:
+            assert np.abs(record_boxes - box).max(axis=1).min() < 1e-5
+
+    augmented = _config(tmp_path / "dota", batch_size=2, image_size=64, max_regions=8, region_crop_size=16)
+    for batch in pipeline.take(pipeline.make_train_iterator(augmented, process_index=0, process_count=1), 3):
+        mask = batch["region_mask"]
+        assert mask.any() and batch["decode_errors"] == 0
+        boxes = batch["region_boxes"][mask]
+        assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (batch["region_category"][mask] >= 0).all()  # DOTA regions are categories, not free text
+        assert (batch["region_crops"].any((-1, -2, -3)) == mask).all()
