@@ -303,6 +303,7 @@ class _NotATensor:
     pass
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_pickled_objects_and_torchscript_archives_are_not_loaded(tmp_path):
     pickled = tmp_path / "pickled.pt"
     torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "args": _NotATensor()}, pickled)

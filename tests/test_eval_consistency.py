@@ -26,7 +26,7 @@ def backends(tmp_path_factory):
     export_open_clip(CONFIG, params, folder)
     # Full float32 matmuls: on GPU/TPU JAX's default precision would not match torch's CPU float32 to 1e-4.
     return (embed.JaxEmbedder(CONFIG, params, batch_size=16, matmul_precision="highest"),
-            embed.OpenClipEmbedder.from_dir(str(folder), batch_size=16))
+            embed.OpenClipEmbedder.from_dir(str(folder), batch_size=64))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -189,7 +190,10 @@ def _read_torch(path: pathlib.Path) -> Any:
             f"reading {path} needs PyTorch (pip install torch); .safetensors files are read without it"
         ) from error
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns before refusing a TorchScript archive under weights_only; the refusal is ours to word.
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive.*")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError as error:
         if "TorchScript" in str(error):
             raise ValueError(

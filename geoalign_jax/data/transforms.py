@@ -511,6 +511,8 @@ def make_example(
     image, scale_x, scale_y = decode_image(record["image"], (width, height), needed_scale)
     example["image"] = normalise(crop_resize(image, view.scaled(scale_x, scale_y), (size, size), flip, resample))
     if config.max_regions and config.region_crop_size:
+        # The ORIGINAL image at the record's box (FarSLIP's CLS region alignment): whole, not clipped to the
+        # global crop and not flipped, squashed to a square like FarSLIP's region transform.
         crop_out = (config.region_crop_size, config.region_crop_size)
         region_crops = np.zeros((config.max_regions, *crop_out[::-1], 3), np.float32)
         for index, region in enumerate(chosen_regions):

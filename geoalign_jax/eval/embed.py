@@ -26,7 +26,7 @@ class Embedder(Protocol):
         """[n, S, S, 3] preprocessed -> [n, E]."""
 
     def embed_images_with_patches(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[n, S, S, 3] -> ([n, E], patch tokens [n, gh, gw, E])."""
+        """[n, S, S, 3] -> ([n, E], patch tokens [n, gh, gw, E]); needed only for RoI region features."""
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """n strings -> [n, E]."""
