@@ -259,6 +259,9 @@ def hf_to_params(
 ) -> tuple[CLIPConfig, Params]:
     """A `CLIPModel` state dict -> (config, float32 params); refuses, naming the first offending key with
     both shapes, anything that does not fit the inferred (or named) architecture."""
+    skipped = sorted(key for key in state_dict if key in IGNORED_KEYS)
+    if skipped:
+        log.info("%s: skipped %d non-weight buffer(s): %s", source, len(skipped), ", ".join(skipped))
     state_dict = as_float32({key: value for key, value in state_dict.items() if key not in IGNORED_KEYS})
     activation = resolve_quick_gelu(quick_gelu, hints.quick_gelu, model, source=source)
     if model is not None:
