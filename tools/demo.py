@@ -1,4 +1,5 @@
-"""The CPU demo: a tiny CLIP in JAX, saved with orbax, exported to open_clip and Hugging Face, reloaded there.
+"""The CPU demo: a tiny CLIP in JAX, saved with orbax, exported to open_clip and Hugging Face, reloaded there,
+and evaluated on the synthetic demo data (zero-shot + retrieval) in JAX and in open_clip.
 
 Run it through `bash launch/demo.sh` (sets up .venv first). Every step prints what it did and the
 numbers that show it worked; the run fails (exit 1) when an export does not reproduce the JAX model.
@@ -20,6 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from geoalign_jax import tokenizer  # noqa: E402
 from geoalign_jax.convert import __main__ as convert_cli  # noqa: E402
+from geoalign_jax.eval import embed, evaluate  # noqa: E402
 from geoalign_jax.models import clip  # noqa: E402
 from geoalign_jax.train import checkpoint  # noqa: E402
 
@@ -109,6 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     exact = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)))
     failures += not exact
     print(f"JAX -> open_clip -> JAX bit-exact: {exact}")
+
+    _step("make the synthetic demo data (records through the JSONL and class-folder converters)")
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from make_demo_data import make_demo_data
+
+    data = make_demo_data(args.out / "data", num_train=64, num_val=40, num_per_class=8, image_size=64)
+    for name, folder in data.items():
+        manifest = json.loads((pathlib.Path(folder) / "manifest.json").read_text())
+        print(f"{name}: " + ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items()))
+    tasks = [f"zeroshot:landcover={data['landcover']}", f"retrieval:demo={data['scenes']},split=val,protocol=both"]
+
+    _step("evaluate the (untrained) model in JAX and as the open_clip export: the numbers must agree")
+    jax_metrics = evaluate(config, params, tasks, progress=False)
+    torch_metrics = evaluate(None, None, tasks, embedder=embed.OpenClipEmbedder.from_dir(str(args.out / "open_clip")),
+                             progress=False)
+    shown = [k for k in jax_metrics if k.endswith(("top1", "mean_recall"))]
+    for key in shown:
+        print(f"{key:45s} JAX {jax_metrics[key]:6.2f}   open_clip {torch_metrics[key]:6.2f}")
+    agree = all(abs(jax_metrics[k] - torch_metrics[k]) < 1e-6 for k in jax_metrics)
+    failures += not agree
+    print(f"all {len(jax_metrics)} metrics agree: {agree}")
 
     print(f"\ndemo finished in {time.perf_counter() - start:.1f}s with {failures} failure(s); outputs in {args.out}")
     return 1 if failures else 0
