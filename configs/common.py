@@ -1,0 +1,95 @@
+"""The shared experiment config and the cross-section checks every config goes through.
+
+A config is a plain `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style) with three
+sections, each documented once where its defaults are defined:
+- `model`: `name` (a `models.clip.get_model_config` name, e.g. "ViT-B-16-quickgelu"), `overrides`
+  (`vision_*` / `text_*` / top-level CLIPConfig fields), `init_from` (a parameters checkpoint to start
+  from, e.g. one imported with `python -m geoalign_jax.convert import`; "" = random init);
+- `data`: `geoalign_jax.data.pipeline.default_data_config()`;
+- `loss`: `geoalign_jax.losses.objective.default_loss_config()`.
+`check_config` validates each section and that they fit together (the data produce every batch key the
+enabled loss terms read, image and text sizes fit the model), naming the offending field.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from geoalign_jax.data import pipeline
+from geoalign_jax.losses import objective
+from geoalign_jax.models import clip
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Scene-level CLIP fine-tuning defaults; method configs start from this and change what differs."""
+    del arg
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "ViT-B-16-quickgelu"
+    config.model.overrides = ml_collections.ConfigDict()
+    config.model.init_from = ""
+    config.data = pipeline.default_data_config()
+    config.data.long_context_length = 0  # a 77-position text tower; long-text configs turn it on
+    config.loss = objective.default_loss_config()
+    return config
+
+
+def model_config(config: ml_collections.ConfigDict) -> clip.CLIPConfig:
+    """The model architecture a config names."""
+    return clip.get_model_config(config.model.name, **dict(config.model.overrides))
+
+
+def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Validates a whole experiment config; returns the validated loss config. Raises ValueError."""
+    known_sections = {"model", "data", "loss"}
+    unknown = sorted(set(config.keys()) - known_sections)
+    if unknown:
+        raise ValueError(f"unknown config section {unknown[0]!r} (known: {sorted(known_sections)})")
+    unknown = sorted(set(config.model.keys()) - {"name", "overrides", "init_from"})
+    if unknown:
+        raise ValueError(f"unknown config field model.{unknown[0]}")
+    model = model_config(config)
+    defaults = pipeline.default_data_config()
+    unknown = sorted(set(config.data.keys()) - set(defaults.keys()))
+    if unknown:
+        raise ValueError(f"unknown config field data.{unknown[0]} (known: {sorted(defaults.keys())})")
+    loss = objective.validate_loss_config(config.loss)
+    spec = pipeline.batch_spec(config.data)
+
+    for term, keys in objective.required_batch_keys(loss).items():
+        for key in keys:
+            if key not in spec:
+                raise ValueError(
+                    f"loss.weights.{term} > 0 needs batch[{key!r}], which the data config does not produce "
+                    f"(turn it on in config.data: {_DATA_SWITCH.get(key, 'see data/pipeline.py')})"
+                )
+    if config.data.image_size % model.vision.patch_size:
+        raise ValueError(
+            f"data.image_size {config.data.image_size} is not a multiple of the model's patch size "
+            f"{model.vision.patch_size}"
+        )
+    for field in ("context_length", "long_context_length"):
+        length = int(config.data[field])
+        if length > model.text.context_length:
+            raise ValueError(
+                f"data.{field} {length} exceeds the text tower's context length {model.text.context_length} "
+                f"(set model.overrides.text_context_length, e.g. 248 with a Long-CLIP-stretched checkpoint)"
+            )
+    if loss["scene_kind"] == "siglip" and model.init_logit_bias is None:
+        raise ValueError("loss.scene_kind 'siglip' needs a logit bias: set model.overrides.init_logit_bias (e.g. -10.0)")
+    return loss
+
+
+_DATA_SWITCH = {
+    "long_text": "data.long_context_length > 0",
+    "hard_negatives": "data.num_hard_negatives > 0",
+    "hard_negative_mask": "data.num_hard_negatives > 0",
+    "region_boxes": "data.max_regions > 0",
+    "region_mask": "data.max_regions > 0",
+    "region_text": "data.max_regions > 0",
+    "region_category": "data.max_regions > 0",
+    "region_crops": "data.max_regions > 0 and data.region_crop_size > 0",
+    "local_crops": "data.num_local_crops > 0",
+    "local_crop_boxes": "data.num_local_crops > 0",
+}

@@ -1,0 +1,63 @@
+"""Every shipped experiment config validates, and broken ones are refused naming the field."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from configs import common
+
+CONFIGS = [("clip_baseline", None), ("farslip", "s1"), ("farslip", "s2"), ("dgtrs", None),
+           ("geoalignclip", None), ("demo", None)]
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_shipped_configs_validate(name, arg):
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    loss = common.check_config(config)
+    assert loss["weights"]["scene"] > 0
+    model = common.model_config(config)
+    assert config.data.image_size % model.vision.patch_size == 0
+
+
+def test_method_configs_turn_on_their_terms():
+    farslip_s1 = common.check_config(importlib.import_module("configs.farslip").get_config("s1"))
+    assert farslip_s1["weights"]["patch_distill"] == 0.1 and farslip_s1["dense_features"] == "segearth"
+    farslip_s2 = common.check_config(importlib.import_module("configs.farslip").get_config("s2"))
+    assert farslip_s2["weights"]["region_cls"] == 1.0
+    with pytest.raises(ValueError, match="stage must be 's1' or 's2'"):
+        importlib.import_module("configs.farslip").get_config("s3")
+
+
+def test_bad_configs_are_refused_with_the_field_named():
+    config = common.get_config()
+    config.loss.weights.region_text = 1.0  # needs regions the data config does not produce
+    with pytest.raises(ValueError, match=r"loss.weights.region_text > 0 needs batch\['region_boxes'\].*data.max_regions > 0"):
+        common.check_config(config)
+
+    config = common.get_config()
+    config.data.image_size = 200  # not a multiple of 16
+    with pytest.raises(ValueError, match="data.image_size 200 is not a multiple of the model's patch size 16"):
+        common.check_config(config)
+
+    config = common.get_config()  # long text of 248 tokens with a 77-position text tower
+    config.data.long_context_length = 248
+    config.loss.weights.long_text = 1.0
+    with pytest.raises(ValueError, match="data.long_context_length 248 exceeds the text tower's context length 77"):
+        common.check_config(config)
+
+    config = common.get_config()
+    with config.unlocked():
+        config.data.imgae_size = 224
+    with pytest.raises(ValueError, match="unknown config field data.imgae_size"):
+        common.check_config(config)
+
+    config = common.get_config()
+    config.model.overrides.vision_widht = 10
+    with pytest.raises(ValueError, match="widht"):
+        common.check_config(config)
+
+    config = common.get_config()
+    config.loss.scene_kind = "siglip"
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        common.check_config(config)
