@@ -14,6 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.train_shards = "demo_out/data/scenes"
     config.data.batch_size = 32
     config.data.image_size = 64
+    config.data.long_context_length = 248
     config.data.num_hard_negatives = 3
     config.data.max_regions = 4
     config.data.region_crop_size = 32

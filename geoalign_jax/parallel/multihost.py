@@ -218,7 +218,7 @@ def initialize_distributed(
         _check_matches_running(config)
         return
     cluster = None if config.is_complete else detected_cluster()
-    nothing_given = config == DistributedConfig()
+    nothing_given = (config.coordinator_address, config.num_processes, config.process_id) == (None, None, None)
     if nothing_given and cluster is None:
         if mode == "require":
             raise RuntimeError(
@@ -226,6 +226,8 @@ def initialize_distributed(
                 f"{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} (or pass them), or run where jax recognises the "
                 "cluster (Cloud TPU, Slurm, Open MPI, GKE)"
             )
+        if config.local_device_ids is not None:
+            logger.warning("local_device_ids %s ignored: they apply only to a distributed run", config.local_device_ids)
         logger.info("single-process run: no distributed configuration and no cluster detected")
         return
     if not config.is_complete and cluster is None:
@@ -376,6 +378,16 @@ def gather_host_values(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=False)
 
 
+def _coordination_client() -> Any:
+    """jax's coordination-service client (private ``jax._src.distributed``, also used by jax's own
+    serialization and orbax for barriers with deadlines), or None when unavailable."""
+    try:
+        from jax._src import distributed as jax_distributed
+    except ImportError:  # pragma: no cover - depends on the jax version
+        return None
+    return getattr(getattr(jax_distributed, "global_state", None), "client", None)
+
+
 def sync_barrier(name: str, timeout_s: float = 300.0) -> None:
     """Wait until every process reaches the barrier ``name``; raise after ``timeout_s`` instead of hanging.
 
@@ -386,7 +398,7 @@ def sync_barrier(name: str, timeout_s: float = 300.0) -> None:
     if jax.process_count() == 1:
         return
     barrier_id = f"geoalign:{name}:{next(_barrier_counter)}"
-    client = getattr(getattr(jax._src.distributed, "global_state", None), "client", None)  # noqa: SLF001
+    client = _coordination_client()
     if client is None or not hasattr(client, "wait_at_barrier"):
         logger.warning("no coordination-service client; barrier %r falls back to sync_global_devices (no timeout)", name)
         multihost_utils.sync_global_devices(barrier_id)
