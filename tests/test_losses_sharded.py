@@ -118,5 +118,19 @@ def test_sharded_losses_equal_single_device():
         assert results["temp_bytes/chunk64"] < results["local_logits_bytes"] / 4, results
 
 
+def test_mesh_axis_sizes_are_resolved_and_bad_ones_named():
+    import pytest
+
+    from geoalign_jax.parallel.mesh import resolve_axis_sizes
+
+    assert resolve_axis_sizes({"data": -1, "fsdp": 2, "tensor": 1}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="'fsdp'"):
+        resolve_axis_sizes({"data": -1, "fsdp": 0}, 8)
+    with pytest.raises(ValueError, match="at most one"):
+        resolve_axis_sizes({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="cannot use 8 devices"):
+        resolve_axis_sizes({"data": -1, "fsdp": 3}, 8)
+
+
 if __name__ == "__main__":
     print(json.dumps(_worker()))

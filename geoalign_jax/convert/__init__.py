@@ -5,6 +5,18 @@
 - `hf`: Hugging Face `transformers.CLIPModel` folders (import and export, with tokenizer/processor files).
 - `common`: reading state dicts safely, shape checks that name the first offending key, helpers.
 CLI: `python -m geoalign_jax.convert export|import ...` (see `__main__.py`).
+
+CKPT, the parameters checkpoint both directions use (written by `train.checkpoint.save_params`, read by
+`load_params`; the trainer's checkpoints hold the same tree):
+```
+CKPT/model_config.json   {"format": "geoalign-params", "version": 1, "model": CLIPConfig.to_dict()}
+CKPT/params/             orbax StandardCheckpointer tree of the nested dict documented in models/clip.py
+                         (visual/..., text/..., logit_scale[, logit_bias]), float32
+```
+Activation policy on import (QuickGELU cannot be read off weights): an explicit `quick_gelu` /
+`--quick-gelu|--no-quick-gelu` wins; else the source's config (open_clip_config.json `quick_gelu`, HF
+`hidden_act`); else a `-quickgelu` model name; else the import is refused with a message naming the flag.
+Exports are float32; export needs no torch (safetensors.numpy); HF export needs `transformers`.
 """
 from __future__ import annotations
 

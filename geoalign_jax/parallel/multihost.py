@@ -158,8 +158,15 @@ def detected_cluster() -> str | None:
 
 
 def in_child_process() -> bool:
-    """True in a process started by ``multiprocessing`` (grain's ``mp_prefetch`` workers are spawned)."""
-    return multiprocessing.parent_process() is not None
+    """True in a process started by ``multiprocessing`` (grain's ``mp_prefetch`` workers are spawned).
+
+    Two phases: while a spawned child re-imports the parent's main module (where an import-time init would run)
+    ``parent_process()`` is still None, but ``current_process()._inheriting`` is set (the flag spawn itself
+    checks); once the child runs its target, ``parent_process()`` is set.
+    """
+    return multiprocessing.parent_process() is not None or bool(
+        getattr(multiprocessing.current_process(), "_inheriting", False)
+    )
 
 
 def _check_matches_running(config: DistributedConfig) -> None:
