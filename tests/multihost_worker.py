@@ -20,7 +20,10 @@ import json
 import os
 import pathlib
 import sys
+import time
 import traceback
+
+START = time.perf_counter()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         args.coordinator, args.num_processes, args.process_id, initialization_timeout_s=args.timeout
     )
     multihost.initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # idempotent
+    timings = {"initialized": time.perf_counter() - START}
 
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     model = model_config()
     params = multihost.host_tree_to_replicated(jax.device_get(clip.init_params(model, jax.random.key(MODEL_SEED))), mesh)
     step = jax.jit(scene_loss_fn(model))
+    timings["model_ready"] = time.perf_counter() - START
 
     local_images, local_texts, losses, gathered_texts, gathered_embeddings = [], [], [], [], []
     iterator = pipeline.make_train_iterator(config)
@@ -164,11 +169,13 @@ def run(args: argparse.Namespace) -> dict:
             losses.append(float(loss))  # the replicated scalar, read from this process's own devices
             gathered_texts.append(gathered["text"])
             gathered_embeddings.append(gathered["image_embedding"])
+            timings.setdefault("first_step", time.perf_counter() - START)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
     multihost.sync_barrier("epoch-done", timeout_s=args.timeout)
+    timings["epoch_done"] = time.perf_counter() - START
 
     np.savez(
         out / f"process_{args.process_id}_batches.npz",
@@ -184,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         "ids": ids,
         "losses": losses,
         "bad_input_messages": _bad_input_messages(sharding),
+        "timings_s": timings,
     }
 
 

@@ -29,7 +29,8 @@ from geoalign_jax.models.clip import (  # noqa: E402
     encode_text,
     get_model_config,
 )
-from geoalign_jax.train.checkpoint import abstract_params, load_params, save_params  # noqa: E402
+from param_fixtures import random_params  # noqa: E402
+from geoalign_jax.train.checkpoint import load_params, save_params  # noqa: E402
 
 ATOL = 1e-4
 CAPTIONS = [
@@ -58,18 +59,6 @@ def embed_texts(config: CLIPConfig, params, tokens):
     return encode_text(config, params, tokens)[0]
 
 
-def random_params(config: CLIPConfig, seed: int):
-    """Random weights everywhere (biases and LayerNorms too, so a misplaced bias cannot hide)."""
-    flat = common.flatten_params(abstract_params(config))
-    sizes = [int(np.prod(leaf.shape)) for leaf in flat.values()]
-    noise = np.asarray(jax.random.normal(jax.random.key(seed), (sum(sizes),), np.float32)) * np.float32(0.02)
-    offsets = np.cumsum([0] + sizes)
-    params = common.unflatten_params({
-        path: noise[start:stop].reshape(leaf.shape) + np.float32(1.0 if path.endswith("/scale") else 0.0)
-        for (path, leaf), start, stop in zip(flat.items(), offsets[:-1], offsets[1:])
-    })
-    params["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
-    return params
 
 
 def random_hf_model(hf_config: dict, seed: int):

@@ -196,8 +196,9 @@ def _run_workers(data: pathlib.Path, out: pathlib.Path, *, worker_count: int, ex
         pytest.fail(f"the worker processes did not finish within {WORKER_TIMEOUT_S} s\n{report}")
     if any(p.returncode != 0 for p in processes):
         pytest.fail(f"a worker process failed\n{report}")
-    print(report)
-    return [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+    results = [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+    print(report, *(f"process {i} timings (s): {r['timings_s']}" for i, r in enumerate(results)), sep="\n")
+    return results
 
 
 def _single_process_losses(host_batches: list[dict[str, np.ndarray]]) -> tuple[list[float], list[np.ndarray]]:

@@ -23,6 +23,7 @@ from geoalign_jax.models.clip import (  # noqa: E402
     param_logical_axes,
 )
 from geoalign_jax.models.posemb import resize_image_posemb, stretch_text_posemb  # noqa: E402
+from param_fixtures import random_params  # noqa: E402
 from geoalign_jax.train.checkpoint import abstract_params  # noqa: E402
 
 ATOL = 1e-4
@@ -43,18 +44,6 @@ def text_tower(config: CLIPConfig, params, tokens):
     return encode_text(config, params, tokens)
 
 
-def random_params(config: CLIPConfig, seed: int):
-    """Random weights everywhere (biases and LayerNorms too), drawn once and cut into the leaves."""
-    flat = common.flatten_params(abstract_params(config))
-    sizes = [int(np.prod(leaf.shape)) for leaf in flat.values()]
-    noise = np.asarray(jax.random.normal(jax.random.key(seed), (sum(sizes),), np.float32)) * np.float32(0.02)
-    offsets = np.cumsum([0] + sizes)
-    params = common.unflatten_params({
-        path: noise[start:stop].reshape(leaf.shape) + np.float32(1.0 if path.endswith("/scale") else 0.0)
-        for (path, leaf), start, stop in zip(flat.items(), offsets[:-1], offsets[1:])
-    })
-    params["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
-    return params
 
 
 def open_clip_model(config: CLIPConfig, params, image_size: int | None = None):
