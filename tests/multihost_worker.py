@@ -84,6 +84,36 @@ def model_config():
     return clip.get_model_config(MODEL_NAME)
 
 
+def host_params(config) -> dict:
+    """Deterministic random parameters made on the host with numpy (same on every process and in the test).
+
+    Why not ``clip.init_params``: its jitted initialiser takes ~7 s to compile on a CPU, three times per test
+    run; the loss only needs the same parameters everywhere. Shapes come from the real initialiser (abstractly);
+    layer-norm scales are 1, biases 0, ``logit_scale`` ln(1/0.07), other weights N(0, 0.02).
+    """
+    import functools  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from geoalign_jax.models import clip  # noqa: PLC0415
+
+    shapes = jax.eval_shape(functools.partial(clip.init_params, config), jax.random.key(MODEL_SEED))
+    rng = np.random.default_rng(MODEL_SEED)
+
+    def make(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "logit_scale":
+            return np.full(leaf.shape, np.log(1 / 0.07), np.float32)
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
 def scene_loss_fn(config):
     """(params, image, text) -> (loss, image embeddings): the tiny CLIP forward + symmetric InfoNCE."""
     from geoalign_jax.losses import contrastive  # noqa: PLC0415
@@ -140,7 +170,6 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np  # noqa: PLC0415
 
     from geoalign_jax.data import pipeline  # noqa: PLC0415
-    from geoalign_jax.models import clip  # noqa: PLC0415
     from geoalign_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
 
     out = pathlib.Path(args.out)
@@ -150,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     mesh = mesh_lib.make_mesh({"data": -1})  # every device of every process
     sharding = mesh_lib.batch_sharding(mesh)
     model = model_config()
-    params = multihost.host_tree_to_replicated(jax.device_get(clip.init_params(model, jax.random.key(MODEL_SEED))), mesh)
+    params = multihost.host_tree_to_replicated(host_params(model), mesh)
     step = jax.jit(scene_loss_fn(model))
     timings["model_ready"] = time.perf_counter() - START
 

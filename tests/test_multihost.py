@@ -206,10 +206,8 @@ def _single_process_losses(host_batches: list[dict[str, np.ndarray]]) -> tuple[l
     process order (whatever devices this process has; no mesh)."""
     import jax
 
-    from geoalign_jax.models import clip
-
     model = worker.model_config()
-    params = clip.init_params(model, jax.random.key(worker.MODEL_SEED))
+    params = worker.host_params(model)
     step = jax.jit(worker.scene_loss_fn(model))
     losses, embeddings = [], []
     for step_index in range(host_batches[0]["image"].shape[0]):
