@@ -16,17 +16,27 @@ guard at work: a worker never joins the distributed job.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
 import sys
 import time
-import traceback
 
 START = time.perf_counter()
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+# Importing jax before jax.distributed.initialize is fine; only touching a backend is not.
+import jax
+import ml_collections
+import numpy as np
+
+from geoalign_jax.data import pipeline, records
+from geoalign_jax.losses import contrastive
+from geoalign_jax.models import clip
+from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.parallel import multihost
 
 #: Folder where a grain worker (a multiprocessing child re-importing this file) reports the init guard.
 CHILD_REPORT_ENV = "GEOALIGN_MULTIHOST_TEST_CHILD_REPORT_DIR"
@@ -39,17 +49,14 @@ IMAGE_SIZE = 32  # the tiny model's input size
 
 def _report_child_guard(report_dir: pathlib.Path) -> None:
     """In a grain worker: try the call that an import-time init would make and record what happened."""
-    from geoalign_jax.parallel import multihost  # noqa: PLC0415 - only in the child
-
-    import jax  # noqa: PLC0415
-
     result: dict = {"pid": os.getpid(), "parent_pid": os.getppid()}
     try:
-        multihost.initialize_distributed()  # configuration comes from the inherited JAX_* variables
+        # configuration comes from the inherited JAX_* variables; a short timeout in case the guard fails
+        multihost.initialize_distributed(initialization_timeout_s=5)
         result["refused"] = False
-    except RuntimeError as error:
-        result["refused"] = True
-        result["message"] = str(error)
+    except Exception as error:  # noqa: BLE001 - the test checks which error it was
+        result["refused"] = isinstance(error, RuntimeError) and "grain" in str(error)
+        result["message"] = f"{type(error).__name__}: {error}"
     result["distributed_initialized"] = jax.distributed.is_initialized()
     (report_dir / f"grain_child_{os.getpid()}.json").write_text(json.dumps(result))
 
@@ -59,10 +66,8 @@ if __name__ == "__mp_main__" and os.environ.get(CHILD_REPORT_ENV):
     _report_child_guard(pathlib.Path(os.environ[CHILD_REPORT_ENV]))
 
 
-def data_config(data_dir: str, worker_count: int):
+def data_config(data_dir: str, worker_count: int) -> ml_collections.ConfigDict:
     """The pipeline config both the workers and the test's single-process reference use."""
-    from geoalign_jax.data import pipeline  # noqa: PLC0415
-
     config = pipeline.default_data_config()
     config.train_shards = data_dir
     config.train_split = "train"
@@ -78,26 +83,17 @@ def data_config(data_dir: str, worker_count: int):
     return config
 
 
-def model_config():
-    from geoalign_jax.models import clip  # noqa: PLC0415
-
+def model_config() -> clip.CLIPConfig:
     return clip.get_model_config(MODEL_NAME)
 
 
-def host_params(config) -> dict:
+def host_params(config: clip.CLIPConfig) -> dict:
     """Deterministic random parameters made on the host with numpy (same on every process and in the test).
 
     Why not ``clip.init_params``: its jitted initialiser takes ~7 s to compile on a CPU, three times per test
     run; the loss only needs the same parameters everywhere. Shapes come from the real initialiser (abstractly);
     layer-norm scales are 1, biases 0, ``logit_scale`` ln(1/0.07), other weights N(0, 0.02).
     """
-    import functools  # noqa: PLC0415
-
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from geoalign_jax.models import clip  # noqa: PLC0415
-
     shapes = jax.eval_shape(functools.partial(clip.init_params, config), jax.random.key(MODEL_SEED))
     rng = np.random.default_rng(MODEL_SEED)
 
@@ -114,11 +110,8 @@ def host_params(config) -> dict:
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def scene_loss_fn(config):
+def scene_loss_fn(config: clip.CLIPConfig):
     """(params, image, text) -> (loss, image embeddings): the tiny CLIP forward + symmetric InfoNCE."""
-    from geoalign_jax.losses import contrastive  # noqa: PLC0415
-    from geoalign_jax.models import clip  # noqa: PLC0415
-
     def scene_loss(params, image, text):
         image_embedding, _ = clip.encode_image(config, params, image)
         text_embedding, _ = clip.encode_text(config, params, text)
@@ -128,21 +121,15 @@ def scene_loss_fn(config):
     return scene_loss
 
 
-def _record_ids(config) -> list[str]:
+def _record_ids(config: ml_collections.ConfigDict) -> list[str]:
     """The ids of this process's records, in stream order: the same per-process slice (at its defaults) that
     ``make_train_dataset`` decodes. The test ties them to the batches through the captions."""
-    from geoalign_jax.data import pipeline, records  # noqa: PLC0415
-
     return [records.decode_record(raw)["id"] for _, raw in pipeline.make_record_dataset(config)]
 
 
-def _bad_input_messages(sharding) -> dict[str, str]:
+def _bad_input_messages(sharding: jax.sharding.NamedSharding) -> dict[str, str]:
     """host_batch_to_global must refuse a local batch that does not divide over the local devices, and a
     host-side scalar; both messages go back to the test."""
-    import numpy as np  # noqa: PLC0415
-
-    from geoalign_jax.parallel import multihost  # noqa: PLC0415
-
     messages = {}
     for name, batch in (
         ("indivisible", {"image": np.zeros((3, 4), np.float32)}),
@@ -157,8 +144,6 @@ def _bad_input_messages(sharding) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from geoalign_jax.parallel import multihost  # noqa: PLC0415
-
     # First thing, before any jax backend use: join the two-process job.
     multihost.initialize_distributed(
         args.coordinator, args.num_processes, args.process_id, initialization_timeout_s=args.timeout
@@ -166,11 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     multihost.initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # idempotent
     timings = {"initialized": time.perf_counter() - START}
 
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
-    from geoalign_jax.data import pipeline  # noqa: PLC0415
-    from geoalign_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
 
     out = pathlib.Path(args.out)
     config = data_config(args.data, args.worker_count)
@@ -234,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-count", type=int, default=0, help="grain worker processes (mp_prefetch)")
     parser.add_argument("--timeout", type=int, default=60, help="seconds for init and barriers")
     args = parser.parse_args(argv)
-    try:
-        result = run(args)
-    except Exception:
-        traceback.print_exc()
-        return 1
+    result = run(args)  # an exception prints its traceback and exits with status 1
     path = pathlib.Path(args.out) / f"process_{args.process_id}.json"
     path.write_text(json.dumps(result))
     return 0

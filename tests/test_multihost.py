@@ -8,6 +8,7 @@ batches concatenated in process order, and that both processes agree.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -114,6 +115,47 @@ def test_refuses_to_run_in_a_multiprocessing_child(clean_env):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# host_batch_to_global in this (single) process, on whatever devices it has
+
+
+def test_single_process_batch_becomes_a_global_array_with_the_same_rows():
+    import jax
+
+    from geoalign_jax.parallel import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh({"data": -1})
+    sharding = mesh_lib.batch_sharding(mesh)
+    rows = 2 * jax.device_count()
+    batch = {"image": np.arange(rows * 6, dtype=np.float32).reshape(rows, 2, 3),
+             "mask": np.arange(rows) % 2 == 0}
+    global_batch = multihost.host_batch_to_global(batch, sharding)
+    for key, value in batch.items():
+        assert global_batch[key].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(global_batch[key]), value)
+
+
+def test_batch_sharding_that_splits_another_axis_is_refused():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from geoalign_jax.parallel import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh({"data": -1})
+    with pytest.raises(ValueError, match="non-leading axis"):
+        multihost.host_batch_to_global({"image": np.zeros((4, 4), np.float32)},
+                                       NamedSharding(mesh, PartitionSpec(None, "data")))
+
+
+def test_strings_and_scalars_are_refused_naming_the_key():
+    from geoalign_jax.parallel import mesh as mesh_lib
+
+    sharding = mesh_lib.batch_sharding(mesh_lib.make_mesh({"data": -1}))
+    with pytest.raises(ValueError, match=r"batch\['id'\] has dtype <U1"):
+        multihost.host_batch_to_global({"id": np.array(["a"])}, sharding)
+    with pytest.raises(ValueError, match=r"batch\['decode_errors'\] is a host-side scalar"):
+        multihost.host_batch_to_global({"decode_errors": np.int64(3)}, sharding)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Two real processes
 
 
@@ -159,42 +201,39 @@ def _run_workers(data: pathlib.Path, out: pathlib.Path, *, worker_count: int, ex
     Any failure prints both processes' output so that the reason is in the test report.
     """
     coordinator = f"127.0.0.1:{_free_port()}"
-    processes, logs = [], []
-    for process_id in range(NUM_PROCESSES):
-        log = open(out / f"process_{process_id}.log", "w+")
-        logs.append(log)
-        command = [
-            sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes", str(NUM_PROCESSES),
-            "--coordinator", coordinator, "--data", str(data), "--out", str(out),
-            "--worker-count", str(worker_count), "--timeout", "60",
-        ]
-        processes.append(subprocess.Popen(command, env=_worker_env(extra_env), stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=REPO_ROOT))
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    log_paths = [out / f"process_{process_id}.log" for process_id in range(NUM_PROCESSES)]
+    processes = []
     timed_out = False
-    try:
-        for process in processes:
-            try:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
+    with contextlib.ExitStack() as stack:
+        for process_id, log_path in enumerate(log_paths):
+            log = stack.enter_context(open(log_path, "w"))
+            command = [
+                sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes", str(NUM_PROCESSES),
+                "--coordinator", coordinator, "--data", str(data), "--out", str(out),
+                "--worker-count", str(worker_count), "--timeout", "60",
+            ]
+            processes.append(subprocess.Popen(command, env=_worker_env(extra_env), stdout=log,
+                                              stderr=subprocess.STDOUT, cwd=REPO_ROOT))
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        try:
+            for process in processes:
+                try:
+                    process.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    break
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=30)
     report = "\n".join(
-        f"--- process {i} (exit code {p.returncode}) ---\n{text[-6000:]}" for i, (p, text) in enumerate(zip(processes, outputs))
+        f"--- process {i} (exit code {process.returncode}) ---\n{log_path.read_text()[-6000:]}"
+        for i, (process, log_path) in enumerate(zip(processes, log_paths))
     )
     if timed_out:
         pytest.fail(f"the worker processes did not finish within {WORKER_TIMEOUT_S} s\n{report}")
-    if any(p.returncode != 0 for p in processes):
+    if any(process.returncode != 0 for process in processes):
         pytest.fail(f"a worker process failed\n{report}")
     results = [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
     print(report, *(f"process {i} timings (s): {r['timings_s']}" for i, r in enumerate(results)), sep="\n")

@@ -9,14 +9,12 @@ Starting the distributed runtime (``initialize_distributed``), in order of prece
 1. explicit arguments (``coordinator_address``, ``num_processes``, ``process_id``, ``local_device_ids``);
 2. environment variables, for GPU hosts and any launcher that can export them:
 
-   ====================== =====================================================================
-   ``JAX_COORDINATOR_ADDRESS`` ``host:port`` of process 0's coordinator service (jax reads it too)
-   ``JAX_NUM_PROCESSES``        number of processes in the job (int >= 1)
-   ``JAX_PROCESS_ID``           this process's id, 0 .. JAX_NUM_PROCESSES - 1
-   ``JAX_LOCAL_DEVICE_IDS``     optional, comma-separated local device ids this process may use
-                                (e.g. one GPU per process); jax reads it too
-   ``GEOALIGN_DISTRIBUTED``     ``auto`` (default), ``require`` or ``off`` (see below)
-   ====================== =====================================================================
+   * ``JAX_COORDINATOR_ADDRESS``: ``host:port`` of process 0's coordinator service (jax reads it too);
+   * ``JAX_NUM_PROCESSES``: number of processes in the job (int >= 1);
+   * ``JAX_PROCESS_ID``: this process's id, 0 .. JAX_NUM_PROCESSES - 1;
+   * ``JAX_LOCAL_DEVICE_IDS``: optional, comma-separated local device ids this process may use (e.g. one GPU per
+     process; jax reads it too);
+   * ``GEOALIGN_DISTRIBUTED``: ``auto`` (default), ``require`` or ``off`` (see below);
 
 3. cluster auto-detection by ``jax.distributed.initialize()`` with no arguments (Cloud TPU VMs / pods, GKE,
    Slurm, Open MPI), used when jax recognises the environment.
