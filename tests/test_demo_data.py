@@ -142,3 +142,12 @@ def test_parse_caption_refuses_other_text():
         demo.parse_caption("a photo of a cat.")
     scene = demo.sample_scene(np.random.default_rng(5))
     assert demo.parse_caption(demo.caption(scene)) == scene
+
+
+def test_smallest_image_size_renders_every_category(tmp_path):
+    """32 px (the documented minimum, the tiny model's input) draws even the smallest objects."""
+    written = demo.make_demo_data(tmp_path, num_train=120, num_val=0, num_per_class=0, image_size=32, seed=3)
+    records = _records(pathlib.Path(written["scenes"]), "train")
+    assert len(records) == 120
+    categories = {region["category"] for record in records for region in record["regions"]}
+    assert categories == set(demo.CATEGORIES)

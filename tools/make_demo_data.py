@@ -308,7 +308,8 @@ def _draw_object(draw: ImageDraw.ImageDraw, category: str, box: tuple[int, int, 
         draw.polygon([(x1 + w / 2, y1), (last_x, y1 + h / 2), (x1 + w / 2, last_y), (x1, y1 + h / 2)], fill=colour)
     elif category == "swimming pool":  # a rim with the background inside
         draw.rectangle([x1, y1, last_x, last_y], fill=colour)
-        draw.rectangle([x1 + 2, y1 + 2, last_x - 2, last_y - 2], fill=background)
+        if w > 4 and h > 4:  # small pools (32 px scenes) are solid
+            draw.rectangle([x1 + 2, y1 + 2, last_x - 2, last_y - 2], fill=background)
     elif category == "tennis court":  # court with a net line across
         draw.rectangle([x1, y1, last_x, last_y], fill=colour)
         draw.line([x1 + w // 2, y1, x1 + w // 2, last_y], fill=background, width=1)
