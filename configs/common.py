@@ -64,11 +64,12 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     f"loss.weights.{term} > 0 needs batch[{key!r}], which the data config does not produce "
                     f"(turn it on in config.data: {_DATA_SWITCH.get(key, 'see data/pipeline.py')})"
                 )
-    if config.data.image_size % model.vision.patch_size:
-        raise ValueError(
-            f"data.image_size {config.data.image_size} is not a multiple of the model's patch size "
-            f"{model.vision.patch_size}"
-        )
+    for field in ("image_size", "region_crop_size", "local_crop_size"):  # 0 = off (or image_size)
+        size = int(config.data[field])
+        if size % model.vision.patch_size:
+            raise ValueError(
+                f"data.{field} {size} is not a multiple of the model's patch size {model.vision.patch_size}"
+            )
     for field in ("context_length", "long_context_length"):
         length = int(config.data[field])
         if length > model.text.context_length:

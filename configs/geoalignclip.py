@@ -17,7 +17,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_hard_negatives = 3
     config.data.max_regions = 8
     config.data.region_crop_size = 112
-    config.loss.weights.hard_negative = 1.0
+    # hard_negative is an image->text term over the same batch plus each image's negatives; at 0.5 the
+    # image->text direction does not outweigh text->image twice over.
+    config.loss.weights.hard_negative = 0.5
     config.loss.weights.region_text = 1.0
     config.loss.weights.global_region_consistency = 0.5
     config.loss.weights.short_long_consistency = 0.5

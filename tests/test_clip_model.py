@@ -167,6 +167,12 @@ def test_params_checkpoint_round_trip_and_wrong_architecture(tmp_path, tiny_para
     assert config == TINY
     for a, b in zip(jax.tree.leaves(tiny_params), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(a, b)
+    # Numerics are not architecture: a bf16/remat run loads the same checkpoint.
+    numerics = clip.get_model_config("tiny", dtype="bfloat16", remat=True)
+    config, _ = checkpoint.load_params(path, expected_config=numerics)
+    assert config == numerics
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        checkpoint.save_params(path, TINY, tiny_params)
     other = clip.get_model_config("tiny", vision_width=32)
     with pytest.raises(ValueError, match=r"'visual/class_embedding' has shape \(64,\), the model config expects \(32,\)"):
         checkpoint.load_params(path, expected_config=other)

@@ -40,6 +40,12 @@ def test_bad_configs_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="data.image_size 200 is not a multiple of the model's patch size 16"):
         common.check_config(config)
 
+    config = common.get_config()
+    config.data.max_regions = 4
+    config.data.region_crop_size = 100  # region crops go through the image tower too
+    with pytest.raises(ValueError, match="data.region_crop_size 100 is not a multiple of the model's patch size 16"):
+        common.check_config(config)
+
     config = common.get_config()  # long text of 248 tokens with a 77-position text tower
     config.data.long_context_length = 248
     config.loss.weights.long_text = 1.0

@@ -113,9 +113,10 @@ def test_sharded_losses_equal_single_device():
     assert len(cases) == 15, sorted(cases)
     failures = {key: value for key, value in cases.items() if value > 1.0}
     assert not failures, failures
-    if results["temp_bytes/chunk0"] >= 0:
-        assert results["temp_bytes/chunk0"] >= results["local_logits_bytes"]
-        assert results["temp_bytes/chunk64"] < results["local_logits_bytes"] / 4, results
+    # memory_analysis() is available on the CPU backend of the pinned jax; its absence would be a regression.
+    assert results["temp_bytes/chunk0"] >= 0, "compiled memory_analysis() returned nothing"
+    assert results["temp_bytes/chunk0"] >= results["local_logits_bytes"]
+    assert results["temp_bytes/chunk64"] < results["local_logits_bytes"] / 4, results
 
 
 def test_mesh_axis_sizes_are_resolved_and_bad_ones_named():

@@ -52,9 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="named architecture (tiny, ViT-B-32, ...)")
     parser.add_argument("--shared", type=pathlib.Path, default=REPO_ROOT.parent / "shared" / "data")
     args = parser.parse_args(argv)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
+    marker = args.out / ".geoalign-demo"
+    if args.out.exists() and any(args.out.iterdir()):
+        if not marker.is_file():
+            print(f"error: --out {args.out} is not empty and was not made by this demo; choose another folder",
+                  file=sys.stderr)
+            return 2
+        shutil.rmtree(args.out)  # an earlier demo run's outputs
+    args.out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     start = time.perf_counter()
 
     _step(f"build a {args.model} CLIP in JAX ({jax.devices()[0].platform}, {jax.device_count()} device(s))")

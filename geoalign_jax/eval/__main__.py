@@ -99,12 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--dense segearth exists only for the JAX backend")
 
     started = time.time()
-    if args.backend == "open_clip":
-        embedder = embed.OpenClipEmbedder.from_dir(args.open_clip, batch_size=args.batch_size)
-        config, params, source = None, None, f"open_clip (torch) {args.open_clip}"
-    else:
-        config, params, source = load_weights(args)
-        embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
+    try:
+        if args.backend == "open_clip":
+            embedder = embed.OpenClipEmbedder.from_dir(args.open_clip, batch_size=args.batch_size)
+            config, params, source = None, None, f"open_clip (torch) {args.open_clip}"
+        else:
+            config, params, source = load_weights(args)
+            embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: cannot load the weights: {error}", file=sys.stderr)
+        return 2
     try:
         result = library.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
                                    progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads)

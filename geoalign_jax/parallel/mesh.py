@@ -11,7 +11,6 @@ import math
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DEFAULT_AXES: dict[str, int] = {"data": -1, "fsdp": 1, "tensor": 1}
@@ -48,8 +47,11 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None, devices: Sequence[jax
     """A `Mesh` with `Auto` axis types, e.g. `make_mesh({"data": -1, "fsdp": 1, "tensor": 1})`."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(DEFAULT_AXES if axis_sizes is None else axis_sizes, len(devices))
-    device_grid = np.array(devices, dtype=object).reshape(tuple(sizes.values()))
-    return Mesh(device_grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+    # jax.make_mesh orders devices by the physical topology (TPU torus, GPU NVLink islands, hosts),
+    # so the inner axes stay on fast links.
+    return jax.make_mesh(
+        tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes), devices=devices
+    )
 
 
 def present_batch_axes(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:

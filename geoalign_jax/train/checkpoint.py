@@ -10,6 +10,7 @@ checkpoint of another architecture is refused with the first parameter whose sha
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -20,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from geoalign_jax.models.clip import CLIPConfig, Params, init_params
+from geoalign_jax.parallel import multihost
 
 PARAMS_FORMAT = "geoalign-params"
 PARAMS_VERSION = 1
@@ -27,7 +29,9 @@ CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def flatten_params(tree: Any) -> dict[str, Any]:
+    """Nested parameter dict -> {"visual/conv1/kernel": leaf, ...}: one path string per leaf, for messages
+    that name a parameter and for comparing trees leaf by leaf."""
     return {
         "/".join(str(getattr(k, "key", k)) for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -41,7 +45,7 @@ def abstract_params(config: CLIPConfig) -> Params:
 
 def check_param_shapes(expected: Params, actual: Params, *, source: str) -> None:
     """Raises ValueError naming the first missing, unexpected or wrongly shaped parameter."""
-    want, got = _flat(expected), _flat(actual)
+    want, got = flatten_params(expected), flatten_params(actual)
     for key in sorted(want):
         if key not in got:
             raise ValueError(f"{source}: parameter {key!r} is missing (expected shape {tuple(want[key].shape)})")
@@ -56,13 +60,22 @@ def check_param_shapes(expected: Params, actual: Params, *, source: str) -> None
 
 
 def save_params(path: str | pathlib.Path, config: CLIPConfig, params: Params) -> pathlib.Path:
-    """Writes `params` of architecture `config` to the directory `path` (which must not exist)."""
+    """Writes `params` of architecture `config` to the directory `path` (which must not exist).
+
+    Every process calls it (orbax writes each process's shards); only process 0 creates the folder
+    and writes the config, after all processes have seen that `path` is free.
+    """
     path = pathlib.Path(path).absolute()
     check_param_shapes(abstract_params(config), params, source=f"save_params({path})")
-    path.mkdir(parents=True, exist_ok=False)
-    (path / CONFIG_FILE).write_text(
-        json.dumps({"format": PARAMS_FORMAT, "version": PARAMS_VERSION, "model": config.to_dict()}, indent=2)
-    )
+    if path.exists():
+        raise FileExistsError(f"{path} exists; parameters checkpoints are never overwritten")
+    multihost.sync_barrier("save_params:checked")
+    if jax.process_index() == 0:
+        path.mkdir(parents=True)
+        (path / CONFIG_FILE).write_text(
+            json.dumps({"format": PARAMS_FORMAT, "version": PARAMS_VERSION, "model": config.to_dict()}, indent=2)
+        )
+    multihost.sync_barrier("save_params:created")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params)
     return path
@@ -87,14 +100,21 @@ def load_params(
 ) -> tuple[CLIPConfig, Params]:
     """Reads a parameters checkpoint -> (config, params as numpy arrays).
 
-    With `expected_config`, a checkpoint of another architecture is refused before reading weights.
+    With `expected_config`, a checkpoint of another architecture is refused before reading weights;
+    numerics (dtype, param_dtype, remat) are not architecture: the expected config's are returned.
     """
     path = pathlib.Path(path).absolute()
     config = read_model_config(path)
     target = abstract_params(config)
-    if expected_config is not None and expected_config != config:
-        check_param_shapes(abstract_params(expected_config), target, source=str(path))
-        raise ValueError(f"{path}: model config {config} differs from the expected {expected_config}")
+    if expected_config is not None:
+        same_numerics = dataclasses.replace(
+            config, dtype=expected_config.dtype, param_dtype=expected_config.param_dtype, remat=expected_config.remat
+        )
+        if same_numerics != expected_config:
+            check_param_shapes(abstract_params(expected_config), target, source=str(path))
+            raise ValueError(f"{path}: model config {config} differs from the expected {expected_config}")
+        config = expected_config
+        target = abstract_params(config)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(path / PARAMS_DIR)
         stored_tree = getattr(stored, "item_metadata", stored)
