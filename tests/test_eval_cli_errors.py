@@ -14,3 +14,37 @@ def test_checkpoint_that_is_not_one_exits_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "error: cannot load the weights" in err and "not a geoalign-jax parameters checkpoint" in err
+
+
+def test_hf_and_checkpoint_weights_give_the_same_results(tmp_path):
+    """--hf DIR (a Hugging Face export) evaluates to exactly the numbers of the parameters checkpoint."""
+    import json
+
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from geoalign_jax.convert import hf
+    from geoalign_jax.models import clip
+    from geoalign_jax.train.checkpoint import save_params
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "scenes"
+    for class_name, colour in (("Forest", (20, 120, 30)), ("Desert", (220, 190, 120)), ("River", (30, 60, 200))):
+        (data / class_name).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.clip(np.array(colour) + rng.integers(-30, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(data / class_name / f"{i}.png")
+    config = clip.get_model_config("tiny")
+    params = clip.init_params(config, jax.random.key(7))
+    checkpoint = save_params(tmp_path / "ckpt", config, params)
+    hf.export_hf(config, params, tmp_path / "hf")
+
+    results = {}
+    for option, path in (("--checkpoint", checkpoint), ("--hf", tmp_path / "hf")):
+        out = tmp_path / option.strip("-")
+        assert main([option, str(path), "--tasks", f"zeroshot:scenes={data}", "--out", str(out), "--no_progress",
+                     "--no_plots"]) == 0
+        results[option] = json.loads((out / "results.json").read_text())["metrics"]
+    assert results["--hf"] == results["--checkpoint"]
+    assert "zeroshot/scenes/top1" in results["--hf"]
