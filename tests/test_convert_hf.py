@@ -6,11 +6,9 @@ bit-exact; the processor loads offline and tokenises like open_clip.
 """
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,27 +16,25 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
-from geoalign_jax.convert import common  # noqa: E402
+from param_fixtures import (  # noqa: E402
+    ATOL,
+    CAPTIONS,
+    assert_trees_equal,
+    embed_images,
+    embed_texts,
+    random_params,
+)
+
 from geoalign_jax.convert import hf as hf_convert  # noqa: E402
 from geoalign_jax.convert.__main__ import main as convert_main  # noqa: E402
 from geoalign_jax.models.clip import (  # noqa: E402
     OPENAI_MEAN,
     OPENAI_STD,
     CLIPConfig,
-    encode_image,
-    encode_text,
     get_model_config,
 )
-from param_fixtures import random_params  # noqa: E402
 from geoalign_jax.train.checkpoint import load_params, save_params  # noqa: E402
 
-ATOL = 1e-4
-CAPTIONS = [
-    "Many boats are docked in the harbour next to a long pier.",
-    "!! a baseball field beside two tennis courts",
-    "Dense residential area with red roofs and green trees; " * 12,  # > 77 tokens
-    "storage tanks",
-]
 # transformers config of our "tiny" architecture, written out by hand (not by the exporter under test).
 TINY_HF_CONFIG = {
     "projection_dim": 32,
@@ -47,18 +43,6 @@ TINY_HF_CONFIG = {
     "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 2,
                       "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu", "projection_dim": 32},
 }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def embed_images(config: CLIPConfig, params, images):
-    return encode_image(config, params, images)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def embed_texts(config: CLIPConfig, params, tokens):
-    return encode_text(config, params, tokens)[0]
-
-
 
 
 def random_hf_model(hf_config: dict, seed: int):
@@ -91,14 +75,6 @@ def assert_parity(config: CLIPConfig, params, model, *, context_length: int = 77
     np.testing.assert_allclose(np.asarray(embed_images(config, params, images)), hf_images, atol=ATOL, rtol=0)
     np.testing.assert_allclose(ours_texts, hf_texts, atol=ATOL, rtol=0)
     assert np.abs(ours_texts[0] - ours_texts[1]).max() > 100 * ATOL
-
-
-def assert_trees_equal(expected, actual) -> None:
-    flat_expected, flat_actual = common.flatten_params(expected), common.flatten_params(actual)
-    assert flat_expected.keys() == flat_actual.keys()
-    for key, value in flat_expected.items():
-        got = np.asarray(flat_actual[key])
-        assert got.dtype == np.float32 and np.array_equal(np.asarray(value), got), f"{key} differs"
 
 
 def load_exported(folder: pathlib.Path):

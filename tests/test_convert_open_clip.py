@@ -7,15 +7,22 @@ state dict imports to the same parameters, and anything that does not fit is ref
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
-import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
+
+from param_fixtures import (  # noqa: E402
+    ATOL,
+    CAPTIONS,
+    assert_trees_equal,
+    embed_images,
+    embed_texts,
+    random_params,
+)
 
 from geoalign_jax.convert import common  # noqa: E402
 from geoalign_jax.convert import open_clip as oc_convert  # noqa: E402
@@ -24,39 +31,17 @@ from geoalign_jax.models.clip import (  # noqa: E402
     OPENAI_MEAN,
     OPENAI_STD,
     CLIPConfig,
-    encode_image,
-    encode_text,
     get_model_config,
 )
 from geoalign_jax.models.posemb import stretch_text_posemb  # noqa: E402
-from param_fixtures import random_params  # noqa: E402
 from geoalign_jax.train.checkpoint import load_params, save_params  # noqa: E402
 
-ATOL = 1e-4
-CAPTIONS = [
-    "Many boats are docked in the harbour next to a long pier.",
-    "!! a baseball field beside two tennis courts",
-    "Dense residential area with red roofs and green trees; " * 12,  # > 77 tokens: truncated, EOT kept last
-    "storage tanks",
-]
 # open_clip model_cfg of our "tiny" config, written out by hand (not by the exporter under test).
 TINY_OPEN_CLIP_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def embed_images(config: CLIPConfig, params, images):
-    return encode_image(config, params, images)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def embed_texts(config: CLIPConfig, params, tokens):
-    return encode_text(config, params, tokens)[0]
-
-
 
 
 def randomize_torch_(model, seed: int) -> None:
@@ -100,15 +85,6 @@ def assert_parity(config: CLIPConfig, params, torch_model, *, context_length: in
     np.testing.assert_allclose(ours_texts, torch_texts, atol=ATOL, rtol=0)
     # The captions must give distinct embeddings, or a pooling bug could pass unnoticed.
     assert np.abs(ours_texts[0] - ours_texts[1]).max() > 100 * ATOL
-
-
-def assert_trees_equal(expected, actual) -> None:
-    flat_expected, flat_actual = common.flatten_params(expected), common.flatten_params(actual)
-    assert flat_expected.keys() == flat_actual.keys()
-    for key, value in flat_expected.items():
-        got = np.asarray(flat_actual[key])
-        assert got.dtype == np.float32 and got.shape == np.shape(value), key
-        assert np.array_equal(np.asarray(value), got), f"{key} differs"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,6 +212,28 @@ def test_stretch_text_on_import_gives_a_248_position_model_open_clip_loads(tmp_p
     exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
     assert exported.context_length == 248
     assert np.array_equal(exported.positional_embedding.detach().numpy(), params["text"]["positional_embedding"])
+
+
+def test_stretching_an_already_stretched_text_context_is_refused():
+    long_config = get_model_config("tiny", text_context_length=248)
+    long_params = random_params(long_config, seed=12)
+    # A second stretch would give 4 * 248 - 3 * 20 = 932 positions; it is refused, naming the length.
+    with pytest.raises(ValueError, match=r"it has 248 positions .*77-position models only"):
+        common.stretch_text_context(long_config, long_params)
+    config = get_model_config("tiny")
+    stretched_config, stretched = common.stretch_text_context(config, random_params(config, seed=12))
+    assert stretched_config.text.context_length == 248 and stretched["text"]["positional_embedding"].shape == (248, 64)
+
+
+def test_cli_refuses_stretch_text_on_a_long_clip_checkpoint_with_exit_status_2(tmp_path, capsys):
+    config = get_model_config("tiny-quickgelu", text_context_length=248)
+    oc_convert.export_open_clip(config, random_params(config, seed=13), tmp_path / "long")
+    status = convert_main([
+        "import", "--src", str(tmp_path / "long"), "--format", "open_clip", "--out", str(tmp_path / "ckpt"), "--stretch-text",
+    ])
+    assert status == 2
+    assert "cannot stretch the text context: it has 248 positions" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 - `open_clip`: open_clip / OpenAI-style state dicts (import: .safetensors/.pt/.bin files or open_clip
   folders; export: an open_clip `local-dir:` folder).
 - `hf`: Hugging Face `transformers.CLIPModel` folders (import and export, with tokenizer/processor files).
-- `common`: reading state dicts safely, shape checks that name the first offending key, helpers.
+- `common`: reading state dicts safely, shape checks that name the first offending key, and the shared
+  machinery both formats run through their key tables (`StateDictLayout`): layout mapping, q/k/v
+  split/merge, architecture inference and the import pipeline.
 CLI: `python -m geoalign_jax.convert export|import ...` (see `__main__.py`).
 
 CKPT, the parameters checkpoint both directions use (written by `train.checkpoint.save_params`, read by

@@ -21,27 +21,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from geoalign_jax.convert.common import (
+    CONV,
+    TRANSPOSE,
+    BlockEntries,
+    SourceHints,
     StateDict,
+    StateDictLayout,
+    TensorEntry,
     as_float32,
-    check_state_dict_shapes,
-    contiguous,
-    count_blocks,
-    expected_shapes,
-    heads_for_width,
-    params_as_float32_numpy,
+    params_to_state_dict,
     read_state_dict,
-    resolve_quick_gelu,
+    state_dict_to_params,
+    to_layout,
 )
-from geoalign_jax.convert.open_clip import SourceHints, config_for_source
-from geoalign_jax.models.clip import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    CLIPConfig,
-    Params,
-    TextConfig,
-    VisionConfig,
-    get_model_config,
-)
+from geoalign_jax.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPConfig, Params
 from geoalign_jax.models.layers import LAYER_NORM_EPS
 
 log = logging.getLogger(__name__)
@@ -62,130 +55,55 @@ _HF_DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layout mapping (pure; works on numpy arrays and under jax.eval_shape)
+# Key table (order = CLIPModel's state_dict order)
 
 
-def _block_to_hf(block: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    attn = block["attn"]
-    width = attn["query"]["kernel"].shape[0]
-    out: dict[str, Any] = {}
-    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        out[f"{prefix}self_attn.{theirs}.weight"] = attn[ours]["kernel"].reshape(width, width).T
-        out[f"{prefix}self_attn.{theirs}.bias"] = attn[ours]["bias"].reshape(width)
-    out[f"{prefix}self_attn.out_proj.weight"] = attn["out"]["kernel"].reshape(width, width).T
-    out[f"{prefix}self_attn.out_proj.bias"] = attn["out"]["bias"]
-    out[f"{prefix}layer_norm1.weight"] = block["ln_1"]["scale"]
-    out[f"{prefix}layer_norm1.bias"] = block["ln_1"]["bias"]
-    out[f"{prefix}mlp.fc1.weight"] = block["mlp"]["c_fc"]["kernel"].T
-    out[f"{prefix}mlp.fc1.bias"] = block["mlp"]["c_fc"]["bias"]
-    out[f"{prefix}mlp.fc2.weight"] = block["mlp"]["c_proj"]["kernel"].T
-    out[f"{prefix}mlp.fc2.bias"] = block["mlp"]["c_proj"]["bias"]
-    out[f"{prefix}layer_norm2.weight"] = block["ln_2"]["scale"]
-    out[f"{prefix}layer_norm2.bias"] = block["ln_2"]["bias"]
-    return out
+def _layers(tower: str, prefix: str) -> BlockEntries:
+    return BlockEntries(tower, prefix, (
+        ("query", "self_attn.q_proj.weight", "self_attn.q_proj.bias"),
+        ("key", "self_attn.k_proj.weight", "self_attn.k_proj.bias"),
+        ("value", "self_attn.v_proj.weight", "self_attn.v_proj.bias"),
+        ("out", "self_attn.out_proj.weight", "self_attn.out_proj.bias"),
+        ("ln_1", "layer_norm1.weight", "layer_norm1.bias"),
+        ("c_fc", "mlp.fc1.weight", "mlp.fc1.bias"),
+        ("c_proj", "mlp.fc2.weight", "mlp.fc2.bias"),
+        ("ln_2", "layer_norm2.weight", "layer_norm2.bias"),
+    ))
 
 
-def _block_from_hf(state_dict: Mapping[str, np.ndarray], prefix: str, heads: int) -> Params:
-    width = state_dict[f"{prefix}self_attn.q_proj.weight"].shape[1]
-    head_dim = width // heads
-    attn: Params = {}
-    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        attn[ours] = {
-            "kernel": state_dict[f"{prefix}self_attn.{theirs}.weight"].T.reshape(width, heads, head_dim),
-            "bias": state_dict[f"{prefix}self_attn.{theirs}.bias"].reshape(heads, head_dim),
-        }
-    attn["out"] = {
-        "kernel": state_dict[f"{prefix}self_attn.out_proj.weight"].T.reshape(heads, head_dim, width),
-        "bias": state_dict[f"{prefix}self_attn.out_proj.bias"],
-    }
-    return {
-        "ln_1": {"scale": state_dict[f"{prefix}layer_norm1.weight"], "bias": state_dict[f"{prefix}layer_norm1.bias"]},
-        "attn": attn,
-        "ln_2": {"scale": state_dict[f"{prefix}layer_norm2.weight"], "bias": state_dict[f"{prefix}layer_norm2.bias"]},
-        "mlp": {
-            "c_fc": {"kernel": state_dict[f"{prefix}mlp.fc1.weight"].T, "bias": state_dict[f"{prefix}mlp.fc1.bias"]},
-            "c_proj": {"kernel": state_dict[f"{prefix}mlp.fc2.weight"].T, "bias": state_dict[f"{prefix}mlp.fc2.bias"]},
-        },
-    }
+HF_LAYOUT = StateDictLayout("transformers CLIPModel", (
+    TensorEntry("vision_model.embeddings.patch_embedding.weight", "visual/conv1/kernel", CONV),
+    TensorEntry("vision_model.embeddings.class_embedding", "visual/class_embedding"),
+    TensorEntry("vision_model.embeddings.position_embedding.weight", "visual/positional_embedding"),
+    TensorEntry("vision_model.pre_layrnorm.weight", "visual/ln_pre/scale"),  # sic: transformers' spelling
+    TensorEntry("vision_model.pre_layrnorm.bias", "visual/ln_pre/bias"),
+    _layers("visual", "vision_model.encoder.layers."),
+    TensorEntry("vision_model.post_layernorm.weight", "visual/ln_post/scale"),
+    TensorEntry("vision_model.post_layernorm.bias", "visual/ln_post/bias"),
+    TensorEntry("visual_projection.weight", "visual/proj", TRANSPOSE),  # a bias-free Linear [embed, width]
+    TensorEntry("text_model.embeddings.token_embedding.weight", "text/token_embedding/embedding"),
+    TensorEntry("text_model.embeddings.position_embedding.weight", "text/positional_embedding"),
+    _layers("text", "text_model.encoder.layers."),
+    TensorEntry("text_model.final_layer_norm.weight", "text/ln_final/scale"),
+    TensorEntry("text_model.final_layer_norm.bias", "text/ln_final/bias"),
+    TensorEntry("text_projection.weight", "text/text_projection", TRANSPOSE),
+    TensorEntry("logit_scale", "logit_scale"),
+))
 
 
 def to_hf_layout(config: CLIPConfig, params: Params) -> dict[str, Any]:
-    """Our parameter tree -> `CLIPModel` state-dict entries (torch layout, any dtype)."""
-    if "logit_bias" in params:
-        raise ValueError("parameter 'logit_bias' (SigLIP bias) has no place in transformers' CLIPModel")
-    visual, text = params["visual"], params["text"]
-    out: dict[str, Any] = {
-        "vision_model.embeddings.patch_embedding.weight": visual["conv1"]["kernel"].transpose(3, 2, 0, 1),
-        "vision_model.embeddings.class_embedding": visual["class_embedding"],
-        "vision_model.embeddings.position_embedding.weight": visual["positional_embedding"],
-        "vision_model.pre_layrnorm.weight": visual["ln_pre"]["scale"],
-        "vision_model.pre_layrnorm.bias": visual["ln_pre"]["bias"],
-    }
-    for index in range(config.vision.layers):
-        out.update(_block_to_hf(visual["transformer"][f"resblocks_{index}"], f"vision_model.encoder.layers.{index}."))
-    out["vision_model.post_layernorm.weight"] = visual["ln_post"]["scale"]
-    out["vision_model.post_layernorm.bias"] = visual["ln_post"]["bias"]
-    out["visual_projection.weight"] = visual["proj"].T
-    out["text_model.embeddings.token_embedding.weight"] = text["token_embedding"]["embedding"]
-    out["text_model.embeddings.position_embedding.weight"] = text["positional_embedding"]
-    for index in range(config.text.layers):
-        out.update(_block_to_hf(text["transformer"][f"resblocks_{index}"], f"text_model.encoder.layers.{index}."))
-    out["text_model.final_layer_norm.weight"] = text["ln_final"]["scale"]
-    out["text_model.final_layer_norm.bias"] = text["ln_final"]["bias"]
-    out["text_projection.weight"] = text["text_projection"].T
-    out["logit_scale"] = params["logit_scale"]
-    return out
-
-
-def from_hf_layout(config: CLIPConfig, state_dict: Mapping[str, np.ndarray]) -> Params:
-    """`CLIPModel` state-dict entries (already shape-checked against `config`) -> our parameter tree."""
-    visual: Params = {
-        "conv1": {"kernel": state_dict["vision_model.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)},
-        "class_embedding": state_dict["vision_model.embeddings.class_embedding"],
-        "positional_embedding": state_dict["vision_model.embeddings.position_embedding.weight"],
-        "ln_pre": {"scale": state_dict["vision_model.pre_layrnorm.weight"], "bias": state_dict["vision_model.pre_layrnorm.bias"]},
-        "transformer": {
-            f"resblocks_{index}": _block_from_hf(state_dict, f"vision_model.encoder.layers.{index}.", config.vision.heads)
-            for index in range(config.vision.layers)
-        },
-        "ln_post": {
-            "scale": state_dict["vision_model.post_layernorm.weight"], "bias": state_dict["vision_model.post_layernorm.bias"],
-        },
-        "proj": state_dict["visual_projection.weight"].T,
-    }
-    text: Params = {
-        "token_embedding": {"embedding": state_dict["text_model.embeddings.token_embedding.weight"]},
-        "positional_embedding": state_dict["text_model.embeddings.position_embedding.weight"],
-        "transformer": {
-            f"resblocks_{index}": _block_from_hf(state_dict, f"text_model.encoder.layers.{index}.", config.text.heads)
-            for index in range(config.text.layers)
-        },
-        "ln_final": {
-            "scale": state_dict["text_model.final_layer_norm.weight"], "bias": state_dict["text_model.final_layer_norm.bias"],
-        },
-        "text_projection": state_dict["text_projection.weight"].T,
-    }
-    return {"visual": visual, "text": text, "logit_scale": state_dict["logit_scale"]}
+    """Our parameter tree -> `CLIPModel` state-dict entries (torch layout, any dtype); a SigLIP
+    `logit_bias` is refused (CLIPModel has no place for it)."""
+    return to_layout(HF_LAYOUT, config, params)
 
 
 def params_to_hf(config: CLIPConfig, params: Params) -> StateDict:
     """Our parameters -> a contiguous float32 `CLIPModel` state dict."""
-    layout = to_hf_layout(config, params_as_float32_numpy(params))
-    return {key: contiguous(value) for key, value in layout.items()}
+    return params_to_state_dict(HF_LAYOUT, config, params)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Import
-
-
-def _shape(state_dict: Mapping[str, np.ndarray], key: str, ndim: int, *, source: str) -> tuple[int, ...]:
-    if key not in state_dict:
-        hint = " (this looks like an open_clip state dict: use --format open_clip)" if "visual.conv1.weight" in state_dict else ""
-        raise ValueError(f"{source}: key {key!r} is missing; it is needed to infer the architecture{hint}")
-    shape = tuple(state_dict[key].shape)
-    if len(shape) != ndim:
-        raise ValueError(f"{source}: key {key!r} has shape {shape}, expected a {ndim}-d tensor")
-    return shape
 
 
 def hints_from_hf_config(meta: Mapping[str, Any], *, source: str) -> SourceHints:
@@ -214,41 +132,6 @@ def hints_from_hf_config(meta: Mapping[str, Any], *, source: str) -> SourceHints
     )
 
 
-def infer_hf_config(
-    state_dict: Mapping[str, np.ndarray], *, quick_gelu: bool, hints: SourceHints = SourceHints(), source: str = "state dict"
-) -> CLIPConfig:
-    """Reads the architecture off the shapes of a `CLIPModel` state dict."""
-    vision_width, _, patch, patch_w = _shape(state_dict, "vision_model.embeddings.patch_embedding.weight", 4, source=source)
-    if patch != patch_w:
-        raise ValueError(f"{source}: non-square patches {(patch, patch_w)} are not supported")
-    tokens = _shape(state_dict, "vision_model.embeddings.position_embedding.weight", 2, source=source)[0]
-    grid = int(round((tokens - 1) ** 0.5))
-    if grid * grid != tokens - 1:
-        raise ValueError(f"{source}: key 'vision_model.embeddings.position_embedding.weight' has {tokens} rows, not 1 + a square grid")
-    vision_layers = count_blocks(state_dict, "vision_model.encoder.layers.")
-    text_layers = count_blocks(state_dict, "text_model.encoder.layers.")
-    if not vision_layers or not text_layers:
-        raise ValueError(f"{source}: no encoder layers found (keys 'vision_model.encoder.layers.N.*', 'text_model.encoder.layers.N.*')")
-    vision_hidden = _shape(state_dict, "vision_model.encoder.layers.0.mlp.fc1.weight", 2, source=source)[0]
-    embed_dim = _shape(state_dict, "visual_projection.weight", 2, source=source)[0]
-    vocab_size, text_width = _shape(state_dict, "text_model.embeddings.token_embedding.weight", 2, source=source)
-    context_length = _shape(state_dict, "text_model.embeddings.position_embedding.weight", 2, source=source)[0]
-    text_hidden = _shape(state_dict, "text_model.encoder.layers.0.mlp.fc1.weight", 2, source=source)[0]
-    return CLIPConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(
-            image_size=grid * patch, patch_size=patch, width=vision_width, layers=vision_layers,
-            heads=heads_for_width(vision_width, hints.vision_heads, tower="vision"), mlp_ratio=vision_hidden / vision_width,
-        ),
-        text=TextConfig(
-            context_length=context_length, vocab_size=vocab_size, width=text_width,
-            heads=heads_for_width(text_width, hints.text_heads, tower="text"), layers=text_layers,
-            mlp_ratio=text_hidden / text_width,
-        ),
-        quick_gelu=quick_gelu,
-    )
-
-
 def hf_to_params(
     state_dict: Mapping[str, np.ndarray],
     *,
@@ -263,15 +146,11 @@ def hf_to_params(
     if skipped:
         log.info("%s: skipped %d non-weight buffer(s): %s", source, len(skipped), ", ".join(skipped))
     state_dict = as_float32({key: value for key, value in state_dict.items() if key not in IGNORED_KEYS})
-    activation = resolve_quick_gelu(quick_gelu, hints.quick_gelu, model, source=source)
-    if model is not None:
-        named = get_model_config(model)
-        hints = SourceHints(activation, named.vision.heads, named.text.heads)
-    inferred = infer_hf_config(state_dict, quick_gelu=activation, hints=hints, source=source)
-    config = config_for_source(inferred, model, activation)
-    hint = f" (model {model!r})" if model else ""
-    check_state_dict_shapes(expected_shapes(to_hf_layout, config), state_dict, source=source, hint=hint)
-    return config, from_hf_layout(config, state_dict)
+    missing_key_hint = " (this looks like an open_clip state dict: use --format open_clip)" if "visual.conv1.weight" in state_dict else ""
+    return state_dict_to_params(
+        HF_LAYOUT, state_dict, quick_gelu=quick_gelu, model=model, hints=hints, source=source,
+        missing_key_hint=missing_key_hint,
+    )
 
 
 def read_hf_weights(folder: pathlib.Path) -> tuple[StateDict, str]:

@@ -17,7 +17,6 @@ The architecture is inferred from the shapes; heads are width // 64 unless a mod
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
@@ -26,27 +25,19 @@ from typing import Any, Mapping
 import numpy as np
 
 from geoalign_jax.convert.common import (
+    CONV,
+    BlockEntries,
+    SourceHints,
     StateDict,
+    StateDictLayout,
+    TensorEntry,
     as_float32,
-    check_state_dict_shapes,
-    concat_rows,
-    contiguous,
-    count_blocks,
-    expected_shapes,
-    heads_for_width,
-    params_as_float32_numpy,
+    params_to_state_dict,
     read_state_dict,
-    resolve_quick_gelu,
+    state_dict_to_params,
+    to_layout,
 )
-from geoalign_jax.models.clip import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    CLIPConfig,
-    Params,
-    TextConfig,
-    VisionConfig,
-    get_model_config,
-)
+from geoalign_jax.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPConfig, Params
 from geoalign_jax.models.posemb import LONG_CLIP_KEEP
 
 log = logging.getLogger(__name__)
@@ -80,134 +71,50 @@ _UNSUPPORTED_TEXT_OPTIONS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceHints:
-    """What a source's own config says beyond the weights (None = it says nothing)."""
-
-    quick_gelu: bool | None = None
-    vision_heads: int | None = None
-    text_heads: int | None = None
-
-
 # ----------------------------------------------------------------------------------------------------
-# Layout mapping (pure; works on numpy arrays and under jax.eval_shape)
+# Key table (order = open_clip's state_dict order)
 
 
-def _block_to_torch(block: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    attn = block["attn"]
-    width = attn["query"]["kernel"].shape[0]
-    return {
-        f"{prefix}ln_1.weight": block["ln_1"]["scale"],
-        f"{prefix}ln_1.bias": block["ln_1"]["bias"],
-        f"{prefix}attn.in_proj_weight": concat_rows(
-            [attn[name]["kernel"].reshape(width, width).T for name in ("query", "key", "value")]
-        ),
-        f"{prefix}attn.in_proj_bias": concat_rows(
-            [attn[name]["bias"].reshape(width) for name in ("query", "key", "value")]
-        ),
-        f"{prefix}attn.out_proj.weight": attn["out"]["kernel"].reshape(width, width).T,
-        f"{prefix}attn.out_proj.bias": attn["out"]["bias"],
-        f"{prefix}ln_2.weight": block["ln_2"]["scale"],
-        f"{prefix}ln_2.bias": block["ln_2"]["bias"],
-        f"{prefix}mlp.c_fc.weight": block["mlp"]["c_fc"]["kernel"].T,
-        f"{prefix}mlp.c_fc.bias": block["mlp"]["c_fc"]["bias"],
-        f"{prefix}mlp.c_proj.weight": block["mlp"]["c_proj"]["kernel"].T,
-        f"{prefix}mlp.c_proj.bias": block["mlp"]["c_proj"]["bias"],
-    }
+def _blocks(tower: str, prefix: str) -> BlockEntries:
+    return BlockEntries(tower, prefix, (
+        ("ln_1", "ln_1.weight", "ln_1.bias"),
+        ("qkv", "attn.in_proj_weight", "attn.in_proj_bias"),  # fused: rows query; key; value
+        ("out", "attn.out_proj.weight", "attn.out_proj.bias"),
+        ("ln_2", "ln_2.weight", "ln_2.bias"),
+        ("c_fc", "mlp.c_fc.weight", "mlp.c_fc.bias"),
+        ("c_proj", "mlp.c_proj.weight", "mlp.c_proj.bias"),
+    ))
 
 
-def _block_from_torch(state_dict: Mapping[str, np.ndarray], prefix: str, heads: int) -> Params:
-    in_weight = state_dict[f"{prefix}attn.in_proj_weight"]
-    in_bias = state_dict[f"{prefix}attn.in_proj_bias"]
-    width = in_weight.shape[1]
-    head_dim = width // heads
-    attn: Params = {}
-    for index, name in enumerate(("query", "key", "value")):
-        rows = slice(index * width, (index + 1) * width)
-        attn[name] = {
-            "kernel": in_weight[rows].T.reshape(width, heads, head_dim),
-            "bias": in_bias[rows].reshape(heads, head_dim),
-        }
-    attn["out"] = {
-        "kernel": state_dict[f"{prefix}attn.out_proj.weight"].T.reshape(heads, head_dim, width),
-        "bias": state_dict[f"{prefix}attn.out_proj.bias"],
-    }
-    return {
-        "ln_1": {"scale": state_dict[f"{prefix}ln_1.weight"], "bias": state_dict[f"{prefix}ln_1.bias"]},
-        "attn": attn,
-        "ln_2": {"scale": state_dict[f"{prefix}ln_2.weight"], "bias": state_dict[f"{prefix}ln_2.bias"]},
-        "mlp": {
-            "c_fc": {"kernel": state_dict[f"{prefix}mlp.c_fc.weight"].T, "bias": state_dict[f"{prefix}mlp.c_fc.bias"]},
-            "c_proj": {
-                "kernel": state_dict[f"{prefix}mlp.c_proj.weight"].T,
-                "bias": state_dict[f"{prefix}mlp.c_proj.bias"],
-            },
-        },
-    }
+OPEN_CLIP_LAYOUT = StateDictLayout("open_clip", (
+    TensorEntry("visual.conv1.weight", "visual/conv1/kernel", CONV),
+    TensorEntry("visual.class_embedding", "visual/class_embedding"),
+    TensorEntry("visual.positional_embedding", "visual/positional_embedding"),
+    TensorEntry("visual.ln_pre.weight", "visual/ln_pre/scale"),
+    TensorEntry("visual.ln_pre.bias", "visual/ln_pre/bias"),
+    _blocks("visual", "visual.transformer.resblocks."),
+    TensorEntry("visual.ln_post.weight", "visual/ln_post/scale"),
+    TensorEntry("visual.ln_post.bias", "visual/ln_post/bias"),
+    TensorEntry("visual.proj", "visual/proj"),  # raw [width, embed] in both
+    TensorEntry("token_embedding.weight", "text/token_embedding/embedding"),
+    TensorEntry("positional_embedding", "text/positional_embedding"),
+    _blocks("text", "transformer.resblocks."),
+    TensorEntry("ln_final.weight", "text/ln_final/scale"),
+    TensorEntry("ln_final.bias", "text/ln_final/bias"),
+    TensorEntry("text_projection", "text/text_projection"),  # raw [width, embed] in both
+    TensorEntry("logit_scale", "logit_scale"),
+    TensorEntry("logit_bias", "logit_bias", optional=True),  # SigLIP-style bias, when the model has one
+))
 
 
 def to_open_clip_layout(config: CLIPConfig, params: Params) -> dict[str, Any]:
     """Our parameter tree -> open_clip state-dict entries (views/arrays in torch layout, any dtype)."""
-    visual, text = params["visual"], params["text"]
-    out: dict[str, Any] = {
-        "visual.conv1.weight": visual["conv1"]["kernel"].transpose(3, 2, 0, 1),
-        "visual.class_embedding": visual["class_embedding"],
-        "visual.positional_embedding": visual["positional_embedding"],
-        "visual.ln_pre.weight": visual["ln_pre"]["scale"],
-        "visual.ln_pre.bias": visual["ln_pre"]["bias"],
-    }
-    for index in range(config.vision.layers):
-        out.update(_block_to_torch(visual["transformer"][f"resblocks_{index}"], f"visual.transformer.resblocks.{index}."))
-    out["visual.ln_post.weight"] = visual["ln_post"]["scale"]
-    out["visual.ln_post.bias"] = visual["ln_post"]["bias"]
-    out["visual.proj"] = visual["proj"]
-    out["token_embedding.weight"] = text["token_embedding"]["embedding"]
-    out["positional_embedding"] = text["positional_embedding"]
-    for index in range(config.text.layers):
-        out.update(_block_to_torch(text["transformer"][f"resblocks_{index}"], f"transformer.resblocks.{index}."))
-    out["ln_final.weight"] = text["ln_final"]["scale"]
-    out["ln_final.bias"] = text["ln_final"]["bias"]
-    out["text_projection"] = text["text_projection"]
-    out["logit_scale"] = params["logit_scale"]
-    if "logit_bias" in params:
-        out["logit_bias"] = params["logit_bias"]
-    return out
-
-
-def from_open_clip_layout(config: CLIPConfig, state_dict: Mapping[str, np.ndarray]) -> Params:
-    """open_clip state-dict entries (already shape-checked against `config`) -> our parameter tree."""
-    visual: Params = {
-        "conv1": {"kernel": state_dict["visual.conv1.weight"].transpose(2, 3, 1, 0)},
-        "class_embedding": state_dict["visual.class_embedding"],
-        "positional_embedding": state_dict["visual.positional_embedding"],
-        "ln_pre": {"scale": state_dict["visual.ln_pre.weight"], "bias": state_dict["visual.ln_pre.bias"]},
-        "transformer": {
-            f"resblocks_{index}": _block_from_torch(state_dict, f"visual.transformer.resblocks.{index}.", config.vision.heads)
-            for index in range(config.vision.layers)
-        },
-        "ln_post": {"scale": state_dict["visual.ln_post.weight"], "bias": state_dict["visual.ln_post.bias"]},
-        "proj": state_dict["visual.proj"],
-    }
-    text: Params = {
-        "token_embedding": {"embedding": state_dict["token_embedding.weight"]},
-        "positional_embedding": state_dict["positional_embedding"],
-        "transformer": {
-            f"resblocks_{index}": _block_from_torch(state_dict, f"transformer.resblocks.{index}.", config.text.heads)
-            for index in range(config.text.layers)
-        },
-        "ln_final": {"scale": state_dict["ln_final.weight"], "bias": state_dict["ln_final.bias"]},
-        "text_projection": state_dict["text_projection"],
-    }
-    params: Params = {"visual": visual, "text": text, "logit_scale": state_dict["logit_scale"]}
-    if "logit_bias" in state_dict:
-        params["logit_bias"] = state_dict["logit_bias"]
-    return params
+    return to_layout(OPEN_CLIP_LAYOUT, config, params)
 
 
 def params_to_open_clip(config: CLIPConfig, params: Params) -> StateDict:
     """Our parameters -> a contiguous float32 open_clip state dict (ready for safetensors / torch)."""
-    layout = to_open_clip_layout(config, params_as_float32_numpy(params))
-    return {key: contiguous(value) for key, value in layout.items()}
+    return params_to_state_dict(OPEN_CLIP_LAYOUT, config, params)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,56 +154,13 @@ def merge_long_clip_posemb(state_dict: Mapping[str, np.ndarray], *, source: str)
     return state_dict
 
 
-def _shape(state_dict: Mapping[str, np.ndarray], key: str, ndim: int, *, source: str) -> tuple[int, ...]:
-    if key not in state_dict:
-        hint = ""
-        if any(k.startswith(("vision_model.", "text_model.")) for k in state_dict):
-            hint = " (this looks like a Hugging Face CLIPModel state dict: use --format hf)"
-        elif any(k.startswith(("visual.trunk.", "text.transformer.", "visual.layer1.")) for k in state_dict):
-            hint = " (timm / HF-text / ResNet towers are not OpenAI-style ViT CLIP and are not supported)"
-        raise ValueError(f"{source}: key {key!r} is missing; it is needed to infer the architecture{hint}")
-    shape = tuple(state_dict[key].shape)
-    if len(shape) != ndim:
-        raise ValueError(f"{source}: key {key!r} has shape {shape}, expected a {ndim}-d tensor")
-    return shape
-
-
-def infer_open_clip_config(
-    state_dict: Mapping[str, np.ndarray], *, quick_gelu: bool, hints: SourceHints = SourceHints(), source: str = "state dict"
-) -> CLIPConfig:
-    """Reads the architecture off the shapes: widths, patch, grid, layer counts, context, vocab, embed."""
-    vision_width, channels, patch, patch_w = _shape(state_dict, "visual.conv1.weight", 4, source=source)
-    if patch != patch_w:
-        raise ValueError(f"{source}: key 'visual.conv1.weight' has shape {(vision_width, channels, patch, patch_w)}; non-square patches are not supported")
-    tokens = _shape(state_dict, "visual.positional_embedding", 2, source=source)[0]
-    grid = int(round((tokens - 1) ** 0.5))
-    if grid * grid != tokens - 1:
-        raise ValueError(f"{source}: key 'visual.positional_embedding' has {tokens} rows, not 1 + a square patch grid")
-    vision_layers = count_blocks(state_dict, "visual.transformer.resblocks.")
-    text_layers = count_blocks(state_dict, "transformer.resblocks.")
-    if not vision_layers or not text_layers:
-        raise ValueError(f"{source}: no residual blocks found (keys 'visual.transformer.resblocks.N.*' and 'transformer.resblocks.N.*')")
-    vision_hidden = _shape(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight", 2, source=source)[0]
-    embed_dim = _shape(state_dict, "visual.proj", 2, source=source)[1]
-    vocab_size, text_width = _shape(state_dict, "token_embedding.weight", 2, source=source)
-    context_length = _shape(state_dict, "positional_embedding", 2, source=source)[0]
-    text_hidden = _shape(state_dict, "transformer.resblocks.0.mlp.c_fc.weight", 2, source=source)[0]
-    logit_bias = state_dict.get("logit_bias")
-    return CLIPConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(
-            image_size=grid * patch, patch_size=patch, width=vision_width, layers=vision_layers,
-            heads=heads_for_width(vision_width, hints.vision_heads, tower="vision"),
-            mlp_ratio=vision_hidden / vision_width,
-        ),
-        text=TextConfig(
-            context_length=context_length, vocab_size=vocab_size, width=text_width,
-            heads=heads_for_width(text_width, hints.text_heads, tower="text"), layers=text_layers,
-            mlp_ratio=text_hidden / text_width,
-        ),
-        quick_gelu=quick_gelu,
-        init_logit_bias=None if logit_bias is None else float(np.asarray(logit_bias).reshape(())),
-    )
+def _missing_key_hint(state_dict: Mapping[str, np.ndarray]) -> str:
+    """Names the format a state dict that is not open_clip's looks like."""
+    if any(k.startswith(("vision_model.", "text_model.")) for k in state_dict):
+        return " (this looks like a Hugging Face CLIPModel state dict: use --format hf)"
+    if any(k.startswith(("visual.trunk.", "text.transformer.", "visual.layer1.")) for k in state_dict):
+        return " (timm / HF-text / ResNet towers are not OpenAI-style ViT CLIP and are not supported)"
+    return ""
 
 
 def _check_openai_extras(config: CLIPConfig, extras: Mapping[str, np.ndarray], *, source: str) -> None:
@@ -304,16 +168,6 @@ def _check_openai_extras(config: CLIPConfig, extras: Mapping[str, np.ndarray], *
         stored, ours = int(np.asarray(value).reshape(())), OPENAI_EXTRA_KEYS[key](config)
         if stored != ours:
             raise ValueError(f"{source}: entry {key!r} says {stored}, the weights' shapes say {ours}")
-
-
-def config_for_source(
-    inferred: CLIPConfig, model: str | None, quick_gelu: bool
-) -> CLIPConfig:
-    """The architecture to build: the named model's (whose shapes the source must then fit) or the inferred one."""
-    if model is None:
-        return inferred
-    named = get_model_config(model)
-    return dataclasses.replace(named, quick_gelu=quick_gelu, init_logit_bias=inferred.init_logit_bias)
 
 
 def open_clip_to_params(
@@ -331,20 +185,15 @@ def open_clip_to_params(
     """
     state_dict = as_float32(merge_long_clip_posemb(state_dict, source=source))
     extras = {key: state_dict.pop(key) for key in list(state_dict) if key in OPENAI_EXTRA_KEYS}
-    if "logit_scale" in state_dict and state_dict["logit_scale"].shape == (1,):
-        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(())
-    if "logit_bias" in state_dict and state_dict["logit_bias"].shape == (1,):
-        state_dict["logit_bias"] = state_dict["logit_bias"].reshape(())
-    activation = resolve_quick_gelu(quick_gelu, hints.quick_gelu, model, source=source)
-    if model is not None:
-        named = get_model_config(model)
-        hints = SourceHints(activation, named.vision.heads, named.text.heads)
-    inferred = infer_open_clip_config(state_dict, quick_gelu=activation, hints=hints, source=source)
-    config = config_for_source(inferred, model, activation)
-    hint = f" (model {model!r})" if model else ""
-    check_state_dict_shapes(expected_shapes(to_open_clip_layout, config), state_dict, source=source, hint=hint)
+    for key in ("logit_scale", "logit_bias"):  # some trainers save these scalars as [1]
+        if key in state_dict and state_dict[key].shape == (1,):
+            state_dict[key] = state_dict[key].reshape(())
+    config, params = state_dict_to_params(
+        OPEN_CLIP_LAYOUT, state_dict, quick_gelu=quick_gelu, model=model, hints=hints, source=source,
+        missing_key_hint=_missing_key_hint(state_dict),
+    )
     _check_openai_extras(config, extras, source=source)
-    return config, from_open_clip_layout(config, state_dict)
+    return config, params
 
 
 def read_open_clip_folder_config(folder: pathlib.Path) -> tuple[SourceHints, pathlib.Path]:
