@@ -515,3 +515,77 @@ def test_tfds_array_record_dataset_converts(tmp_path):
     with pytest.raises(ConversionError, match=r"no feature for the mapping \['captions=text'\]"):
         converters.convert_tfds("geoalign_tiny_rs", ["train"], tmp_path / "o2", data_dir=data_dir,
                                 mapping={"image": "image_bytes", "captions": "text"}, **QUIET)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split names, category names, safe overwrite, the shared writer call
+
+
+def _small_jsonl(tmp_path: pathlib.Path, lines: list[dict], name: str = "small.jsonl") -> pathlib.Path:
+    _save_image(tmp_path / "imgs" / "a.png", size=(20, 20), fmt="PNG")
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_split_names_with_dashes_are_refused_and_dashed_dataset_names_read_back(tmp_path):
+    dashed_split = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "split": "val-hard", "caption": "a field"}])
+    with pytest.raises(ConversionError, match=r"split name 'val-hard' cannot be used.*no '-'"):
+        converters.convert_jsonl(dashed_split, tmp_path / "refused", name="d", **QUIET)
+    assert not list((tmp_path / "refused").glob("*.array_record"))
+    plain = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "split": "val_hard", "caption": "a field"},
+                                    {"image": "imgs/a.png", "id": "b", "caption": "a road"}], name="plain.jsonl")
+    converters.convert_jsonl(plain, tmp_path / "out", name="my-data", num_shards=1, **QUIET)
+    pattern = str(tmp_path / "out" / "*.array_record")
+    assert sources.RecordSource(sources.shard_paths(pattern, "val_hard"))[0]["captions"] == ["a field"]
+    assert len(sources.RecordSource(sources.shard_paths(pattern, "train"))) == 1
+
+
+def test_jsonl_category_names_are_stripped_like_the_records(tmp_path):
+    path = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "caption": "boats", "regions": [
+        {"box": [1, 1, 8, 8], "category": " ship"}, {"box": [2, 2, 9, 9], "category": "ship "},
+        {"box": [3, 3, 9, 9], "category": "harbor"}, {"box": [4, 4, 9, 9], "category": "  ", "caption": "water"}]}])
+    converters.convert_jsonl(path, tmp_path / "out", name="d", **QUIET)
+    manifest = sources.read_manifest(tmp_path / "out")
+    assert manifest["category_names"] == ["harbor", "ship"]
+    (record,) = _records(tmp_path / "out", "train")
+    assert [(r["category"], r["category_id"]) for r in record["regions"]] == [
+        ("ship", 1), ("ship", 1), ("harbor", 0), (None, -1)]
+
+
+def test_failed_overwrite_keeps_the_old_dataset_and_success_removes_unlisted_shards(tmp_path):
+    good = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "id": f"a{i}", "caption": f"field {i}"} for i in range(3)])
+    out = tmp_path / "out"
+    converters.convert_jsonl(good, out, name="d", records_per_shard=1, **QUIET)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([n for n in before if n.endswith(".array_record")]) == 3
+    bad = _small_jsonl(tmp_path, [{"image": "imgs/missing.png", "caption": "a ghost"}], name="bad.jsonl")
+    with pytest.raises(ConversionError, match="nothing written"):
+        converters.convert_jsonl(bad, out, name="d", overwrite=True, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old dataset intact, no leftovers
+    assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
+    # a successful overwrite with fewer shards: the same-named shard is replaced, the others are removed
+    converters.convert_jsonl(good, out, name="d", num_shards=1, overwrite=True, **QUIET)
+    assert sorted(p.name for p in out.iterdir()) == ["d-train-00000-of-00001.array_record", "manifest.json"]
+    assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
+
+
+def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
+    image = _save_image(tmp_path / "imgs" / "a.png", size=(20, 20), fmt="PNG")
+    consumed = []
+
+    def tasks():
+        for index in range(3):
+            consumed.append(index)
+            yield writers.ImageTask(split="train", id=f"t{index}", source="lazy", name=f"t{index}",
+                                    image_path=str(image), captions=(f"caption {index}",))
+
+    stream = tasks()
+    summary = converters._write(stream, tmp_path / "out", name="lazy", created_by="test", log=writers.SkipLog(),
+                                manifest_extra={}, expected_counts={"train": 3}, records_per_shard=2, **QUIET)
+    assert consumed == [0, 1, 2] and summary.written == {"train": 3}
+    assert summary.shards == {"train": ["lazy-train-00000-of-00002.array_record",
+                                        "lazy-train-00001-of-00002.array_record"]}
+    valid = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "caption": "a field"}])
+    with pytest.raises(TypeError, match="worker"):
+        converters.convert_jsonl(valid, tmp_path / "o", name="x", worker=2)  # a misspelt option is refused

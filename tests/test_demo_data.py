@@ -1,31 +1,22 @@
 """The synthetic demo dataset (tools/make_demo_data.py): deterministic, and its texts describe its pixels."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import pathlib
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from data_fixtures import load_demo_module
 from geoalign_jax import tokenizer
 from geoalign_jax.data import sources
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_demo_module():
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO_ROOT / "tools" / "make_demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_demo_data", module)  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo_module()
+demo = load_demo_module()
 SMALL = dict(num_train=12, num_val=4, num_per_class=2, image_size=64)
 
 

@@ -3,23 +3,16 @@ records of the real samples, class-name tables, and task parsing errors."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import data_fixtures
 from geoalign_jax.data import converters
 from geoalign_jax.eval import classnames, datasets, library, preprocess, prompts
 
-
-@pytest.fixture(scope="module")
-def records(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
-    out = tmp_path_factory.mktemp("eval_data_records")
-    converters.convert_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
-    converters.convert_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
-                                shared_data / "rsicd_sample" / "images", out / "rsicd", name="rsicd", progress=False)
-    return {"aid": out / "aid", "rsicd": out / "rsicd"}
+records = data_fixtures.records  # the module-scoped fixture (real AID + RSICD samples as records)
 
 
 @pytest.mark.parametrize("size", [(150, 150), (224, 160), (97, 301)])
@@ -41,6 +34,12 @@ def test_crop_box_widens_to_pixels_and_rejects_outside_boxes():
         preprocess.crop_box(image, (50, 5, 60, 10))
     with pytest.raises(ValueError, match="cannot decode image broken.jpg"):
         preprocess.decode_image(b"\xff\xd8\xff not a jpeg", where="broken.jpg")
+
+
+def test_eval_names_classes_with_the_converters_rule():
+    """One naming rule for manifests (converters) and prompts (eval tables), not two copies that can drift."""
+    assert classnames.readable_class_name is converters.readable_class_name
+    assert classnames.prompt_names_for(["storage-tanks", "BareLand"]) == ["storage tanks", "bare land"]
 
 
 def test_aid_class_table_matches_the_sample_folders(shared_data):

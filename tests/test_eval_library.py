@@ -10,26 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data_fixtures
 from geoalign_jax import tokenizer
-from geoalign_jax.data import converters
 from geoalign_jax.eval import embed, library, preprocess
 from geoalign_jax.models import clip
 
 CONFIG = clip.get_model_config("tiny")
+records = data_fixtures.records  # the module-scoped fixture (real AID + RSICD samples as records)
 
 
 @pytest.fixture(scope="module")
 def params():
     return clip.init_params(CONFIG, jax.random.key(3))
-
-
-@pytest.fixture(scope="module")
-def records(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
-    out = tmp_path_factory.mktemp("eval_library_records")
-    converters.convert_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
-    converters.convert_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
-                                shared_data / "rsicd_sample" / "images", out / "rsicd", name="rsicd", progress=False)
-    return {"aid": out / "aid", "rsicd": out / "rsicd"}
 
 
 _encode_image = jax.jit(lambda params, pixels: clip.encode_image(CONFIG, params, pixels)[0])

@@ -1,6 +1,7 @@
 """Region classification: box geometry checked with a transparent fake backend, then the real DOTA sample."""
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from geoalign_jax.data import converters
 from geoalign_jax.data.transforms import normalise
-from geoalign_jax.eval import library, regions
+from geoalign_jax.eval import datasets, library, regions
 from geoalign_jax.models import clip
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -75,6 +76,22 @@ def test_crop_and_roi_classify_every_box_of_every_image(quadrant_records):
         assert metrics[f"regions/scenes/{method}/top1"] == 100.0, method
     assert metrics["regions/scenes/skipped/regions_without_category"] == 3
     assert report.details["regions/scenes"]["class_ids"] == ["blue", "green", "red", "yellow"]
+
+
+def test_region_loaders_refuse_an_image_whose_size_differs_from_its_record(quadrant_records):
+    """Boxes are normalised by the record's size, so an image of another size must fail, naming the record."""
+    data = datasets.load_regions(quadrant_records)
+    assert [data.images.expected_size(i) for i in range(len(data.regions))] == data.sizes == [(120, 60)] * 3
+    buffer = io.BytesIO()
+    _quadrant_image(("red", "green", "blue", "yellow")).save(buffer, format="PNG")
+    wrong = datasets.RecordImages([{"image": buffer.getvalue()}], [0], ["scenes[test][0]"], [(60, 120)])
+    message = r"scenes\[test\]\[0\]: image is 120x60 but the record says 60x120"
+    with pytest.raises(ValueError, match=message):
+        regions.crop_loader(wrong, [[((5.0, 5.0, 50.0, 25.0), 0)]], 32)(0)
+    with pytest.raises(ValueError, match=message):
+        regions.whole_image_loader(wrong, 32)(0)
+    right = datasets.RecordImages(wrong.source, [0], ["scenes[test][0]"], [(120, 60)])
+    assert regions.whole_image_loader(right, 32)(0).shape == (1, 32, 32, 3)
 
 
 def test_a_box_normalised_by_the_wrong_side_would_be_caught():

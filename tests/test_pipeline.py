@@ -1,18 +1,18 @@
 """The grain training pipeline (geoalign_jax.data.pipeline) on demo data made in a temporary folder."""
 from __future__ import annotations
 
-import importlib.util
 import io
+import json
 import pathlib
 import re
 import shutil
-import sys
 
 import msgpack
 import numpy as np
 import pytest
 from PIL import Image
 
+from data_fixtures import load_demo_module
 from geoalign_jax import tokenizer
 from geoalign_jax.data import pipeline, records, sources, transforms
 
@@ -20,15 +20,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_TRAIN = 32
 
 
-def _load_demo_module():
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO_ROOT / "tools" / "make_demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_demo_data", module)  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo_module()
+demo = load_demo_module()
 
 
 @pytest.fixture(scope="session")
@@ -88,13 +80,15 @@ def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
     spec = pipeline.batch_spec(config)
     assert set(spec) == {
         "image", "text", "long_text", "hard_negatives", "hard_negative_mask", "region_boxes", "region_mask",
-        "region_text", "region_category", "region_crops", "local_crops", "local_crop_boxes", "decode_errors"}
+        "region_text", "region_category", "region_crops", "local_crops", "local_crop_boxes", "decode_errors",
+        "long_text_mask"}
     for batch in batches:
         assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == spec
         assert batch["decode_errors"] == 0
         # texts: SOT first; padding rows are all zero exactly where the mask is off
         assert (batch["text"][:, 0] == tokenizer.SOT_TOKEN_ID).all()
         assert (batch["long_text"][:, 0] == tokenizer.SOT_TOKEN_ID).all()
+        assert batch["long_text_mask"].all()  # every demo record has a real long description
         assert batch["hard_negative_mask"].all()  # every demo image has 4 hard negatives
         assert (batch["region_text"].any(-1) == batch["region_mask"]).all()
         assert (batch["region_crops"].any((-1, -2, -3)) == batch["region_mask"]).all()
@@ -292,3 +286,38 @@ def test_real_dota_boxes_survive_the_pipeline(shared_data, tmp_path):
         assert (boxes >= 0).all() and (boxes <= 1).all() and (boxes[:, 2:] > boxes[:, :2]).all()
         assert (batch["region_category"][mask] >= 0).all()  # DOTA regions are categories, not free text
         assert (batch["region_crops"].any((-1, -2, -3)) == mask).all()
+
+
+def _category_dataset(root: pathlib.Path, name: str, categories: list[str]) -> None:
+    from geoalign_jax.data import converters
+
+    (root / "imgs").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (30, 90, 150)).save(root / "imgs" / "a.png")
+    lines = [{"image": "imgs/a.png", "id": f"{name}-{i}", "caption": f"scene {i}",
+              "regions": [{"box": [2, 2, 20, 20], "category": category}]} for i, category in enumerate(categories)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    converters.convert_jsonl(root / "corpus.jsonl", root / "records", name=name, progress=False)
+
+
+def test_shards_of_datasets_with_separate_category_numberings_need_category_ids(tmp_path):
+    _category_dataset(tmp_path / "one", "one", ["ship", "harbor"])      # harbor=0, ship=1
+    _category_dataset(tmp_path / "two", "two", ["ship", "airplane"])    # airplane=0, ship=1
+    _category_dataset(tmp_path / "three", "three", ["harbor", "ship"])  # same names as "one"
+    mixed = _config(tmp_path / "[ot][nw][eo]" / "records" / "*.array_record", max_regions=2)
+    with pytest.raises(ValueError, match=r"spans 2 datasets .*category_ids is empty.*category_names differ.*"
+                                         r"Set data\.category_ids"):
+        pipeline.open_train_source(mixed)
+    mixed.category_ids = {"airplane": 0, "harbor": 1, "ship": 2}  # one numbering for both: allowed
+    assert len(pipeline.open_train_source(mixed)) == 4
+    without_regions = _config(mixed.train_shards, max_regions=0)  # category ids unused: allowed
+    assert len(pipeline.open_train_source(without_regions)) == 4
+    agreeing = _config(tmp_path / "[ot][nh][er]*" / "records" / "*.array_record", max_regions=2)
+    assert len(pipeline.open_train_source(agreeing)) == 4  # "one" and "three" list the same category_names
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for folder in ("one", "three"):  # shards copied without their manifests: nothing says what the ids mean
+        for shard in (tmp_path / folder / "records").glob("*.array_record"):
+            shutil.copy(shard, bare)
+    with pytest.raises(ValueError, match=r"spans 2 datasets .*no manifest\.json beside"):
+        pipeline.open_train_source(_config(bare / "*.array_record", max_regions=2))
+    assert len(pipeline.open_train_source(_config(tmp_path / "one" / "records", max_regions=2))) == 2

@@ -225,3 +225,69 @@ def test_shard_paths_errors_are_clear(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
     with pytest.raises(sources.SourceError, match="version 2"):
         sources.read_manifest(tmp_path)
+
+
+def test_shard_glob_finds_the_split_when_the_dataset_name_has_dashes(tmp_path):
+    for split, count in (("train", 2), ("val", 1)):
+        for index in range(count):
+            _write_shard(tmp_path / f"my-data-{split}-{index:05d}-of-{count:05d}.array_record", [_encoded(index)])
+    assert sources.parse_shard_name(tmp_path / "my-data-train-00001-of-00002.array_record") == ("my-data", "train")
+    assert sources.parse_shard_name("/x/my-data-train.array_record") is None
+    pattern = str(tmp_path / "*.array_record")
+    assert sources.shard_paths(pattern, "train") == [
+        str(tmp_path / "my-data-train-00000-of-00002.array_record"),
+        str(tmp_path / "my-data-train-00001-of-00002.array_record")]
+    assert sources.shard_paths(pattern, "val") == [str(tmp_path / "my-data-val-00000-of-00001.array_record")]
+    with pytest.raises(sources.SourceError, match="no shards of split 'data-train'"):
+        sources.shard_paths(pattern, "data-train")  # what the old pattern took the split to be
+
+
+@pytest.mark.parametrize("entry_kind", ["absolute", "parent", "nested parent"])
+def test_manifest_shard_entries_outside_the_folder_are_refused(tmp_path, entry_kind):
+    dataset, elsewhere = tmp_path / "dataset", tmp_path / "elsewhere"
+    dataset.mkdir()
+    elsewhere.mkdir()
+    _write_dataset(dataset, {"train": [[_encoded(0)]]})
+    _write_shard(elsewhere / "secret.array_record", [_encoded(1)])  # exists: only the check can refuse it
+    entry = {"absolute": str(elsewhere / "secret.array_record"), "parent": "../elsewhere/secret.array_record",
+             "nested parent": "sub/../../elsewhere/secret.array_record"}[entry_kind]
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"].append(entry)
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(sources.SourceError) as error:
+        sources.shard_paths(dataset, "train")
+    message = str(error.value)
+    assert str(dataset / "manifest.json") in message and repr(entry) in message and "outside" in message
+
+
+def test_locate_counts_each_shard_once_and_closes_its_readers(tmp_path, monkeypatch):
+    import grain
+    from array_record.python import array_record_module
+
+    _write_dataset(tmp_path, {"train": [[_encoded(0), _encoded(1)], [_encoded(2)], [_encoded(3), _encoded(4)]]})
+    source = sources.RecordSource.from_dir(tmp_path, "train")
+    opened, closed = [], []
+    real_reader = array_record_module.ArrayRecordReader
+
+    class CountingReader:
+        def __init__(self, path, *args, **kwargs):
+            opened.append(path)
+            self._reader = real_reader(path, *args, **kwargs)
+
+        def num_records(self):
+            return self._reader.num_records()
+
+        def close(self):
+            closed.append(True)
+            self._reader.close()
+
+    def no_new_data_source(*args, **kwargs):
+        raise AssertionError("locate() must not open another data source per shard")
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordReader", CountingReader)
+    monkeypatch.setattr(grain.sources, "ArrayRecordDataSource", no_new_data_source)
+    shards = [str(tmp_path / f"unit-train-{i:05d}-of-00003.array_record") for i in range(3)]
+    expected = [(shards[0], 0), (shards[0], 1), (shards[1], 0), (shards[2], 0), (shards[2], 1)]
+    assert [source.locate(i) for i in range(5)] == expected
+    assert [source.locate(i) for i in range(5)] == expected  # counted once, not per call
+    assert opened == shards and len(closed) == len(opened)

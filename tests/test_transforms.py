@@ -233,6 +233,7 @@ def test_example_texts_regions_and_padding():
         assert category == expected_category
     # long text is tokenised at the long context, truncated with EOT last
     assert example["long_text"][-1] == tokenizer.EOT_TOKEN_ID
+    assert example["long_text_mask"] == np.bool_(True)  # a real long description
     # local crop boxes lie in the global view
     assert np.all((example["local_crop_boxes"] >= 0) & (example["local_crop_boxes"] <= 1))
 
@@ -244,9 +245,32 @@ def test_example_with_more_negatives_than_k_and_no_long_text():
     pool = tokenizer.tokenize(["negative one", "negative two", "negative three"])
     picked = [int(np.flatnonzero((pool == row).all(axis=1))[0]) for row in example["hard_negatives"]]
     assert len(set(picked)) == 2
-    # without a long description the chosen caption stands in for it
+    # without a long description the chosen caption stands in for it, masked out of the long-text losses
     np.testing.assert_array_equal(example["long_text"][:77], example["text"])
+    assert example["long_text_mask"].dtype == np.bool_ and not example["long_text_mask"]
     assert "region_boxes" not in example and "local_crops" not in example
+
+
+def test_long_text_mask_is_in_the_contract_only_with_long_text():
+    with_long = transforms.output_spec(_no_aug_config())
+    assert with_long["long_text_mask"] == ((), np.dtype(np.bool_))
+    assert "long_text_mask" not in transforms.output_spec(_no_aug_config(long_context_length=0))
+    only_long = transforms.TrainTransform(_no_aug_config(max_regions=0, num_local_crops=0, num_hard_negatives=0))
+    example = only_long.random_map(_record(captions=[]), np.random.default_rng(0))  # the long caption is all
+    assert example["long_text_mask"]
+    np.testing.assert_array_equal(example["long_text"], tokenizer.tokenize(["a long description " * 100], 248)[0])
+
+
+def test_decode_image_names_the_record_and_checks_the_size_only_when_given():
+    with pytest.raises(ValueError, match=r"cannot decode image shard-3 record 7"):
+        transforms.decode_image(b"\x89PNG not really", (4, 4), where="shard-3 record 7")
+    cut = _png(100, 80)[:60]  # header intact, pixels cut: fails when decoding, still named
+    with pytest.raises(ValueError, match=r"cannot decode image r0"):
+        transforms.decode_image(cut, (100, 80), where="r0")
+    with pytest.raises(ValueError, match=r"^r0: image is 100x80 but the record says 80x100"):
+        transforms.decode_image(_png(100, 80), (80, 100), where="r0")
+    image, sx, sy = transforms.decode_image(_png(100, 80), None)
+    assert image.size == (100, 80) and image.mode == "RGB" and (sx, sy) == (1.0, 1.0)
 
 
 def test_category_id_mapping_overrides_record_ids():

@@ -23,8 +23,8 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypedDict, Unpack
 
 from geoalign_jax.data import writers
 from geoalign_jax.data.writers import (
@@ -42,27 +42,44 @@ from geoalign_jax.data.writers import (
 PathLike = str | os.PathLike
 
 
+class ConvertOptions(TypedDict, total=False):
+    """The options every `convert_*` takes as keyword arguments (defaults in `_write`, meanings in the module
+    docstring); `common_kwargs` builds them from the CLI flags."""
+
+    workers: int
+    num_shards: int | None
+    records_per_shard: int | None
+    max_bad_fraction: float
+    min_box_visible: float
+    overwrite: bool
+    progress: bool
+
+
 def _write(
-    tasks: Sequence[ImageTask],
+    tasks: Iterable[ImageTask],
     out_dir: PathLike,
     *,
     name: str,
     created_by: str,
     log: SkipLog,
     manifest_extra: Mapping[str, Any],
-    workers: int,
-    num_shards: int | None,
-    records_per_shard: int | None,
-    max_bad_fraction: float,
-    min_box_visible: float,
-    overwrite: bool,
-    progress: bool,
+    expected_counts: Mapping[str, int] | None = None,
+    workers: int = 1,
+    num_shards: int | None = None,
+    records_per_shard: int | None = None,
+    max_bad_fraction: float = 0.05,
+    min_box_visible: float = 0.5,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> ConversionSummary:
+    """The one call into `writers.write_dataset` of every converter, with the shared options (`ConvertOptions`)
+    checked and defaulted here once. `expected_counts` (tasks per split) lets `tasks` be a lazy iterable.
+    An unknown option raises TypeError naming it."""
     return writers.write_dataset(
         tasks, out_dir, name=name, created_by=created_by, skip_log=log, workers=workers,
         sharding=_sharding(num_shards, records_per_shard),
         build_options=_build_options(max_bad_fraction, min_box_visible), max_bad_fraction=max_bad_fraction,
-        manifest_extra=manifest_extra, overwrite=overwrite, progress=progress,
+        manifest_extra=manifest_extra, overwrite=overwrite, progress=progress, expected_counts=expected_counts,
     )
 
 
@@ -122,13 +139,7 @@ def convert_karpathy(
     name: str | None = None,
     splits: Sequence[str] | None = None,
     split_map: Mapping[str, str] | None = None,
-    workers: int = 1,
-    num_shards: int | None = None,
-    records_per_shard: int | None = None,
-    max_bad_fraction: float = 0.05,
-    min_box_visible: float = 0.5,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ConvertOptions],
 ) -> ConversionSummary:
     """Convert a Karpathy-layout caption JSON (`images[].filename`, `.split`, `.sentences[].raw`, optional
     `.filepath` and scene `.label`) with its image folder.
@@ -173,9 +184,7 @@ def convert_karpathy(
         ))
     extra = {"class_names": [readable_class_name(label) for label in labels], "raw_class_names": labels}
     return _write(tasks, out_dir, name=name, created_by="tools/convert_karpathy.py", log=log,
-                  manifest_extra=extra, workers=workers, num_shards=num_shards,
-                  records_per_shard=records_per_shard, max_bad_fraction=max_bad_fraction,
-                  min_box_visible=min_box_visible, overwrite=overwrite, progress=progress)
+                  manifest_extra=extra, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,13 +207,7 @@ def convert_coco(
     out_dir: PathLike,
     *,
     name: str,
-    workers: int = 1,
-    num_shards: int | None = None,
-    records_per_shard: int | None = None,
-    max_bad_fraction: float = 0.05,
-    min_box_visible: float = 0.5,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ConvertOptions],
 ) -> ConversionSummary:
     """Convert COCO JSON files, one per split ({split: path}), with their image folder (one, or per split).
 
@@ -223,8 +226,8 @@ def convert_coco(
             if not isinstance(category, Mapping) or not isinstance(category.get("id"), int) \
                     or not isinstance(category.get("name"), str):
                 raise ConversionError(f"{path}: malformed category {category!r} (needs int 'id' and str 'name')")
-            known = categories.setdefault(category["id"], category["name"])
-            if known != category["name"]:
+            known = categories.setdefault(category["id"], category["name"].strip())  # as records store it
+            if known != category["name"].strip():
                 raise ConversionError(f"{path}: category id {category['id']} is {category['name']!r} here "
                                       f"but {known!r} in another file")
         parsed[split] = (pathlib.Path(path).name, data)
@@ -282,9 +285,7 @@ def convert_coco(
     extra = {"category_names": [categories[category_id] for category_id in category_ids],
              "coco_category_ids": category_ids}
     return _write(tasks, out_dir, name=name, created_by="tools/convert_coco.py", log=log, manifest_extra=extra,
-                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
-                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
-                  progress=progress)
+                  **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,13 +336,7 @@ def convert_dota(
     split: str = "train",
     categories: Sequence[str] | None = None,
     skip_difficult: bool = False,
-    workers: int = 1,
-    num_shards: int | None = None,
-    records_per_shard: int | None = None,
-    max_bad_fraction: float = 0.05,
-    min_box_visible: float = 0.5,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ConvertOptions],
 ) -> ConversionSummary:
     """Convert DOTA-style `labelTxt/*.txt` files with their images (same stem, any image suffix).
 
@@ -395,9 +390,7 @@ def convert_dota(
             log.add_input(Skip(writers.NO_LABEL_FILE, path.name))
     extra = {"category_names": category_names}
     return _write(tasks, out_dir, name=name, created_by="tools/convert_dota.py", log=log, manifest_extra=extra,
-                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
-                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
-                  progress=progress)
+                  **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,6 +455,11 @@ def _parse_jsonl_line(line: str) -> dict[str, Any]:
     return obj
 
 
+def _category_name(value: Any) -> str | None:
+    """A region category as records store it (`writers.build_record`): stripped, None when blank or absent."""
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
 def convert_jsonl(
     jsonl_paths: PathLike | Sequence[PathLike],
     out_dir: PathLike,
@@ -469,13 +467,7 @@ def convert_jsonl(
     name: str,
     image_root: PathLike | None = None,
     default_split: str = "train",
-    workers: int = 1,
-    num_shards: int | None = None,
-    records_per_shard: int | None = None,
-    max_bad_fraction: float = 0.05,
-    min_box_visible: float = 0.5,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ConvertOptions],
 ) -> ConversionSummary:
     """Convert JSONL files (one JSON object per image, schema in docs/data_format.md).
 
@@ -505,8 +497,10 @@ def convert_jsonl(
                 log.add_input(Skip(f"{writers.MALFORMED_LINE}", f"{where} ({error})"))
                 continue
             entries.append((where, root, obj))
-    category_names = sorted({region["category"] for _, _, obj in entries for region in obj.get("regions", [])
-                             if isinstance(region.get("category"), str) and region["category"].strip()})
+    # Names are stripped here exactly as the record builder strips them, so the manifest's category_names, the
+    # record's category and its category_id always agree (" ship" and "ship" are one category).
+    category_names = sorted({_category_name(region.get("category")) for _, _, obj in entries
+                             for region in obj.get("regions", [])} - {None})
     category_index = {category: index for index, category in enumerate(category_names)}
 
     tasks, seen_ids = [], set()
@@ -516,7 +510,7 @@ def convert_jsonl(
             continue
         regions = tuple(
             RawRegion(box=tuple(region["box"]), category=region.get("category"),
-                      category_id=category_index.get((region.get("category") or "").strip(), -1),
+                      category_id=category_index.get(_category_name(region.get("category")), -1),
                       caption=region.get("caption"), name=f"{where} (region {index})")
             for index, region in enumerate(obj.get("regions", []))
         )
@@ -528,9 +522,7 @@ def convert_jsonl(
         ))
     extra = {"category_names": category_names}
     return _write(tasks, out_dir, name=name, created_by="tools/convert_jsonl.py", log=log, manifest_extra=extra,
-                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
-                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
-                  progress=progress)
+                  **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -543,13 +535,7 @@ def convert_folders(
     *,
     name: str,
     split: str = "test",
-    workers: int = 1,
-    num_shards: int | None = None,
-    records_per_shard: int | None = None,
-    max_bad_fraction: float = 0.05,
-    min_box_visible: float = 0.5,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ConvertOptions],
 ) -> ConversionSummary:
     """Convert `root/<ClassFolder>/*.jpg|png|tif...` into one split (default 'test', for zero-shot eval).
 
@@ -578,9 +564,7 @@ def convert_folders(
                                    label=label, class_name=readable[label]))
     extra = {"class_names": readable, "raw_class_names": [folder.name for folder in folders]}
     return _write(tasks, out_dir, name=name, created_by="tools/convert_folders.py", log=log, manifest_extra=extra,
-                  workers=workers, num_shards=num_shards, records_per_shard=records_per_shard,
-                  max_bad_fraction=max_bad_fraction, min_box_visible=min_box_visible, overwrite=overwrite,
-                  progress=progress)
+                  **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -609,13 +593,7 @@ def convert_tfds(
     data_dir: PathLike | None = None,
     name: str | None = None,
     mapping: Mapping[str, str] | None = None,
-    workers: int = 1,
-    num_shards: int | None = None,
-    records_per_shard: int | None = None,
-    max_bad_fraction: float = 0.05,
-    min_box_visible: float = 0.5,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Unpack[ConvertOptions],
 ) -> ConversionSummary:
     """Convert splits of a TFDS dataset prepared in array_record format (read with `tfds.data_source`,
     no TensorFlow needed) into geoalign shards. `mapping` names the TFDS features (see
@@ -636,13 +614,8 @@ def convert_tfds(
         for split, source in split_sources.items()
     )
     extra = {"class_names": [readable_class_name(c) for c in class_names], "raw_class_names": list(class_names)}
-    return writers.write_dataset(
-        tasks, out_dir, name=name, created_by="tools/convert_tfds.py", skip_log=log, workers=workers,
-        sharding=_sharding(num_shards, records_per_shard),
-        build_options=_build_options(max_bad_fraction, min_box_visible), max_bad_fraction=max_bad_fraction,
-        manifest_extra=extra, overwrite=overwrite, progress=progress,
-        expected_counts={split: len(source) for split, source in split_sources.items()},
-    )
+    return _write(tasks, out_dir, name=name, created_by="tools/convert_tfds.py", log=log, manifest_extra=extra,
+                  expected_counts={split: len(source) for split, source in split_sources.items()}, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -72,7 +73,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.category_prompt = transforms.DEFAULT_CATEGORY_PROMPT  # region text when a region has no caption
     # category name -> id for `region_category`. Empty (default): the record's own category_id, assigned by the
     # converter from the dataset's sorted category names (manifest 'category_names'), identical on every host and
-    # worker because it is data. Give a mapping to unify several datasets; names missing from it get -1.
+    # worker because it is data. Give a mapping to unify several datasets; names missing from it get -1. Shards
+    # of several datasets with different category_names (or without manifests) and regions on need a mapping.
     config.category_ids = ml_collections.ConfigDict()
     # --- local crops (FarSLIP multicrop, patch-to-patch distillation)
     config.num_local_crops = 0  # C: local views per image + `local_crop_boxes`; 0 = off
@@ -308,11 +310,57 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _manifest_category_names(folder: str, name: str) -> list[str] | None:
+    """The ``category_names`` of dataset ``name``'s manifest in ``folder`` ([] when it lists none), or None when
+    no manifest there describes that dataset (bare shards copied elsewhere)."""
+    try:
+        manifest = sources.read_manifest(folder)
+    except sources.SourceError:
+        return None
+    if manifest.get("name") != name:
+        return None
+    return [str(category) for category in manifest.get("category_names") or []]
+
+
+def check_category_numbering(config: ml_collections.ConfigDict, paths: Sequence[str]) -> None:
+    """Refuse training shards from several datasets whose regions' ``category_id`` values may disagree.
+
+    Without ``category_ids`` the pipeline uses each record's stored ``category_id``, which its converter
+    numbered from that dataset's own sorted category names: "ship" may be 3 in one dataset and 7 in another,
+    so mixing them would train the category losses on wrong labels. Allowed when regions are off
+    (``max_regions == 0``), with an explicit ``category_ids`` mapping, or when every dataset's manifest lists
+    the same ``category_names`` (datasets without categories do not count).
+    """
+    if not int(config.max_regions) or len(dict(config.get("category_ids") or {})):
+        return
+    groups = sources.group_by_dataset(paths)
+    if len(groups) <= 1:
+        return
+    names = {key: _manifest_category_names(*key) for key in groups}
+    unknown = [f"{os.path.join(folder, name)}*" for (folder, name), found in names.items() if found is None]
+    numberings = {tuple(found) for found in names.values() if found}
+    if not unknown and len(numberings) <= 1:
+        return
+    described = ", ".join(f"{os.path.join(folder, name)}* ({len(members)} shards)"
+                          for (folder, name), members in groups.items())
+    reason = (f"no manifest.json beside {', '.join(unknown)} says which categories its ids number" if unknown
+              else "their manifests' category_names differ")
+    raise ValueError(
+        f"data config: train_shards {config.train_shards!r} spans {len(groups)} datasets ({described}) and "
+        f"data.category_ids is empty; each converter numbers its own categories, so the records' category_id "
+        f"values may mean different categories in different datasets ({reason}). Set data.category_ids "
+        "(category name -> id) to give all of them one numbering."
+    )
+
+
 def open_train_source(config: ml_collections.ConfigDict) -> sources.RecordSource:
-    """The raw-bytes source over the training shards named by ``train_shards`` + ``train_split``."""
+    """The raw-bytes source over the training shards named by ``train_shards`` + ``train_split``
+    (refused when they mix datasets with separate category numberings, see ``check_category_numbering``)."""
     if not config.train_shards:
         raise ValueError("data config: train_shards is empty (give a converted folder or a shard glob)")
-    return sources.RecordSource(sources.shard_paths(config.train_shards, config.train_split), raw=True)
+    paths = sources.shard_paths(config.train_shards, config.train_split)
+    check_category_numbering(config, paths)
+    return sources.RecordSource(paths, raw=True)
 
 
 def make_record_dataset(

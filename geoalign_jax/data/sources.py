@@ -19,7 +19,15 @@ from typing import Any, SupportsIndex
 from geoalign_jax.data import records
 
 MANIFEST_NAME = "manifest.json"
-_SHARD_PATTERN = re.compile(r"-(?P<split>[^/]+?)-\d{5}-of-\d{5}\.array_record$")
+#: A shard file's base name: `<name>-<split>-NNNNN-of-NNNNN.array_record`. The split is the last "-" field
+#: before the numbering (writers refuse split names containing "-"), so dataset names may contain "-".
+_SHARD_PATTERN = re.compile(r"^(?P<name>.+)-(?P<split>[^-]+)-\d{5}-of-\d{5}\.array_record$")
+
+
+def parse_shard_name(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(dataset name, split) of a shard path named `<name>-<split>-NNNNN-of-NNNNN.array_record`, else None."""
+    match = _SHARD_PATTERN.match(os.path.basename(os.fspath(path)))
+    return (match.group("name"), match.group("split")) if match else None
 
 
 class SourceError(ValueError):
@@ -50,6 +58,29 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def group_by_dataset(paths: Sequence[str | os.PathLike]) -> dict[tuple[str, str], list[str]]:
+    """Shard paths grouped by the dataset they belong to: (folder, dataset name from the shard name), in first-
+    seen order. A file not named like a shard is its own group (its name is the file name)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path in map(os.fspath, paths):
+        parsed = parse_shard_name(path)
+        key = (os.path.dirname(os.path.abspath(path)), parsed[0] if parsed else os.path.basename(path))
+        groups.setdefault(key, []).append(path)
+    return groups
+
+
+def _contained_shard(entry: Any, manifest_path: str) -> str:
+    """A manifest's shard entry, refused unless it is a relative path inside the manifest's folder: a shared
+    or downloaded manifest must not make the reader open arbitrary files ("/etc/...", "../../...")."""
+    if not isinstance(entry, str) or not entry:
+        raise SourceError(f"{manifest_path}: shard entry {entry!r} is not a file name")
+    normalised = os.path.normpath(entry)
+    if os.path.isabs(entry) or normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
+        raise SourceError(f"{manifest_path}: shard entry {entry!r} points outside the dataset folder "
+                          "(entries must be relative paths inside it)")
+    return entry
+
+
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
@@ -60,7 +91,7 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
     location = os.fspath(dir_or_glob)
     if _is_glob(location):
         matches = sorted(glob.glob(location))
-        paths = [p for p in matches if (m := _SHARD_PATTERN.search(p)) and m.group("split") == split]
+        paths = [p for p in matches if (parsed := parse_shard_name(p)) is not None and parsed[1] == split]
         if not paths:
             raise SourceError(f"no shards of split {split!r} match {location} ({len(matches)} files matched the glob)")
         return paths
@@ -70,12 +101,25 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise SourceError(f"split {split!r} not in {os.path.join(location, MANIFEST_NAME)} "
                           f"(splits: {sorted(manifest['splits'])})")
-    paths = [os.path.join(location, shard) for shard in manifest["splits"][split]["shards"]]
+    manifest_path = os.path.join(location, MANIFEST_NAME)
+    paths = [os.path.join(location, _contained_shard(shard, manifest_path))
+             for shard in manifest["splits"][split]["shards"]]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise SourceError(f"shard files listed in the manifest are missing: {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''}")
     return paths
+
+
+def _shard_record_count(path: str) -> int:
+    """Records in one shard, from its index (the reader is closed again at once)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(path)
+    try:
+        return int(reader.num_records())
+    finally:
+        reader.close()
 
 
 class RecordSource:
@@ -118,10 +162,7 @@ class RecordSource:
     def locate(self, index: int) -> tuple[str, int]:
         """(shard path, index inside that shard) of a global record index, for error messages."""
         if self._prefix_sums is None:
-            import grain
-
-            counts = [len(grain.sources.ArrayRecordDataSource([p])) for p in self._paths]
-            self._prefix_sums = list(itertools.accumulate(counts))
+            self._prefix_sums = list(itertools.accumulate(_shard_record_count(p) for p in self._paths))
         shard = bisect.bisect_right(self._prefix_sums, index)
         start = self._prefix_sums[shard - 1] if shard else 0
         return self._paths[shard], index - start

@@ -230,22 +230,36 @@ def draft_scale_needed(crop: Crop, out_size: tuple[int, int]) -> float:
 
 
 def decode_image(
-    data: bytes, expected_size: tuple[int, int], min_scale: float = 1.0
+    data: bytes,
+    expected_size: tuple[int, int] | None,
+    min_scale: float = 1.0,
+    *,
+    where: str = "",
 ) -> tuple[Image.Image, float, float]:
     """Decode encoded image bytes to RGB, letting JPEG decode at a reduced scale >= ``min_scale``.
 
-    Returns ``(image, scale_x, scale_y)`` (decoded size / record size). Raises ``ValueError`` when the bytes
-    do not decode or the decoded size differs from the size in the record, so a broken record is skipped,
-    never trained on with wrong boxes.
+    The one image decoder of training and evaluation. Returns ``(image, scale_x, scale_y)`` (decoded size /
+    ``expected_size``). Raises ``ValueError`` naming ``where`` (the record) when the bytes do not decode or the
+    decoded size differs from ``expected_size`` (the record's width and height), so a broken record is skipped
+    or reported, never used with boxes measured on another size. ``expected_size=None`` (image files that
+    carry no size of their own) skips that check.
     """
-    image = Image.open(io.BytesIO(data))
-    width, height = expected_size
+    label = where or "(bytes)"
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as error:  # PIL raises several unrelated types for data that is not an image
+        raise ValueError(f"cannot decode image {label}: {error}") from error
+    width, height = expected_size if expected_size is not None else image.size
     if image.size != (width, height):
-        raise ValueError(f"image is {image.size[0]}x{image.size[1]} but the record says {width}x{height}")
+        raise ValueError(f"{where + ': ' if where else ''}image is {image.size[0]}x{image.size[1]} "
+                         f"but the record says {width}x{height}")
     if image.format == "JPEG" and min_scale < 0.5:
         image.draft("RGB", (max(1, math.ceil(width * min_scale)), max(1, math.ceil(height * min_scale))))
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    image.load()
+    try:
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        image.load()
+    except Exception as error:  # truncated or corrupt pixel data only shows when decoding
+        raise ValueError(f"cannot decode image {label}: {error}") from error
     return image, image.size[0] / width, image.size[1] / height
 
 
@@ -325,6 +339,7 @@ def output_spec(config: TransformConfig) -> dict[str, tuple[tuple[int, ...], np.
     }
     if config.long_context_length:
         spec["long_text"] = ((config.long_context_length,), np.int32)
+        spec["long_text_mask"] = ((), np.bool_)  # True: a real long caption; False: the short caption stands in
     if config.num_hard_negatives:
         spec["hard_negatives"] = ((config.num_hard_negatives, length), np.int32)
         spec["hard_negative_mask"] = ((config.num_hard_negatives,), np.bool_)
@@ -548,8 +563,11 @@ def make_example(
         region_text[: len(chosen_regions)] = tokens[start : start + len(chosen_regions)]
         example["region_text"] = region_text
     if tokenize_long is not None:
-        # No long description: the chosen caption stands in (a trivially aligned pair, never a wrong one).
+        # No long description: the chosen caption stands in (a fixed-shape placeholder) and `long_text_mask` is
+        # False, so the long-text and short-long consistency losses leave the example out instead of training
+        # "long" text on a short caption.
         example["long_text"] = tokenize_long([long_caption or caption])[0]
+        example["long_text_mask"] = np.bool_(long_caption is not None)
     return example
 
 

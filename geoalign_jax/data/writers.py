@@ -436,24 +436,47 @@ def _check_bad_fraction(log: SkipLog, max_bad_fraction: float) -> str | None:
     return "; ".join(problems) + f" (allowed bad fraction: {max_bad_fraction:g}, --max-bad-fraction)"
 
 
-def _prepare_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
-    """Create out_dir; an existing conversion there is removed only with `overwrite` (its listed shards)."""
+def _old_shards(out_dir: pathlib.Path, overwrite: bool) -> list[str] | None:
+    """Create out_dir; the shards an existing conversion there lists, or None when there is none.
+
+    An existing dataset is refused without `overwrite`; with it, nothing is deleted here: the old shards are
+    removed only after the new dataset has been written completely (see `_remove_replaced_shards`), so a
+    conversion that fails leaves the old dataset as it was.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     if not manifest_path.exists():
-        return
+        return None
     if not overwrite:
         raise ConversionError(f"{manifest_path} exists: pass overwrite=True (--overwrite) to replace that dataset")
     try:
         old = json.loads(manifest_path.read_text())
-        old_shards = [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        return [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
     except (OSError, ValueError, AttributeError) as error:
         raise ConversionError(f"{manifest_path} is unreadable ({error}); remove it by hand") from None
+
+
+def _remove_replaced_shards(out_dir: pathlib.Path, old_shards: Sequence[str], new_shards: Iterable[str]) -> None:
+    """Delete the old dataset's shards that the new manifest does not list (never anything outside out_dir)."""
+    keep = set(new_shards)
+    root = out_dir.resolve()
     for shard in old_shards:
+        if not isinstance(shard, str) or shard in keep:
+            continue
         target = (out_dir / shard).resolve()
-        if target.parent == out_dir.resolve():  # never delete outside out_dir, whatever the manifest says
+        if target.parent == root:  # whatever the old manifest says
             target.unlink(missing_ok=True)
-    manifest_path.unlink()
+
+
+def check_split_name(split: Any) -> str:
+    """A split name usable in `<name>-<split>-NNNNN-of-NNNNN.array_record`: non-empty, no "-" (readers take the
+    last "-" field before the numbering as the split), no path separator, not hidden."""
+    if not isinstance(split, str) or not split or any(ch in split for ch in "-/\\") or split.startswith("."):
+        raise ConversionError(
+            f"split name {split!r} cannot be used: split names must be non-empty and contain no '-', '/' or '\\' "
+            "(shards are named <name>-<split>-NNNNN-of-NNNNN.array_record); rename the split, e.g. 'val_2'"
+        )
+    return split
 
 
 def write_dataset(
@@ -476,20 +499,25 @@ def write_dataset(
 
     `skip_log` carries what the converter already dropped while reading its annotation files (malformed
     lines, ...). `tasks` may be a lazy iterable (bounded memory for big sources) when `expected_counts`
-    gives the number of tasks per split (it sizes the shards). The output is the same for any `workers`. When the bad fraction is exceeded nothing is left
-    behind (no shards, no manifest) and ConversionError carries the summary.
+    gives the number of tasks per split (it sizes the shards). The output is the same for any `workers`. When
+    the bad fraction is exceeded (or anything fails) no new file is left behind and ConversionError carries the
+    summary. With `overwrite`, an existing dataset in `out_dir` stays untouched until the new one is complete:
+    new shards are built under temporary names, renamed into place, the manifest swapped atomically, and only
+    then are old shards the new manifest does not list deleted.
     """
     from tqdm import tqdm
 
     if not name or any(ch in name for ch in "/\\") or name.startswith("."):
         raise ConversionError(f"dataset name {name!r} must be a plain file-name prefix")
     out_path = pathlib.Path(out_dir)
-    _prepare_out_dir(out_path, overwrite)
+    old_shards = _old_shards(out_path, overwrite)
     log = skip_log or SkipLog()
     if expected_counts is None:
         tasks = list(tasks)
         expected_counts = Counter(task.split for task in tasks)
     expected = dict(expected_counts)
+    for split in expected:
+        check_split_name(split)
     writers = {
         split: _SplitWriter(out_path, name, split, sharding.records_per_shard_for(count), sharding.writer_options)
         for split, count in sorted(expected.items())
@@ -543,4 +571,6 @@ def write_dataset(
     temp_manifest = out_path / f".tmp-{MANIFEST_NAME}"
     temp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     os.replace(temp_manifest, manifest_path)
+    if old_shards:
+        _remove_replaced_shards(out_path, old_shards, (s for names in summary.shards.values() for s in names))
     return summary

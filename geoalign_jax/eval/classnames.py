@@ -10,15 +10,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-
-
-def readable_class_name(identifier: str) -> str:
-    """'DenseResidential' / 'dense_residential' / 'dense-residential' -> 'dense residential'."""
-    spaced = _CAMEL_BOUNDARY.sub(" ", identifier.strip())
-    spaced = re.sub(r"[_\-]+", " ", spaced)
-    return re.sub(r"\s+", " ", spaced).strip().lower()
-
+# One rule for readable names, shared with the converters (which write `class_names` into manifests), so a
+# class is prompted by the same words whether it comes from a manifest or from this table.
+from geoalign_jax.data.converters import readable_class_name  # also this module's public name
 
 def _readable(identifiers: Sequence[str]) -> dict[str, str]:
     return {identifier: readable_class_name(identifier) for identifier in identifiers}

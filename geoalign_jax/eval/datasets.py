@@ -46,14 +46,23 @@ class FolderImages:
     def where(self, index: int) -> str:
         return str(self.paths[index])
 
+    def expected_size(self, index: int) -> None:
+        """Plain image files carry no separate size to check the decoded image against."""
+        return None
+
 
 class RecordImages:
-    """The images of selected records of a record source (decoded on access, in any thread)."""
+    """The images of selected records of a record source (decoded on access, in any thread), with each
+    record's (width, height): the decoder checks the image against it (boxes are measured on that size)."""
 
-    def __init__(self, source: Any, record_indices: Sequence[int], wheres: Sequence[str]) -> None:
+    def __init__(self, source: Any, record_indices: Sequence[int], wheres: Sequence[str],
+                 sizes: Sequence[tuple[int, int]]) -> None:
+        if not len(record_indices) == len(wheres) == len(sizes):
+            raise ValueError(f"RecordImages: {len(record_indices)} indices, {len(wheres)} names, {len(sizes)} sizes")
         self.source = source
         self.record_indices = list(record_indices)
         self.wheres = list(wheres)
+        self.sizes = [(int(width), int(height)) for width, height in sizes]
 
     def __len__(self) -> int:
         return len(self.record_indices)
@@ -63,6 +72,9 @@ class RecordImages:
 
     def where(self, index: int) -> str:
         return self.wheres[index]
+
+    def expected_size(self, index: int) -> tuple[int, int]:
+        return self.sizes[index]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,6 +110,10 @@ def open_records(path: pathlib.Path, split: str | None) -> tuple[dict[str, Any],
     if not shard_paths:
         raise EvalDataError(f"{path}: split {chosen!r} has no shards")
     return manifest, chosen, sources.RecordSource(shard_paths), shard_paths
+
+
+def _record_size(record: dict[str, Any]) -> tuple[int, int]:
+    return int(record["width"]), int(record["height"])
 
 
 def _iterate_records(source: Any, path: pathlib.Path, split: str, limit: int | None):
@@ -192,7 +208,7 @@ def _classification_from_records(root: pathlib.Path, split: str | None, dataset:
     manifest, chosen, source, _ = open_records(root, split)
     raw_ids = manifest.get("raw_class_names") or manifest.get("class_names")
     readable = manifest.get("class_names")
-    indices, labels, wheres, skipped = [], [], [], {"unlabelled": 0}
+    indices, labels, wheres, sizes, skipped = [], [], [], [], {"unlabelled": 0}
     seen_names: dict[int, str] = {}
     for index, record, where in _iterate_records(source, root, chosen, None):
         label = int(record.get("label", -1))
@@ -206,6 +222,7 @@ def _classification_from_records(root: pathlib.Path, split: str | None, dataset:
         indices.append(index)
         labels.append(label)
         wheres.append(where)
+        sizes.append(_record_size(record))
     if not indices:
         raise EvalDataError(f"{root}[{chosen}]: no labelled records (label >= 0) for zero-shot classification")
     if raw_ids is None:
@@ -213,8 +230,8 @@ def _classification_from_records(root: pathlib.Path, split: str | None, dataset:
             raise EvalDataError(f"{root}: no class_names in the manifest and the records do not name every label")
         raw_ids = [seen_names[label] for label in range(max(labels) + 1)]
     if limit is not None:
-        picked, labels = _stratified_head(list(zip(indices, wheres)), labels, limit)
-        indices, wheres = [i for i, _ in picked], [w for _, w in picked]
+        picked, labels = _stratified_head(list(zip(indices, wheres, sizes)), labels, limit)
+        indices, wheres, sizes = [p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked]
     class_ids = list(raw_ids)
     if classnames.canonical_dataset_name(dataset or "") is not None:
         class_names = classnames.prompt_names_for(class_ids, dataset)
@@ -222,7 +239,7 @@ def _classification_from_records(root: pathlib.Path, split: str | None, dataset:
         class_names = list(readable)
     else:
         class_names = classnames.prompt_names_for(class_ids, None)
-    return ClassificationSet(RecordImages(source, indices, wheres), np.asarray(labels, np.int64), class_ids,
+    return ClassificationSet(RecordImages(source, indices, wheres, sizes), np.asarray(labels, np.int64), class_ids,
                              class_names, _nonzero(skipped),
                              f"{root} [{chosen}] ({len(indices)} images, {len(class_ids)} classes)")
 
@@ -248,7 +265,7 @@ def load_retrieval(path: str | pathlib.Path, *, split: str | None = None, limit:
     if not is_record_dir(root):
         raise EvalDataError(f"retrieval data must be a record folder with manifest.json: {root}")
     _, chosen, source, _ = open_records(root, split)
-    indices, keys, captions, wheres, skipped = [], [], [], [], {"records_without_captions": 0}
+    indices, keys, captions, wheres, sizes, skipped = [], [], [], [], [], {"records_without_captions": 0}
     for index, record, where in _iterate_records(source, root, chosen, limit):
         if not record.get("captions"):
             skipped["records_without_captions"] += 1
@@ -257,9 +274,10 @@ def load_retrieval(path: str | pathlib.Path, *, split: str | None = None, limit:
         keys.append(image_key(record["image"]))
         captions.append(list(record["captions"]))
         wheres.append(where)
+        sizes.append(_record_size(record))
     if not indices:
         raise EvalDataError(f"{root}[{chosen}]: no records with captions")
-    return RetrievalSet(RecordImages(source, indices, wheres), keys, captions, _nonzero(skipped),
+    return RetrievalSet(RecordImages(source, indices, wheres, sizes), keys, captions, _nonzero(skipped),
                         f"{root} [{chosen}] ({len(indices)} images, {sum(map(len, captions))} captions)")
 
 
@@ -305,7 +323,7 @@ def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: i
         if not kept:
             skipped["records_without_regions"] += 1
             continue
-        rows.append((index, where, (int(record["width"]), int(record["height"])), kept))
+        rows.append((index, where, _record_size(record), kept))
     if not rows:
         raise EvalDataError(f"{root}[{chosen}]: no regions with a category")
     vocabulary = manifest.get("category_names") or sorted({c for *_, kept in rows for _, c in kept})
@@ -318,7 +336,7 @@ def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: i
                 raise EvalDataError(f"{where}: category {category!r} is not in the manifest's category_names")
             image_regions.append((box, position[category]))
         regions.append(image_regions)
-    images = RecordImages(source, [r[0] for r in rows], [r[1] for r in rows])
+    images = RecordImages(source, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     return RegionSet(images, [r[2] for r in rows], regions, list(vocabulary), _nonzero(skipped),
                      f"{root} [{chosen}] ({len(rows)} images, {sum(map(len, regions))} regions)")
 

@@ -13,25 +13,22 @@ transposes them, so both backends see the same pixels.
 """
 from __future__ import annotations
 
-import io
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from geoalign_jax.data import transforms
 from geoalign_jax.data.transforms import normalise
 
 ResizeMode = Literal["shortest", "squash"]
 
 
-def decode_image(data: bytes, *, where: str = "") -> Image.Image:
-    """Encoded JPEG/PNG/TIFF bytes -> RGB PIL image; a broken file raises naming ``where``."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as error:  # PIL raises several unrelated types for broken data
-        raise ValueError(f"cannot decode image {where or '(bytes)'}: {error}") from error
-    return image.convert("RGB")
+def decode_image(data: bytes, *, where: str = "", expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """Encoded JPEG/PNG/TIFF bytes -> RGB PIL image, with the training pipeline's decoder
+    (``data.transforms.decode_image``). ``expected_size`` (width, height) is the record's size: a decoded
+    image of another size raises naming ``where``, since region boxes are measured on the record's size."""
+    return transforms.decode_image(data, expected_size, where=where)[0]
 
 
 def resize_shortest_center_crop(image: Image.Image, image_size: int) -> Image.Image:
@@ -59,9 +56,9 @@ def preprocess_pil(image: Image.Image, image_size: int, resize_mode: ResizeMode 
 
 
 def preprocess_bytes(data: bytes, image_size: int, resize_mode: ResizeMode = "shortest", *,
-                     where: str = "") -> np.ndarray:
-    """Encoded bytes -> the network input [S, S, 3] float32."""
-    return preprocess_pil(decode_image(data, where=where), image_size, resize_mode)
+                     where: str = "", expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Encoded bytes -> the network input [S, S, 3] float32 (``expected_size``: see ``decode_image``)."""
+    return preprocess_pil(decode_image(data, where=where, expected_size=expected_size), image_size, resize_mode)
 
 
 def crop_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:

@@ -29,14 +29,22 @@ def normalised_boxes(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(boxes, np.float32) / scale, 0.0, 1.0)
 
 
+def _expected_size(images: Any, index: int) -> tuple[int, int] | None:
+    """The record's (width, height) when the image source knows it (``RecordImages``), else None."""
+    expected = getattr(images, "expected_size", None)
+    return expected(index) if expected is not None else None
+
+
 def crop_loader(images: Any, regions: Sequence[Sequence[tuple[tuple[float, ...], int]]],
                 image_size: int) -> Callable[[int], np.ndarray]:
-    """load(i) -> [R_i, S, S, 3]: every region crop of image i (decoded once per image)."""
+    """load(i) -> [R_i, S, S, 3]: every region crop of image i (decoded once per image; an image whose size
+    differs from its record's raises naming the record, since the boxes are in the record's pixels)."""
 
     def load(index: int) -> np.ndarray:
         if not regions[index]:
             return np.zeros((0, image_size, image_size, 3), np.float32)
-        image = preprocess.decode_image(images.image_bytes(index), where=images.where(index))
+        image = preprocess.decode_image(images.image_bytes(index), where=images.where(index),
+                                        expected_size=_expected_size(images, index))
         crops = [preprocess.preprocess_pil(preprocess.crop_box(image, box), image_size, "squash")
                  for box, _ in regions[index]]
         return np.stack(crops)
@@ -45,11 +53,13 @@ def crop_loader(images: Any, regions: Sequence[Sequence[tuple[tuple[float, ...],
 
 
 def whole_image_loader(images: Any, image_size: int) -> Callable[[int], np.ndarray]:
-    """load(i) -> [1, S, S, 3]: image i squashed to the input size (boxes keep normalised coordinates)."""
+    """load(i) -> [1, S, S, 3]: image i squashed to the input size (boxes keep normalised coordinates, which
+    ``normalised_boxes`` computes from the record's size: a decoded image of another size raises)."""
 
     def load(index: int) -> np.ndarray:
         data = images.image_bytes(index)
-        return preprocess.preprocess_bytes(data, image_size, "squash", where=images.where(index))[None]
+        return preprocess.preprocess_bytes(data, image_size, "squash", where=images.where(index),
+                                           expected_size=_expected_size(images, index))[None]
 
     return load
 

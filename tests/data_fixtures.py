@@ -1,0 +1,39 @@
+"""Test helpers shared by the data and evaluation tests (imported by the test modules; not a test module).
+
+``from data_fixtures import eval_records`` in a test module registers the fixture there (pytest collects
+fixtures from a module's namespace); ``load_demo_module()`` loads tools/make_demo_data.py, which is a script
+rather than a package module.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_demo_module() -> ModuleType:
+    """tools/make_demo_data.py as the module ``make_demo_data`` (loaded once per process)."""
+    if "make_demo_data" in sys.modules and getattr(sys.modules["make_demo_data"], "make_demo_data", None):
+        return sys.modules["make_demo_data"]
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO_ROOT / "tools" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_demo_data"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def records(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
+    """The real AID sample (class folders) and RSICD sample (Karpathy JSON) converted to record folders."""
+    from geoalign_jax.data import converters
+
+    out = tmp_path_factory.mktemp("eval_records")
+    converters.convert_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
+    converters.convert_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
+                                shared_data / "rsicd_sample" / "images", out / "rsicd", name="rsicd", progress=False)
+    return {"aid": out / "aid", "rsicd": out / "rsicd"}
