@@ -75,7 +75,7 @@ def test_text_pooling_at_eot_ignores_tokens_after_it(tiny_params):
         clip.encode_text(TINY, tiny_params, jnp.zeros((1, 78), jnp.int32))
 
 
-def test_remat_gives_identical_gradients_and_bf16_is_close(tiny_params):
+def test_remat_gives_the_same_gradients_and_bf16_is_close(tiny_params):
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     tokens = _tokens(2)
 
@@ -84,10 +84,10 @@ def test_remat_gives_identical_gradients_and_bf16_is_close(tiny_params):
         text_embedding, _ = clip.encode_text(config, params, tokens)
         return jnp.sum(image_embedding * text_embedding) + jnp.mean(patches**2)
 
-    plain = jax.grad(functools.partial(loss, TINY))(tiny_params)
-    remat = jax.grad(functools.partial(loss, clip.get_model_config("tiny", remat=True)))(tiny_params)
+    plain = jax.jit(jax.grad(functools.partial(loss, TINY)))(tiny_params)
+    remat = jax.jit(jax.grad(functools.partial(loss, clip.get_model_config("tiny", remat=True))))(tiny_params)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # jit fuses the recompute differently
 
     bf16 = clip.get_model_config("tiny", dtype="bfloat16")
     emb32, _ = clip.encode_image(TINY, tiny_params, images)
