@@ -179,7 +179,8 @@ class _Runner:
 
         def load(index: int) -> np.ndarray:
             return preprocess.preprocess_bytes(images.image_bytes(index), size, "shortest",
-                                               where=images.where(index))[None]
+                                               where=images.where(index),
+                                               expected_size=images.expected_size(index))[None]
 
         return embed.embed_all(self.embedder, load, count, count, batch_size=self.batch_size, desc=desc,
                                progress=self.progress, num_threads=self.num_threads)
