@@ -10,20 +10,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from array_fixtures import assert_close as _close, random_normal as _random
 from geoalign_jax.losses.consistency import (
     ema_update,
     global_region_consistency_loss,
     patch_distillation_loss,
     short_long_consistency_loss,
 )
-
-
-def _random(shape, seed):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def _close(a, b, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol)
 
 
 def _crop_boxes(batch, crops, seed):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
+from array_fixtures import assert_close as _close, random_normal as _random
 from geoalign_jax.losses.contrastive import (
     MAX_LOGIT_SCALE,
     chunked_clip_loss,
@@ -25,17 +26,8 @@ from geoalign_jax.losses.contrastive import (
 LOG_TEMPERATURE = math.log(1 / 0.07)
 
 
-def _random(shape, seed):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
 def _torch_unit(x: np.ndarray) -> torch.Tensor:
     return F.normalize(torch.tensor(x, dtype=torch.float64), dim=-1)
-
-
-def _close(a, b, tol=1e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 def _loss_fn(kind: str, chunk_size: int, mask=None):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from array_fixtures import assert_close as _close
 from geoalign_jax.losses import objective as objective_module
 from geoalign_jax.losses.consistency import (
     global_region_consistency_loss,
@@ -27,10 +28,6 @@ from geoalign_jax.losses.objective import (
 from geoalign_jax.losses.region import multi_positive_loss, region_features, region_text_loss
 
 BATCH, NEGATIVES, REGIONS, CROPS, TOKENS, DIM, VOCAB, PIXELS = 4, 2, 3, 2, 5, 6, 20, 8
-
-
-def _close(a, b, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from array_fixtures import assert_close as _close, random_normal as _random
 from geoalign_jax.losses.contrastive import clip_loss
 from geoalign_jax.losses.region import (
     multi_positive_loss,
@@ -18,14 +19,6 @@ from geoalign_jax.losses.region import (
     roi_align,
     roi_align_mean,
 )
-
-
-def _random(shape, seed):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def _close(a, b, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol)
 
 
 def _boxes(batch, regions, seed):
