@@ -29,11 +29,14 @@ def load_demo_module() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def records(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
-    """The real AID sample (class folders) and RSICD sample (Karpathy JSON) converted to record folders."""
+    """The real AID sample (class folders), RSICD sample (Karpathy JSON) and DOTA sample (oriented boxes)
+    converted to record folders."""
     from geoalign_jax.data import converters
 
     out = tmp_path_factory.mktemp("eval_records")
     converters.convert_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
     converters.convert_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
                                 shared_data / "rsicd_sample" / "images", out / "rsicd", name="rsicd", progress=False)
-    return {"aid": out / "aid", "rsicd": out / "rsicd"}
+    converters.convert_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt",
+                            out / "dota", progress=False)
+    return {"aid": out / "aid", "rsicd": out / "rsicd", "dota": out / "dota"}

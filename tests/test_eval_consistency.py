@@ -3,13 +3,13 @@ torch) give the same embeddings to 1e-4 and the same numbers, on the real sample
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
-from geoalign_jax.data import converters
+import data_fixtures
+
 from geoalign_jax.eval import datasets, embed, library, preprocess
 from geoalign_jax.models import clip
 
@@ -29,15 +29,7 @@ def backends(tmp_path_factory):
             embed.OpenClipEmbedder.from_dir(str(folder), batch_size=64))
 
 
-@pytest.fixture(scope="module")
-def records(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
-    out = tmp_path_factory.mktemp("eval_consistency_records")
-    converters.convert_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
-    converters.convert_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
-                                shared_data / "rsicd_sample" / "images", out / "rsicd", name="rsicd", progress=False)
-    converters.convert_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt",
-                            out / "dota", progress=False)
-    return {"aid": out / "aid", "rsicd": out / "rsicd", "dota": out / "dota"}
+records = data_fixtures.records
 
 
 def test_embeddings_agree_on_identical_pixels(backends, records):
