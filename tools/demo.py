@@ -80,10 +80,19 @@ def _fit(config, model_config, params, steps: int):
     opt_state = optimizer.init(params)
     iterator = pipeline.make_train_iterator(config.data)
     try:
+        batch = next(iterator)
+        host_metrics = pipeline.pop_host_metrics(batch)
+        # Compile once ahead of time, and say what the step costs in memory before running it.
+        compiled = train_step.lower(params, opt_state, batch, jnp.int32(0)).compile()
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            print(f"compiled train step: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+                  f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB", flush=True)
         for step in range(steps):
-            batch = next(iterator)
-            host_metrics = pipeline.pop_host_metrics(batch)
-            params, opt_state, metrics = train_step(params, opt_state, batch, step)
+            if step:
+                batch = next(iterator)
+                host_metrics = pipeline.pop_host_metrics(batch)
+            params, opt_state, metrics = compiled(params, opt_state, batch, jnp.int32(step))
             if step % 10 == 0 or step == steps - 1:
                 metrics = jax.device_get(metrics)  # the only host sync: for logging
                 per_term = ", ".join(f"{name} {metrics[f'{name}/loss']:.3f}" for name in terms)
