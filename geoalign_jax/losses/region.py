@@ -83,8 +83,15 @@ def _axis_weights(
     return jnp.sum(weights, axis=-2) / expand(jnp.maximum(samples, 1.0))
 
 
-def _box_weights(feature_shape, boxes, output_size, sampling_ratio, aligned) -> tuple[Array, Array]:
-    grid_h, grid_w = feature_shape
+def _box_weights(
+    feature_map: Array, boxes: Array, output_size: int | Sequence[int], sampling_ratio: int, aligned: bool, caller: str
+) -> tuple[Array, Array]:
+    """Checks the inputs of `caller`, then the separable bilinear weights [B, R, out, grid] per axis."""
+    if feature_map.ndim != 4 or jnp.ndim(boxes) != 3 or jnp.shape(boxes)[0] != feature_map.shape[0]:
+        raise ValueError(
+            f"{caller} expects feature_map [B, h, w, C] and boxes [B, R, 4]; got {feature_map.shape} and {jnp.shape(boxes)}"
+        )
+    grid_h, grid_w = feature_map.shape[1:3]
     out_h, out_w = _pair(output_size)
     boxes = jnp.asarray(boxes, jnp.float32)
     if boxes.shape[-1] != 4:
@@ -108,9 +115,7 @@ def roi_align(
     spatial_scale=1, sampling_ratio, aligned)`.
     """
     feature_map = jnp.asarray(feature_map)
-    if feature_map.ndim != 4 or jnp.ndim(boxes) != 3 or jnp.shape(boxes)[0] != feature_map.shape[0]:
-        raise ValueError(f"roi_align expects feature_map [B, h, w, C] and boxes [B, R, 4]; got {feature_map.shape} and {jnp.shape(boxes)}")
-    row_weights, column_weights = _box_weights(feature_map.shape[1:3], boxes, output_size, sampling_ratio, aligned)
+    row_weights, column_weights = _box_weights(feature_map, boxes, output_size, sampling_ratio, aligned, "roi_align")
     rows = jnp.einsum("broy,byxc->broxc", row_weights, feature_map.astype(jnp.float32))
     return jnp.einsum("brpx,broxc->bropc", column_weights, rows)
 
@@ -128,9 +133,7 @@ def roi_align_mean(
     this costs one [h] x [w] weighting per box.
     """
     feature_map = jnp.asarray(feature_map)
-    if feature_map.ndim != 4 or jnp.ndim(boxes) != 3 or jnp.shape(boxes)[0] != feature_map.shape[0]:
-        raise ValueError(f"roi_align_mean expects feature_map [B, h, w, C] and boxes [B, R, 4]; got {feature_map.shape} and {jnp.shape(boxes)}")
-    row_weights, column_weights = _box_weights(feature_map.shape[1:3], boxes, output_size, sampling_ratio, aligned)
+    row_weights, column_weights = _box_weights(feature_map, boxes, output_size, sampling_ratio, aligned, "roi_align_mean")
     return jnp.einsum(
         "bry,brx,byxc->brc", row_weights.mean(axis=-2), column_weights.mean(axis=-2), feature_map.astype(jnp.float32)
     )
