@@ -9,7 +9,7 @@ import numpy as np
 
 from geoalign_jax.convert import common
 from geoalign_jax.models.clip import CLIPConfig, Params, encode_image, encode_text
-from geoalign_jax.train.checkpoint import abstract_params
+from geoalign_jax.params_checkpoint import abstract_params
 
 # Tolerance of fp32 embedding parity against PyTorch.
 ATOL = 1e-4

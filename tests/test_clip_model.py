@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from geoalign_jax.models import clip
-from geoalign_jax.train import checkpoint
+from geoalign_jax import params_checkpoint as checkpoint
 
 TINY = clip.get_model_config("tiny")
 

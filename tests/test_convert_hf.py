@@ -33,7 +33,7 @@ from geoalign_jax.models.clip import (  # noqa: E402
     CLIPConfig,
     get_model_config,
 )
-from geoalign_jax.train.checkpoint import load_params, save_params  # noqa: E402
+from geoalign_jax.params_checkpoint import load_params, save_params  # noqa: E402
 
 # transformers config of our "tiny" architecture, written out by hand (not by the exporter under test).
 TINY_HF_CONFIG = {

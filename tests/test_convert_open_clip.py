@@ -34,7 +34,7 @@ from geoalign_jax.models.clip import (  # noqa: E402
     get_model_config,
 )
 from geoalign_jax.models.posemb import stretch_text_posemb  # noqa: E402
-from geoalign_jax.train.checkpoint import load_params, save_params  # noqa: E402
+from geoalign_jax.params_checkpoint import load_params, save_params  # noqa: E402
 
 # open_clip model_cfg of our "tiny" config, written out by hand (not by the exporter under test).
 TINY_OPEN_CLIP_CFG = {

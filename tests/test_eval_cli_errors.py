@@ -26,7 +26,7 @@ def test_hf_and_checkpoint_weights_give_the_same_results(tmp_path):
 
     from geoalign_jax.convert import hf
     from geoalign_jax.models import clip
-    from geoalign_jax.train.checkpoint import save_params
+    from geoalign_jax.params_checkpoint import save_params
 
     rng = np.random.default_rng(0)
     data = tmp_path / "scenes"

@@ -158,7 +158,7 @@ def test_cli_rejects_a_missing_data_path(tmp_path, capsys):
 
 def test_cli_reads_a_parameters_checkpoint(records, params, aid_report, tmp_path):
     from geoalign_jax.evaluate import main
-    from geoalign_jax.train.checkpoint import save_params
+    from geoalign_jax.params_checkpoint import save_params
 
     checkpoint = save_params(tmp_path / "params", CONFIG, params)
     out = tmp_path / "eval"

@@ -25,7 +25,8 @@ from geoalign_jax.losses.objective import (
     term_weights,
     validate_loss_config,
 )
-from geoalign_jax.losses.region import multi_positive_loss, region_features, region_text_loss
+from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
+from geoalign_jax.models.roi_align import region_features
 
 BATCH, NEGATIVES, REGIONS, CROPS, TOKENS, DIM, VOCAB, PIXELS = 4, 2, 3, 2, 5, 6, 20, 8
 

@@ -12,13 +12,8 @@ import torchvision
 
 from array_fixtures import assert_close as _close, random_normal as _random
 from geoalign_jax.losses.contrastive import clip_loss
-from geoalign_jax.losses.region import (
-    multi_positive_loss,
-    region_features,
-    region_text_loss,
-    roi_align,
-    roi_align_mean,
-)
+from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
+from geoalign_jax.models.roi_align import region_features, roi_align, roi_align_mean
 
 
 def _boxes(batch, regions, seed):

@@ -24,7 +24,8 @@ def _worker() -> dict[str, float]:
     import numpy as np
 
     from geoalign_jax.losses.contrastive import clip_loss, hard_negative_loss, siglip_loss
-    from geoalign_jax.losses.region import multi_positive_loss, region_features, region_text_loss
+    from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
+    from geoalign_jax.models.roi_align import region_features
     from geoalign_jax.parallel.mesh import AxisContext, batch_sharding, make_mesh, replicated
 
     assert jax.device_count() == DEVICES, jax.devices()

@@ -24,7 +24,7 @@ from geoalign_jax.models.clip import (  # noqa: E402
 )
 from geoalign_jax.models.posemb import resize_image_posemb, stretch_text_posemb  # noqa: E402
 from param_fixtures import random_params  # noqa: E402
-from geoalign_jax.train.checkpoint import abstract_params  # noqa: E402
+from geoalign_jax.params_checkpoint import abstract_params  # noqa: E402
 
 ATOL = 1e-4
 CAPTIONS = [

@@ -36,7 +36,7 @@ from geoalign_jax.data import pipeline  # noqa: E402
 from geoalign_jax.eval import embed, evaluate  # noqa: E402
 from geoalign_jax.losses import objective as objective_lib  # noqa: E402
 from geoalign_jax.models import clip  # noqa: E402
-from geoalign_jax.train import checkpoint  # noqa: E402
+from geoalign_jax import params_checkpoint as checkpoint  # noqa: E402
 from make_demo_data import make_demo_data  # noqa: E402
 
 TOLERANCE = 1e-4

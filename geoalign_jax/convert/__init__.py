@@ -8,7 +8,7 @@
   split/merge, architecture inference and the import pipeline.
 CLI: `python -m geoalign_jax.convert export|import ...` (see `__main__.py`).
 
-CKPT, the parameters checkpoint both directions use (written by `train.checkpoint.save_params`, read by
+CKPT, the parameters checkpoint both directions use (written by `params_checkpoint.save_params`, read by
 `load_params`; the trainer's checkpoints hold the same tree):
 ```
 CKPT/model_config.json   {"format": "geoalign-params", "version": 1, "model": CLIPConfig.to_dict()}

@@ -7,7 +7,7 @@ python -m geoalign_jax.convert import --src PATH --format open_clip --out CKPT [
                                       [--model NAME] [--stretch-text]
 python -m geoalign_jax.convert import --src HF_DIR --format hf --out CKPT [--model NAME]
 ```
-CKPT is a parameters checkpoint (`train/checkpoint.py`: model_config.json + an orbax tree under params/).
+CKPT is a parameters checkpoint (`params_checkpoint.py`: model_config.json + an orbax tree under params/).
 Exits with status 2 and a one-line message on bad input (wrong architecture, missing keys, no activation).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _check_out_dir(out: pathlib.Path) -> None:
 
 def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path) -> list[pathlib.Path]:
     """Loads a parameters checkpoint and writes it in `fmt`; returns the files written."""
-    from geoalign_jax.train.checkpoint import load_params
+    from geoalign_jax.params_checkpoint import load_params
 
     _check_out_dir(out)
     config, params = load_params(params_path)
@@ -68,7 +68,7 @@ def run_import(
     src: pathlib.Path, fmt: str, out: pathlib.Path, *, quick_gelu: bool | None, model: str | None, stretch_text: bool
 ) -> pathlib.Path:
     """Reads a PyTorch-format checkpoint and writes a parameters checkpoint; returns its path."""
-    from geoalign_jax.train.checkpoint import save_params
+    from geoalign_jax.params_checkpoint import save_params
 
     if out.exists():
         raise ValueError(f"--out {out} already exists; parameters checkpoints are never overwritten")

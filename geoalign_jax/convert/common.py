@@ -32,8 +32,8 @@ from geoalign_jax.models.posemb import (
     stretch_text_posemb,
 )
 
-# flatten_params is re-exported: its one definition is in train/checkpoint.py (train never imports convert).
-from geoalign_jax.train.checkpoint import abstract_params, flatten_params  # noqa: F401
+# flatten_params is re-exported: its one definition is in params_checkpoint.py (train never imports convert).
+from geoalign_jax.params_checkpoint import abstract_params, flatten_params  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model config, params, description) from the weights option."""
     quick = {"auto": None, "true": True, "false": False}[args.quick_gelu]
     if args.checkpoint:
-        from geoalign_jax.train.checkpoint import load_params
+        from geoalign_jax.params_checkpoint import load_params
 
         config, params = load_params(args.checkpoint)
         return config, params, f"checkpoint {args.checkpoint}"

@@ -4,7 +4,7 @@
   feeds region crops) and encoded; the CLS embedding is classified.
 - ``roi``: the whole image is squashed to the input size (so a box keeps its normalised coordinates,
   as in FG-CLIP's box classification), its patch tokens are RoI-aligned over the box (7x7 bins) and
-  mean-pooled by ``losses.region.region_features``, the region feature the region losses train;
+  mean-pooled by ``models.roi_align.region_features``, the region feature the region losses train;
   that feature is classified.
 
 Both compare against prompt-ensembled category embeddings (``zeroshot.build_classifier``). Model-free
@@ -69,7 +69,7 @@ def _compiled_pool(output_size: int) -> Any:
     """The jitted pooling function, shared across evaluations (one compile per shape for a whole run)."""
     import jax
 
-    from geoalign_jax.losses.region import region_features
+    from geoalign_jax.models.roi_align import region_features
 
     def pool(feature_maps: Any, image_of_box: Any, boxes: Any) -> Any:
         # feature_maps [M, gh, gw, E], image_of_box [n], boxes [n, 4] -> [n, E]

@@ -31,7 +31,7 @@ from geoalign_jax.losses.objective import (
     term_weights,
     validate_loss_config,
 )
-from geoalign_jax.losses.region import multi_positive_loss, region_features, region_text_loss, roi_align, roi_align_mean
+from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
 
 __all__ = [
     "TERM_NAMES",
@@ -50,10 +50,7 @@ __all__ = [
     "multi_positive_loss",
     "patch_distillation_loss",
     "principal_component_reconstruction",
-    "region_features",
     "region_text_loss",
-    "roi_align",
-    "roi_align_mean",
     "row_statistics",
     "schedule_value",
     "short_long_consistency_loss",

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from geoalign_jax.losses.contrastive import clip_loss, l2_normalize
-from geoalign_jax.losses.region import roi_align_mean
+from geoalign_jax.models.roi_align import roi_align_mean
 from geoalign_jax.parallel.mesh import AxisContext
 
 Array = jax.Array

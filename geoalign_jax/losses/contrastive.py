@@ -59,6 +59,17 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = NORM_EPS) -> Array:
     return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
+def clamp_logit_scale(params: dict) -> dict:
+    """open_clip's rule, applied after every optimizer update: `logit_scale` clamped to [0, ln 100].
+
+    Pure: returns a new top-level params dict (only `logit_scale` changes); params without one pass through.
+    """
+    if "logit_scale" not in params:
+        return params
+    clamped = jnp.clip(params["logit_scale"], 0.0, LOG_MAX_LOGIT_SCALE).astype(jnp.asarray(params["logit_scale"]).dtype)
+    return {**params, "logit_scale": clamped}
+
+
 def logit_scale_value(logit_scale: Array | float) -> Array:
     """The multiplicative temperature `min(exp(logit_scale), 100)` from the log-space parameter."""
     return jnp.minimum(jnp.exp(jnp.asarray(logit_scale, jnp.float32)), MAX_LOGIT_SCALE)
@@ -529,6 +540,7 @@ __all__ = [
     "clip_loss",
     "hard_negative_loss",
     "l2_normalize",
+    "clamp_logit_scale",
     "logit_scale_value",
     "masked_logsumexp",
     "multi_positive_contrastive_loss",

@@ -40,7 +40,8 @@ from geoalign_jax.losses.contrastive import (
     principal_component_reconstruction,
     siglip_loss,
 )
-from geoalign_jax.losses.region import REGION_TEXT_POSITIVES, multi_positive_loss, region_features, region_text_loss
+from geoalign_jax.losses.region import REGION_TEXT_POSITIVES, multi_positive_loss, region_text_loss
+from geoalign_jax.models.roi_align import region_features
 from geoalign_jax.parallel.mesh import AxisContext
 
 Array = jax.Array
