@@ -25,16 +25,18 @@ _TOWER_INPUTS = {
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `learning_rate`, then cosine decay to `learning_rate * end_learning_rate_factor`
-    at `num_steps`."""
+    """Linear warm-up to `learning_rate` over `warmup_steps`, then cosine decay to `learning_rate *
+    end_learning_rate_factor` at `num_steps`. As in open_clip, update k (from 0) uses the value at k + 1, so
+    the first update already moves (peak / warmup_steps) and the last one uses the end value."""
     peak = float(optim.learning_rate)
-    return optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,
         warmup_steps=int(optim.warmup_steps),
         decay_steps=max(int(num_steps), int(optim.warmup_steps) + 1),
         end_value=peak * float(optim.end_learning_rate_factor),
     )
+    return lambda count: base(count + 1)
 
 
 def _path_tree(params: Params) -> Params:
@@ -106,9 +108,14 @@ def scale_by_tree(factors: Params) -> optax.GradientTransformation:
         del params
         return ScaleByTreeState()
 
+    def scale(update: Any, factor: float) -> Any:
+        if isinstance(update, optax.MaskedNode) or factor == 1.0:  # MaskedNode: a frozen leaf (multi_transform)
+            return update
+        return update * jnp.asarray(factor, update.dtype)
+
     def update(updates: Params, state: ScaleByTreeState, params: Params | None = None):
         del params
-        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors), state
+        return jax.tree.map(scale, updates, factors, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
 
     return optax.GradientTransformation(init, update)
 

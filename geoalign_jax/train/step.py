@@ -67,7 +67,7 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
 def trainable_norm(grads: Any, frozen: Any) -> jax.Array:
     """Global L2 norm of the gradients of the trainable parameters."""
     kept = [g for g, is_frozen in zip(jax.tree.leaves(grads), jax.tree.leaves(frozen)) if not is_frozen]
-    return optax.global_norm(kept)
+    return optax.tree.norm(kept)
 
 
 def make_train_step(
