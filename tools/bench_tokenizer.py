@@ -4,8 +4,8 @@ Why: the data pipeline tokenises every caption, long text and hard negative on t
 tokenizer must not be what starves the accelerator. Both tokenizers cache BPE per word, so a warm pass (the
 steady state of training) and our cold first pass (empty cache) are reported; ids are checked to be equal.
 
-    .venv/bin/python tools/bench_tokenizer.py [--captions ../shared/data/captions/dataset_rsitmd.json]
-        [--context-length 77] [--repeats 3]
+    .venv/bin/python tools/bench_tokenizer.py [--captions RS_SAMPLES/captions/dataset_rsitmd.json]
+        [--context-length 77] [--repeats 3]        (RS_SAMPLES: the sample folder, docs/design.md "Test data")
 """
 from __future__ import annotations
 
