@@ -74,14 +74,14 @@ def _assert_batches_equal(expected, actual):
 
 def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
     config = _config(demo_dir, image_size=64, num_hard_negatives=4, max_regions=4, region_crop_size=16,
-                     num_local_crops=2, local_crop_size=32, long_context_length=248)
+                     region_view_crop_size=16, num_local_crops=2, local_crop_size=32, long_context_length=248)
     iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     batches = pipeline.take(iterator, 3)
     spec = pipeline.batch_spec(config)
     assert set(spec) == {
         "image", "text", "long_text", "hard_negatives", "hard_negative_mask", "region_boxes", "region_mask",
-        "region_text", "region_category", "region_crops", "local_crops", "local_crop_boxes", "decode_errors",
-        "long_text_mask"}
+        "region_text", "region_category", "region_crops", "region_view_crops", "local_crops", "local_crop_boxes",
+        "decode_errors", "long_text_mask"}
     for batch in batches:
         assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == spec
         assert batch["decode_errors"] == 0
@@ -92,6 +92,7 @@ def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
         assert batch["hard_negative_mask"].all()  # every demo image has 4 hard negatives
         assert (batch["region_text"].any(-1) == batch["region_mask"]).all()
         assert (batch["region_crops"].any((-1, -2, -3)) == batch["region_mask"]).all()
+        assert (batch["region_view_crops"].any((-1, -2, -3)) == batch["region_mask"]).all()
         boxes = batch["region_boxes"][batch["region_mask"]]
         assert len(boxes) > 0 and (boxes >= 0).all() and (boxes <= 1).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
@@ -117,9 +118,9 @@ def _colour_fraction(pixels: np.ndarray, colour: str) -> float:
 
 def test_augmented_region_boxes_frame_the_named_object(demo_dir):
     """End to end: in the augmented (cropped, flipped) view, the pixels inside each captioned region's box show
-    the colour its caption names, much more than the image as a whole; so does the region crop."""
-    config = _config(demo_dir, image_size=64, max_regions=4, region_crop_size=24, hflip_prob=0.5,
-                     random_resized_crop_scale=(0.5, 1.0))
+    the colour its caption names, much more than the image as a whole; so do both region crops."""
+    config = _config(demo_dir, image_size=64, max_regions=4, region_crop_size=24, region_view_crop_size=24,
+                     hflip_prob=0.5, random_resized_crop_scale=(0.5, 1.0))
     iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     checked = 0
     for batch in pipeline.take(iterator, 4):
@@ -134,8 +135,8 @@ def test_augmented_region_boxes_frame_the_named_object(demo_dir):
                 inside = image[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))]
                 assert _colour_fraction(inside, colour) >= 0.15, (words, batch["region_boxes"][b, r])
                 assert _colour_fraction(inside, colour) > 2 * _colour_fraction(image, colour)
-                crop = _unnormalise(batch["region_crops"][b, r])
-                assert _colour_fraction(crop, colour) >= 0.15
+                for key in ("region_crops", "region_view_crops"):
+                    assert _colour_fraction(_unnormalise(batch[key][b, r]), colour) >= 0.15, key
                 checked += 1
     iterator.close()
     assert checked >= 10

@@ -69,7 +69,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_regions = 0  # R: boxes per image after augmentation, padded + `region_mask`; 0 = off
     config.min_box_visible_fraction = 0.25  # a box keeps >= this fraction of its area inside the crop, else dropped
     config.min_box_size_px = 2.0  # ... and at least this many output pixels wide and high
-    config.region_crop_size = 0  # side of `region_crops` (crops of the ORIGINAL image at each box); 0 = off
+    config.region_crop_size = 0  # side of `region_crops`: each whole box of the ORIGINAL image, unflipped (region_cls)
+    # side of `region_view_crops`: the part of each box inside the augmented global view, flipped with it: the
+    # pixels RoI-Align pools at `region_boxes` (global_region_consistency); 0 = off
+    config.region_view_crop_size = 0
     config.category_prompt = transforms.DEFAULT_CATEGORY_PROMPT  # region text when a region has no caption
     # category name -> id for `region_category`. Empty (default): the record's own category_id, assigned by the
     # converter from the dataset's sorted category names (manifest 'category_names'), identical on every host and
@@ -120,6 +123,7 @@ def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformC
         num_hard_negatives=int(config.num_hard_negatives),
         max_regions=int(config.max_regions),
         region_crop_size=int(config.region_crop_size),
+        region_view_crop_size=int(config.region_view_crop_size),
         num_local_crops=int(config.num_local_crops),
         local_crop_size=int(config.local_crop_size),
         local_crop_scale=tuple(float(v) for v in config.local_crop_scale),
