@@ -64,7 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     f"loss.weights.{term} > 0 needs batch[{key!r}], which the data config does not produce "
                     f"(turn it on in config.data: {_DATA_SWITCH.get(key, 'see data/pipeline.py')})"
                 )
-    for field in ("image_size", "region_crop_size", "local_crop_size"):  # 0 = off (or image_size)
+    for field in ("image_size", "region_crop_size", "region_view_crop_size", "local_crop_size"):  # 0 = off/image_size
         size = int(config.data[field])
         if size % model.vision.patch_size:
             raise ValueError(
@@ -91,6 +91,7 @@ _DATA_SWITCH = {
     "region_text": "data.max_regions > 0",
     "region_category": "data.max_regions > 0",
     "region_crops": "data.max_regions > 0 and data.region_crop_size > 0",
+    "region_view_crops": "data.max_regions > 0 and data.region_view_crop_size > 0",
     "local_crops": "data.num_local_crops > 0",
     "local_crop_boxes": "data.num_local_crops > 0",
 }

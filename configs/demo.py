@@ -17,7 +17,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.long_context_length = 248
     config.data.num_hard_negatives = 3
     config.data.max_regions = 4
-    config.data.region_crop_size = 32
+    config.data.region_crop_size = 32  # region_cls: whole boxes of the original image
+    config.data.region_view_crop_size = 32  # global_region_consistency: the boxes as the global view shows them
     config.data.num_local_crops = 2
     config.data.local_crop_size = 32
     for term in ("hard_negative", "region_text", "region_cls", "long_text", "patch_distill",

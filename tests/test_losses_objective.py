@@ -86,6 +86,7 @@ def _batch(seed=1):
         "local_crops": images(BATCH, CROPS),
         "local_crop_boxes": np.tile(np.array([0.1, 0.2, 0.6, 0.9], np.float32), (BATCH, CROPS, 1)),
         "local_crop_mask": np.array([[1, 1], [1, 0], [0, 1], [1, 1]], bool),
+        "region_view_crops": images(BATCH, REGIONS),
     }
 
 
@@ -234,6 +235,7 @@ def test_objective_is_the_weighted_sum_of_the_terms():
     text = lambda tokens: towers.encode_text(None, params, tokens.reshape(-1, TOKENS))[0].reshape(tokens.shape[:-1] + (DIM,))  # noqa: E731
     crops = lambda images: towers.encode_image(None, params, images.reshape(-1, PIXELS, PIXELS, 3))  # noqa: E731
     region_crop_emb = crops(batch["region_crops"])[0].reshape(BATCH, REGIONS, DIM)
+    region_view_crop_emb = crops(batch["region_view_crops"])[0].reshape(BATCH, REGIONS, DIM)
     local_patches = crops(batch["local_crops"])[1].reshape(BATCH, CROPS, 4, 4, DIM)
     scale = params["logit_scale"]
     short, long_ = text(batch["text"]), text(batch["long_text"])
@@ -248,7 +250,7 @@ def test_objective_is_the_weighted_sum_of_the_terms():
         "region_cls": multi_positive_loss(region_crop_emb, region_text, batch["region_category"], batch["region_mask"], scale)[0],
         "long_text": clip_loss(image_emb, long_, scale)[0],
         "patch_distill": patch_distillation_loss(patches, local_patches, batch["local_crop_boxes"], batch["local_crop_mask"])[0],
-        "global_region_consistency": global_region_consistency_loss(patches, batch["region_boxes"], region_crop_emb, batch["region_mask"])[0],
+        "global_region_consistency": global_region_consistency_loss(patches, batch["region_boxes"], region_view_crop_emb, batch["region_mask"])[0],
         "short_long_consistency": short_long_consistency_loss(short, long_, scale, mask=batch["text_mask"])[0],
     }
     weights = dict(ALL_WEIGHTS)
@@ -278,6 +280,7 @@ def test_padded_inputs_are_inert_in_the_objective():
     perturbed["region_text"] = np.where(region_pad[..., None], 0, batch["region_text"]).astype(np.int32)
     perturbed["region_category"] = np.where(region_pad, 7, batch["region_category"]).astype(np.int32)
     perturbed["region_crops"] = np.where(region_pad[..., None, None, None], 5.0, batch["region_crops"]).astype(np.float32)
+    perturbed["region_view_crops"] = np.where(region_pad[..., None, None, None], 4.0, batch["region_view_crops"]).astype(np.float32)
     crop_pad = ~batch["local_crop_mask"]
     perturbed["local_crops"] = np.where(crop_pad[..., None, None, None], -3.0, batch["local_crops"]).astype(np.float32)
     text_pad = ~batch["text_mask"]
@@ -357,6 +360,7 @@ def test_real_tiny_clip_all_terms_chunked_equals_plain():
     batch.update(
         image=images(BATCH), text=tokens(BATCH), long_text=tokens(BATCH), hard_negatives=tokens(BATCH, NEGATIVES),
         region_text=tokens(BATCH, REGIONS), region_crops=images(BATCH, REGIONS), local_crops=images(BATCH, CROPS),
+        region_view_crops=images(BATCH, REGIONS),
     )
     plain = default_loss_config()
     plain.weights.update(ALL_WEIGHTS)

@@ -8,8 +8,8 @@ augmentation" is testable on its own; ``TrainTransform`` strings them together a
 
 Why the geometry is planned before the image is decoded: the record carries the pixel size, so the crops, the
 flip and the surviving boxes are known first; the JPEG is then decoded with ``Image.draft`` at the smallest
-scale that still gives every output (global view, local crops, region crops) full resolution, which is most of
-the speed on large images.
+scale that still gives every output (global view, local crops, both kinds of region crops) full resolution,
+which is most of the speed on large images.
 
 Coordinates: continuous pixel coordinates, pixel ``k`` covers ``[k, k + 1)``; boxes are ``(x1, y1, x2, y2)``.
 PIL's ``resize(box=...)`` uses the same convention, so a crop ``(x0, y0, w, h)`` maps a source point ``x`` to
@@ -174,6 +174,19 @@ def transform_boxes(
     return np.clip(normalised, 0.0, 1.0).astype(np.float32), keep
 
 
+def visible_part(box: tuple[float, float, float, float] | np.ndarray, view: Crop) -> Crop:
+    """The part of source box ``(x1, y1, x2, y2)`` inside the view's crop, in source pixels (may be empty).
+
+    The same clip as ``transform_boxes``, so ``crop_box_in_view(visible_part(box, view), view, flip)`` is that
+    box's row of the view boxes: the region a ``region_view_crops`` entry shows is the region RoI-Align pools.
+    """
+    x1c, y1c, x2c, y2c = view.box
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
+    left, top = min(max(x1, x1c), x2c), min(max(y1, y1c), y2c)
+    right, bottom = min(max(x2, x1c), x2c), min(max(y2, y1c), y2c)
+    return Crop(left, top, max(right - left, 0.0), max(bottom - top, 0.0))
+
+
 def crop_box_in_view(inner: Crop, view: Crop, flip: bool) -> np.ndarray:
     """Where the source rectangle ``inner`` lies in the (possibly flipped) view of ``view``: [4] in [0, 1]."""
     x1 = (inner.x0 - view.x0) / view.width
@@ -280,6 +293,7 @@ class TransformConfig:
     num_hard_negatives: int = 0
     max_regions: int = 0
     region_crop_size: int = 0
+    region_view_crop_size: int = 0
     num_local_crops: int = 0
     local_crop_size: int = 0
     local_crop_scale: tuple[float, float] = (0.3, 0.7)
@@ -303,6 +317,7 @@ class TransformConfig:
             "num_hard_negatives",
             "max_regions",
             "region_crop_size",
+            "region_view_crop_size",
             "num_local_crops",
             "local_crop_size",
         ):
@@ -352,6 +367,9 @@ def output_spec(config: TransformConfig) -> dict[str, tuple[tuple[int, ...], np.
         if config.region_crop_size:
             crop = config.region_crop_size
             spec["region_crops"] = ((regions, crop, crop, 3), np.float32)
+        if config.region_view_crop_size:
+            crop = config.region_view_crop_size
+            spec["region_view_crops"] = ((regions, crop, crop, 3), np.float32)
     if config.num_local_crops:
         local = config.local_size
         spec["local_crops"] = ((config.num_local_crops, local, local, 3), np.float32)
@@ -495,6 +513,11 @@ def make_example(
             for region in chosen_regions:
                 x1, y1, x2, y2 = region["box"]
                 needed_scale = max(needed_scale, draft_scale_needed(Crop(x1, y1, x2 - x1, y2 - y1), crop_out))
+        if config.region_view_crop_size:
+            view_crop_out = (config.region_view_crop_size, config.region_view_crop_size)
+            visible = [visible_part(region["box"], view) for region in chosen_regions]
+            for part in visible:
+                needed_scale = max(needed_scale, draft_scale_needed(part, view_crop_out))
 
     local_views: list[Crop] = []
     if config.num_local_crops:
@@ -536,6 +559,15 @@ def make_example(
                 crop_resize(image, Crop(x1, y1, x2 - x1, y2 - y1).scaled(scale_x, scale_y), crop_out, False, resample)
             )
         example["region_crops"] = region_crops
+    if config.max_regions and config.region_view_crop_size:
+        # What the RoI side of global<->region consistency pools: the box's part inside the global crop,
+        # flipped with the view, at crop resolution (from the source pixels, not upsampled from the view).
+        region_view_crops = np.zeros((config.max_regions, *view_crop_out[::-1], 3), np.float32)
+        for index, part in enumerate(visible):
+            region_view_crops[index] = normalise(
+                crop_resize(image, part.scaled(scale_x, scale_y), view_crop_out, flip, resample)
+            )
+        example["region_view_crops"] = region_view_crops
     if config.num_local_crops:
         local = config.local_size
         example["local_crops"] = np.stack(

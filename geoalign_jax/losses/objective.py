@@ -12,7 +12,7 @@ Terms (`term(outputs, batch, params, *, axis_context, config) -> (loss, metrics)
   region_cls                 CLS of `region_crops` vs `region_text` (category prompts), FarSLIP's MPCL
   long_text                  image vs `long_text` (DGTRS); shares the scene weight via the curriculum
   patch_distill              FarSLIP patch-to-patch distillation with `local_crops` / `local_crop_boxes`
-  global_region_consistency  RoI feature of each region in the global view vs the CLS of its crop
+  global_region_consistency  RoI feature of each region in the global view vs the CLS of `region_view_crops`
   short_long_consistency     `text` vs `long_text` InfoNCE
 
 Short/long curriculum (DGTRS-CLIP): with a(t) = `long_text_schedule` at step t, when long_text is enabled
@@ -258,7 +258,7 @@ TERM_OUTPUTS: dict[str, tuple[str, ...]] = {
     "region_cls": ("region_crop_emb", "region_text_emb"),
     "long_text": ("image_emb", "long_text_emb"),
     "patch_distill": ("patch_tokens", "local_crop_patch_tokens"),
-    "global_region_consistency": ("patch_tokens", "region_crop_emb"),
+    "global_region_consistency": ("patch_tokens", "region_view_crop_emb"),
     "short_long_consistency": ("text_emb", "long_text_emb"),
 }
 # Batch keys each term reads (beyond the model outputs' sources).
@@ -269,7 +269,7 @@ TERM_BATCH_KEYS: dict[str, tuple[str, ...]] = {
     "region_cls": ("region_crops", "region_text", "region_category", "region_mask"),
     "long_text": ("image", "long_text"),
     "patch_distill": ("image", "local_crops", "local_crop_boxes"),
-    "global_region_consistency": ("image", "region_boxes", "region_mask", "region_crops"),
+    "global_region_consistency": ("image", "region_boxes", "region_mask", "region_view_crops"),
     "short_long_consistency": ("text", "long_text"),
 }
 
@@ -326,9 +326,10 @@ def compute_outputs(
     """Encodes only what the enabled terms read; see TERM_OUTPUTS for the keys.
 
     image -> image_emb [B, E], patch_tokens [B, gh, gw, E] (dense per `dense_features`); text, long_text ->
-    [B, E]; hard_negatives [B, K, L] -> [B, K, E]; region_text [B, R, L] -> [B, R, E]; region_crops ->
-    CLS embeddings [B, R, E]; local_crops [B, C, H, W, 3] -> patch tokens [B, C, gh, gw, E] from the crop
-    branch (`distill_teacher`: params, or stop_gradient(frozen_params) for "frozen"/"ema").
+    [B, E]; hard_negatives [B, K, L] -> [B, K, E]; region_text [B, R, L] -> [B, R, E]; region_crops,
+    region_view_crops -> CLS embeddings [B, R, E]; local_crops [B, C, H, W, 3] -> patch tokens
+    [B, C, gh, gw, E] from the crop branch (`distill_teacher`: params, or stop_gradient(frozen_params) for
+    "frozen"/"ema").
     """
     config = validate_loss_config(loss_config)
     if encode_image is None or encode_text is None:
@@ -347,6 +348,8 @@ def compute_outputs(
             outputs[output_key] = _encode_texts(encode_text, model_config, params, batch[batch_key])
     if "region_crop_emb" in needed:
         outputs["region_crop_emb"], _ = _encode_images(encode_image, model_config, params, batch["region_crops"], "last")
+    if "region_view_crop_emb" in needed:
+        outputs["region_view_crop_emb"], _ = _encode_images(encode_image, model_config, params, batch["region_view_crops"], "last")
     if "local_crop_patch_tokens" in needed:
         teacher = config["distill_teacher"]
         if teacher == "active":
@@ -445,7 +448,7 @@ def global_region_consistency_term(outputs: Outputs, batch: Batch, params: Mappi
     """Region inside the global view (RoI) vs the region's own crop (CLS)."""
     del params, axis_context
     return global_region_consistency_loss(
-        outputs["patch_tokens"], batch["region_boxes"], outputs["region_crop_emb"], batch["region_mask"],
+        outputs["patch_tokens"], batch["region_boxes"], outputs["region_view_crop_emb"], batch["region_mask"],
         output_size=config["roi_output_size"], sampling_ratio=config["roi_sampling_ratio"],
     )
 
