@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from array_fixtures import assert_close as _close, random_normal as _random
+from array_fixtures import assert_close as _close, dot_general_precisions, random_normal as _random
 from geoalign_jax.losses.contrastive import clip_loss
 from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
 from geoalign_jax.models.roi_align import region_features, roi_align, roi_align_mean
@@ -69,6 +69,14 @@ def test_roi_align_full_box_at_grid_resolution_reproduces_the_map():
     # Adaptive sampling at the grid's resolution is one sample per bin too (FarSLIP's distillation setting).
     pooled = region_features(feature_map, np.array([[[0.0, 0.0, 1.0, 1.0]]], np.float32), (4, 6))
     _close(pooled[0, 0], feature_map[0].mean(axis=(0, 1)))
+
+
+def test_roi_align_interpolates_at_highest_precision():
+    """The bilinear weighting stays float32 on GPU/TPU (their default matmul precision is TF32/bf16)."""
+    feature_map, boxes = _random((2, 6, 6, 4), 6), _boxes(2, 3, 7)
+    for pool in (lambda f: roi_align(f, boxes, 3), lambda f: roi_align_mean(f, boxes, 3)):
+        precisions = dot_general_precisions(jax.value_and_grad(lambda f: pool(f).sum()), feature_map)
+        assert len(precisions) >= 2 and set(precisions) == {"HIGHEST, HIGHEST"}, precisions
 
 
 def test_roi_align_rejects_bad_shapes():

@@ -44,6 +44,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from geoalign_jax import batch_contract
 from geoalign_jax.data import records, sources, transforms
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,12 @@ def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformC
 
 
 def batch_spec(config: ml_collections.ConfigDict, process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Keys, per-host shapes and dtypes of the batches ``make_train_dataset(config)`` yields (incl. the metric)."""
+    """Keys, per-host shapes and dtypes of the batches ``make_train_dataset(config)`` yields (incl. the metric);
+    every key is one that ``geoalign_jax.batch_contract.BATCH_KEYS`` names and describes."""
     batch = per_host_batch_size(int(config.batch_size), process_count)
     spec = {key: ((batch, *shape), dtype) for key, (shape, dtype) in transforms.output_spec(transform_config(config)).items()}
     spec[DECODE_ERRORS_KEY] = ((), np.dtype(np.int64))
+    batch_contract.check_known_keys(spec, "the data pipeline's batch")
     return spec
 
 

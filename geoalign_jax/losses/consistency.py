@@ -26,6 +26,10 @@ global-local multi-view consistency") are known. The forms chosen here, and why:
   (relative) form is used instead of 1 - cos because the two texts legitimately differ in detail, so
   forcing identical embeddings would fight the long-text alignment, while ranking only asks that the
   pair be closer than other images' texts; it also cannot collapse, and it reuses the chunked kernel.
+
+Precision: the cosines are float32 elementwise products and sums (no matmul, so the accelerators' TF32/bf16
+matmul default never touches them); the RoI pooling they compare runs at `precision=HIGHEST`
+(`models.roi_align`), and the short<->long logits are the contrastive kernel's (HIGHEST as well).
 """
 from __future__ import annotations
 
