@@ -147,8 +147,11 @@ def test_mgrs_default_bad_fraction_fails_and_writes_nothing(tmp_path):
 def test_mgrs_box_parsing():
     assert corpora.mgrs_box(_bbox(1, 2, 3, 4, 10, 20)) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
     assert corpora.mgrs_box({"x1": 1, "y1": 2, "x2": 3, "y2": 4}) == ((1.0, 2.0, 3.0, 4.0), None)
-    assert corpora.mgrs_box({"a": 1, "b": 2, "c": 3, "d": 4, "e": 10, "f": 20}) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
-    for bad in (None, [1, 2, 3], _bbox(1, 2, 3, 4, 0, 20), _bbox(1, 2, 3, True), {"x1": 1, "y1": 2, "x2": 3}):
+    assert corpora.mgrs_box((1, 2, 3, 4, 10, 20)) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
+    assert corpora.mgrs_box([1, 2, 3, 4]) == ((1.0, 2.0, 3.0, 4.0), None)
+    for bad in (None, [1, 2, 3], [1, 2, 3, 4, 5], _bbox(1, 2, 3, 4, 0, 20), _bbox(1, 2, 3, True),
+                {"x1": 1, "y1": 2, "x2": 3}, {"x1": 1, "y1": 2, "x2": 3, "y2": 4, "W": 10},
+                {"x": 1, "y": 2, "w": 3, "h": 4}):  # by position this could be read as a wrong box
         assert corpora.mgrs_box(bad) is None, bad
 
 
@@ -233,6 +236,18 @@ def test_webdataset_shards_with_braces_every_record_and_skip(tmp_path):
     manifest = sources.read_manifest(out)
     assert manifest["shards_read"] == ["pub11-train-0000.tar", "pub11-train-0001.tar", "rs3-train-0000.tar",
                                        "rs3-train-0001.tar"]
+
+
+def test_webdataset_output_is_the_same_with_worker_processes(tmp_path):
+    _webdataset_fixture(tmp_path)
+    pattern = str(tmp_path / "{pub11,rs3}-train-{0000..0001}.tar")
+    for workers, out in ((1, "one"), (2, "two")):
+        corpora.convert_webdataset(pattern, tmp_path / out, name="w", max_bad_fraction=1.0,
+                                   records_per_shard=2, workers=workers, progress=False)
+    shards = sorted(path.name for path in (tmp_path / "one").glob("*.array_record"))
+    assert shards == [f"w-train-{index:05d}-of-00003.array_record" for index in range(3)]  # 5 records
+    assert shards == sorted(path.name for path in (tmp_path / "two").glob("*.array_record"))
+    assert all((tmp_path / "one" / shard).read_bytes() == (tmp_path / "two" / shard).read_bytes() for shard in shards)
 
 
 def test_webdataset_shard_cut_at_a_member_boundary_counts_and_keeps_the_samples_before(tmp_path):

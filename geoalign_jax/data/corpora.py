@@ -46,14 +46,14 @@ def _number(value: Any) -> float | None:
 
 def mgrs_box(bbox: Any) -> tuple[tuple[float, float, float, float], tuple[float, float] | None] | None:
     """An MGRS `bbox` -> ((x1, y1, x2, y2) pixels, (W, H) of the image they refer to, or None); None when it is
-    malformed. Takes `{x1, y1, x2, y2, W, H}` by key, or (as FarSLIP reads it, `bbox.values()`) 4 or 6 numbers
-    in that order from a dict with other key names or a list. Degenerate boxes are left to the builder."""
+    malformed. Takes `{x1, y1, x2, y2[, W, H]}`, or a list of 4 or 6 numbers in that order (the order FarSLIP
+    reads `bbox.values()` in). A dict with other key names is refused rather than read by position: it could
+    be [x, y, w, h]. Degenerate boxes are left to the record builder."""
     if isinstance(bbox, Mapping) and all(key in bbox for key in _BOX_KEYS):
         values = [bbox[key] for key in _BOX_KEYS]
-        size = [bbox[key] for key in ("W", "H")] if "W" in bbox and "H" in bbox else None
-    elif isinstance(bbox, (Mapping, list, tuple)) and len(bbox) in (4, 6):
-        values = list(bbox.values() if isinstance(bbox, Mapping) else bbox)
-        values, size = values[:4], (values[4:] or None)
+        size = [bbox.get("W"), bbox.get("H")] if "W" in bbox or "H" in bbox else None  # one alone: malformed
+    elif isinstance(bbox, (list, tuple)) and len(bbox) in (4, 6):
+        values, size = list(bbox[:4]), (list(bbox[4:]) or None)
     else:
         return None
     box = [_number(value) for value in values]
