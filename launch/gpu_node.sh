@@ -15,8 +15,6 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=launch/lib.sh
 source "$ROOT/launch/lib.sh"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
-
 config="" workdir="" gpus="" setup=true DRY_RUN=false extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,7 +23,7 @@ while [ $# -gt 0 ]; do
     --gpus) gpus="${2:?--gpus needs a value}"; shift 2 ;;
     --no-setup) setup=false; shift ;;
     --dry-run) DRY_RUN=true; shift ;;
-    -h|--help) usage; exit 0 ;;
+    -h|--help) usage_of "$0"; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown option $1 (see --help)" ;;
   esac

@@ -6,6 +6,11 @@
 # queries (gcloud ... describe, scontrol show hostnames, nvidia-smi) still run, because the commands that
 # follow depend on their answers. Lines starting with '#' are notes.
 
+# The comment block at the top of a script (after the shebang and any #SBATCH lines), as its --help.
+usage_of() {  # FILE
+  awk 'NR == 1 || /^#SBATCH/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+
 die() {
   echo "error: $*" >&2
   exit 2

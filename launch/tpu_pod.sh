@@ -14,12 +14,11 @@
 # the code is copied again, setup is a no-op when nothing changed, and the trainer continues from the last
 # checkpoint in --workdir. With --max-restarts N this script does that itself after a preemption.
 # --dry-run prints every command that would change something; gcloud's read-only describe queries still run.
+# Training runs in the foreground of the ssh sessions: start this script inside tmux or screen.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=launch/lib.sh
 source "$ROOT/launch/lib.sh"
-
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 name="" zone="" project="" accelerator="" runtime="tpu-ubuntu2204-base" queued=false spot=false
 config="" workdir="" code="copy" repo="" ref="" remote_dir="geoalign-jax" python="python3.11"
@@ -43,7 +42,7 @@ while [ $# -gt 0 ]; do
     --max-restarts) max_restarts="${2:?--max-restarts needs a value}"; shift 2 ;;
     --wait-minutes) wait_minutes="${2:?--wait-minutes needs a value}"; shift 2 ;;
     --dry-run) DRY_RUN=true; shift ;;
-    -h|--help) usage; exit 0 ;;
+    -h|--help) usage_of "$0"; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -158,8 +157,8 @@ push_code() {
   local archive="${TMPDIR:-/tmp}/geoalign-code-$name.tgz"
   run bash -c "cd $(quote_args "$ROOT") && git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -czf $(quote_args "$archive")"
   run gcloud compute tpus tpu-vm scp "$archive" "$name:geoalign-code.tgz" "${scope[@]}" --worker=all
-  # replace the previous copy but keep its .venv, so that setup stays a no-op
-  ssh_all "mkdir -p $dir && find $dir -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} + && tar -xzf geoalign-code.tgz -C $dir"
+  # unpacked over the previous copy: its .venv (setup stays a no-op) and anything else there are kept
+  ssh_all "mkdir -p $dir && tar -xzf geoalign-code.tgz -C $dir"
 }
 
 setup_all() {

@@ -238,3 +238,11 @@ def test_slurm_outside_a_job_says_to_use_sbatch(tmp_path):
     result = _run("gpu_slurm.sbatch", ["--config", "configs/demo.py", "--workdir", "w", "--dry-run"],
                   {**_tools(tmp_path), "GEOALIGN_ROOT": str(REPO_ROOT)}, cwd=tmp_path)
     assert result.returncode == 2 and "SLURM_JOB_ID is not set: submit this script with sbatch" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_node.sh", "gpu_slurm.sbatch"])
+def test_help_is_the_header_and_names_the_dry_run(tmp_path, script):
+    result = _run(script, ["--help"], _tools(tmp_path))  # from the repository root, as the docs say
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Train on ") and "--dry-run" in result.stdout and "#SBATCH" not in result.stdout
+    assert "set -euo pipefail" not in result.stdout
