@@ -497,7 +497,8 @@ def _read_torch(path: pathlib.Path) -> Any:
         import torch
     except ImportError as error:
         raise ImportError(
-            f"reading {path} needs PyTorch (pip install torch); .safetensors files are read without it"
+            f"reading {path} needs PyTorch, which the torch extra installs: pip install 'geoalign-jax[torch]' "
+            "(.safetensors files are read without it)"
         ) from error
     try:
         with warnings.catch_warnings():
