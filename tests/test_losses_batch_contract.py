@@ -157,7 +157,8 @@ def test_each_key_is_produced_exactly_when_and_as_the_contract_says():
         only_its_switches = all_on.copy_and_resolve_references()
         for field in SWITCH_ON:
             only_its_switches[field] = SWITCH_ON[field] if field in _switches(key) else 0
-        assert key in pipeline.batch_spec(only_its_switches), f"{key} needs more than {batch_contract.BATCH_KEYS[key].produced_when!r}"
+        produced_when = batch_contract.BATCH_KEYS[key].produced_when
+        assert key in pipeline.batch_spec(only_its_switches), f"{key} needs more than {produced_when!r}"
         for field in _switches(key):
             off = all_on.copy_and_resolve_references()
             off[field] = 0
