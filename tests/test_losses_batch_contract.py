@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 
 import jax
 import numpy as np
@@ -121,3 +122,44 @@ def test_each_term_reads_exactly_the_keys_it_declares(term, options, monkeypatch
     jax.eval_shape(lambda p, b: objective(p, b, 0, model_config=None, frozen_params=p), params, batch)
     declared = objective_module.required_batch_keys(objective_module.validate_loss_config(loss))[term]
     assert reads == set(declared)
+
+
+# The value that turns each data switch named in `BatchKey.produced_when` on (a new switch must be added here).
+SWITCH_ON = {"long_context_length": 248, "num_hard_negatives": 2, "max_regions": 2, "region_crop_size": 16,
+             "region_view_crop_size": 16, "num_local_crops": 2}
+
+
+def _switches(key: str) -> list[str]:
+    """The data fields of `produced_when` ("always", or "data.F > 0" joined by " and ")."""
+    produced_when = batch_contract.BATCH_KEYS[key].produced_when
+    if produced_when == "always":
+        return []
+    fields = []
+    for condition in produced_when.split(" and "):
+        match = re.fullmatch(r"data\.(\w+) > 0", condition)
+        assert match, f"{key}: produced_when {produced_when!r} is not 'always' or 'data.F > 0 and ...'"
+        fields.append(match.group(1))
+    return fields
+
+
+def test_each_key_is_produced_exactly_when_and_as_the_contract_says():
+    """`produced_when` and the dtype/rank of `BatchKey.shape` are prose; the pipeline must agree with them."""
+    all_on = pipeline.default_data_config()
+    for field, value in SWITCH_ON.items():
+        all_on[field] = value
+    spec = pipeline.batch_spec(all_on)
+    assert set(spec) == set(batch_contract.BATCH_KEYS)
+    for key, (shape, dtype) in spec.items():
+        declared = batch_contract.BATCH_KEYS[key].shape
+        assert declared.split()[-1] == dtype.name, f"{key}: contract says {declared!r}, pipeline gives {dtype}"
+        rank = len(re.search(r"\[(.*)\]", declared).group(1).split(",")) if "[" in declared else 0
+        assert rank == len(shape), f"{key}: contract says {declared!r}, pipeline gives shape {shape}"
+        only_its_switches = all_on.copy_and_resolve_references()
+        for field in SWITCH_ON:
+            only_its_switches[field] = SWITCH_ON[field] if field in _switches(key) else 0
+        produced_when = batch_contract.BATCH_KEYS[key].produced_when
+        assert key in pipeline.batch_spec(only_its_switches), f"{key} needs more than {produced_when!r}"
+        for field in _switches(key):
+            off = all_on.copy_and_resolve_references()
+            off[field] = 0
+            assert key not in pipeline.batch_spec(off), f"{key} is produced with data.{field} = 0"

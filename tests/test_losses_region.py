@@ -100,7 +100,7 @@ def test_region_text_diagonal_equals_clip_loss_on_valid_regions():
 
 
 def _multi_positive_reference(regions, texts, labels, valid, scale):
-    """The P_ij formula of methods.md 1.5 over the valid rows, in float64 numpy."""
+    """The P_ij formula of `multi_positive_loss`'s docstring (FarSLIP's MPCL) over the valid rows, in float64 numpy."""
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     v, t = unit(regions[valid].astype(np.float64)), unit(texts[valid].astype(np.float64))
     c = labels[valid]

@@ -33,7 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from geoalign_jax.data import converters, pipeline  # noqa: E402
 
-RSICD_SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd_sample"
+# The real RS samples: $GEOALIGN_SHARED_DATA, as for the tests (default: shared/data beside the checkout).
+SAMPLES = pathlib.Path(
+    os.environ.get("GEOALIGN_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+RSICD_SAMPLE = SAMPLES / "rsicd_sample"
 CATEGORIES = ("airplane", "ship", "storage tank", "vehicle", "building", "bridge")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -23,7 +24,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from geoalign_jax import tokenizer  # noqa: E402
 
-DEFAULT_CAPTIONS = REPO_ROOT.parent / "shared" / "data" / "captions" / "dataset_rsitmd.json"
+# The real RS samples: $GEOALIGN_SHARED_DATA, as for the tests (default: shared/data beside the checkout).
+SAMPLES = pathlib.Path(os.environ.get("GEOALIGN_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+DEFAULT_CAPTIONS = SAMPLES / "captions" / "dataset_rsitmd.json"
 
 
 def load_captions(path: pathlib.Path) -> list[str]:

@@ -32,7 +32,7 @@ from geoalign_jax.models.posemb import (
     stretch_text_posemb,
 )
 
-# flatten_params is re-exported: its one definition is in params_checkpoint.py (train never imports convert).
+# flatten_params is re-exported for the converters and their tests: its one definition is in params_checkpoint.py.
 from geoalign_jax.params_checkpoint import abstract_params, flatten_params  # noqa: F401
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Per-example training transforms: decode, box-aware augmentation, resize + CLIP normalisation, tokenisation.
 
 Everything here works on one decoded record (see ``records.py``) and returns one example of fixed-shape numpy
-arrays (the batch contract of ``design.md`` without the batch axis). The geometry is a set of small pure numpy
-functions (crop parameters -> image op + box op) so that the property "a box still covers its object after the
-augmentation" is testable on its own; ``TrainTransform`` strings them together and is the grain
+arrays (the batch contract of ``geoalign_jax/batch_contract.py`` without the batch axis). The geometry is a set
+of small pure numpy functions (crop parameters -> image op + box op) so that the property "a box still covers its
+object after the augmentation" is testable on its own; ``TrainTransform`` strings them together and is the grain
 ``RandomMap`` used by ``pipeline.py``.
 
 Why the geometry is planned before the image is decoded: the record carries the pixel size, so the crops, the
@@ -31,7 +31,7 @@ import grain
 from geoalign_jax import tokenizer as tokenizer_lib
 
 # Kept here (equal to geoalign_jax.models.clip.OPENAI_MEAN/STD, checked by a test) because data/ must not
-# import models/ (design.md: one direction, no back-edges; grain workers would also import jax for nothing).
+# import models/ (docs/design.md: one direction, no back-edges; grain workers would also import jax for nothing).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -427,7 +427,7 @@ def patch_distill_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any]
 
 
 def global_region_consistency_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
-    """Region inside the global view (RoI) vs the region's own crop (CLS)."""
+    """Region inside the global view (RoI) vs the CLS of its `region_view_crops` entry (the same pixels, alone)."""
     del params, axis_context
     return global_region_consistency_loss(
         outputs["patch_tokens"], batch["region_boxes"], outputs["region_view_crop_emb"], batch["region_mask"],
