@@ -93,7 +93,8 @@ def test_clamp_logit_scale_bounds_only_the_temperature():
     assert float(clamp_logit_scale({"logit_scale": inside})["logit_scale"]) == float(inside)
     low_precision = clamp_logit_scale({"logit_scale": jnp.bfloat16(7.0)})["logit_scale"]
     assert low_precision.dtype == jnp.bfloat16 and float(low_precision) == float(jnp.bfloat16(LOG_MAX_LOGIT_SCALE))
-    assert clamp_logit_scale({"tower": params["tower"]}) == {"tower": params["tower"]}  # no temperature: as is
+    with pytest.raises(KeyError, match="logit_scale"):  # a nested or foreign tree is refused, never passed through
+        clamp_logit_scale({"params": params})
 
 
 # ---------------------------------------------------------------------------------------------------

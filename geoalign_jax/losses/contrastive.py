@@ -78,10 +78,11 @@ def clamp_logit_scale(params: dict) -> dict:
 
     The losses use the unclipped `exp(logit_scale)`; this clamp is what bounds the scale at 100.
 
-    Pure: returns a new top-level params dict (only `logit_scale` changes); params without one pass through.
+    Pure: returns a new top-level params dict (only `logit_scale` changes). A tree without a top-level
+    `logit_scale` is an error: a clamp that silently does nothing would let the temperature run away.
     """
     if "logit_scale" not in params:
-        return params
+        raise KeyError(f"clamp_logit_scale needs the model's top-level params dict with 'logit_scale'; got keys {sorted(params)}")
     clamped = jnp.clip(params["logit_scale"], 0.0, LOG_MAX_LOGIT_SCALE).astype(jnp.asarray(params["logit_scale"]).dtype)
     return {**params, "logit_scale": clamped}
 
