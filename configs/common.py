@@ -9,7 +9,8 @@ sections, each documented once where its defaults are defined:
 - `train`, `optim`, `mesh`, `checkpoint`, `init` (where the weights of a fresh run come from), `eval`:
   `geoalign_jax.train.config`.
 `check_config` validates each section and that they fit together (the data produce every batch key the
-enabled loss terms read, image and text sizes fit the model), naming the offending field.
+enabled loss terms read, per `geoalign_jax.batch_contract`; image and text sizes fit the model), naming the
+offending field.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from geoalign_jax import batch_contract
 from geoalign_jax.data import pipeline
 from geoalign_jax.losses import objective
 from geoalign_jax.models import clip
@@ -70,9 +72,9 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
             if key not in spec:
                 raise ValueError(
                     f"loss.weights.{term} > 0 needs batch[{key!r}], which the data config does not produce "
-                    f"(turn it on in config.data: {_DATA_SWITCH.get(key, 'see data/pipeline.py')})"
+                    f"(turn it on in config.data: {batch_contract.BATCH_KEYS[key].produced_when})"
                 )
-    for field in ("image_size", "region_crop_size", "local_crop_size"):  # 0 = off (or image_size)
+    for field in ("image_size", "region_crop_size", "region_view_crop_size", "local_crop_size"):  # 0 = off/image_size
         size = int(config.data[field])
         if size % model.vision.patch_size:
             raise ValueError(
@@ -89,16 +91,3 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         raise ValueError("loss.scene_kind 'siglip' needs a logit bias: set model.overrides.init_logit_bias (e.g. -10.0)")
     return loss
 
-
-_DATA_SWITCH = {
-    "long_text": "data.long_context_length > 0",
-    "hard_negatives": "data.num_hard_negatives > 0",
-    "hard_negative_mask": "data.num_hard_negatives > 0",
-    "region_boxes": "data.max_regions > 0",
-    "region_mask": "data.max_regions > 0",
-    "region_text": "data.max_regions > 0",
-    "region_category": "data.max_regions > 0",
-    "region_crops": "data.max_regions > 0 and data.region_crop_size > 0",
-    "local_crops": "data.num_local_crops > 0",
-    "local_crop_boxes": "data.num_local_crops > 0",
-}

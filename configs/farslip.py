@@ -2,9 +2,10 @@
 
 s1: global ITC + patch-to-patch distillation (w_d 0.1, 4 local crops of scale 0.3-0.7, "active" teacher,
 SegEarth dense features, global view squashed without crop). s2: global ITC + CLS region-category
-alignment with the multi-positive loss (up to 4 boxes, crops squashed to the input size). See
-../shared/reference/methods.md section 1. Under data parallelism FarSLIP's DDP gives the ITC 1/W of its
-gradient; here every term gets its true gradient, so set weights.scene to reproduce their dynamics.
+alignment with the multi-positive loss (up to 4 boxes, crops squashed to the input size). Defaults from
+https://github.com/NJU-LHRS/FarSLIP (open_clip_train/params.py, config.py). Under data parallelism FarSLIP's
+DDP gives the ITC 1/W of its gradient; here every term gets its true gradient, so set weights.scene to
+reproduce their dynamics.
 """
 from __future__ import annotations
 

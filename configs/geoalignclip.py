@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.long_context_length = 248
     config.data.num_hard_negatives = 3
     config.data.max_regions = 8
-    config.data.region_crop_size = 112
+    config.data.region_view_crop_size = 112  # the consistency term's crops: each box as the global view shows it
     # hard_negative is an image->text term over the same batch plus each image's negatives; at 0.5 the
     # image->text direction does not outweigh text->image twice over.
     config.loss.weights.hard_negative = 0.5

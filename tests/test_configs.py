@@ -6,18 +6,28 @@ import importlib
 import pytest
 
 from configs import common
+from geoalign_jax.losses import objective
 
-CONFIGS = [("clip_baseline", None), ("farslip", "s1"), ("farslip", "s2"), ("dgtrs", None),
-           ("geoalignclip", None), ("demo", None)]
+# Each shipped config: (model name, the loss terms it turns on). A method config that loses or gains a term
+# (e.g. an override that no longer reaches the loss section) fails here.
+SHIPPED = {
+    ("clip_baseline", None): ("ViT-B-32-quickgelu", {"scene"}),
+    ("farslip", "s1"): ("ViT-B-16-quickgelu", {"scene", "patch_distill"}),
+    ("farslip", "s2"): ("ViT-B-16-quickgelu", {"scene", "region_cls"}),
+    ("dgtrs", None): ("ViT-B-16-quickgelu", {"scene", "long_text"}),
+    ("geoalignclip", None): ("ViT-B-16-quickgelu", {"scene", "hard_negative", "region_text",
+                                                    "global_region_consistency", "short_long_consistency"}),
+    ("demo", None): ("tiny", set(objective.TERM_NAMES)),
+}
 
 
-@pytest.mark.parametrize("name,arg", CONFIGS)
-def test_shipped_configs_validate(name, arg):
+@pytest.mark.parametrize("name,arg", list(SHIPPED))
+def test_shipped_configs_validate_and_turn_on_their_method_terms(name, arg):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
     loss = common.check_config(config)
-    assert loss["weights"]["scene"] > 0
-    model = common.model_config(config)
-    assert config.data.image_size % model.vision.patch_size == 0
+    model_name, terms = SHIPPED[(name, arg)]
+    assert config.model.name == model_name
+    assert set(objective.enabled_terms(loss)) == terms
 
 
 def test_method_configs_turn_on_their_terms():

@@ -12,9 +12,9 @@ import pathlib
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-open_clip = pytest.importorskip("open_clip")
+import torch
+import transformers
+import open_clip
 
 from param_fixtures import (  # noqa: E402
     ATOL,

@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
+import torch
+import open_clip
 
 from param_fixtures import (  # noqa: E402
     ATOL,

@@ -13,7 +13,7 @@ import data_fixtures
 from geoalign_jax.eval import datasets, embed, library, preprocess
 from geoalign_jax.models import clip
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip
 from geoalign_jax.convert.open_clip import export_open_clip  # noqa: E402
 
 CONFIG = clip.get_model_config("tiny")
@@ -61,16 +61,19 @@ def test_metrics_agree_between_backends(backends, records):
     assert from_jax["retrieval/rsicd/standard/num_texts"] == 495 and from_jax["regions/dota/roi/num_samples"] == 600
 
 
-def test_cli_open_clip_backend_reports_the_jax_numbers(backends, records, tmp_path):
+def test_cli_open_clip_backend_reports_the_jax_numbers(backends, records, tmp_path, monkeypatch):
     from geoalign_jax.evaluate import main
 
     jax_backend, _ = backends
     folder = tmp_path / "export"
     export_open_clip(CONFIG, jax_backend._params, folder)
     task = f"retrieval:rsicd={records['rsicd']},split=val,protocol=both"
+    expected = library.evaluate(None, None, [task], embedder=jax_backend, batch_size=16, progress=False)
+    # Equal numbers alone would not show which backend computed them: JAX may not run inside the CLI.
+    for method in ("embed_images", "embed_images_with_patches", "embed_texts"):
+        monkeypatch.setattr(embed.JaxEmbedder, method, lambda *a, **k: pytest.fail("the CLI embedded with JAX"))
     assert main(["--open_clip", str(folder), "--backend", "open_clip", "--tasks", task, "--out", str(tmp_path / "o"),
                  "--batch_size", "16", "--no_progress", "--no_plots"]) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["run"]["backend"] == "open_clip"
-    expected = library.evaluate(None, None, [task], embedder=jax_backend, batch_size=16, progress=False)
     assert results["metrics"] == pytest.approx(expected)

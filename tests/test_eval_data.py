@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import open_clip
 import pytest
 from PIL import Image
 
@@ -17,7 +18,6 @@ records = data_fixtures.records  # the module-scoped fixture (real AID + RSICD s
 
 @pytest.mark.parametrize("size", [(150, 150), (224, 160), (97, 301)])
 def test_preprocessing_equals_open_clip_eval_transform(shared_data, size):
-    open_clip = pytest.importorskip("open_clip")
     transform = open_clip.image_transform(64, is_train=False)
     source = Image.open(next((shared_data / "aid_sample" / "Airport").iterdir())).convert("RGB").resize(size)
     ours = preprocess.preprocess_pil(source, 64)

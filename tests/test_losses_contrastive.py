@@ -14,8 +14,9 @@ from open_clip.loss import ClipLoss, SigLipLoss
 
 from array_fixtures import assert_close as _close, random_normal as _random
 from geoalign_jax.losses.contrastive import (
-    MAX_LOGIT_SCALE,
+    LOG_MAX_LOGIT_SCALE,
     chunked_clip_loss,
+    clamp_logit_scale,
     clip_loss,
     hard_negative_loss,
     multi_positive_contrastive_loss,
@@ -41,38 +42,59 @@ def _loss_fn(kind: str, chunk_size: int, mask=None):
 # Parity with open_clip
 
 
-@pytest.mark.parametrize("logit_scale", [LOG_TEMPERATURE, 5.0])  # exp(5) = 148 -> clipped to 100
-@pytest.mark.parametrize("chunk_size", [0, 5])
-def test_clip_loss_matches_open_clip(logit_scale, chunk_size):
-    image, text = _random((12, 8), 0), _random((12, 8), 1)
-    expected = ClipLoss()(_torch_unit(image), _torch_unit(text), torch.tensor(min(math.exp(logit_scale), 100.0), dtype=torch.float64))
-    loss, _ = clip_loss(image, text, logit_scale, chunk_size=chunk_size)
-    _close(loss, expected.item())
+OPENAI_LOGIT_SCALE = 4.6052  # what OpenAI CLIP (and RemoteCLIP, GeoRSCLIP, FarSLIP) store: exp = 100.003
 
 
-@pytest.mark.parametrize("chunk_size", [0, 5])
-def test_siglip_loss_matches_open_clip(chunk_size):
-    image, text = _random((12, 8), 2), _random((12, 8), 3)
-    logit_scale, logit_bias = math.log(10.0), -2.5
-    expected = SigLipLoss()(
-        _torch_unit(image), _torch_unit(text),
-        torch.tensor(10.0, dtype=torch.float64), torch.tensor(logit_bias, dtype=torch.float64),
+def _open_clip_value_and_grads(kind, image, text, logit_scale, logit_bias):
+    """open_clip's loss in float64 and its gradients w.r.t. (image, text, logit_scale, logit_bias)."""
+    leaves = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (image, text, logit_scale, logit_bias)]
+    image_t, text_t, scale_t, bias_t = leaves
+    unit_image, unit_text = F.normalize(image_t, dim=-1), F.normalize(text_t, dim=-1)
+    if kind == "infonce":
+        loss = ClipLoss()(unit_image, unit_text, scale_t.exp())
+    else:
+        loss = SigLipLoss()(unit_image, unit_text, scale_t.exp(), bias_t)
+    loss.backward()
+    grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+    return loss.item(), [grad.numpy() for grad in grads]
+
+
+# ln(1/0.07) (open_clip init), the OpenAI value just above ln 100, one below both, and one far above the
+# clamp (the scale between an update and its clamp): the loss uses the unclipped exp(s) at all of them.
+@pytest.mark.parametrize("logit_scale", [LOG_TEMPERATURE, OPENAI_LOGIT_SCALE, 1.0, 5.0])
+@pytest.mark.parametrize("chunk_size", [0, 7])
+@pytest.mark.parametrize("kind", ["infonce", "siglip"])
+def test_values_and_gradients_match_open_clip(kind, chunk_size, logit_scale):
+    """Value and gradients w.r.t. the unnormalised embeddings, logit_scale and the SigLIP bias."""
+    image = _random((24, 16), 0)
+    text = 0.5 * image + _random((24, 16), 1)  # correlated pairs: a loss far from its chance value
+    logit_bias = -10.0  # SigLIP's initial bias
+    expected_value, expected_grads = _open_clip_value_and_grads(kind, image, text, logit_scale, logit_bias)
+    value, grads = jax.value_and_grad(_loss_fn(kind, chunk_size), argnums=(0, 1, 2, 3))(
+        image, text, np.float32(logit_scale), np.float32(logit_bias)
     )
-    loss, _ = siglip_loss(image, text, logit_scale, logit_bias, chunk_size=chunk_size)
-    _close(loss, expected.item())
+    _close(value, expected_value)
+    for ours, theirs in zip(grads, expected_grads):
+        _close(ours, theirs)
+    if kind == "infonce":  # ClipLoss has no bias: ours must not invent a gradient for it
+        assert float(grads[3]) == 0.0
+    assert abs(float(grads[2])) > 1e-3  # the temperature is learnable at every one of these scales
 
 
-def test_open_clip_parity_gradients():
-    """Gradients w.r.t. the (unnormalised) embeddings and the log scale match torch autograd."""
-    image, text = _random((6, 5), 4), _random((6, 5), 5)
-    logit_scale = 2.0
-    image_t = torch.tensor(image, dtype=torch.float64, requires_grad=True)
-    text_t = torch.tensor(text, dtype=torch.float64, requires_grad=True)
-    scale_t = torch.tensor(logit_scale, dtype=torch.float64, requires_grad=True)
-    ClipLoss()(F.normalize(image_t, dim=-1), F.normalize(text_t, dim=-1), scale_t.exp()).backward()
-    grads = jax.grad(lambda i, t, s: clip_loss(i, t, s)[0], argnums=(0, 1, 2))(image, text, logit_scale)
-    for ours, theirs in zip(grads, (image_t.grad, text_t.grad, scale_t.grad)):
-        _close(ours, theirs.numpy())
+def test_clamp_logit_scale_bounds_only_the_temperature():
+    params = {"logit_scale": jnp.float32(4.6052), "logit_bias": jnp.float32(-10.0), "tower": {"w": jnp.ones(3)}}
+    clamped = clamp_logit_scale(params)
+    assert float(clamped["logit_scale"]) == float(np.float32(LOG_MAX_LOGIT_SCALE))
+    assert clamped["logit_scale"].dtype == jnp.float32
+    assert clamped["logit_bias"] is params["logit_bias"] and clamped["tower"] is params["tower"]
+    assert float(params["logit_scale"]) == np.float32(4.6052)  # pure: the input is untouched
+    assert float(clamp_logit_scale({"logit_scale": jnp.float32(-0.5)})["logit_scale"]) == 0.0
+    inside = jnp.float32(LOG_TEMPERATURE)
+    assert float(clamp_logit_scale({"logit_scale": inside})["logit_scale"]) == float(inside)
+    low_precision = clamp_logit_scale({"logit_scale": jnp.bfloat16(7.0)})["logit_scale"]
+    assert low_precision.dtype == jnp.bfloat16 and float(low_precision) == float(jnp.bfloat16(LOG_MAX_LOGIT_SCALE))
+    with pytest.raises(KeyError, match="logit_scale"):  # a nested or foreign tree is refused, never passed through
+        clamp_logit_scale({"params": params})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,15 +157,6 @@ def test_hard_negative_loss_matches_explicit_rows():
     for chunk_size in (0, 4):
         loss, _ = hard_negative_loss(image, text, negatives, negative_mask, math.log(scale), mask=mask, chunk_size=chunk_size)
         _close(loss, np.mean(losses))
-
-
-def test_logit_scale_is_clipped_at_100():
-    image, text = _random((5, 4), 10), _random((5, 4), 11)
-    at_bound, _ = clip_loss(image, text, math.log(MAX_LOGIT_SCALE))
-    above, _ = clip_loss(image, text, 6.0)
-    _close(above, at_bound)
-    scale_grad = jax.grad(lambda s: clip_loss(image, text, s)[0])(6.0)
-    assert float(scale_grad) == 0.0
 
 
 def test_accuracy_counts_misranked_rows():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from array_fixtures import assert_close as _close, random_normal as _random
+from array_fixtures import assert_close as _close, dot_general_precisions, random_normal as _random
 from geoalign_jax.losses.contrastive import clip_loss
 from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
 from geoalign_jax.models.roi_align import region_features, roi_align, roi_align_mean
@@ -71,6 +71,14 @@ def test_roi_align_full_box_at_grid_resolution_reproduces_the_map():
     _close(pooled[0, 0], feature_map[0].mean(axis=(0, 1)))
 
 
+def test_roi_align_interpolates_at_highest_precision():
+    """The bilinear weighting stays float32 on GPU/TPU (their default matmul precision is TF32/bf16)."""
+    feature_map, boxes = _random((2, 6, 6, 4), 6), _boxes(2, 3, 7)
+    for pool in (lambda f: roi_align(f, boxes, 3), lambda f: roi_align_mean(f, boxes, 3)):
+        precisions = dot_general_precisions(jax.value_and_grad(lambda f: pool(f).sum()), feature_map)
+        assert len(precisions) >= 2 and set(precisions) == {"HIGHEST, HIGHEST"}, precisions
+
+
 def test_roi_align_rejects_bad_shapes():
     with pytest.raises(ValueError, match="boxes"):
         roi_align(np.zeros((2, 4, 4, 3), np.float32), np.zeros((2, 3, 5), np.float32), 2)
@@ -92,7 +100,7 @@ def test_region_text_diagonal_equals_clip_loss_on_valid_regions():
 
 
 def _multi_positive_reference(regions, texts, labels, valid, scale):
-    """The P_ij formula of methods.md 1.5 over the valid rows, in float64 numpy."""
+    """The P_ij formula of `multi_positive_loss`'s docstring (FarSLIP's MPCL) over the valid rows, in float64 numpy."""
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     v, t = unit(regions[valid].astype(np.float64)), unit(texts[valid].astype(np.float64))
     c = labels[valid]

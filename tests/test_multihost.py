@@ -310,9 +310,28 @@ def _check_two_process_run(results: list[dict], out: pathlib.Path, split_records
         assert "pop_host_metrics" in messages["scalar"] and "decode_errors" in messages["scalar"]
 
 
+def _check_augmentation_as_in_one_process(out: pathlib.Path, data: pathlib.Path) -> None:
+    """Under jax.distributed, host h's k-th example is the single-process stream's example at global position
+    h + 2k, pixel for pixel: the random crop and flip follow the record's global position, not the host."""
+    from geoalign_jax.data import pipeline
+
+    host_batches = [dict(np.load(out / f"process_{i}_batches.npz")) for i in range(NUM_PROCESSES)]
+    steps = host_batches[0]["image"].shape[0]
+    iterator = pipeline.make_train_iterator(worker.data_config(str(data), 0), process_index=0, process_count=1)
+    one_process = pipeline.take(iterator, steps)
+    iterator.close()
+    reference = {key: np.concatenate([batch[key] for batch in one_process]) for key in ("image", "text")}
+    for process_id, batches in enumerate(host_batches):
+        for key, expected in reference.items():
+            rows = batches[key].reshape((-1, *batches[key].shape[2:]))
+            np.testing.assert_array_equal(rows, expected[process_id::NUM_PROCESSES],
+                                          err_msg=f"process {process_id} {key}")
+
+
 def test_two_processes_read_disjoint_data_and_agree_on_the_global_loss(demo_scenes, split_records, tmp_path):
     results = _run_workers(demo_scenes, tmp_path, worker_count=0, extra_env={})
     _check_two_process_run(results, tmp_path, split_records)
+    _check_augmentation_as_in_one_process(tmp_path, demo_scenes)
 
 
 def test_grain_worker_processes_do_not_rejoin_the_job(demo_scenes, split_records, tmp_path):
@@ -328,6 +347,7 @@ def test_grain_worker_processes_do_not_rejoin_the_job(demo_scenes, split_records
         multihost.PROCESS_ID_ENV: "0",
     })
     _check_two_process_run(results, tmp_path, split_records)
+    _check_augmentation_as_in_one_process(tmp_path, demo_scenes)
     reports = [json.loads(path.read_text()) for path in sorted(children.glob("grain_child_*.json"))]
     assert len(reports) >= NUM_PROCESSES, f"expected a grain worker per process, got reports {reports}"
     for report in reports:

@@ -74,14 +74,14 @@ def _assert_batches_equal(expected, actual):
 
 def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
     config = _config(demo_dir, image_size=64, num_hard_negatives=4, max_regions=4, region_crop_size=16,
-                     num_local_crops=2, local_crop_size=32, long_context_length=248)
+                     region_view_crop_size=16, num_local_crops=2, local_crop_size=32, long_context_length=248)
     iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     batches = pipeline.take(iterator, 3)
     spec = pipeline.batch_spec(config)
     assert set(spec) == {
         "image", "text", "long_text", "hard_negatives", "hard_negative_mask", "region_boxes", "region_mask",
-        "region_text", "region_category", "region_crops", "local_crops", "local_crop_boxes", "decode_errors",
-        "long_text_mask"}
+        "region_text", "region_category", "region_crops", "region_view_crops", "local_crops", "local_crop_boxes",
+        "decode_errors", "long_text_mask"}
     for batch in batches:
         assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in batch.items()} == spec
         assert batch["decode_errors"] == 0
@@ -92,6 +92,7 @@ def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
         assert batch["hard_negative_mask"].all()  # every demo image has 4 hard negatives
         assert (batch["region_text"].any(-1) == batch["region_mask"]).all()
         assert (batch["region_crops"].any((-1, -2, -3)) == batch["region_mask"]).all()
+        assert (batch["region_view_crops"].any((-1, -2, -3)) == batch["region_mask"]).all()
         boxes = batch["region_boxes"][batch["region_mask"]]
         assert len(boxes) > 0 and (boxes >= 0).all() and (boxes <= 1).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
@@ -117,9 +118,9 @@ def _colour_fraction(pixels: np.ndarray, colour: str) -> float:
 
 def test_augmented_region_boxes_frame_the_named_object(demo_dir):
     """End to end: in the augmented (cropped, flipped) view, the pixels inside each captioned region's box show
-    the colour its caption names, much more than the image as a whole; so does the region crop."""
-    config = _config(demo_dir, image_size=64, max_regions=4, region_crop_size=24, hflip_prob=0.5,
-                     random_resized_crop_scale=(0.5, 1.0))
+    the colour its caption names, much more than the image as a whole; so do both region crops."""
+    config = _config(demo_dir, image_size=64, max_regions=4, region_crop_size=24, region_view_crop_size=24,
+                     hflip_prob=0.5, random_resized_crop_scale=(0.5, 1.0))
     iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     checked = 0
     for batch in pipeline.take(iterator, 4):
@@ -134,8 +135,8 @@ def test_augmented_region_boxes_frame_the_named_object(demo_dir):
                 inside = image[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))]
                 assert _colour_fraction(inside, colour) >= 0.15, (words, batch["region_boxes"][b, r])
                 assert _colour_fraction(inside, colour) > 2 * _colour_fraction(image, colour)
-                crop = _unnormalise(batch["region_crops"][b, r])
-                assert _colour_fraction(crop, colour) >= 0.15
+                for key in ("region_crops", "region_view_crops"):
+                    assert _colour_fraction(_unnormalise(batch[key][b, r]), colour) >= 0.15, key
                 checked += 1
     iterator.close()
     assert checked >= 10
@@ -178,6 +179,106 @@ def test_same_seed_same_stream_other_seed_other_stream(demo_dir):
     other = pipeline.take(pipeline.make_train_iterator(_config(demo_dir, seed=2), process_index=0, process_count=1), 2)
     _assert_batches_equal(first, again)
     assert not np.array_equal(first[0]["text"], other[0]["text"])
+
+
+@pytest.fixture(scope="session")
+def identical_dir(tmp_path_factory) -> pathlib.Path:
+    """64 records of one and the same painted image and caption: only the augmentation tells them apart."""
+    from geoalign_jax.data import converters
+
+    root = tmp_path_factory.mktemp("identical")
+    (root / "imgs").mkdir()
+    rows, cols = np.mgrid[0:48, 0:48] // 8
+    painted = np.stack([cols * 40, rows * 40, (cols + rows) * 20], -1).astype(np.uint8)
+    Image.fromarray(painted).save(root / "imgs" / "same.png")
+    lines = [{"image": "imgs/same.png", "id": f"copy-{i}", "caption": "the same scene"} for i in range(64)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    converters.convert_jsonl(root / "corpus.jsonl", root / "records", name="identical", progress=False)
+    return root / "records"
+
+
+def _changed(config, **changes):
+    changed = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        setattr(changed, key, value)
+    return changed
+
+
+def _global_examples(config, process_count: int, num_examples: int) -> dict[int, dict[str, np.ndarray]]:
+    """The first ``num_examples`` examples of the global stream, read by ``process_count`` simulated hosts and
+    keyed by global position (host ``p``'s k-th example is position ``p + k * process_count``)."""
+    per_host = num_examples // process_count
+    examples = {}
+    for process_index in range(process_count):
+        iterator = pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count)
+        batches = pipeline.take(iterator, per_host // pipeline.per_host_batch_size(config.batch_size, process_count))
+        iterator.close()
+        rows = [{key: value[row] for key, value in batch.items() if key != pipeline.DECODE_ERRORS_KEY}
+                for batch in batches for row in range(len(batch["image"]))]
+        for k, example in enumerate(rows):
+            examples[process_index + k * process_count] = example
+    assert sorted(examples) == list(range(num_examples))
+    return examples
+
+
+def test_hosts_draw_different_augmentations_of_identical_records(identical_dir):
+    """Two hosts over 64 copies of one image: at every batch position the hosts' pixels differ (the k-th
+    example of each host must not share its random draws), as they differ between positions on one host."""
+    config = _config(identical_dir, batch_size=8, random_resized_crop_scale=(0.3, 1.0))
+    hosts = []
+    for process_index in range(2):
+        iterator = pipeline.make_train_iterator(config, process_index=process_index, process_count=2)
+        hosts.append(np.concatenate([batch["image"] for batch in pipeline.take(iterator, 3)]))
+        iterator.close()
+    assert hosts[0].shape == (12, 32, 32, 3)
+    for position in range(len(hosts[0])):
+        assert not np.array_equal(hosts[0][position], hosts[1][position]), f"batch row {position}: same pixels"
+    distinct = {image.tobytes() for host in hosts for image in host}
+    assert len(distinct) == 24, f"only {len(distinct)} distinct augmentations among 24 examples"
+
+
+def test_a_record_gets_the_same_augmentation_for_any_host_worker_or_thread_count(demo_dir):
+    """Every key of the example at each global position is identical with 1, 2 and 4 simulated hosts, with 1 or
+    3 read threads, and with 2 grain worker processes."""
+    config = _config(demo_dir, batch_size=4, max_regions=2, region_view_crop_size=16, num_hard_negatives=2,
+                     long_context_length=0)
+    reference = _global_examples(config, 1, 16)
+    variants = {"2 hosts": (_changed(config, read_threads=1), 2), "4 hosts": (_changed(config, read_threads=3), 4)}
+    for name, (variant, process_count) in variants.items():
+        for position, example in _global_examples(variant, process_count, 16).items():
+            for key, value in reference[position].items():
+                np.testing.assert_array_equal(example[key], value, err_msg=f"{name}: position {position} key {key}")
+    # 2 workers: worker w reads host positions w, w + 2, ... and batches them itself; batches come round-robin
+    workers = _changed(config, worker_count=2, worker_buffer_size=1, read_threads=1)
+    iterator = pipeline.make_train_iterator(workers, process_index=0, process_count=1)
+    batches = pipeline.take(iterator, 4)
+    iterator.close()
+    for index, batch in enumerate(batches):
+        worker, worker_batch = index % 2, index // 2
+        for row in range(config.batch_size):
+            position = worker + 2 * (worker_batch * config.batch_size + row)
+            for key, value in reference[position].items():
+                np.testing.assert_array_equal(batch[key][row], value, err_msg=f"2 workers: position {position} {key}")
+
+
+def test_the_same_record_is_augmented_anew_every_epoch(identical_dir):
+    """Unshuffled, record i sits at positions i and 64 + i: the two epochs draw different augmentations."""
+    config = _config(identical_dir, batch_size=64, shuffle=False, num_epochs=2)
+    first, second = (batch["image"] for batch in pipeline.make_train_dataset(config, process_index=0, process_count=1))
+    assert all(not np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_resume_on_a_host_of_several_continues_the_stream(demo_dir):
+    """Host 1 of 2, state taken in the first epoch's last batch and resumed across the epoch boundary."""
+    config = _config(demo_dir, batch_size=4, num_hard_negatives=2, long_context_length=0)
+    uninterrupted = pipeline.take(pipeline.make_train_iterator(config, process_index=1, process_count=2), 10)
+    iterator = pipeline.make_train_iterator(config, process_index=1, process_count=2)
+    pipeline.take(iterator, 7)  # 16 records per host per epoch, 2 per batch: batch 8 ends the epoch
+    state = pipeline.iterator_state(iterator)
+    iterator.close()
+    resumed = pipeline.make_train_iterator(config, process_index=1, process_count=2, state=state)
+    _assert_batches_equal(uninterrupted[7:], pipeline.take(resumed, 3))
+    resumed.close()
 
 
 def test_finite_epochs_end(demo_dir):

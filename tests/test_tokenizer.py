@@ -17,10 +17,11 @@ import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+import transformers
 
 from geoalign_jax import tokenizer
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip
 from open_clip import tokenizer as open_clip_tokenizer  # noqa: E402
 
 CONTEXT_LENGTHS = (77, 248)
@@ -217,7 +218,6 @@ def test_tokenizing_needs_neither_torch_nor_transformers():
 
 @pytest.mark.parametrize("context_length", CONTEXT_LENGTHS)
 def test_hf_tokenizer_files_give_our_ids(tmp_path, real_captions, context_length):
-    transformers = pytest.importorskip("transformers")
     tokenizer.write_hf_tokenizer_files(tmp_path, context_length)
     hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path)
     assert hf_tokenizer.model_max_length == context_length

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
+import torch
+import open_clip
 from open_clip.model import resize_pos_embed  # noqa: E402  (open_clip 3.3.0 keeps it in model.py)
 
 from geoalign_jax.convert import common  # noqa: E402

@@ -284,7 +284,7 @@ def test_category_id_mapping_overrides_record_ids():
 def test_regions_outside_the_crop_are_dropped_and_padded():
     # a crop that sees only the left 40% of the image: the two right-hand regions leave it
     config = _no_aug_config(random_resized_crop=True, random_resized_crop_scale=(0.4, 0.4),
-                            random_resized_crop_ratio=(0.5, 0.5), max_regions=3)
+                            random_resized_crop_ratio=(0.5, 0.5), max_regions=3, region_view_crop_size=8)
     record = _record(width=100, height=80)
     example = None
     for seed in range(50):
@@ -296,6 +296,7 @@ def test_regions_outside_the_crop_are_dropped_and_padded():
     assert not example["region_text"][1:].any() and not example["region_boxes"][1:].any()
     assert (example["region_category"][1:] == -1).all()
     assert not example["region_crops"][1:].any()
+    assert not example["region_view_crops"][1:].any() and example["region_view_crops"][0].any()
 
 
 def test_record_without_text_gets_a_category_caption_or_is_refused():
@@ -320,3 +321,83 @@ def test_transform_config_rejects_bad_values():
         transforms.TransformConfig(local_crop_scale=(0.7, 0.3))
     with pytest.raises(ValueError, match="interpolation"):
         transforms.TransformConfig(interpolation="lanczos3")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Region crops: the consistency view (`region_view_crops`) and FarSLIP's CLS crops (`region_crops`)
+
+
+def _painted_png(width: int, height: int, block: int) -> tuple[bytes, np.ndarray]:
+    """Blocks of ``block`` pixels, each its own colour (no two blocks alike, left and right halves differ)."""
+    rows, cols = np.mgrid[0:height, 0:width] // block
+    pixels = np.stack([cols * 37 % 256, rows * 53 % 256, (cols * 11 + rows * 23 + 60) % 256], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue(), pixels
+
+
+def _pixels(normalised: np.ndarray) -> np.ndarray:
+    return (normalised * np.array(transforms.OPENAI_STD) + np.array(transforms.OPENAI_MEAN)) * 255.0
+
+
+def test_visible_part_is_the_view_box_in_source_pixels():
+    """visible_part clips like transform_boxes: mapped into the (flipped) view it is the box's view row."""
+    view = Crop(10.0, 20.0, 40.0, 20.0)
+    boxes = np.array([[20, 25, 30, 35], [45, 22, 65, 38], [0, 15, 15, 45]], np.float64)
+    for flip in (False, True):
+        view_boxes, _ = transforms.transform_boxes(boxes, view, flip, (80, 40), min_visible_fraction=0.0)
+        for box, expected in zip(boxes, view_boxes):
+            part = transforms.visible_part(box, view)
+            np.testing.assert_allclose(transforms.crop_box_in_view(part, view, flip), expected, atol=1e-6)
+    assert transforms.visible_part([45, 22, 65, 38], view) == Crop(45.0, 22.0, 5.0, 16.0)
+    assert transforms.visible_part([0, 0, 5, 5], view).width == 0.0
+
+
+def test_region_view_crop_is_the_box_as_the_global_view_shows_it():
+    """A painted image and one box that random crops cut: the consistency crop equals the global view's pixels
+    at ``region_boxes`` (resampled, flipped with the view), while the CLS crop is the whole box of the original,
+    unflipped. The mirrored view crop and the CLS crop are both far from it (the test can tell them apart)."""
+    width, height, size, crop_size = 120, 96, 64, 32
+    png, original = _painted_png(width, height, block=12)
+    box = (18.0, 12.0, 102.0, 84.0)
+    record = _record(image=png, width=width, height=height,
+                     regions=[records.make_region(list(box), category="ship", category_id=3)])
+    config = _no_aug_config(image_size=size, random_resized_crop=True, random_resized_crop_scale=(0.25, 0.5),
+                            hflip_prob=0.5, max_regions=1, region_crop_size=crop_size,
+                            region_view_crop_size=crop_size, num_local_crops=0, num_hard_negatives=0,
+                            long_context_length=0)
+    assert transforms.output_spec(config)["region_view_crops"] == ((1, crop_size, crop_size, 3), np.dtype(np.float32))
+    transform = transforms.TrainTransform(config)
+    cls_expected = np.asarray(transforms.crop_resize(Image.fromarray(original), Crop(18, 12, 84, 72),
+                                                     (crop_size, crop_size)), np.float64)
+    checked = {False: 0, True: 0}
+    errors, mirrored_errors, cls_errors = [], [], []
+    for seed in range(60):
+        example = transform.random_map(record, np.random.default_rng(seed))
+        if not example["region_mask"][0]:
+            continue
+        view_box = example["region_boxes"][0]
+        visible = (view_box[2] - view_box[0]) * (view_box[3] - view_box[1])
+        if visible > 0.9:  # the whole view is the box: nothing cut, nothing to tell apart
+            continue
+        view = Image.fromarray(np.clip(np.round(_pixels(example["image"])), 0, 255).astype(np.uint8))
+        expected = np.asarray(view.resize((crop_size, crop_size), Image.BICUBIC, box=tuple(view_box * size)),
+                              np.float64)
+        got = _pixels(example["region_view_crops"][0])
+        errors.append(np.abs(got - expected).mean())
+        mirrored_errors.append(np.abs(got - expected[:, ::-1]).mean())
+        cls_errors.append(np.abs(got - _pixels(example["region_crops"][0])).mean())
+        # the CLS crop is the original image at the whole box, whatever the view
+        np.testing.assert_allclose(_pixels(example["region_crops"][0]), cls_expected, atol=0.01)
+        # the view's own draws, replayed: crop first, then the flip (make_example's order)
+        replay = np.random.default_rng(seed)
+        transforms.sample_resized_crop(replay, width, height, config.random_resized_crop_scale,
+                                       config.random_resized_crop_ratio)
+        checked[bool(replay.random() < config.hflip_prob)] += 1
+    assert min(checked.values()) >= 3, f"need flipped and unflipped cut views, got {checked}"
+    print(f"region_view_crops vs the global view's box: mean |diff| max {max(errors):.2f}/255 over {len(errors)} views "
+          f"({checked[True]} flipped); mirrored min {min(mirrored_errors):.1f}; CLS crop min {min(cls_errors):.1f}")
+    assert max(errors) < 3.0
+    assert min(mirrored_errors) > 4 * max(errors)
+    assert min(cls_errors) > 4 * max(errors)
+

@@ -9,7 +9,7 @@ processes) for each worker count and reports, after a warm-up:
   /proc, over the same window. That is the "examples/s per core" the pipeline costs, independent of how
   busy the machine's other cores are.
 
-Without ``--data`` it builds a benchmark set from the real RSICD sample JPEGs (224x224, ../shared/data) via the
+Without ``--data`` it builds a benchmark set from the RSICD sample JPEGs (224x224; docs/design.md, Test data) via the
 JSONL converter, adding what RSICD lacks so the benchmark exercises every branch: 6 random boxes per image
 (categories, half with captions), 4 hard negatives (captions of other images) and a long text (the image's
 captions joined).
@@ -33,7 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from geoalign_jax.data import converters, pipeline  # noqa: E402
 
-RSICD_SAMPLE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd_sample"
+# The real RS samples: $GEOALIGN_SHARED_DATA, as for the tests (default: shared/data beside the checkout).
+SAMPLES = pathlib.Path(
+    os.environ.get("GEOALIGN_SHARED_DATA") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+RSICD_SAMPLE = SAMPLES / "rsicd_sample"
 CATEGORIES = ("airplane", "ship", "storage tank", "vehicle", "building", "bridge")
 
 

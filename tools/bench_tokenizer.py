@@ -4,13 +4,14 @@ Why: the data pipeline tokenises every caption, long text and hard negative on t
 tokenizer must not be what starves the accelerator. Both tokenizers cache BPE per word, so a warm pass (the
 steady state of training) and our cold first pass (empty cache) are reported; ids are checked to be equal.
 
-    .venv/bin/python tools/bench_tokenizer.py [--captions ../shared/data/captions/dataset_rsitmd.json]
-        [--context-length 77] [--repeats 3]
+    .venv/bin/python tools/bench_tokenizer.py [--captions RS_SAMPLES/captions/dataset_rsitmd.json]
+        [--context-length 77] [--repeats 3]        (RS_SAMPLES: the sample folder, docs/design.md "Test data")
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -23,7 +24,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from geoalign_jax import tokenizer  # noqa: E402
 
-DEFAULT_CAPTIONS = REPO_ROOT.parent / "shared" / "data" / "captions" / "dataset_rsitmd.json"
+# The real RS samples: $GEOALIGN_SHARED_DATA, as for the tests (default: shared/data beside the checkout).
+SAMPLES = pathlib.Path(os.environ.get("GEOALIGN_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+DEFAULT_CAPTIONS = SAMPLES / "captions" / "dataset_rsitmd.json"
 
 
 def load_captions(path: pathlib.Path) -> list[str]:

@@ -32,7 +32,7 @@ from geoalign_jax.models.posemb import (
     stretch_text_posemb,
 )
 
-# flatten_params is re-exported: its one definition is in params_checkpoint.py (train never imports convert).
+# flatten_params is re-exported for the converters and their tests: its one definition is in params_checkpoint.py.
 from geoalign_jax.params_checkpoint import abstract_params, flatten_params  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -497,7 +497,8 @@ def _read_torch(path: pathlib.Path) -> Any:
         import torch
     except ImportError as error:
         raise ImportError(
-            f"reading {path} needs PyTorch (pip install torch); .safetensors files are read without it"
+            f"reading {path} needs PyTorch, which the torch extra installs: pip install 'geoalign-jax[torch]' "
+            "(.safetensors files are read without it)"
         ) from error
     try:
         with warnings.catch_warnings():

@@ -1,9 +1,9 @@
 """Hugging Face `transformers.CLIPModel` folders <-> geoalign-jax parameters.
 
-Key and layout rules (/work/shared/reference/clip-weight-formats.md, sections 1b-1d): separate
-q/k/v/out Linear layers ([out, in] weights = our kernels reshaped and transposed), conv OIHW, and the two
-projections as bias-free Linears, so `visual_projection.weight` = our `visual/proj`.T and
-`text_projection.weight` = our `text/text_projection`.T.
+Key and layout rules (`CLIPModel`, src/transformers/models/clip/modeling_clip.py of
+https://github.com/huggingface/transformers): separate q/k/v/out Linear layers ([out, in] weights = our
+kernels reshaped and transposed), conv OIHW, and the two projections as bias-free Linears, so
+`visual_projection.weight` = our `visual/proj`.T and `text_projection.weight` = our `text/text_projection`.T.
 
 Export writes `config.json` (through `transformers.CLIPConfig`), `model.safetensors` (float32, written
 with safetensors.numpy), the tokenizer files (built offline from the bundled BPE vocabulary) and the

@@ -1,6 +1,6 @@
 """open_clip (OpenAI-style `CLIP` class) state dicts <-> geoalign-jax parameters.
 
-Layout rules (see /work/shared/reference/clip-weight-formats.md, section 1d):
+Layout rules (open_clip's `CLIP`, src/open_clip/model.py of https://github.com/mlfoundations/open_clip):
 - conv1: torch OIHW <-> our HWIO; Dense kernels are torch Linear weights transposed;
 - attention: torch's fused `in_proj_weight` [3D, D] (rows q; k; v) <-> our separate query/key/value
   kernels [D, H, D/H] (heads are contiguous D/H-row chunks); `out_proj.weight` <-> out kernel [H, D/H, D];

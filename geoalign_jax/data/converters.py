@@ -2,8 +2,9 @@
 
 Each `convert_*` function only reads annotation files and turns every image into an `ImageTask`; the shared
 machinery in `writers.py` loads and checks the images in worker processes, drops what does not fit (counted
-and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLIs in `tools/`
-are thin wrappers over these functions, so tests and `tools/make_demo_data.py` call the same code.
+and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLI
+(`python -m geoalign_jax.prepare`) is a thin wrapper over these functions and those of `corpora.py` (the
+seed papers' corpora), so tests and `tools/make_demo_data.py` call the same code.
 
 Inputs are processed in a deterministic order (the annotation file's order, or sorted directory listings),
 so the same input gives byte-identical shards whatever the number of workers.
@@ -619,7 +620,7 @@ def convert_tfds(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shared command-line plumbing of tools/convert_*.py
+# Shared command-line plumbing of geoalign_jax/prepare.py
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,13 +6,21 @@ Order of operations (``make_train_dataset``)::
       .map_with_index(attach the source index)           # so a bad record can be named (shard + index)
       .seed(seed).shuffle()                              # global, seeded, different every epoch
       .repeat(num_epochs)                                # None = forever
+      .random_map(DecodeAndTransform, seed=augmentation_seed(seed))  # lazy; RNG from the GLOBAL position
       [process_index::process_count]                     # disjoint and covering per-host slices
-      .random_map(DecodeAndTransform)                    # per-example RNG from (seed, index): reproducible
       .to_iter_dataset(ReadOptions)                      # threads within each worker
       -> SkipAndCount                                    # drop records that failed, count them in the data
       .batch(per-host batch, drop_remainder=True)        # fixed shapes
       .mp_prefetch(worker_count)                         # spawned worker processes, when worker_count > 0
       -> DecodeErrorTotal                                # running total of skipped records (main process)
+
+Why the random map comes before the per-host slice: grain seeds each example's generator from the element's
+index in the dataset the map is applied to (Philox keyed by the seed, counter = index). Applied to the global
+shuffled, repeated stream, that index is the record's global position (epoch * records + position in the
+epoch's shuffle), so a record's crop, flip, caption, hard-negative and region draws depend only on (seed, epoch,
+global position): never on the number of hosts, worker processes (grain slices workers above the map too) or
+threads. Applied after the slice it would be the host-local position, and the k-th example of every host would
+get the same augmentation. MapDataset maps are lazy: each host still decodes only the records of its slice.
 
 Why the skip count travels with the data: with multiprocess workers no global counter can be right, and a
 counter must be part of the checkpointed iterator state to survive a restart. Each example carries the number
@@ -36,6 +44,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from geoalign_jax import batch_contract
 from geoalign_jax.data import records, sources, transforms
 
 logger = logging.getLogger(__name__)
@@ -69,7 +78,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_regions = 0  # R: boxes per image after augmentation, padded + `region_mask`; 0 = off
     config.min_box_visible_fraction = 0.25  # a box keeps >= this fraction of its area inside the crop, else dropped
     config.min_box_size_px = 2.0  # ... and at least this many output pixels wide and high
-    config.region_crop_size = 0  # side of `region_crops` (crops of the ORIGINAL image at each box); 0 = off
+    config.region_crop_size = 0  # side of `region_crops`: each whole box of the ORIGINAL image, unflipped (region_cls)
+    # side of `region_view_crops`: the part of each box inside the augmented global view, flipped with it: the
+    # pixels RoI-Align pools at `region_boxes` (global_region_consistency); 0 = off
+    config.region_view_crop_size = 0
     config.category_prompt = transforms.DEFAULT_CATEGORY_PROMPT  # region text when a region has no caption
     # category name -> id for `region_category`. Empty (default): the record's own category_id, assigned by the
     # converter from the dataset's sorted category names (manifest 'category_names'), identical on every host and
@@ -120,6 +132,7 @@ def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformC
         num_hard_negatives=int(config.num_hard_negatives),
         max_regions=int(config.max_regions),
         region_crop_size=int(config.region_crop_size),
+        region_view_crop_size=int(config.region_view_crop_size),
         num_local_crops=int(config.num_local_crops),
         local_crop_size=int(config.local_crop_size),
         local_crop_scale=tuple(float(v) for v in config.local_crop_scale),
@@ -137,10 +150,12 @@ def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformC
 
 
 def batch_spec(config: ml_collections.ConfigDict, process_count: int = 1) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Keys, per-host shapes and dtypes of the batches ``make_train_dataset(config)`` yields (incl. the metric)."""
+    """Keys, per-host shapes and dtypes of the batches ``make_train_dataset(config)`` yields (incl. the metric);
+    every key is one that ``geoalign_jax.batch_contract.BATCH_KEYS`` names and describes."""
     batch = per_host_batch_size(int(config.batch_size), process_count)
     spec = {key: ((batch, *shape), dtype) for key, (shape, dtype) in transforms.output_spec(transform_config(config)).items()}
     spec[DECODE_ERRORS_KEY] = ((), np.dtype(np.int64))
+    batch_contract.check_known_keys(spec, "the data pipeline's batch")
     return spec
 
 
@@ -363,22 +378,30 @@ def open_train_source(config: ml_collections.ConfigDict) -> sources.RecordSource
     return sources.RecordSource(paths, raw=True)
 
 
-def make_record_dataset(
-    config: ml_collections.ConfigDict,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    source: sources.RecordSource | None = None,
-) -> grain.MapDataset:
-    """This host's (source index, raw record) stream: shuffled, repeated, sliced ``[process_index::count]``.
+#: Arbitrary fixed constant that separates the augmentation seed from other seeds derived from ``config.seed``.
+_AUGMENTATION_STREAM = 0x6A0A_1C1F
 
-    Slicing after shuffle + repeat makes the hosts' slices disjoint and together exactly the (repeated) data:
-    with ``num_epochs=1`` every record goes to exactly one host. With a finite ``num_epochs`` the hosts' lengths
-    may differ by one example, so the last per-host batch counts can differ: train with ``num_epochs=None`` and
-    stop by steps (as the trainer does), which also keeps multi-host steps in lock-step.
+
+def augmentation_seed(seed: int) -> int:
+    """The key of every example's augmentation generator for data seed ``seed`` (a uint32, as grain wants).
+
+    Derived rather than ``seed`` itself so the augmentation stream is not keyed like the shuffle; and explicit
+    rather than grain's default (which hashes the seed with the map's depth in the dataset graph), so the draws
+    stay the same when the graph around the map changes (shuffle on or off, the per-host slice).
     """
-    process_index, process_count = _resolve_process(process_index, process_count)
-    source = source if source is not None else open_train_source(config)
+    if int(seed) < 0:
+        raise ValueError(f"data config: seed must be an int >= 0, got {seed}")
+    return int(np.random.SeedSequence([int(seed), _AUGMENTATION_STREAM]).generate_state(1, dtype=np.uint32)[0])
+
+
+def make_global_record_dataset(
+    config: ml_collections.ConfigDict, source: sources.RecordSource
+) -> grain.MapDataset:
+    """The (source index, raw record) stream of ALL hosts: shuffled (reshuffled every epoch) and repeated.
+
+    Position ``i`` of this dataset is the record's global position: the same on every host, for any number of
+    hosts. ``make_record_dataset`` slices it per host; ``make_train_dataset`` maps it first, then slices.
+    """
     if len(source) == 0:
         raise ValueError(f"data config: no records in {config.train_shards} split {config.train_split!r}")
     dataset = grain.MapDataset.source(source).map_with_index(AttachIndex(len(source))).seed(int(config.seed))
@@ -387,8 +410,26 @@ def make_record_dataset(
     num_epochs = config.num_epochs
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"data config: num_epochs must be None (forever) or >= 1, got {num_epochs}")
-    dataset = dataset.repeat(num_epochs)
-    return dataset[process_index::process_count]
+    return dataset.repeat(num_epochs)
+
+
+def make_record_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    source: sources.RecordSource | None = None,
+) -> grain.MapDataset:
+    """This host's (source index, raw record) stream: the global stream sliced ``[process_index::count]``.
+
+    Slicing after shuffle + repeat makes the hosts' slices disjoint and together exactly the (repeated) data:
+    with ``num_epochs=1`` every record goes to exactly one host. With a finite ``num_epochs`` the hosts' lengths
+    may differ by one example, so the last per-host batch counts can differ: train with ``num_epochs=None`` and
+    stop by steps (as the trainer does), which also keeps multi-host steps in lock-step.
+    """
+    process_index, process_count = _resolve_process(process_index, process_count)
+    source = source if source is not None else open_train_source(config)
+    return make_global_record_dataset(config, source)[process_index::process_count]
 
 
 def make_train_dataset(
@@ -400,14 +441,18 @@ def make_train_dataset(
     """This host's training batches: dicts of fixed-shape numpy arrays (``batch_spec(config)``).
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``; pass them to
-    build another host's stream without jax.distributed (tests, data inspection).
+    build another host's stream without jax.distributed (tests, data inspection). The example at global
+    position ``g`` (host ``g % process_count``) is the same array for any process, worker and thread count.
     """
     process_index, process_count = _resolve_process(process_index, process_count)
     batch_size = per_host_batch_size(int(config.batch_size), process_count)
     example_config = transform_config(config)
     source = open_train_source(config)
-    dataset = make_record_dataset(config, process_index=process_index, process_count=process_count, source=source)
-    dataset = dataset.random_map(DecodeAndTransform(source, example_config))
+    # Map before slicing (see the module docstring): the generator is seeded by the global position.
+    dataset = make_global_record_dataset(config, source).random_map(
+        DecodeAndTransform(source, example_config), seed=augmentation_seed(int(config.seed))
+    )
+    dataset = dataset[process_index::process_count]
     read_options = grain.ReadOptions(
         num_threads=int(config.read_threads), prefetch_buffer_size=int(config.read_buffer_size)
     )
@@ -474,9 +519,11 @@ def num_batches_per_epoch(num_records: int, config: ml_collections.ConfigDict, p
 
 __all__: Sequence[str] = (
     "DECODE_ERRORS_KEY",
+    "augmentation_seed",
     "batch_spec",
     "default_data_config",
     "iterator_state",
+    "make_global_record_dataset",
     "make_record_dataset",
     "make_train_dataset",
     "make_train_iterator",

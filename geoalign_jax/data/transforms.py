@@ -1,15 +1,15 @@
 """Per-example training transforms: decode, box-aware augmentation, resize + CLIP normalisation, tokenisation.
 
 Everything here works on one decoded record (see ``records.py``) and returns one example of fixed-shape numpy
-arrays (the batch contract of ``design.md`` without the batch axis). The geometry is a set of small pure numpy
-functions (crop parameters -> image op + box op) so that the property "a box still covers its object after the
-augmentation" is testable on its own; ``TrainTransform`` strings them together and is the grain
+arrays (the batch contract of ``geoalign_jax/batch_contract.py`` without the batch axis). The geometry is a set
+of small pure numpy functions (crop parameters -> image op + box op) so that the property "a box still covers its
+object after the augmentation" is testable on its own; ``TrainTransform`` strings them together and is the grain
 ``RandomMap`` used by ``pipeline.py``.
 
 Why the geometry is planned before the image is decoded: the record carries the pixel size, so the crops, the
 flip and the surviving boxes are known first; the JPEG is then decoded with ``Image.draft`` at the smallest
-scale that still gives every output (global view, local crops, region crops) full resolution, which is most of
-the speed on large images.
+scale that still gives every output (global view, local crops, both kinds of region crops) full resolution,
+which is most of the speed on large images.
 
 Coordinates: continuous pixel coordinates, pixel ``k`` covers ``[k, k + 1)``; boxes are ``(x1, y1, x2, y2)``.
 PIL's ``resize(box=...)`` uses the same convention, so a crop ``(x0, y0, w, h)`` maps a source point ``x`` to
@@ -31,7 +31,7 @@ import grain
 from geoalign_jax import tokenizer as tokenizer_lib
 
 # Kept here (equal to geoalign_jax.models.clip.OPENAI_MEAN/STD, checked by a test) because data/ must not
-# import models/ (design.md: one direction, no back-edges; grain workers would also import jax for nothing).
+# import models/ (docs/design.md: one direction, no back-edges; grain workers would also import jax for nothing).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -174,6 +174,19 @@ def transform_boxes(
     return np.clip(normalised, 0.0, 1.0).astype(np.float32), keep
 
 
+def visible_part(box: tuple[float, float, float, float] | np.ndarray, view: Crop) -> Crop:
+    """The part of source box ``(x1, y1, x2, y2)`` inside the view's crop, in source pixels (may be empty).
+
+    The same clip as ``transform_boxes``, so ``crop_box_in_view(visible_part(box, view), view, flip)`` is that
+    box's row of the view boxes: the region a ``region_view_crops`` entry shows is the region RoI-Align pools.
+    """
+    x1c, y1c, x2c, y2c = view.box
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(box, dtype=np.float64).reshape(4))
+    left, top = min(max(x1, x1c), x2c), min(max(y1, y1c), y2c)
+    right, bottom = min(max(x2, x1c), x2c), min(max(y2, y1c), y2c)
+    return Crop(left, top, max(right - left, 0.0), max(bottom - top, 0.0))
+
+
 def crop_box_in_view(inner: Crop, view: Crop, flip: bool) -> np.ndarray:
     """Where the source rectangle ``inner`` lies in the (possibly flipped) view of ``view``: [4] in [0, 1]."""
     x1 = (inner.x0 - view.x0) / view.width
@@ -280,6 +293,7 @@ class TransformConfig:
     num_hard_negatives: int = 0
     max_regions: int = 0
     region_crop_size: int = 0
+    region_view_crop_size: int = 0
     num_local_crops: int = 0
     local_crop_size: int = 0
     local_crop_scale: tuple[float, float] = (0.3, 0.7)
@@ -303,6 +317,7 @@ class TransformConfig:
             "num_hard_negatives",
             "max_regions",
             "region_crop_size",
+            "region_view_crop_size",
             "num_local_crops",
             "local_crop_size",
         ):
@@ -352,6 +367,9 @@ def output_spec(config: TransformConfig) -> dict[str, tuple[tuple[int, ...], np.
         if config.region_crop_size:
             crop = config.region_crop_size
             spec["region_crops"] = ((regions, crop, crop, 3), np.float32)
+        if config.region_view_crop_size:
+            crop = config.region_view_crop_size
+            spec["region_view_crops"] = ((regions, crop, crop, 3), np.float32)
     if config.num_local_crops:
         local = config.local_size
         spec["local_crops"] = ((config.num_local_crops, local, local, 3), np.float32)
@@ -495,6 +513,11 @@ def make_example(
             for region in chosen_regions:
                 x1, y1, x2, y2 = region["box"]
                 needed_scale = max(needed_scale, draft_scale_needed(Crop(x1, y1, x2 - x1, y2 - y1), crop_out))
+        if config.region_view_crop_size:
+            view_crop_out = (config.region_view_crop_size, config.region_view_crop_size)
+            visible = [visible_part(region["box"], view) for region in chosen_regions]
+            for part in visible:
+                needed_scale = max(needed_scale, draft_scale_needed(part, view_crop_out))
 
     local_views: list[Crop] = []
     if config.num_local_crops:
@@ -536,6 +559,15 @@ def make_example(
                 crop_resize(image, Crop(x1, y1, x2 - x1, y2 - y1).scaled(scale_x, scale_y), crop_out, False, resample)
             )
         example["region_crops"] = region_crops
+    if config.max_regions and config.region_view_crop_size:
+        # What the RoI side of global<->region consistency pools: the box's part inside the global crop,
+        # flipped with the view, at crop resolution (from the source pixels, not upsampled from the view).
+        region_view_crops = np.zeros((config.max_regions, *view_crop_out[::-1], 3), np.float32)
+        for index, part in enumerate(visible):
+            region_view_crops[index] = normalise(
+                crop_resize(image, part.scaled(scale_x, scale_y), view_crop_out, flip, resample)
+            )
+        example["region_view_crops"] = region_view_crops
     if config.num_local_crops:
         local = config.local_size
         example["local_crops"] = np.stack(

@@ -15,6 +15,8 @@ global-local multi-view consistency") are known. The forms chosen here, and why:
 * global <-> region (image-image): for every valid region, the region as seen INSIDE the global view
   (RoI-Align of the global view's patch tokens over its box, mean-pooled) must agree with the region
   seen ON ITS OWN (the CLS embedding of its crop): L = 1 - mean_valid cos(roi(G, box_r), cls(crop_r)).
+  The crop (`region_view_crops`) is the part of the box visible in the global view, flipped with it, so
+  both sides see the same pixels (FarSLIP's `region_crops`, whole and unflipped, serve `region_cls` only).
   Why: it is the image-image counterpart of region-text alignment, ties the dense features that
   region/OVSS evaluation reads to the crop-level semantics that CLS region alignment trains, needs no
   extra parameters, and is FarSLIP's `roi2cls` distillation variant applied to object boxes; cosine (not
@@ -26,6 +28,10 @@ global-local multi-view consistency") are known. The forms chosen here, and why:
   (relative) form is used instead of 1 - cos because the two texts legitimately differ in detail, so
   forcing identical embeddings would fight the long-text alignment, while ranking only asks that the
   pair be closer than other images' texts; it also cannot collapse, and it reuses the chunked kernel.
+
+Precision: the cosines are float32 elementwise products and sums (no matmul, so the accelerators' TF32/bf16
+matmul default never touches them); the RoI pooling they compare runs at `precision=HIGHEST`
+(`models.roi_align`), and the short<->long logits are the contrastive kernel's (HIGHEST as well).
 """
 from __future__ import annotations
 
@@ -99,7 +105,8 @@ def global_region_consistency_loss(
     """GeoAlignCLIP-style global<->region view consistency (form chosen here; see module docstring).
 
     patch_tokens [B, gh, gw, E] of the global view; region_boxes [B, R, 4]; region_view_emb [B, R, E]
-    (CLS embeddings of the region crops); region_mask [B, R].
+    (CLS embeddings of `region_view_crops`: the same boxes' pixels as the global view shows them);
+    region_mask [B, R].
     L = 1 - mean over valid regions of cos(mean RoIAlign(patch_tokens, box), region_view_emb).
     """
     region = roi_align_mean(patch_tokens, region_boxes, output_size, sampling_ratio, aligned=True)

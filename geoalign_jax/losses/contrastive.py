@@ -2,13 +2,20 @@
 hard-negative InfoNCE, and Long-CLIP's primary-component matching; plain and chunked forms.
 
 Every loss here normalises its embeddings (the towers return them unnormalised), turns the log-space
-`logit_scale` parameter into `min(exp(logit_scale), 100)` and computes in float32.
+`logit_scale` parameter into the multiplicative scale `exp(logit_scale)` (unclipped, as open_clip's and
+FarSLIP's losses do) and computes in float32.
 
-Clipping the scale in the loss, not clamping the parameter after the step as open_clip/FarSLIP do, is the
-JAX-friendly equivalent: the step stays pure, the forward value is the same, and the gradient to the
-parameter is zero while it sits above ln(100) (open_clip's clamp would pull it back to ln(100); here the
-optimizer's weight decay, off for logit_scale, would not, so the parameter may drift above ln 100 without
-any effect on the loss).
+The temperature's bound is open_clip's: the parameter, not the loss, is clamped to [0, ln 100] after every
+optimizer update (`clamp_logit_scale`, called by the train step). Clipping inside the loss instead
+(`min(exp(s), 100)`) would give the parameter a zero gradient above ln 100, and OpenAI CLIP and the RS-CLIPs
+initialised from it (RemoteCLIP, GeoRSCLIP, FarSLIP) store s = 4.6052 > ln 100, so the temperature could never
+be learned from them. Between an update and its clamp the scale may exceed 100 for one step; nothing here
+assumes a bound on the logits.
+
+Precision: every matmul that forms or differentiates a similarity (logits, their backward, the hard-negative
+logits, the principal-component projection) runs at `jax.lax.Precision.HIGHEST`. On GPU/TPU the default
+matmul precision is TF32/bf16, which at scale 100 moves logits by 0.1-0.4; the towers keep their configured
+compute dtype, only these small [rows x columns] products pay for full float32.
 
 Global negatives under sharding: inside `jax.jit` with GSPMD, embeddings are global arrays split over
 the batch axes, so the plain form's `rows @ columns.T` over the GLOBAL batch is already cross-device
@@ -45,9 +52,16 @@ MAX_LOGIT_SCALE = 100.0
 LOG_MAX_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
 # torch.nn.functional.normalize's epsilon: x / max(||x||, eps).
 NORM_EPS = 1e-12
-# Start of the online running max: far below any logit (|logit| <= 100 + |bias|) yet finite, so that
-# `exp(old_max - new_max)` never evaluates inf - inf.
-_RUNNING_MAX_START = -1e30
+# Start of the online running max: the lowest finite float32, so no finite logit lies below it whatever the
+# scale, yet finite, so that `exp(old_max - new_max)` never evaluates inf - inf.
+_RUNNING_MAX_START = float(jnp.finfo(jnp.float32).min)
+# Similarities in full float32 on every backend (see the module docstring).
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def similarity(rows: Array, columns: Array) -> Array:
+    """`rows @ columns.T` [N, M] at HIGHEST precision (the one way this module forms similarities)."""
+    return jnp.matmul(rows, columns.T, precision=HIGHEST)
 
 KINDS = ("softmax", "sigmoid")
 
@@ -62,17 +76,20 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = NORM_EPS) -> Array:
 def clamp_logit_scale(params: dict) -> dict:
     """open_clip's rule, applied after every optimizer update: `logit_scale` clamped to [0, ln 100].
 
-    Pure: returns a new top-level params dict (only `logit_scale` changes); params without one pass through.
+    The losses use the unclipped `exp(logit_scale)`; this clamp is what bounds the scale at 100.
+
+    Pure: returns a new top-level params dict (only `logit_scale` changes). A tree without a top-level
+    `logit_scale` is an error: a clamp that silently does nothing would let the temperature run away.
     """
     if "logit_scale" not in params:
-        return params
+        raise KeyError(f"clamp_logit_scale needs the model's top-level params dict with 'logit_scale'; got keys {sorted(params)}")
     clamped = jnp.clip(params["logit_scale"], 0.0, LOG_MAX_LOGIT_SCALE).astype(jnp.asarray(params["logit_scale"]).dtype)
     return {**params, "logit_scale": clamped}
 
 
 def logit_scale_value(logit_scale: Array | float) -> Array:
-    """The multiplicative temperature `min(exp(logit_scale), 100)` from the log-space parameter."""
-    return jnp.minimum(jnp.exp(jnp.asarray(logit_scale, jnp.float32)), MAX_LOGIT_SCALE)
+    """The multiplicative scale `exp(logit_scale)` (float32, unclipped) from the log-space parameter."""
+    return jnp.exp(jnp.asarray(logit_scale, jnp.float32))
 
 
 def masked_logsumexp(logits: Array, valid: Array, axis: int = -1) -> Array:
@@ -147,7 +164,7 @@ def _chunked_forward(rows, row_labels, columns, column_labels, column_valid, sca
     def body(carry, chunk):
         running_max, accumulated, positive_sum, positive_count, max_positive, max_negative = carry
         chunk_columns, chunk_labels, chunk_valid = chunk
-        logits = scale * (rows @ chunk_columns.T) + bias
+        logits = scale * similarity(rows, chunk_columns) + bias
         valid = jnp.broadcast_to(chunk_valid[None, :], logits.shape)
         positive = (row_labels[:, None] == chunk_labels[None, :]) & valid
         safe_logits = jnp.where(valid, logits, 0.0)
@@ -207,7 +224,7 @@ def _chunked_row_stats_bwd(kind, chunk_size, axes, residuals, cotangent):
     def body(carry, chunk):
         rows_grad, scale_grad, bias_grad = carry
         chunk_columns, chunk_labels, chunk_valid = chunk
-        cosine = rows @ chunk_columns.T
+        cosine = similarity(rows, chunk_columns)
         logits = scale * cosine + bias
         valid = jnp.broadcast_to(chunk_valid[None, :], logits.shape)
         positive = (row_labels[:, None] == chunk_labels[None, :]) & valid
@@ -219,8 +236,8 @@ def _chunked_row_stats_bwd(kind, chunk_size, axes, residuals, cotangent):
         logits_grad = jnp.where(valid, reduction_cotangent[:, None] * weight, 0.0) + jnp.where(
             positive, positive_cotangent[:, None], 0.0
         )
-        rows_grad = rows_grad + scale * (logits_grad @ chunk_columns)
-        columns_grad = scale * (logits_grad.T @ rows)
+        rows_grad = rows_grad + scale * jnp.matmul(logits_grad, chunk_columns, precision=HIGHEST)
+        columns_grad = scale * jnp.matmul(logits_grad.T, rows, precision=HIGHEST)
         scale_grad = scale_grad + jnp.sum(logits_grad * cosine)
         bias_grad = bias_grad + jnp.sum(logits_grad)
         return (rows_grad, scale_grad, bias_grad), columns_grad
@@ -280,7 +297,7 @@ def row_statistics(
     scale = jnp.asarray(scale, jnp.float32)
     bias = jnp.zeros((), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if chunk_size == 0:
-        logits = scale * (rows @ columns.T) + bias
+        logits = scale * similarity(rows, columns) + bias
         return _stats_from_logits(logits, row_labels, column_labels, column_valid, kind)
     shards = 1 if axis_context is None else axis_context.batch_shards
     if shards == 1:
@@ -340,7 +357,7 @@ def _accuracy(stats: RowStats, valid: Array) -> Array:
 def _symmetric_stats(a, b, labels, valid, scale, bias, kind, chunk_size, axis_context) -> tuple[RowStats, RowStats]:
     """a->b and b->a statistics; the plain form computes the [N, N] logits once and transposes them."""
     if chunk_size == 0:
-        logits = scale * (a @ b.T) + bias
+        logits = scale * similarity(a, b) + bias
         return (
             _stats_from_logits(logits, labels, labels, valid, kind),
             _stats_from_logits(logits.T, labels, labels, valid, kind),
@@ -491,7 +508,7 @@ def hard_negative_loss(
     labels = jnp.arange(count, dtype=jnp.int32)
     scale = logit_scale_value(logit_scale)
     stats = row_statistics(image, labels, text, labels, valid, scale, kind="softmax", chunk_size=chunk_size, axis_context=axis_context)
-    negative_logits = scale * jnp.einsum("ne,nke->nk", image, negatives)
+    negative_logits = scale * jnp.einsum("ne,nke->nk", image, negatives, precision=HIGHEST)
     batch_has_columns = (stats.positive_count > 0)[:, None]
     candidates = jnp.concatenate([stats.reduction[:, None], negative_logits], axis=1)
     candidates_valid = jnp.concatenate([batch_has_columns, negative_valid], axis=1)
@@ -526,10 +543,11 @@ def principal_component_reconstruction(features: Array, num_components: int, *, 
     valid = _valid_or_all(mask, count)[:, None]
     mean = jnp.sum(jnp.where(valid, x, 0.0), axis=0) / jnp.maximum(jnp.sum(valid), 1)
     centred = jnp.where(valid, x - mean, 0.0)
-    covariance = jax.lax.stop_gradient(centred.T @ centred)
+    covariance = jax.lax.stop_gradient(jnp.matmul(centred.T, centred, precision=HIGHEST))
     _, eigenvectors = jnp.linalg.eigh(covariance)  # ascending eigenvalues
     basis = eigenvectors[:, ::-1][:, :num_components]
-    return (x - mean) @ basis @ basis.T + mean
+    coordinates = jnp.matmul(x - mean, basis, precision=HIGHEST)
+    return jnp.matmul(coordinates, basis.T, precision=HIGHEST) + mean
 
 
 __all__ = [
@@ -547,4 +565,5 @@ __all__ = [
     "principal_component_reconstruction",
     "row_statistics",
     "siglip_loss",
+    "similarity",
 ]

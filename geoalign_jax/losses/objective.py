@@ -3,7 +3,9 @@ pass that encodes exactly what the enabled terms need.
 
 A term is enabled when its weight in `loss.weights` is > 0 (a static, Python-level decision): a term
 with weight zero is never traced, and inputs only it needs are never encoded. An enabled term whose
-batch inputs are missing is an error (naming the term and the key), never a silent skip.
+batch inputs are missing is an error (naming the term and the key), never a silent skip. The batch keys
+each term reads are declared once, in `geoalign_jax.batch_contract` (shared with the data pipeline); a term
+is handed only those keys.
 
 Terms (`term(outputs, batch, params, *, axis_context, config) -> (loss, metrics)`):
   scene                      image vs `text`: InfoNCE (or SigLIP, `scene_kind`), global-batch negatives
@@ -12,7 +14,7 @@ Terms (`term(outputs, batch, params, *, axis_context, config) -> (loss, metrics)
   region_cls                 CLS of `region_crops` vs `region_text` (category prompts), FarSLIP's MPCL
   long_text                  image vs `long_text` (DGTRS); shares the scene weight via the curriculum
   patch_distill              FarSLIP patch-to-patch distillation with `local_crops` / `local_crop_boxes`
-  global_region_consistency  RoI feature of each region in the global view vs the CLS of its crop
+  global_region_consistency  RoI feature of each region in the global view vs the CLS of `region_view_crops`
   short_long_consistency     `text` vs `long_text` InfoNCE
 
 Short/long curriculum (DGTRS-CLIP): with a(t) = `long_text_schedule` at step t, when long_text is enabled
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from geoalign_jax.batch_contract import term_batch_keys
 from geoalign_jax.losses.consistency import (
     global_region_consistency_loss,
     patch_distillation_loss,
@@ -258,28 +261,14 @@ TERM_OUTPUTS: dict[str, tuple[str, ...]] = {
     "region_cls": ("region_crop_emb", "region_text_emb"),
     "long_text": ("image_emb", "long_text_emb"),
     "patch_distill": ("patch_tokens", "local_crop_patch_tokens"),
-    "global_region_consistency": ("patch_tokens", "region_crop_emb"),
+    "global_region_consistency": ("patch_tokens", "region_view_crop_emb"),
     "short_long_consistency": ("text_emb", "long_text_emb"),
-}
-# Batch keys each term reads (beyond the model outputs' sources).
-TERM_BATCH_KEYS: dict[str, tuple[str, ...]] = {
-    "scene": ("image", "text"),
-    "hard_negative": ("image", "text", "hard_negatives", "hard_negative_mask"),
-    "region_text": ("image", "region_boxes", "region_mask", "region_text"),
-    "region_cls": ("region_crops", "region_text", "region_category", "region_mask"),
-    "long_text": ("image", "long_text"),
-    "patch_distill": ("image", "local_crops", "local_crop_boxes"),
-    "global_region_consistency": ("image", "region_boxes", "region_mask", "region_crops"),
-    "short_long_consistency": ("text", "long_text"),
 }
 
 
 def required_batch_keys(config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Batch keys each enabled term needs (validated config)."""
-    required = {name: TERM_BATCH_KEYS[name] for name in enabled_terms(config)}
-    if "region_text" in required and config["region_text_positives"] == "category":
-        required["region_text"] = required["region_text"] + ("region_category",)
-    return required
+    """Batch keys each enabled term reads (validated config), from `geoalign_jax.batch_contract`."""
+    return {name: term_batch_keys(name, config) for name in enabled_terms(config)}
 
 
 def check_batch(config: Mapping[str, Any], batch: Batch) -> None:
@@ -326,9 +315,10 @@ def compute_outputs(
     """Encodes only what the enabled terms read; see TERM_OUTPUTS for the keys.
 
     image -> image_emb [B, E], patch_tokens [B, gh, gw, E] (dense per `dense_features`); text, long_text ->
-    [B, E]; hard_negatives [B, K, L] -> [B, K, E]; region_text [B, R, L] -> [B, R, E]; region_crops ->
-    CLS embeddings [B, R, E]; local_crops [B, C, H, W, 3] -> patch tokens [B, C, gh, gw, E] from the crop
-    branch (`distill_teacher`: params, or stop_gradient(frozen_params) for "frozen"/"ema").
+    [B, E]; hard_negatives [B, K, L] -> [B, K, E]; region_text [B, R, L] -> [B, R, E]; region_crops,
+    region_view_crops -> CLS embeddings [B, R, E]; local_crops [B, C, H, W, 3] -> patch tokens
+    [B, C, gh, gw, E] from the crop branch (`distill_teacher`: params, or stop_gradient(frozen_params) for
+    "frozen"/"ema").
     """
     config = validate_loss_config(loss_config)
     if encode_image is None or encode_text is None:
@@ -336,6 +326,7 @@ def compute_outputs(
         encode_image = encode_image or default_image
         encode_text = encode_text or default_text
     check_batch(config, batch)
+    batch = _declared_keys(batch, {key for keys in required_batch_keys(config).values() for key in keys})
     needed = {key for name in enabled_terms(config) for key in TERM_OUTPUTS[name]}
     dense = config["dense_features"]
     outputs: Outputs = {}
@@ -347,6 +338,8 @@ def compute_outputs(
             outputs[output_key] = _encode_texts(encode_text, model_config, params, batch[batch_key])
     if "region_crop_emb" in needed:
         outputs["region_crop_emb"], _ = _encode_images(encode_image, model_config, params, batch["region_crops"], "last")
+    if "region_view_crop_emb" in needed:
+        outputs["region_view_crop_emb"], _ = _encode_images(encode_image, model_config, params, batch["region_view_crops"], "last")
     if "local_crop_patch_tokens" in needed:
         teacher = config["distill_teacher"]
         if teacher == "active":
@@ -363,14 +356,9 @@ def compute_outputs(
 # Terms: thin wrappers from (outputs, batch) to the array-level losses.
 
 
-def _optional_mask(batch: Batch, *keys: str) -> Array | None:
-    masks = [jnp.asarray(batch[key], bool) for key in keys if key in batch]
-    if not masks:
-        return None
-    combined = masks[0]
-    for mask in masks[1:]:
-        combined = combined & mask
-    return combined
+def _declared_keys(batch: Batch, keys: Any) -> dict[str, Array]:
+    """The part of `batch` the contract lets a reader see: reading an undeclared key fails when traced."""
+    return {key: batch[key] for key in keys}
 
 
 def _logit_bias(params: Mapping[str, Any]) -> Array:
@@ -390,26 +378,23 @@ def _image_text_loss(image_emb, text_emb, mask, params, axis_context, config) ->
 
 def scene_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
     """Image vs short caption; with Long-CLIP PCM on, the image side is its primary-component rebuild."""
-    mask = _optional_mask(batch, "text_mask")
     image_emb = outputs["image_emb"]
     components = config["long_text_pca_components"]
     if components > 0:
-        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components, mask=mask)
-    return _image_text_loss(image_emb, outputs["text_emb"], mask, params, axis_context, config)
+        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components)
+    return _image_text_loss(image_emb, outputs["text_emb"], None, params, axis_context, config)
 
 
 def long_text_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
-    """Image vs long description (DGTRS-CLIP / Long-CLIP)."""
-    mask = _optional_mask(batch, "long_text_mask")
-    return _image_text_loss(outputs["image_emb"], outputs["long_text_emb"], mask, params, axis_context, config)
+    """Image vs long description (DGTRS-CLIP / Long-CLIP); records without one are not rows (`long_text_mask`)."""
+    return _image_text_loss(outputs["image_emb"], outputs["long_text_emb"], batch["long_text_mask"], params, axis_context, config)
 
 
 def hard_negative_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
     """Image vs caption with its own hard negatives joining the row's negatives."""
     return hard_negative_loss(
         outputs["image_emb"], outputs["text_emb"], outputs["hard_negative_emb"], batch["hard_negative_mask"],
-        params["logit_scale"], mask=_optional_mask(batch, "text_mask"), chunk_size=config["chunk_size"],
-        axis_context=axis_context,
+        params["logit_scale"], chunk_size=config["chunk_size"], axis_context=axis_context,
     )
 
 
@@ -437,25 +422,25 @@ def patch_distill_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any]
     output_size = config["distill_output_size"] or None
     return patch_distillation_loss(
         outputs["patch_tokens"], outputs["local_crop_patch_tokens"], batch["local_crop_boxes"],
-        batch.get("local_crop_mask"), output_size=output_size, sampling_ratio=config["roi_sampling_ratio"],
+        output_size=output_size, sampling_ratio=config["roi_sampling_ratio"],
     )
 
 
 def global_region_consistency_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
-    """Region inside the global view (RoI) vs the region's own crop (CLS)."""
+    """Region inside the global view (RoI) vs the CLS of its `region_view_crops` entry (the same pixels, alone)."""
     del params, axis_context
     return global_region_consistency_loss(
-        outputs["patch_tokens"], batch["region_boxes"], outputs["region_crop_emb"], batch["region_mask"],
+        outputs["patch_tokens"], batch["region_boxes"], outputs["region_view_crop_emb"], batch["region_mask"],
         output_size=config["roi_output_size"], sampling_ratio=config["roi_sampling_ratio"],
     )
 
 
 def short_long_consistency_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
-    """Short caption vs long description of the same image (text-text InfoNCE)."""
+    """Short caption vs long description of the same image (text-text InfoNCE); records without a long
+    description are not rows (their stand-in long text is the short caption itself)."""
     return short_long_consistency_loss(
         outputs["text_emb"], outputs["long_text_emb"], params["logit_scale"],
-        mask=_optional_mask(batch, "text_mask", "long_text_mask"), chunk_size=config["chunk_size"],
-        axis_context=axis_context,
+        mask=batch["long_text_mask"], chunk_size=config["chunk_size"], axis_context=axis_context,
     )
 
 
@@ -484,11 +469,12 @@ def make_objective(
     """`objective(params, batch, step, *, model_config, axis_context=None, frozen_params=None) -> (loss, metrics)`.
 
     The config is validated now (errors name the field). Metrics: "loss" (total), "<term>/<name>" per
-    term (its loss and accuracies), "weight/<term>" (current weight), "logit_scale" (the clipped scale).
+    term (its loss and accuracies), "weight/<term>" (current weight), "logit_scale" (the scale exp(logit_scale)).
     `encode_image` / `encode_text` default to `geoalign_jax.models.clip`'s.
     """
     config = validate_loss_config(loss_config)
     terms = enabled_terms(config)
+    term_keys = required_batch_keys(config)
 
     def objective(
         params: Any,
@@ -507,7 +493,8 @@ def make_objective(
         total = jnp.zeros((), jnp.float32)
         metrics: Metrics = {}
         for name in terms:
-            value, term_metrics = TERMS[name](outputs, batch, params, axis_context=axis_context, config=config)
+            term_batch = _declared_keys(batch, term_keys[name])
+            value, term_metrics = TERMS[name](outputs, term_batch, params, axis_context=axis_context, config=config)
             total = total + weights[name] * value
             metrics.update({f"{name}/{key}": metric for key, metric in term_metrics.items()})
             metrics[f"weight/{name}"] = weights[name]

@@ -76,7 +76,7 @@ def multi_positive_loss(
 
     region_emb [..., E] (CLS embeddings of the region crops), text_emb [..., E] (their category
     prompts), category_ids [...] int, valid_mask [...]. Rows with id -1 (free-text captions) and padded
-    rows are dropped; with s = min(exp(logit_scale), 100) and P_ij = 1[c_i = c_j] / sum_j 1[c_i = c_j]:
+    rows are dropped; with s = exp(logit_scale) and P_ij = 1[c_i = c_j] / sum_j 1[c_i = c_j]:
     L = 1/2 [-mean_i sum_j P_ij log softmax_j(s v_i.t_j) - mean_i sum_j P_ij log softmax_j(s t_i.v_j)],
     over all valid regions of the global batch (FarSLIP gathers with gradient).
     """

@@ -16,6 +16,8 @@ Region features (``region_features``) are RoI-Align of the image tower's patch t
 the output bins. The patch tokens from `encode_image` have already gone through ln_post and the visual
 projection, so the pooled feature is "pooled and projected" and lives in the joint embedding space
 without extra parameters.
+
+The weighting runs at `precision=HIGHEST` (float32 on GPU/TPU too), whatever the towers' compute dtype.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+# The interpolation matmuls run in full float32 on every backend: at the accelerators' default (TF32/bf16)
+# the pooled region features would lose ~3 significant digits before they meet a scale-100 similarity.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
@@ -109,8 +115,8 @@ def roi_align(
     """
     feature_map = jnp.asarray(feature_map)
     row_weights, column_weights = _box_weights(feature_map, boxes, output_size, sampling_ratio, aligned, "roi_align")
-    rows = jnp.einsum("broy,byxc->broxc", row_weights, feature_map.astype(jnp.float32))
-    return jnp.einsum("brpx,broxc->bropc", column_weights, rows)
+    rows = jnp.einsum("broy,byxc->broxc", row_weights, feature_map.astype(jnp.float32), precision=_HIGHEST)
+    return jnp.einsum("brpx,broxc->bropc", column_weights, rows, precision=_HIGHEST)
 
 
 def roi_align_mean(
@@ -128,7 +134,8 @@ def roi_align_mean(
     feature_map = jnp.asarray(feature_map)
     row_weights, column_weights = _box_weights(feature_map, boxes, output_size, sampling_ratio, aligned, "roi_align_mean")
     return jnp.einsum(
-        "bry,brx,byxc->brc", row_weights.mean(axis=-2), column_weights.mean(axis=-2), feature_map.astype(jnp.float32)
+        "bry,brx,byxc->brc", row_weights.mean(axis=-2), column_weights.mean(axis=-2), feature_map.astype(jnp.float32),
+        precision=_HIGHEST,
     )
 
 

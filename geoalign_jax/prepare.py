@@ -1,0 +1,211 @@
+"""``python -m geoalign_jax.prepare FORMAT ...``: convert a dataset to geoalign record shards (docs/data_format.md).
+
+```
+python -m geoalign_jax.prepare karpathy   --json dataset_rsicd.json --images RSICD/images --out data/rsicd
+python -m geoalign_jax.prepare coco       --ann train=train.json --images JPEGImages --out data/dior --name dior
+python -m geoalign_jax.prepare dota       --images DOTA/images --labels DOTA/labelTxt --out data/dota
+python -m geoalign_jax.prepare jsonl      --jsonl corpus.jsonl --out data/corpus --name rsfg
+python -m geoalign_jax.prepare folders    --root AID --out data/aid --name aid
+python -m geoalign_jax.prepare tfds       --dataset resisc45 --splits train --out data/resisc45
+python -m geoalign_jax.prepare mgrs       --json text_info.json --images MGRS/global_imgs --out data/mgrs
+python -m geoalign_jax.prepare webdataset --shards 'RS5M/{pub11,rs3}-train-{0000..0031}.tar' --out data/rs5m --name rs5m
+python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv val=SkyScript_val.csv --out data/skyscript --name skyscript
+```
+Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
+--overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
+configuration that cannot be used, 2 on bad command-line usage.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+
+from geoalign_jax.data import converters, corpora
+from geoalign_jax.data.writers import ConversionSummary
+
+Runner = Callable[[argparse.Namespace], ConversionSummary]
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One input layout: what it is for, its own options, and the converter call."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Runner
+
+
+def _karpathy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, help="Karpathy-layout JSON (images[].filename/split/sentences)")
+    parser.add_argument("--images", required=True, help="folder holding the image files")
+    parser.add_argument("--name", default=None, help="dataset name (default: the JSON's 'dataset' field)")
+    parser.add_argument("--splits", nargs="*", default=None, help="keep only these splits (after --split-map)")
+    parser.add_argument("--split-map", nargs="*", default=None, metavar="FROM=TO", help="rename splits")
+
+
+def _karpathy(args: argparse.Namespace) -> ConversionSummary:
+    return converters.convert_karpathy(
+        args.json, args.images, args.out, name=args.name, splits=args.splits,
+        split_map=converters.parse_key_values(args.split_map, "--split-map"), **converters.common_kwargs(args))
+
+
+def _coco_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ann", action="append", required=True, metavar="SPLIT=JSON", help="COCO JSON of a split")
+    parser.add_argument("--images", action="append", required=True, metavar="DIR|SPLIT=DIR",
+                        help="image folder (one for all splits, or one per split)")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+
+
+def _coco(args: argparse.Namespace) -> ConversionSummary:
+    image_dir = args.images[0] if len(args.images) == 1 and "=" not in args.images[0] \
+        else converters.parse_key_values(args.images, "--images")
+    return converters.convert_coco(converters.parse_key_values(args.ann, "--ann"), image_dir, args.out,
+                                   name=args.name, **converters.common_kwargs(args))
+
+
+def _dota_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="image folder")
+    parser.add_argument("--labels", required=True, help="labelTxt folder (one .txt per image)")
+    parser.add_argument("--split", default="train", help="split name of these images")
+    parser.add_argument("--name", default="dota", help="dataset name (shard file prefix)")
+    parser.add_argument("--categories", nargs="*", default=None,
+                        help="category list fixing category_id order (default: sorted names found)")
+    parser.add_argument("--skip-difficult", action="store_true", help="leave out objects marked difficult (1)")
+
+
+def _dota(args: argparse.Namespace) -> ConversionSummary:
+    return converters.convert_dota(
+        args.images, args.labels, args.out, name=args.name, split=args.split, categories=args.categories,
+        skip_difficult=args.skip_difficult, **converters.common_kwargs(args))
+
+
+def _jsonl_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jsonl", nargs="+", required=True, help="JSONL file(s)")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--image-root", default=None, help="image paths are relative to this (default: JSONL's folder)")
+    parser.add_argument("--default-split", default="train", help="split of lines without a 'split' field")
+
+
+def _jsonl(args: argparse.Namespace) -> ConversionSummary:
+    return converters.convert_jsonl(
+        args.jsonl, args.out, name=args.name, image_root=args.image_root, default_split=args.default_split,
+        **converters.common_kwargs(args))
+
+
+def _folders_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="folder with one sub-folder per class")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--split", default="test", help="split name for all images (default: test, zero-shot eval)")
+
+
+def _folders(args: argparse.Namespace) -> ConversionSummary:
+    return converters.convert_folders(args.root, args.out, name=args.name, split=args.split,
+                                      **converters.common_kwargs(args))
+
+
+def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="TFDS name, e.g. 'resisc45' or 'my_set:1.0.0'")
+    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to convert")
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's default)")
+    parser.add_argument("--name", default=None, help="dataset name (default: the TFDS name)")
+    parser.add_argument("--map", nargs="*", default=None, metavar="FIELD=FEATURE",
+                        help="our field (image, label, captions, long_caption, hard_negatives, id) = TFDS feature; "
+                             "FEATURE 'none' drops a default")
+
+
+def _tfds(args: argparse.Namespace) -> ConversionSummary:
+    mapping = {key: (None if value.lower() == "none" else value)
+               for key, value in converters.parse_key_values(args.map, "--map").items()}
+    return converters.convert_tfds(args.dataset, args.splits, args.out, data_dir=args.data_dir, name=args.name,
+                                   mapping=mapping, **converters.common_kwargs(args))
+
+
+def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, help="MGRS JSON list (global_filepath, captions, segment)")
+    parser.add_argument("--images", required=True, help="folder the global_filepath entries are relative to")
+    parser.add_argument("--name", default="mgrs", help="dataset name (shard file prefix)")
+    parser.add_argument("--split", default="train", help="split name of these images")
+
+
+def _mgrs(args: argparse.Namespace) -> ConversionSummary:
+    return corpora.convert_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
+                                **converters.common_kwargs(args))
+
+
+def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", nargs="+", required=True, metavar="PATTERN",
+                        help="shard files or patterns: {a,b} and {0000..0031} braces, then * ? wildcards (quote them)")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--split", default="train", help="split name of these samples")
+    parser.add_argument("--image-ext", nargs="+", default=list(corpora.WEBDATASET_IMAGE_EXTS),
+                        help="member extensions holding the image, in order of preference")
+    parser.add_argument("--caption-ext", nargs="+", default=list(corpora.WEBDATASET_CAPTION_EXTS),
+                        help="member extensions holding the caption (UTF-8), in order of preference")
+
+
+def _webdataset(args: argparse.Namespace) -> ConversionSummary:
+    return corpora.convert_webdataset(args.shards, args.out, name=args.name, split=args.split,
+                                      image_exts=args.image_ext, caption_exts=args.caption_ext,
+                                      **converters.common_kwargs(args))
+
+
+def _csv_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csv", action="append", required=True, metavar="FILE|SPLIT=FILE",
+                        help="CSV/TSV file (repeat for more; SPLIT=FILE puts a file in its own split)")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--image-column", default="filepath", help="column with the image path (default: filepath)")
+    parser.add_argument("--caption-column", default="title", help="column with the caption (default: title)")
+    parser.add_argument("--separator", default=None,
+                        help="field separator: one character or tab/comma/semicolon/pipe (default: tab for .tsv, "
+                             "else comma)")
+    parser.add_argument("--image-root", default=None, help="image paths are relative to this (default: CSV's folder)")
+    parser.add_argument("--split", default="train", help="split of files given without SPLIT=")
+
+
+def _csv(args: argparse.Namespace) -> ConversionSummary:
+    with_split = [item for item in args.csv if "=" in item]
+    if with_split and len(with_split) != len(args.csv):
+        raise converters.ConversionError("--csv: give every file as SPLIT=FILE, or none")
+    files = converters.parse_key_values(with_split, "--csv") if with_split else args.csv
+    return corpora.convert_csv(files, args.out, name=args.name, image_column=args.image_column,
+                               caption_column=args.caption_column, separator=args.separator,
+                               image_root=args.image_root, split=args.split, **converters.common_kwargs(args))
+
+
+FORMATS: dict[str, Format] = {
+    "karpathy": Format("Karpathy caption JSON (RSICD, RSITMD, UCM-captions, Sydney-captions)", _karpathy_arguments,
+                       _karpathy),
+    "coco": Format("COCO JSON with boxes and/or captions (DIOR, NWPU VHR-10)", _coco_arguments, _coco),
+    "dota": Format("DOTA labelTxt oriented boxes", _dota_arguments, _dota),
+    "jsonl": Format("JSONL multi-granular corpora (one object per image; docs/data_format.md)", _jsonl_arguments,
+                    _jsonl),
+    "folders": Format("class-per-folder scene classification (UCM, AID, RESISC45, EuroSAT, WHU-RS19)",
+                      _folders_arguments, _folders),
+    "tfds": Format("TFDS dataset prepared as array_record (no TensorFlow needed)", _tfds_arguments, _tfds),
+    "mgrs": Format("MGRS-200k JSON (FarSLIP stage 2): captions and segment boxes", _mgrs_arguments, _mgrs),
+    "webdataset": Format("webdataset .tar shards (RS5M, FarSLIP stage 1): image + txt caption per sample",
+                         _webdataset_arguments, _webdataset),
+    "csv": Format("SkyScript-style CSV/TSV: image-path and caption columns", _csv_arguments, _csv),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m geoalign_jax.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, fmt in FORMATS.items():
+        command = commands.add_parser(name, help=fmt.help, description=fmt.help)
+        fmt.add_arguments(command)
+        converters.add_common_arguments(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return converters.run_cli(lambda: FORMATS[args.format].run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
