@@ -57,9 +57,8 @@ class TextTransformer(nn.Module):
             )
         x = self.token_embedding(tokens) + self.positional_embedding[:length].astype(self.dtype)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        x, _ = self.transformer(x, causal)
-        token_states = self.ln_final(x)
         eot = jnp.argmax(tokens, axis=-1)
-        pooled = jnp.take_along_axis(token_states, eot[:, None, None], axis=1)[:, 0]
-        embedding = pooled @ self.text_projection.astype(self.dtype)
+        x, _, pooled = self.transformer(x, causal, pool_rows=eot)
+        token_states = self.ln_final(x)
+        embedding = self.ln_final(pooled) @ self.text_projection.astype(self.dtype)
         return embedding.astype(jnp.float32), token_states

@@ -78,8 +78,8 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x], axis=1)
         x = x + resize_image_posemb(self.positional_embedding, (gh, gw)).astype(self.dtype)
         x = self.ln_pre(x)
-        x, penultimate = self.transformer(x)
-        embedding = self._project(x[:, 0])
+        x, penultimate, pooled = self.transformer(x, pool_rows=0)  # the class token
+        embedding = self._project(pooled)
         if dense == "segearth":
             patch_tokens = self._project(self.transformer.segearth(penultimate)[:, 1:])
         elif dense == "last":
