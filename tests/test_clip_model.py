@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from geoalign_jax.models import clip, layers
+from geoalign_jax.models import text as text_lib
 from geoalign_jax import params_checkpoint as checkpoint
 
 TINY = clip.get_model_config("tiny")
@@ -114,6 +115,37 @@ def test_pooled_image_embedding_skips_most_of_the_last_block():
                          + jnp.sum(clip.encode_image(config, p, images)[1] ** 2))
     per_block = with_patches / config.vision.layers
     assert with_patches - embedding_only > 0.5 * per_block
+
+
+def test_text_tower_runs_the_shortest_length_bucket_with_the_same_result():
+    """The embedding from the shortest bucket holding every EOT equals the full-length one (values and
+    gradients), whichever bucket a batch lands in."""
+    assert text_lib.length_buckets(77) == (32, 77)
+    assert text_lib.length_buckets(248) == (32, 128, 248)
+    assert text_lib.length_buckets(20) == (20,)
+    config = clip.get_model_config("tiny", text_width=text_lib.MIN_BUCKETED_WIDTH, text_heads=4)
+    params = clip.init_params(config, jax.random.key(0))
+
+    def full_length(params, tokens):
+        def embed(module, tokens):
+            _, pooled = module.text._encode(tokens, jnp.argmax(tokens, -1))
+            return module.text.ln_final(pooled) @ module.text.text_projection
+
+        return clip.CLIP(config).apply({"params": params}, tokens, method=embed)
+
+    embed = jax.jit(lambda p, t: clip.encode_text(config, p, t)[0])
+    grad = jax.jit(jax.grad(lambda p, t: jnp.sum(clip.encode_text(config, p, t)[0] ** 3)))
+    embed_full = jax.jit(full_length)
+    grad_full = jax.jit(jax.grad(lambda p, t: jnp.sum(full_length(p, t) ** 3)))
+    assert "stablehlo.case" in embed.lower(params, _tokens(2)).as_text()  # the bucketed path is the one tested
+    for last in (5, 76):  # EOT positions of the longest caption: buckets 32 and 77
+        long_caption = jnp.zeros(77, jnp.int32).at[0].set(49406).at[1:last].set(jnp.arange(1, last) + 100)
+        tokens = _tokens(2).at[1].set(long_caption.at[last].set(49407))
+        np.testing.assert_allclose(embed(params, tokens), embed_full(params, tokens), atol=1e-5)
+        grads, expected = grad(params, tokens)["text"], grad_full(params, tokens)["text"]
+        scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(expected))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, atol=1e-5 * scale)  # float32 reassociation
 
 
 def test_remat_gives_the_same_gradients_and_bf16_is_close(tiny_params):
