@@ -47,13 +47,11 @@ def unreadable_indices(shard: str | os.PathLike) -> list[int]:
     return bad
 
 
-def make_noise_dataset(root: pathlib.Path, *, count: int = 40, image_size: int = 48, num_classes: int = 3,
-                       split: str = "train", **options) -> pathlib.Path:
-    """A converted dataset of `count` random-noise PNGs (incompressible, so a zeroed block hits a few records,
-    not all) with a caption, a label and a class name each; returns the converted folder."""
+def write_noise_sources(root: pathlib.Path, *, count: int = 40, image_size: int = 48, num_classes: int = 3,
+                        split: str = "train", caption: str = "noise picture number") -> pathlib.Path:
+    """`count` random-noise PNGs (incompressible, so a zeroed block hits a few records, not all) and a JSONL
+    giving each a caption "<caption> <i>", a label and a class name; returns the JSONL path."""
     from PIL import Image
-
-    from geoalign_jax.data import converters
 
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -64,10 +62,18 @@ def make_noise_dataset(root: pathlib.Path, *, count: int = 40, image_size: int =
         Image.fromarray(pixels).save(images / f"{index:03d}.png")
         label = index % num_classes
         lines.append(json.dumps({"image": f"images/{index:03d}.png", "id": f"img{index:03d}", "split": split,
-                                 "captions": [f"noise picture number {index}"], "label": label,
+                                 "captions": [f"{caption} {index}"], "label": label,
                                  "class_name": f"class {label}"}))
     jsonl = root / "noise.jsonl"
     jsonl.write_text("\n".join(lines) + "\n")
+    return jsonl
+
+
+def make_noise_dataset(root: pathlib.Path, *, count: int = 40, image_size: int = 48, **options) -> pathlib.Path:
+    """`write_noise_sources` converted (convert_jsonl, dataset name "noise") into root/converted."""
+    from geoalign_jax.data import converters
+
+    jsonl = write_noise_sources(root, count=count, image_size=image_size)
     out = root / "converted"
     converters.convert_jsonl(jsonl, out, name="noise", progress=False, **options)
     return out
