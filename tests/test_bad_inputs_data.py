@@ -114,6 +114,23 @@ def test_a_batched_read_falls_back_to_single_records(clean, damaged):
     assert isinstance(error.value, records.RecordError)
 
 
+def test_a_shard_cut_short_after_the_source_was_built_marks_its_records(clean, tmp_path):
+    """A short read: the file shrank under a running source (a copy replaced mid-run); its records come back
+    marked, the other shard's records are read as before. (The shard's record count can no longer be read,
+    so the mark names the record's global index and the shards.)"""
+    folder = tmp_path / "data"
+    shutil.copytree(clean, folder)
+    source = sources.RecordSource.from_dir(folder, "train", raw=True, unreadable="mark")
+    first, second = source.paths
+    truncate(second)
+    items = [source[index] for index in range(COUNT)]
+    assert not any(isinstance(item, sources.UnreadableRecord) for item in items[:COUNT // 2])
+    marked = items[COUNT // 2:]
+    assert all(isinstance(item, sources.UnreadableRecord) for item in marked)
+    assert [item.where.split(" of the shards")[0] for item in marked] == [f"record {i}" for i in range(20, COUNT)]
+    assert all(second in item.where and "cannot be read" in item.reason for item in marked)
+
+
 def _not_an_array_record(path):
     with open(path, "wb") as handle:
         handle.write(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())

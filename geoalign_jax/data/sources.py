@@ -222,6 +222,7 @@ class RecordSource:
             raise SourceError(f"cannot open the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}: "
                               f"{_one_line(error)}") from None
         self._prefix_sums: list[int] | None = None
+        self._locate_failed = False
 
     @classmethod
     def from_dir(cls, dir_or_glob: str | os.PathLike, split: str, *, raw: bool = False,
@@ -250,11 +251,13 @@ class RecordSource:
     def _where(self, index: int) -> tuple[str | None, str]:
         """(shard path or None, "<shard path> record <index in shard>") for messages; never raises, since it
         describes records of shards that may be damaged."""
-        try:
-            path, local = self.locate(index)
-        except Exception:  # noqa: BLE001
-            return None, f"record {index} of the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}"
-        return path, f"{path} record {local}"
+        if not self._locate_failed:
+            try:
+                path, local = self.locate(index)
+                return path, f"{path} record {local}"
+            except Exception:  # noqa: BLE001 - a shard changed since the source was built; do not retry per record
+                self._locate_failed = True
+        return None, f"record {index} of the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}"
 
     def _check_index(self, record_key: SupportsIndex) -> int:
         index = record_key.__index__()

@@ -97,7 +97,8 @@ def _interrupts_raise() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise ConversionInterrupted(signum)
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}  # an ignored signal (nohup) stays ignored
     try:
         yield
     finally:
