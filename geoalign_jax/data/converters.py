@@ -659,7 +659,9 @@ def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]
 
 def run_cli(convert: Callable[[], ConversionSummary]) -> int:
     """Run a converter, print its summary; exit status 1 with the summary on ConversionError (or a bad
-    option it raises), so a shell script or a launcher stops on bad input."""
+    option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
+    one line and the shell's 128 + signal number; no manifest was written, so nothing looks converted."""
+    import signal
     import sys
 
     try:
@@ -667,5 +669,10 @@ def run_cli(convert: Callable[[], ConversionSummary]) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"error: conversion interrupted ({signal.Signals(signum).name}); the new dataset was not written "
+              f"(no {writers.MANIFEST_NAME} for it); run the same command again", file=sys.stderr)
+        return 128 + signum
     print(summary.format())
     return 0

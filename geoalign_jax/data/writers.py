@@ -4,11 +4,18 @@ Why one place: every converter must behave the same way on bad input (skip, coun
 a bad fraction), write byte-identical shards whatever the worker count, and leave either a complete output
 (shards + manifest.json) or none. Converters only turn their annotation files into `ImageTask`s.
 
+Interrupted conversions: shards are written under temporary names and the manifest, written last and
+atomically (temp + rename, after every shard is on disk), is what makes a folder a dataset. SIGINT and
+SIGTERM remove the temporary shards (`ConversionInterrupted`); after a SIGKILL or a power cut the folder
+holds no manifest (an overwritten dataset's manifest is removed before its shards are replaced), and the
+next run cleans the leftovers (`--overwrite` for shards already renamed into place).
+
 This module never imports jax: worker processes are started with 'spawn', and jax must not be forked.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
@@ -16,7 +23,10 @@ import math
 import multiprocessing
 import os
 import pathlib
+import re
+import signal
 import sys
+import threading
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -65,6 +75,40 @@ class ConversionError(RuntimeError):
     def __init__(self, message: str, summary: "ConversionSummary | None" = None):
         super().__init__(message)
         self.summary = summary
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a conversion; the temporary shards were removed and no manifest was written.
+    A KeyboardInterrupt, so code that already stops on Ctrl-C stops on it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """While writing, SIGINT and SIGTERM raise ConversionInterrupted (SIGTERM's default would end the process
+    without cleaning up). Only the main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise ConversionInterrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}  # an ignored signal (nohup) stays ignored
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _ignore_interrupts() -> None:
+    """Worker processes leave SIGINT (Ctrl-C reaches the whole process group) to the parent, which stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -293,14 +337,20 @@ def ordered_parallel_map(
         return
     window = window or workers * 4
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                initializer=_ignore_interrupts) as executor:
         pending: deque[concurrent.futures.Future] = deque()
-        for item in items:
-            pending.append(executor.submit(function, item))
-            if len(pending) >= window:
+        try:
+            for item in items:
+                pending.append(executor.submit(function, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        except BaseException:  # stopped (interrupt, failure, generator closed): do not build what is queued
+            for future in pending:
+                future.cancel()
+            raise
 
 
 class _BuildWithOptions:
@@ -339,6 +389,26 @@ class ShardingOptions:
         return max(1, math.ceil(expected_records / num_shards))
 
 
+def _temp_shard_name(name: str, split: str, index: int) -> str:
+    return f".tmp-{name}-{split}-{index:05d}.array_record"
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """Flush a file, or a folder's entries, to disk: the manifest must never reach the disk before its shards
+    (a crash would leave a dataset that looks complete). Filesystems that cannot fsync a folder are let be."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 class _SplitWriter:
     """Writes one split's records to consecutive temporary shards; renamed once the final count is known."""
 
@@ -355,7 +425,7 @@ class _SplitWriter:
 
         if self.count % self.records_per_shard == 0:
             self._close_current()
-            path = self.out_dir / f".tmp-{self.name}-{self.split}-{len(self.temp_paths):05d}.array_record"
+            path = self.out_dir / _temp_shard_name(self.name, self.split, len(self.temp_paths))
             self.temp_paths.append(path)
             self._writer = ArrayRecordWriter(str(path), self.writer_options)
         self._writer.write(data)
@@ -366,9 +436,14 @@ class _SplitWriter:
             self._writer.close()
             self._writer = None
 
-    def finish(self) -> list[str]:
-        """Close and rename to the final `-of-N` names; returns the shard names relative to out_dir."""
+    def close(self) -> None:
+        """Close the last shard and flush every shard to disk (before any manifest may name them)."""
         self._close_current()
+        for temp in self.temp_paths:
+            _fsync(temp)
+
+    def publish(self) -> list[str]:
+        """Rename the closed shards to the final `-of-N` names; returns them relative to out_dir."""
         names = []
         for index, temp in enumerate(self.temp_paths):
             final = shard_name(self.name, self.split, index, len(self.temp_paths))
@@ -440,7 +515,7 @@ def _old_shards(out_dir: pathlib.Path, overwrite: bool) -> list[str] | None:
     """Create out_dir; the shards an existing conversion there lists, or None when there is none.
 
     An existing dataset is refused without `overwrite`; with it, nothing is deleted here: the old shards are
-    removed only after the new dataset has been written completely (see `_remove_replaced_shards`), so a
+    removed only after the new dataset has been written completely (see `_remove_stale_shards`), so a
     conversion that fails leaves the old dataset as it was.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -456,11 +531,40 @@ def _old_shards(out_dir: pathlib.Path, overwrite: bool) -> list[str] | None:
         raise ConversionError(f"{manifest_path} is unreadable ({error}); remove it by hand") from None
 
 
-def _remove_replaced_shards(out_dir: pathlib.Path, old_shards: Sequence[str], new_shards: Iterable[str]) -> None:
-    """Delete the old dataset's shards that the new manifest does not list (never anything outside out_dir)."""
+def _dataset_shards(out_dir: pathlib.Path, name: str) -> list[str]:
+    """The files in out_dir named like shards of dataset `name` (`<name>-<split>-NNNNN-of-NNNNN.array_record`)."""
+    from geoalign_jax.data.sources import parse_shard_name
+
+    return sorted(entry.name for entry in out_dir.iterdir()
+                  if entry.is_file() and (parse_shard_name(entry.name) or ("",))[0] == name)
+
+
+def _clean_unfinished(out_dir: pathlib.Path, name: str, has_manifest: bool, overwrite: bool) -> None:
+    """Remove what an interrupted conversion of `name` left in out_dir: its temporary shards and manifest
+    always (they are never part of a dataset); without a manifest, shards already renamed into place too, but
+    only with `overwrite` (they may be bare shards someone copied there)."""
+    temp_shard = re.compile(rf"^\.tmp-{re.escape(name)}-[^-]+-\d{{5}}\.array_record$")  # see _temp_shard_name
+    for entry in out_dir.iterdir():
+        if entry.name == f".tmp-{MANIFEST_NAME}" or temp_shard.match(entry.name):
+            entry.unlink(missing_ok=True)
+    if has_manifest:
+        return
+    unfinished = _dataset_shards(out_dir, name)
+    if unfinished and not overwrite:
+        raise ConversionError(
+            f"{out_dir} holds {len(unfinished)} shards of {name!r} without a {MANIFEST_NAME} (an interrupted "
+            f"conversion?), e.g. {unfinished[0]}: pass overwrite=True (--overwrite) to replace them")
+    for shard in unfinished:
+        (out_dir / shard).unlink(missing_ok=True)
+
+
+def _remove_stale_shards(out_dir: pathlib.Path, name: str, old_shards: Sequence[str],
+                         new_shards: Iterable[str]) -> None:
+    """Delete the shards of the replaced dataset and of interrupted runs that the new manifest does not list:
+    those the old manifest listed, and every file named like a shard of `name` (never anything outside out_dir)."""
     keep = set(new_shards)
     root = out_dir.resolve()
-    for shard in old_shards:
+    for shard in [*old_shards, *_dataset_shards(out_dir, name)]:
         if not isinstance(shard, str) or shard in keep:
             continue
         target = (out_dir / shard).resolve()
@@ -479,6 +583,7 @@ def check_split_name(split: Any) -> str:
     return split
 
 
+@_interrupts_raise()
 def write_dataset(
     tasks: Iterable[ImageTask],
     out_dir: str | os.PathLike,
@@ -501,9 +606,11 @@ def write_dataset(
     lines, ...). `tasks` may be a lazy iterable (bounded memory for big sources) when `expected_counts`
     gives the number of tasks per split (it sizes the shards). The output is the same for any `workers`. When
     the bad fraction is exceeded (or anything fails) no new file is left behind and ConversionError carries the
-    summary. With `overwrite`, an existing dataset in `out_dir` stays untouched until the new one is complete:
-    new shards are built under temporary names, renamed into place, the manifest swapped atomically, and only
-    then are old shards the new manifest does not list deleted.
+    summary. With `overwrite`, an existing dataset in `out_dir` stays untouched until the new shards are all
+    written (under temporary names, flushed to disk); then its manifest is removed, the new shards are renamed
+    into place, the new manifest is written atomically, and only then are shards it does not list deleted.
+    So the folder never holds a manifest whose shards are not all there. SIGINT / SIGTERM raise
+    ConversionInterrupted after removing the temporary shards; what a killed run leaves, the next run removes.
     """
     from tqdm import tqdm
 
@@ -511,6 +618,7 @@ def write_dataset(
         raise ConversionError(f"dataset name {name!r} must be a plain file-name prefix")
     out_path = pathlib.Path(out_dir)
     old_shards = _old_shards(out_path, overwrite)
+    _clean_unfinished(out_path, name, old_shards is not None, overwrite)
     log = skip_log or SkipLog()
     if expected_counts is None:
         tasks = list(tasks)
@@ -552,7 +660,12 @@ def write_dataset(
         for writer in writers.values():
             writer.abort()
         raise ConversionError(f"{name}: {problem}; nothing written.\n{summary.format()}", summary)
-    summary.shards = {split: writer.finish() for split, writer in writers.items() if writer.count}
+    for writer in writers.values():
+        writer.close()
+    if old_shards is not None:  # from here on the folder holds no manifest until the new one is complete
+        (out_path / MANIFEST_NAME).unlink(missing_ok=True)
+        _fsync(out_path)
+    summary.shards = {split: writer.publish() for split, writer in writers.items() if writer.count}
     manifest = {
         "format": records.FORMAT_NAME,
         "version": records.FORMAT_VERSION,
@@ -570,7 +683,8 @@ def write_dataset(
     manifest_path = out_path / MANIFEST_NAME
     temp_manifest = out_path / f".tmp-{MANIFEST_NAME}"
     temp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _fsync(temp_manifest)
     os.replace(temp_manifest, manifest_path)
-    if old_shards:
-        _remove_replaced_shards(out_path, old_shards, (s for names in summary.shards.values() for s in names))
+    _fsync(out_path)
+    _remove_stale_shards(out_path, name, old_shards or [], (s for names in summary.shards.values() for s in names))
     return summary

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="init seed for --model")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--skip_bad_records", action="store_true",
+                        help="skip records that cannot be read (damaged shards) and count them in results.json "
+                             "(<task>/skipped/unreadable_records) instead of stopping with an error")
     return parser
 
 
@@ -61,22 +64,25 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
         config, params = load_params(args.checkpoint)
         return config, params, f"checkpoint {args.checkpoint}"
-    if args.open_clip:
-        from geoalign_jax.convert.open_clip import load_open_clip
+    if args.open_clip or args.hf:
+        from geoalign_jax.convert.pretrained import load_pretrained
 
-        config, params = load_open_clip(args.open_clip, quick_gelu=quick)
-        return config, params, f"open_clip {args.open_clip}"
-    if args.hf:
-        from geoalign_jax.convert import hf
-
-        config, params = hf.load_hf(args.hf, quick_gelu=quick)
-        return config, params, f"hf {args.hf}"
+        fmt, src = ("open_clip", args.open_clip) if args.open_clip else ("hf", args.hf)
+        config, params = load_pretrained(src, fmt, quick_gelu=quick)
+        return config, params, f"{fmt} {src}"
     import jax
 
     from geoalign_jax.models import clip
 
     config = clip.get_model_config(args.model)
     return config, clip.init_params(config, jax.random.key(args.seed)), f"random {args.model} (seed {args.seed})"
+
+
+def _one_line(error: BaseException) -> str:
+    """Errors are printed on one line: a user reads the reason, never a traceback."""
+    from geoalign_jax.convert.common import one_line
+
+    return one_line(error, limit=4000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,24 +107,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     try:
         if args.backend == "open_clip":
+            from geoalign_jax.convert.pretrained import check_weights_readable
+
+            check_weights_readable(args.open_clip, "open_clip")  # a damaged file: named, not torch's traceback
             embedder = embed.OpenClipEmbedder.from_dir(args.open_clip, batch_size=args.batch_size)
             config, params, source = None, None, f"open_clip (torch) {args.open_clip}"
         else:
             config, params, source = load_weights(args)
             embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: cannot load the weights: {error}", file=sys.stderr)
+        print(f"error: cannot load the weights: {_one_line(error)}", file=sys.stderr)
         return 2
     try:
         result = library.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
-                                   progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads)
+                                   progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads,
+                                   skip_bad_records=args.skip_bad_records)
     except library.TaskError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"weights": source, "backend": args.backend, "tasks": list(args.tasks), "ties": args.ties,
-                "batch_size": args.batch_size, "dense": args.dense, "seconds": round(time.time() - started, 2),
+                "batch_size": args.batch_size, "dense": args.dense, "skip_bad_records": args.skip_bad_records,
+                "seconds": round(time.time() - started, 2),
                 "model_config": config.to_dict() if config is not None else None}
     results_path = report.write_results(out / "results.json", result.metrics, result.details, run_info)
     print(report.format_table(result.metrics))

@@ -122,21 +122,24 @@ class EvalReport:
 
 def evaluate(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *,
              embedder: embed.Embedder | None = None, batch_size: int = 64, progress: bool = True,
-             ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last") -> dict[str, float]:
+             ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last",
+             skip_bad_records: bool = False) -> dict[str, float]:
     """Run the tasks on the model's weights (or on ``embedder``) and return the flat metrics dict.
 
     model_config / params: a ``models.clip.CLIPConfig`` and its parameter dict (ignored when an
     ``embedder`` is given). dense: patch tokens for region RoI features ("last" or FarSLIP's
     "segearth"). Compiled towers are cached per config, so calling this every N training steps
-    compiles once.
+    compiles once. skip_bad_records: a record that cannot be read is skipped and counted
+    (``<task>/skipped/unreadable_records``) instead of failing the task with TaskError.
     """
     return run_tasks(model_config, params, tasks, embedder=embedder, batch_size=batch_size, progress=progress,
-                     ties=ties, num_threads=num_threads, dense=dense).metrics
+                     ties=ties, num_threads=num_threads, dense=dense, skip_bad_records=skip_bad_records).metrics
 
 
 def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *,
               embedder: embed.Embedder | None = None, batch_size: int = 64, progress: bool = True,
-              ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last") -> EvalReport:
+              ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last",
+              skip_bad_records: bool = False) -> EvalReport:
     """``evaluate`` with per-task details. Task strings are parsed with ``parse_task``."""
     specs = [parse_task(task) if isinstance(task, str) else task for task in tasks]
     names = [spec.prefix for spec in specs]
@@ -147,7 +150,7 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
         if model_config is None or params is None:
             raise ValueError("evaluate needs model_config and params, or an embedder")
         embedder = embed.JaxEmbedder(model_config, params, batch_size=batch_size, dense=dense)
-    runner = _Runner(embedder, batch_size, progress, ties, num_threads)
+    runner = _Runner(embedder, batch_size, progress, ties, num_threads, skip_bad_records)
     report = EvalReport({}, {})
     for spec in specs:
         task_metrics, details = runner.run(spec)
@@ -163,6 +166,7 @@ class _Runner:
     progress: bool
     ties: metrics.TieRule
     num_threads: int
+    skip_bad_records: bool = False
 
     def run(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
         try:
@@ -193,7 +197,7 @@ class _Runner:
 
     def zeroshot(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
         data = datasets.load_classification(spec.path, split=spec.split, dataset=spec.dataset or spec.name,
-                                            limit=spec.limit)
+                                            limit=spec.limit, skip_bad_records=self.skip_bad_records)
         log.info("%s: %s", spec.prefix, data.description)
         classifier = zeroshot.build_classifier(self.embedder.embed_texts, data.class_names,
                                                prompts.get_templates(spec.templates))
@@ -208,7 +212,8 @@ class _Runner:
         return result, details
 
     def retrieval(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
-        data = datasets.load_retrieval(spec.path, split=spec.split, limit=spec.limit)
+        data = datasets.load_retrieval(spec.path, split=spec.split, limit=spec.limit,
+                                       skip_bad_records=self.skip_bad_records)
         log.info("%s: %s", spec.prefix, data.description)
         image_embeddings = self._embed_images(data.images, len(data.image_keys), f"{spec.prefix} images")
         result: dict[str, float] = {}
@@ -229,7 +234,8 @@ class _Runner:
         return result, details
 
     def regions(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
-        data = datasets.load_regions(spec.path, split=spec.split, limit=spec.limit)
+        data = datasets.load_regions(spec.path, split=spec.split, limit=spec.limit,
+                                     skip_bad_records=self.skip_bad_records)
         log.info("%s: %s", spec.prefix, data.description)
         category_prompts = [classnames.readable_class_name(name) for name in data.category_names]
         classifier = zeroshot.build_classifier(self.embedder.embed_texts, category_prompts,
