@@ -34,8 +34,8 @@ def pause():
 
 if pause_at == "write":  # after the 6th record: shard 0 closed, shard 1 half written
     real_write = writers._SplitWriter.write
-    def write(self, data):
-        real_write(self, data)
+    def write(self, data, *args, **kwargs):
+        real_write(self, data, *args, **kwargs)
         if self.count == 6:
             pause()
     writers._SplitWriter.write = write
@@ -92,7 +92,8 @@ def _convert(jsonl, out, overwrite=False):
 
 def _listed_files(out) -> set[str]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"manifest.json", *(s for split in manifest["splits"].values() for s in split["shards"])}
+    return {"manifest.json", *(s for split in manifest["splits"].values() for s in split["shards"]),
+            *(s for names in manifest["image_hashes"].values() for s in names)}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -171,7 +171,7 @@ def _error_lines(text):
 
 def test_evaluate_names_the_shard_record_and_task_of_an_unreadable_record(damaged, tmp_path, capsys):
     folder, shard, bad = damaged
-    code = evaluate_main(["--model", "tiny", "--tasks", f"zeroshot:noise={folder}", "--out", str(tmp_path / "out"),
+    code = evaluate_main(["--model", "tiny", "--allow-train-split", "--tasks", f"zeroshot:noise={folder}", "--out", str(tmp_path / "out"),
                           "--no_progress", "--no_plots"])
     assert code == 2
     err = capsys.readouterr().err
@@ -185,7 +185,7 @@ def test_evaluate_names_the_shard_record_and_task_of_an_unreadable_record(damage
 def test_evaluate_with_skip_bad_records_counts_them_in_results(damaged, tmp_path):
     folder, _, bad = damaged
     out = tmp_path / "out"
-    assert evaluate_main(["--model", "tiny", "--tasks", f"zeroshot:noise={folder}", "--out", str(out),
+    assert evaluate_main(["--model", "tiny", "--allow-train-split", "--tasks", f"zeroshot:noise={folder}", "--out", str(out),
                           "--no_progress", "--no_plots", "--skip_bad_records", "--batch_size", "16"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["zeroshot/noise/skipped/unreadable_records"] == len(bad)
@@ -209,7 +209,7 @@ def test_evaluate_names_a_shard_it_cannot_open(clean, tmp_path, capsys):
     shutil.copytree(clean, folder)
     shard = sources.shard_paths(folder, "train")[0]
     truncate(shard)
-    code = evaluate_main(["--model", "tiny", "--tasks", f"retrieval:noise={folder}", "--out", str(tmp_path / "out"),
+    code = evaluate_main(["--model", "tiny", "--allow-train-split", "--tasks", f"retrieval:noise={folder}", "--out", str(tmp_path / "out"),
                           "--no_progress", "--no_plots"])
     assert code == 2
     (line,) = _error_lines(capsys.readouterr().err)

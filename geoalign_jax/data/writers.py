@@ -31,7 +31,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from geoalign_jax.data import records
+from geoalign_jax.data import fingerprints, records, text_stats
 
 # ---------------------------------------------------------------------------------------------------------
 # Skip bookkeeping
@@ -203,11 +203,23 @@ class BuildResult:
     record: bytes | None
     skips: tuple[Skip, ...]
     annotations_seen: int
+    # of a written record: (SHA-256 of the stored image bytes, perceptual hash), see data/fingerprints.py
+    fingerprint: tuple[bytes, int] | None = None
+    # of a written record: token counts of its texts by kind, see data/text_stats.py
+    token_counts: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def load_image(path: str | None, data: bytes | None, options: BuildOptions) -> tuple[bytes, int, int]:
     """Read, fully decode (truncated files fail here, `verify()` would not catch them) and return the bytes
     to store with the pixel size. JPEG/PNG bytes are kept as they are; other formats are re-encoded."""
+    data, width, height, _ = _load_image(path, data, options)
+    return data, width, height
+
+
+def _load_image(path: str | None, data: bytes | None, options: BuildOptions
+                ) -> tuple[bytes, int, int, tuple[bytes, int]]:
+    """`load_image` plus the stored bytes' fingerprint, from the pixels already decoded when the bytes are
+    stored as they came (re-encoded bytes are decoded once more: the fingerprint is of what is stored)."""
     from PIL import Image  # local: keeps the parent's import cheap
 
     if data is None:
@@ -218,14 +230,15 @@ def load_image(path: str | None, data: bytes | None, options: BuildOptions) -> t
         if image.mode not in _CONVERTIBLE_MODES:
             raise _UnsupportedMode(f"mode {image.mode}")
         if records.image_format(data[:8]) is not None:
-            return data, width, height
+            return data, width, height, fingerprints.fingerprint(data, fingerprints.thumbnail(image))
         converted = image.convert("RGBA" if "A" in image.mode else "RGB") if image.mode not in ("RGB", "L") else image
         buffer = io.BytesIO()
         if options.reencode_format.upper() == "JPEG":
             converted.convert("RGB").save(buffer, format="JPEG", quality=95)
         else:
             converted.save(buffer, format="PNG")
-        return buffer.getvalue(), width, height
+        stored = buffer.getvalue()
+        return stored, width, height, fingerprints.fingerprint(stored)
 
 
 class _UnsupportedMode(ValueError):
@@ -277,7 +290,7 @@ def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
     if task.image_bytes is None and (task.image_path is None or not os.path.isfile(task.image_path)):
         return dropped(UNKNOWN_FILE)
     try:
-        image, width, height = load_image(task.image_path, task.image_bytes, options)
+        image, width, height, image_fingerprint = _load_image(task.image_path, task.image_bytes, options)
     except _UnsupportedMode as error:
         return dropped(f"{UNSUPPORTED_IMAGE_MODE} ({error})")
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for bad files
@@ -317,7 +330,8 @@ def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
         data = records.encode_record(example)
     except records.RecordError as error:
         return dropped(f"{INVALID_RECORD}: {error}")
-    return BuildResult(task.split, data, tuple(skips), annotations_seen)
+    return BuildResult(task.split, data, tuple(skips), annotations_seen, image_fingerprint,
+                       text_stats.record_token_counts(example))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,7 +424,8 @@ def _fsync(path: pathlib.Path) -> None:
 
 
 class _SplitWriter:
-    """Writes one split's records to consecutive temporary shards; renamed once the final count is known."""
+    """Writes one split's records to consecutive temporary shards, each with its fingerprint sidecar
+    (`fingerprints.sidecar_path`); both are renamed once the final count is known."""
 
     def __init__(self, out_dir: pathlib.Path, name: str, split: str, records_per_shard: int, writer_options: str):
         self.out_dir, self.name, self.split = out_dir, name, split
@@ -418,9 +433,13 @@ class _SplitWriter:
         self.writer_options = writer_options
         self.count = 0
         self.temp_paths: list[pathlib.Path] = []
+        self.sidecar_names: list[str] = []
+        self.tokens = text_stats.TokenHistogram()
         self._writer = None
+        self._fingerprints: list[tuple[bytes, int]] = []
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, fingerprint: tuple[bytes, int],
+              token_counts: Mapping[str, Sequence[int]] | None = None) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if self.count % self.records_per_shard == 0:
@@ -429,32 +448,45 @@ class _SplitWriter:
             self.temp_paths.append(path)
             self._writer = ArrayRecordWriter(str(path), self.writer_options)
         self._writer.write(data)
+        self._fingerprints.append(fingerprint)
+        self.tokens.add(token_counts or {})
         self.count += 1
 
     def _close_current(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            sidecar = fingerprints.sidecar_path(self.temp_paths[-1])
+            fingerprints.write_sidecar(sidecar, fingerprints.fingerprint_rows(self._fingerprints))
+            self._fingerprints = []
 
     def close(self) -> None:
-        """Close the last shard and flush every shard to disk (before any manifest may name them)."""
+        """Close the last shard and flush every shard and its sidecar to disk (before any manifest may name them)."""
         self._close_current()
         for temp in self.temp_paths:
             _fsync(temp)
+            _fsync(fingerprints.sidecar_path(temp))
 
     def publish(self) -> list[str]:
-        """Rename the closed shards to the final `-of-N` names; returns them relative to out_dir."""
+        """Rename the closed shards (and their sidecars) to the final `-of-N` names; returns the shard names
+        relative to out_dir (the sidecar names are left in `sidecar_names`, same order)."""
         names = []
         for index, temp in enumerate(self.temp_paths):
             final = shard_name(self.name, self.split, index, len(self.temp_paths))
             os.replace(temp, self.out_dir / final)
+            sidecar = fingerprints.sidecar_path(self.out_dir / final)
+            os.replace(fingerprints.sidecar_path(temp), sidecar)
             names.append(final)
+            self.sidecar_names.append(sidecar.name)
         return names
 
     def abort(self) -> None:
-        self._close_current()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         for temp in self.temp_paths:
             temp.unlink(missing_ok=True)
+            fingerprints.sidecar_path(temp).unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -473,6 +505,19 @@ class ConversionSummary:
     annotations_skipped: int
     max_bad_fraction: float
     failed: bool = False
+    #: per split, the token counts of the written records' texts (what a CLIP context would cut)
+    text_tokens: dict[str, text_stats.TokenHistogram] = dataclasses.field(default_factory=dict)
+
+    def all_text_tokens(self) -> text_stats.TokenHistogram:
+        """The token histogram over all splits."""
+        total = text_stats.TokenHistogram()
+        for histogram in self.text_tokens.values():
+            total.update(histogram)
+        return total
+
+    def truncation(self) -> dict[str, dict[str, float]]:
+        """Over all splits: per kind of text, how many are longer than their usual context (77 / 248 tokens)."""
+        return self.all_text_tokens().truncation()
 
     def format(self) -> str:
         total = sum(self.written.values())
@@ -491,6 +536,8 @@ class ConversionSummary:
             examples = ", ".join(self.skipped_examples.get(reason, []))
             more = " ..." if count > len(self.skipped_examples.get(reason, [])) else ""
             lines.append(f"    {reason}: {count} (e.g. {examples}{more})")
+        lines.append("  texts longer than the context (cut in training): "
+                     + text_stats.format_truncation(self.all_text_tokens()))
         return "\n".join(lines)
 
 
@@ -526,7 +573,8 @@ def _old_shards(out_dir: pathlib.Path, overwrite: bool) -> list[str] | None:
         raise ConversionError(f"{manifest_path} exists: pass overwrite=True (--overwrite) to replace that dataset")
     try:
         old = json.loads(manifest_path.read_text())
-        return [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        shards = [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        return shards + [s for names in (old.get("image_hashes") or {}).values() for s in names]
     except (OSError, ValueError, AttributeError) as error:
         raise ConversionError(f"{manifest_path} is unreadable ({error}); remove it by hand") from None
 
@@ -547,6 +595,7 @@ def _clean_unfinished(out_dir: pathlib.Path, name: str, has_manifest: bool, over
     for entry in out_dir.iterdir():
         if entry.name == f".tmp-{MANIFEST_NAME}" or temp_shard.match(entry.name):
             entry.unlink(missing_ok=True)
+            fingerprints.sidecar_path(entry).unlink(missing_ok=True)
     if has_manifest:
         return
     unfinished = _dataset_shards(out_dir, name)
@@ -556,6 +605,7 @@ def _clean_unfinished(out_dir: pathlib.Path, name: str, has_manifest: bool, over
             f"conversion?), e.g. {unfinished[0]}: pass overwrite=True (--overwrite) to replace them")
     for shard in unfinished:
         (out_dir / shard).unlink(missing_ok=True)
+        fingerprints.sidecar_path(out_dir / shard).unlink(missing_ok=True)
 
 
 def _remove_stale_shards(out_dir: pathlib.Path, name: str, old_shards: Sequence[str],
@@ -570,6 +620,7 @@ def _remove_stale_shards(out_dir: pathlib.Path, name: str, old_shards: Sequence[
         target = (out_dir / shard).resolve()
         if target.parent == root:  # whatever the old manifest says
             target.unlink(missing_ok=True)
+            fingerprints.sidecar_path(target).unlink(missing_ok=True)
 
 
 def check_split_name(split: Any) -> str:
@@ -642,7 +693,7 @@ def write_dataset(
             if result.record is not None:
                 if result.split not in writers:
                     raise ConversionError(f"task of split {result.split!r} not announced in expected_counts")
-                writers[result.split].write(result.record)
+                writers[result.split].write(result.record, result.fingerprint, result.token_counts)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -653,6 +704,7 @@ def write_dataset(
         records_seen=log.records_seen, records_skipped=log.records_skipped,
         annotations_seen=log.annotations_seen, annotations_skipped=log.annotations_skipped,
         max_bad_fraction=max_bad_fraction,
+        text_tokens={s: w.tokens for s, w in writers.items() if w.count},
     )
     problem = _check_bad_fraction(log, max_bad_fraction)
     if problem is not None:
@@ -678,6 +730,9 @@ def write_dataset(
         "annotations": {"seen": log.annotations_seen, "skipped": log.annotations_skipped},
         "class_names": [],
         "created_by": created_by,
+        "image_hashes": {split: writers[split].sidecar_names for split in sorted(summary.shards)},
+        "text_tokens": {split: summary.text_tokens[split].to_json() for split in sorted(summary.shards)},
+        "truncation": {split: summary.text_tokens[split].truncation() for split in sorted(summary.shards)},
     }
     manifest.update(manifest_extra or {})
     manifest_path = out_path / MANIFEST_NAME
@@ -686,5 +741,7 @@ def write_dataset(
     _fsync(temp_manifest)
     os.replace(temp_manifest, manifest_path)
     _fsync(out_path)
-    _remove_stale_shards(out_path, name, old_shards or [], (s for names in summary.shards.values() for s in names))
+    _remove_stale_shards(out_path, name, old_shards or [],
+                         [*(s for names in summary.shards.values() for s in names),
+                          *(s for writer in writers.values() for s in writer.sidecar_names)])
     return summary

@@ -1,0 +1,182 @@
+"""Train/test overlap on the real samples: byte copies and JPEG re-encodes of training images are found
+(and named), distinct images are not; the converters' fingerprint sidecars; leaving overlapping images out."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_fixtures
+from geoalign_jax.data import converters, fingerprints, sources
+from geoalign_jax.eval import datasets, library, overlap, provenance
+from geoalign_jax.evaluate import main
+
+records = data_fixtures.records  # the real AID (split test) / RSICD (train, val) / DOTA (train) samples
+QUIET = {"progress": False}
+
+
+class _MeanEmbedder:
+    """A model-free backend: the mean pixel as the image embedding, a fixed vector per text."""
+
+    image_size = 16
+
+    def embed_images(self, images):
+        return images.mean(axis=(1, 2))
+
+    def embed_texts(self, texts):
+        return np.stack([np.array([len(t) % 3, 1.0, len(t) % 5], np.float32) for t in texts])
+
+
+def _reencode(data: bytes, fmt: str = "JPEG", quality: int = 75) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buffer, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _all_shards(records) -> list[str]:
+    return [*sources.shard_paths(records["aid"], "test"), *sources.shard_paths(records["rsicd"], "train"),
+            *sources.shard_paths(records["rsicd"], "val"), *sources.shard_paths(records["dota"], "train")]
+
+
+def test_converter_sidecars_hold_each_records_fingerprint(records):
+    manifest = sources.read_manifest(records["aid"])
+    shards = sources.shard_paths(records["aid"], "test")
+    assert manifest["image_hashes"]["test"] == [fingerprints.sidecar_path(p).name for p in shards]
+    source = sources.RecordSource(shards)
+    rows = np.concatenate([fingerprints.read_sidecar(fingerprints.sidecar_path(p)) for p in shards])
+    assert len(rows) == len(source) == 120
+    for index in (0, 57, 119):
+        digest, phash = fingerprints.fingerprint(source[index]["image"])  # decoded again, from the stored bytes
+        assert bytes(rows[index]["sha256"]) == digest and int(rows[index]["phash"]) == phash
+
+
+def test_hamming_index_returns_exactly_the_pairs_within_the_radius():
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 2**63, 3000, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    queries = []
+    for flips in range(12):  # near neighbours at every distance 0..11, on random bits
+        for row in rng.choice(len(stored), 4, replace=False):
+            mask = sum(1 << int(bit) for bit in rng.choice(64, flips, replace=False))
+            queries.append(int(stored[row]) ^ mask)
+    queries = np.asarray(queries + [int(v) for v in rng.integers(0, 2**63, 50)], np.uint64)
+    query, index, distance = overlap.HammingIndex(stored, max_distance=8).query(queries, chunk=37)
+    brute = fingerprints.hamming(queries[:, None], stored[None, :])
+    expected = sorted(zip(*np.nonzero(brute <= 8)))
+    assert sorted(zip(query.tolist(), index.tolist())) == [(int(q), int(i)) for q, i in expected]
+    assert np.array_equal(distance, brute[query, index])
+    assert len(expected) >= 9 * 4  # every planted neighbour within 8 bits is among them
+
+
+def test_re_encoded_copies_stay_close_and_distinct_shared_images_stay_apart(records):
+    """Every image of the shared samples (AID, RSICD, DOTA) re-encoded at JPEG quality 30..95 and as PNG is
+    a near duplicate of itself, and of no other image."""
+    source = sources.RecordSource(_all_shards(records))
+    images = [source[i]["image"] for i in range(len(source))]
+    hashes = np.asarray([fingerprints.fingerprint(data)[1] for data in images], np.uint64)
+    index = overlap.HammingIndex(hashes)
+    query, found, _ = index.query(hashes)
+    assert sorted(zip(query.tolist(), found.tolist())) == [(i, i) for i in range(len(images))]
+    for variant in ({"quality": 30}, {"quality": 50}, {"quality": 95}, {"fmt": "PNG"}):
+        copies = np.asarray([fingerprints.fingerprint(_reencode(data, **variant))[1] for data in images], np.uint64)
+        query, found, _ = index.query(copies)
+        assert sorted(zip(query.tolist(), found.tolist())) == [(i, i) for i in range(len(images))], variant
+
+
+@pytest.fixture(scope="module")
+def leaked(shared_data, records, tmp_path_factory):
+    """A training corpus (JSONL) holding two RSICD val images, one as a byte copy and one re-encoded at
+    JPEG quality 40, plus six AID images; and a class-folder eval set mixing copies and distinct images."""
+    root = tmp_path_factory.mktemp("leaked")
+    val = datasets.load_retrieval(records["rsicd"], split="val")
+    copied, reencoded = val.images.image_bytes(2), _reencode(val.images.image_bytes(9), quality=40)
+    (root / "images").mkdir()
+    (root / "images" / "copied.jpg").write_bytes(copied)
+    (root / "images" / "reencoded.jpg").write_bytes(reencoded)
+    lines = [{"image": "images/copied.jpg", "id": "copied", "caption": "a leaked test image"},
+             {"image": "images/reencoded.jpg", "id": "reencoded", "caption": "a re-encoded test image"}]
+    for path in sorted((shared_data / "aid_sample" / "Beach").iterdir())[:3] + \
+            sorted((shared_data / "aid_sample" / "Forest").iterdir())[:3]:
+        shutil.copy(path, root / "images" / path.name)
+        lines.append({"image": f"images/{path.name}", "caption": f"a scene {path.stem}"})
+    (root / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    converters.convert_jsonl(root / "train.jsonl", root / "train", name="corpus", num_shards=2, **QUIET)
+    return {"train": root / "train", "val_positions": (2, 9), "root": root}
+
+
+def test_copies_and_re_encodes_of_training_images_are_named(shared_data, records, leaked, tmp_path):
+    train = overlap.TrainImages.from_data(leaked["train"])
+    assert len(train) == 8 and train.from_sidecars == 2
+    results = library.check_overlap([f"retrieval:rsicd={records['rsicd']},split=val",
+                                     f"retrieval:rsicdtrain={records['rsicd']},split=train",
+                                     f"zeroshot:aid={shared_data / 'aid_sample'}"], train)
+    val = results["retrieval/rsicd"]
+    assert (val.checked, val.exact, val.near_duplicates, val.indices) == (21, 1, 1, [2, 9])
+    exact, near = val.matches
+    assert exact["match"] == "exact" and "(id copied)" in exact["train"] and "[val][2]" in exact["eval"]
+    assert near["match"] == "near_duplicate" and "(id reencoded)" in near["train"]
+    assert 0 <= near["hash_distance"] <= 8 and 0 < near["thumbnail_difference"] <= 4
+    assert results["retrieval/rsicdtrain"].matches == []  # 99 distinct images
+    aid = results["zeroshot/aid"]  # the class folders themselves: the six copied AID files, byte-identical
+    assert (aid.exact, aid.near_duplicates) == (6, 0)
+    assert sorted(m["eval"].split("/")[-1] for m in aid.matches) == \
+        sorted(p.name for p in (leaked["root"] / "images").iterdir() if p.name not in ("copied.jpg", "reencoded.jpg"))
+
+
+def test_missing_or_stale_sidecars_are_recomputed(leaked, tmp_path, caplog):
+    shards = sources.shard_paths(leaked["train"], "train")
+    expected = [fingerprints.read_sidecar(fingerprints.sidecar_path(p)) for p in shards]
+    copies = []
+    for path in shards:
+        shutil.copy(path, tmp_path)
+        copies.append(str(tmp_path / os.path.basename(path)))
+    shutil.copy(fingerprints.sidecar_path(shards[0]), fingerprints.sidecar_path(copies[1]))  # same length, stale
+    with caplog.at_level(logging.WARNING):
+        train = overlap.TrainImages.from_shards(copies)
+    assert "does not hash record" in caplog.text and "fingerprinted 8 training images by decoding" in caplog.text
+    assert train.from_sidecars == 0
+    assert np.array_equal(train.rows, np.concatenate(expected))
+
+
+def test_exclude_overlap_evaluates_without_the_copies_and_says_so(records, leaked):
+    task = f"retrieval:rsicd={records['rsicd']},split=val"
+    kept = library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False,
+                             train_data=str(leaked["train"]))
+    assert kept.metrics["retrieval/rsicd/standard/num_images"] == 21
+    assert (kept.metrics["retrieval/rsicd/overlap/exact"], kept.metrics["retrieval/rsicd/overlap/near_duplicates"]) \
+        == (1, 1)
+    assert "INCLUDED" in kept.notes["retrieval/rsicd"][0]
+    left_out = library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False,
+                                 train_data=str(leaked["train"]), exclude_overlap=True)
+    assert left_out.metrics["retrieval/rsicd/standard/num_images"] == 19
+    assert left_out.metrics["retrieval/rsicd/overlap/excluded"] == 2
+    assert "left out of these numbers" in left_out.notes["retrieval/rsicd"][0]
+    entry = left_out.provenance["tasks"]["retrieval/rsicd"]
+    assert entry["records"] == 19 and entry["overlap"]["excluded"] and len(entry["overlap"]["images"]) == 2
+    data = datasets.load_retrieval(records["rsicd"], split="val")
+    rest = overlap.without_images(data, list(leaked["val_positions"]))
+    assert entry["content_sha256"] == provenance.content_hashes(
+        "retrieval", rest, provenance.image_digests(rest.images))["content_sha256"]
+    assert entry["content_sha256"] != kept.provenance["tasks"]["retrieval/rsicd"]["content_sha256"]
+
+
+def test_cli_reports_and_excludes_the_overlap(records, leaked, tmp_path, capsys):
+    args = ["--model", "tiny", "--tasks", f"retrieval:rsicd={records['rsicd']},split=val", "--no_progress",
+            "--no_plots", "--batch_size", "16", "--train-data", str(leaked["train"])]
+    assert main([*args, "--out", str(tmp_path / "o"), "--exclude-overlap"]) == 0
+    printed = capsys.readouterr().out
+    assert "! retrieval/rsicd: 2 of 21 images also in the training data (1 exact, 1 re-encoded): left out" in printed
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["run"]["exclude_overlap"] is True and results["run"]["train_data"] == [str(leaked["train"])]
+    found = results["provenance"]["tasks"]["retrieval/rsicd"]["overlap"]
+    assert (found["exact"], found["near_duplicates"], found["excluded"]) == (1, 1, True)
+    assert found["train_data"]["records"] == 8
+    assert results["metrics"]["retrieval/rsicd/standard/num_images"] == 19
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--out", str(tmp_path / "p"), "--exclude-overlap"])
+    assert "--exclude-overlap needs --train-data" in capsys.readouterr().err
