@@ -110,7 +110,7 @@ def test_a_batched_read_falls_back_to_single_records(clean, damaged):
         strict.__getitems__([0, bad[0], COUNT - 1])
     message = str(error.value)
     assert f"{shard} record {bad[0] - COUNT // 2}: cannot be read" in message
-    assert "tools/convert_jsonl.py" in message and "--overwrite" in message and "\n" not in message
+    assert "python -m geoalign_jax.prepare jsonl" in message and "--overwrite" in message and "\n" not in message
     assert isinstance(error.value, records.RecordError)
 
 
@@ -148,7 +148,7 @@ def test_a_shard_that_cannot_be_opened_fails_when_the_pipeline_is_built(clean, t
         pipeline.make_train_dataset(_config(folder), process_index=0, process_count=1)  # nothing iterated
     message = str(error.value)
     assert shard in message and str(sources.shard_paths(clean, "train")[0]) not in message
-    assert f"python tools/convert_jsonl.py ... --out {folder} --overwrite" in message
+    assert f"python -m geoalign_jax.prepare jsonl ... --out {folder} --overwrite" in message
     assert "\n" not in message
 
 

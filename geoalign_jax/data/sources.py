@@ -57,16 +57,18 @@ def rebuild_hint(shard: str | os.PathLike) -> str:
     """How to get a good copy of a damaged shard: copy it again, or rerun the converter named by the manifest
     beside it (`created_by`) with --overwrite."""
     folder = os.path.dirname(os.path.abspath(os.fspath(shard)))
-    converter = "tools/convert_<format>.py"
+    converter = "python -m geoalign_jax.prepare <format>"
     try:
         with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as handle:
             created_by = json.load(handle).get("created_by")
         if isinstance(created_by, str) and created_by.strip():
             converter = created_by.strip()
+            if converter.endswith(".py"):  # manifests written before the prepare CLI name the script
+                converter = f"python {converter}"
     except (OSError, ValueError, AttributeError):
         pass  # bare shards: the generic name
     return (f"copy the shard again from where it came from, or rebuild the dataset: "
-            f"python {converter} ... --out {folder} --overwrite")
+            f"{converter} ... --out {folder} --overwrite")
 
 
 def _one_line(error: BaseException) -> str:
@@ -107,7 +109,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except FileNotFoundError:
-        raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by a tools/convert_*.py converter?)") \
+        raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by python -m geoalign_jax.prepare?)") \
             from None
     except (OSError, ValueError) as error:
         raise SourceError(f"{path} is not readable JSON: {error}") from None
