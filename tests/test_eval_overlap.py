@@ -143,6 +143,27 @@ def test_missing_or_stale_sidecars_are_recomputed(leaked, tmp_path, caplog):
     assert np.array_equal(train.rows, np.concatenate(expected))
 
 
+def test_an_undecodable_training_image_is_an_error_naming_its_shard_and_record(records, tmp_path, capsys):
+    """A shard without a sidecar (written by another tool) holding a cut-off JPEG: one line naming the shard and
+    record, from the library and from the CLI, not a PIL traceback."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from geoalign_jax.data import records as records_lib
+
+    good = datasets.load_retrieval(records["rsicd"], split="val").images.image_bytes(0)
+    path = tmp_path / "other-train-00000-of-00001.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for index, image in enumerate((good, good[: len(good) // 3])):
+        writer.write(records_lib.encode_record(records_lib.make_example(
+            id=f"r{index}", source="other", split="train", image=image, width=224, height=224, captions=["c"])))
+    writer.close()
+    with pytest.raises(overlap.OverlapError, match=rf"{path.name} record 1: cannot decode its image"):
+        overlap.TrainImages.from_shards([path])
+    code = main(["--model", "tiny", "--tasks", f"retrieval:rsicd={records['rsicd']},split=val", "--no_progress",
+                 "--no_plots", "--out", str(tmp_path / "o"), "--train-data", str(path)])
+    assert code == 2 and f"{path.name} record 1: cannot decode" in capsys.readouterr().err
+
+
 def test_exclude_overlap_evaluates_without_the_copies_and_says_so(records, leaked):
     task = f"retrieval:rsicd={records['rsicd']},split=val"
     kept = library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False,

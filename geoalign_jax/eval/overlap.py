@@ -109,24 +109,44 @@ class HammingIndex:
 def shard_fingerprints(path: str) -> tuple[np.ndarray, bool]:
     """(fingerprint rows of a shard, True when read from its sidecar). A sidecar is used only when its row
     count fits the shard and its first and last rows hash the shard's first and last images; otherwise the
-    shard's images are decoded and fingerprinted here."""
+    shard's images are decoded and fingerprinted here. A shard, record or image that cannot be read is an
+    OverlapError naming it (the check cannot vouch for data it cannot see)."""
     from geoalign_jax.data import sources
 
-    source = sources.RecordSource([path])
+    try:
+        source = sources.RecordSource([path])
+    except sources.SourceError as error:
+        raise OverlapError(f"training data: {error}") from None
     count = len(source)
     sidecar = fingerprints.sidecar_path(path)
     if sidecar.is_file():
         try:
             rows = fingerprints.read_sidecar(sidecar, count)
             for index in {0, count - 1} if count else ():
-                if bytes(rows[index]["sha256"]) != fingerprints.sha256(source[index]["image"]):
+                if bytes(rows[index]["sha256"]) != fingerprints.sha256(_train_image(source, path, index)):
                     raise fingerprints.FingerprintError(f"{sidecar}: row {index} does not hash record {index} "
                                                         "of its shard (stale sidecar? re-run the converter)")
             return rows, True
         except fingerprints.FingerprintError as error:
             log.warning("%s; fingerprinting the shard's images instead", error)
-    rows = fingerprints.fingerprint_rows([fingerprints.fingerprint(source[i]["image"]) for i in range(count)])
-    return rows, False
+    found = []
+    for index in range(count):
+        try:
+            found.append(fingerprints.fingerprint(_train_image(source, path, index)))
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a broken image
+            raise OverlapError(f"training data {path} record {index}: cannot decode its image to fingerprint it "
+                               f"({type(error).__name__}: {error})") from None
+    return fingerprints.fingerprint_rows(found), False
+
+
+def _train_image(source: Any, path: str, index: int) -> bytes:
+    """The image bytes of record ``index`` of a training shard; an unreadable record is an OverlapError."""
+    from geoalign_jax.data import records
+
+    try:
+        return source[index]["image"]
+    except records.RecordError as error:
+        raise OverlapError(f"training data {path} record {index}: {error}") from None
 
 
 class TrainImages:
