@@ -24,7 +24,9 @@ def _joined(entries) -> str:
 def corpus(shared_data, tmp_path_factory):
     """JSONL records whose texts are RSITMD captions: captions = an image's five captions plus all five
     joined; long caption = the captions of four images joined; a hard negative and a region caption = the
-    next images' captions joined. Returns (converter summary, folder, the stored texts by kind)."""
+    next images' captions joined. Every sixth record has no captions: the pipeline reads its long caption as
+    the caption (cut at 77), so it counts as a caption too. Returns (converter summary, folder, the texts the
+    pipeline reads, by kind)."""
     root = tmp_path_factory.mktemp("text_stats")
     raw = json.loads((shared_data / "captions" / "dataset_rsitmd.json").read_text())["images"]
     Image.new("RGB", (16, 16), (90, 120, 60)).save(root / "scene.png")
@@ -35,8 +37,10 @@ def corpus(shared_data, tmp_path_factory):
                   "captions": [s["raw"] for s in entries[0]["sentences"]] + [_joined(entries[:1])],
                   "long_caption": _joined(entries), "hard_negatives": [_joined(entries[1:2])],
                   "regions": [{"box": [0, 0, 8, 8], "caption": _joined(entries[2:3])}]}
+        if index % 6 == 5:
+            record["captions"] = []
         lines.append(json.dumps(record))
-        texts["captions"] += [c.strip() for c in record["captions"] if c.strip()]  # as the converter stores them
+        texts["captions"] += [c.strip() for c in record["captions"] if c.strip()] or [record["long_caption"]]
         texts["long_caption"].append(record["long_caption"])
         texts["hard_negatives"] += record["hard_negatives"]
         texts["region_captions"].append(record["regions"][0]["caption"])
@@ -77,6 +81,7 @@ def test_pipeline_metric_equals_a_direct_count_from_manifest_or_records(corpus, 
     config.train_shards = str(folder)
     config.context_length = context_length
     config.long_context_length = long_context_length
+    config.num_hard_negatives, config.max_regions = 1, 1  # the pipeline reads hard negatives and region texts
     expected = {}
     for kind in text_stats.TEXT_KINDS:
         total, cut = _direct(texts[kind], long_context_length if kind == "long_caption" else context_length)
@@ -88,7 +93,8 @@ def test_pipeline_metric_equals_a_direct_count_from_manifest_or_records(corpus, 
     config.train_shards = str(tmp_path / "*.array_record")
     assert text_stats.pipeline_truncation_metrics(config) == pytest.approx(expected)
     config.long_context_length = 0  # no long-text tower: long captions are not read, not reported
-    assert "data/truncated/long_caption" not in text_stats.pipeline_truncation_metrics(config)
+    config.num_hard_negatives, config.max_regions = 0, 0  # nor are hard negatives and region texts
+    assert list(text_stats.pipeline_truncation_metrics(config)) == ["data/truncated/captions"]
 
 
 def test_token_histograms_merge_and_round_trip_through_json():

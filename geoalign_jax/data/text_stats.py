@@ -8,8 +8,11 @@ any context length later, so the training pipeline reports the fractions for its
 a single record (``pipeline_truncation_metrics``), and only scans the records of shards without a manifest.
 
 Token counts include SOT and EOT (``tokenizer.count_tokens``): a text is truncated when its count exceeds
-the context length. Region texts are the regions' free-text captions; category-only regions get a short
-prompt ("a satellite image of {category}.") in the pipeline and are not counted.
+the context length. Captions are the texts the short-context tower reads as the image's caption: a record
+without captions but with a long caption has its long caption read there too (cut at 77, the pipeline's
+stand-in), so it is counted under both kinds. Region texts are the regions' free-text captions;
+category-only regions get a short prompt ("a satellite image of {category}.") in the pipeline and are not
+counted.
 """
 from __future__ import annotations
 
@@ -36,8 +39,11 @@ DEFAULT_CONTEXT_LENGTHS = {CAPTIONS: SHORT_CONTEXT_LENGTH, LONG_CAPTION: LONG_CO
 def record_texts(record: Mapping[str, Any]) -> dict[str, list[str]]:
     """The texts of a record (or example dict) by kind; blank or missing texts are left out."""
     regions = record.get("regions") or []
+    captions = [t for t in record.get("captions") or [] if isinstance(t, str) and t.strip()]
+    if not captions and record.get("long_caption"):  # the pipeline's caption then (data/transforms.py)
+        captions = [record["long_caption"]]
     texts = {
-        CAPTIONS: list(record.get("captions") or []),
+        CAPTIONS: captions,
         LONG_CAPTION: [record["long_caption"]] if record.get("long_caption") else [],
         HARD_NEGATIVES: list(record.get("hard_negatives") or []),
         REGION_CAPTIONS: [r["caption"] for r in regions if isinstance(r, Mapping) and r.get("caption")],
@@ -151,11 +157,16 @@ def _manifest_histogram(folder: str, split: str, group: list[str]) -> TokenHisto
 def pipeline_truncation_metrics(data_config: Any) -> dict[str, float]:
     """``data/truncated/<kind>`` fractions of the training split for the data config's context lengths
     (``context_length`` for captions, hard negatives and region captions; ``long_context_length`` for long
-    captions, left out when it is 0), for the trainer to log once at the start."""
+    captions), for the trainer to log once at the start. Only the texts the pipeline reads are reported: long
+    captions when ``long_context_length`` > 0, hard negatives when ``num_hard_negatives`` > 0, region
+    captions when ``max_regions`` > 0."""
     context = int(data_config.context_length)
-    long_context = int(data_config.long_context_length)
-    lengths = {CAPTIONS: context, HARD_NEGATIVES: context, REGION_CAPTIONS: context}
-    if long_context:
-        lengths[LONG_CAPTION] = long_context
+    lengths = {CAPTIONS: context}
+    if int(data_config.long_context_length):
+        lengths[LONG_CAPTION] = int(data_config.long_context_length)
+    if int(data_config.num_hard_negatives):
+        lengths[HARD_NEGATIVES] = context
+    if int(data_config.max_regions):
+        lengths[REGION_CAPTIONS] = context
     histogram = dataset_token_histogram(data_config.train_shards, data_config.train_split)
     return truncation_metrics(histogram, lengths)
