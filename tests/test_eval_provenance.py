@@ -138,7 +138,7 @@ def test_parameter_hash_follows_the_values_not_their_placement(tiny):
 # Split guard.
 
 
-def test_training_splits_need_an_explicit_flag_and_the_table_says_so(records, tmp_path):
+def test_training_splits_need_an_explicit_flag_and_the_table_says_so(shared_data, records, tmp_path):
     task = f"retrieval:rsicd={records['rsicd']},split=train"
     with pytest.raises(library.TaskError, match=r"split 'train' is a training split.*allow_train_split"):
         library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False)
@@ -156,6 +156,16 @@ def test_training_splits_need_an_explicit_flag_and_the_table_says_so(records, tm
     assert not [line for line in table if line.startswith("retrieval/val/")][0].endswith("!")
     assert any(line.startswith("! retrieval/rsicd: TRAINING split 'train'") for line in table)
     assert library.is_training_split("trainval") and library.is_training_split("restval")
+    # a tree of class folders has no manifest: a folder named like a training split (AID/train) is that split
+    (tmp_path / "AID").mkdir()
+    (tmp_path / "AID" / "train").symlink_to(shared_data / "aid_sample", target_is_directory=True)
+    folder_task = f"zeroshot:aid={tmp_path / 'AID' / 'train'},limit=4"
+    with pytest.raises(library.TaskError, match=r"split 'train' is a training split"):
+        library.run_tasks(None, None, [folder_task], embedder=_MeanEmbedder(), progress=False)
+    allowed = library.run_tasks(None, None, [folder_task], embedder=_MeanEmbedder(), progress=False,
+                                allow_train_split=True)
+    entry = allowed.provenance["tasks"]["zeroshot/aid"]
+    assert (entry["dataset"], entry["split"], entry["training_split_allowed"]) == ("AID", "train", True)
     assert not library.is_training_split("test") and not library.is_training_split("val")
 
 

@@ -246,11 +246,14 @@ def is_training_split(split: str) -> bool:
 
 def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     """(split that will be evaluated, dataset name, the manifest's splits) of a task; (None, folder name,
-    []) for a tree of class folders, which has no splits."""
+    []) for a tree of class folders, which has no splits, unless the folder is named like a training split
+    (``UCM/train``): then that name is its split, so the split guard sees it."""
     from geoalign_jax.data import sources
 
     root = pathlib.Path(spec.path)
     if not datasets.is_record_dir(root):
+        if is_training_split(root.name):
+            return root.name, root.absolute().parent.name, []
         return None, root.name, []
     try:
         manifest = sources.read_manifest(root)
