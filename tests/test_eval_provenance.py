@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 
@@ -214,3 +215,27 @@ def test_results_json_from_library_and_cli_carry_the_same_provenance(records, ti
         for prefix, task in from_library["provenance"]["tasks"].items():
             assert {k: entry["tasks"][prefix][k] for k in ("content_sha256", "images_sha256", "records")} == \
                 {k: task[k] for k in ("content_sha256", "images_sha256", "records")}
+
+
+def test_code_version_names_this_checkouts_commit_never_an_enclosing_repository(tmp_path):
+    """An installed copy that happens to sit inside another git repository (a venv in a project checkout) has
+    no commit in results.json, not that project's commit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    own = provenance.code_version()
+    head = subprocess.run(["git", "-C", str(Path(provenance.__file__).parents[2]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    assert own["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)  # None: not a checkout
+    project = tmp_path / "project"
+    site = project / "venv" / "site-packages"
+    shutil.copytree(Path(provenance.__file__).parents[1], site / "geoalign_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    subprocess.run(["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "other project"], check=True)
+    code = "import json; from geoalign_jax.eval import provenance; print(json.dumps(provenance.code_version()))"
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(site)}, cwd=tmp_path).stdout
+    assert json.loads(printed)["git_commit"] is None

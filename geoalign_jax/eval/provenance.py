@@ -204,10 +204,16 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """geoalign-jax's version and, in a git checkout, its commit and whether tracked files were modified."""
+    """geoalign-jax's version and, in a git checkout, its commit and whether tracked files were modified.
+    Only a repository whose top level is the package's own root counts: an installed copy inside some other
+    repository (a venv in a project checkout) has no commit, rather than that project's."""
     root = Path(__file__).resolve().parents[2]
     entry: dict[str, Any] = {"version": _project_version(root)}
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        if Path(top).resolve() != root:
+            raise subprocess.SubprocessError(f"{root} is inside another repository ({top})")
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
