@@ -109,9 +109,11 @@ def leaked(shared_data, records, tmp_path_factory):
     return {"train": root / "train", "val_positions": (2, 9), "root": root}
 
 
-def test_copies_and_re_encodes_of_training_images_are_named(shared_data, records, leaked, tmp_path):
-    train = overlap.TrainImages.from_data(leaked["train"])
+def test_copies_and_re_encodes_of_training_images_are_named(shared_data, records, leaked, tmp_path, monkeypatch):
+    monkeypatch.chdir(leaked["train"].parent)
+    train = overlap.TrainImages.from_data(leaked["train"].name)  # a relative path is recorded absolute
     assert len(train) == 8 and train.from_sidecars == 2
+    assert train.summary()["locations"] == [str(leaked["train"])]
     results = library.check_overlap([f"retrieval:rsicd={records['rsicd']},split=val",
                                      f"retrieval:rsicdtrain={records['rsicd']},split=train",
                                      f"zeroshot:aid={shared_data / 'aid_sample'}"], train)

@@ -207,8 +207,8 @@ class TrainImages:
                 paths += sources.shard_paths(location, split)
             except sources.SourceError as error:
                 raise OverlapError(f"training data {os.fspath(location)}: {error}") from None
-        return cls.from_shards(paths, locations=[os.fspath(p) for p in locations], split=split,
-                               max_distance=max_distance)
+        return cls.from_shards(paths, locations=[os.path.abspath(p) for p in locations], split=split,
+                               max_distance=max_distance)  # absolute: results.json may be read elsewhere
 
     def __len__(self) -> int:
         return len(self.rows)
