@@ -115,37 +115,48 @@ def test_micro_batches_take_strided_rows():
 
 def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path):
     """configs/demo.py (every loss term on): the loss falls over a few dozen steps; metrics.jsonl, TensorBoard
-    and config.json are written; only the newest checkpoints are kept; the workdir exports to open_clip with
-    the JAX embeddings."""
+    and config.json are written; evaluation runs during training and the best checkpoint by its metric is
+    kept beside the latest; the workdir exports to open_clip with the JAX embeddings."""
+    import data_fixtures
     from configs import demo
 
-    scenes = train_fixtures.make_data(tmp_path / "data", num_train=48, image_size=64)
+    data = data_fixtures.load_demo_module().make_demo_data(
+        tmp_path / "data", num_train=48, num_val=0, num_per_class=4, image_size=64
+    )
     config = demo.get_config()
-    config.data.train_shards = scenes
+    config.data.train_shards = data["scenes"]
     config.data.batch_size = 8
-    config.train.num_steps = 30
+    config.train.num_steps = 24
     config.train.log_every = 3
     config.optim.warmup_steps = 3
-    config.checkpoint.every_steps = 10
-    config.checkpoint.keep = 2
+    config.checkpoint.every_steps = 8
+    config.checkpoint.keep = 1
+    config.checkpoint.best_metric = "zeroshot/landcover/top1"
+    config.eval.tasks = (f"zeroshot:landcover={data['landcover']}",)
+    config.eval.every_steps = 8
     workdir = tmp_path / "run"
     result = loop.run(config, workdir, progress=False)
-    assert result.status == "finished" and result.step == 30
+    assert result.status == "finished" and result.step == 24
 
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(3, 31, 3))
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(3, 25, 3))
     for key in ("loss", "learning_rate", "grad_norm", "logit_scale", "step_seconds", "examples_per_second",
                 "nonfinite_total", "decode_errors", "scene/loss", "patch_distill/loss", "region_cls/loss"):
-        assert key in records[-1], key
-    assert "mfu" not in records[-1]  # a CPU's peak is unknown: not reported rather than made up
-    first = np.mean([r["loss"] for r in records[:2]])
-    last = np.mean([r["loss"] for r in records[-2:]])
+        assert key in train_records[-1], key
+    assert "mfu" not in train_records[-1]  # a CPU's peak is unknown: not reported rather than made up
+    first = np.mean([r["loss"] for r in train_records[:2]])
+    last = np.mean([r["loss"] for r in train_records[-2:]])
     assert last < 0.85 * first, (first, last)
-    assert records[-1]["decode_errors"] == 0 and records[-1]["nonfinite_total"] == 0
+    assert train_records[-1]["decode_errors"] == 0 and train_records[-1]["nonfinite_total"] == 0
     assert list((workdir / metrics_lib.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
-    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["train"]["num_steps"] == 30
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [20, 30]  # keep = 2
+    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["train"]["num_steps"] == 24
+
+    evaluated = {r["step"]: r["eval/zeroshot/landcover/top1"] for r in records if "eval/zeroshot/landcover/top1" in r}
+    assert sorted(evaluated) == [8, 16, 24]
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 24 in kept and len(kept) <= 2  # keep = 1 latest, keep_best = 1
+    assert max(evaluated[step] for step in kept) == max(evaluated.values())  # the best one survived
 
     from geoalign_jax.convert import __main__ as convert_cli
     from geoalign_jax.params_checkpoint import load_params
