@@ -258,3 +258,31 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
     assert steps == [2]
     _, params = load_params(tmp_path / "run")
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_init_from_a_parameters_checkpoint_and_from_open_clip_with_long_clip_stretch(cache_env, scenes, tmp_path):
+    import param_fixtures
+    from configs import common
+    from geoalign_jax.convert import __main__ as convert_cli
+    from geoalign_jax.params_checkpoint import save_params
+
+    config = tiny_config(scenes)
+    model_config = common.model_config(config)
+    params = param_fixtures.random_params(model_config, seed=3)
+    save_params(tmp_path / "ckpt", model_config, params)
+    config.init.kind, config.init.path = "params", str(tmp_path / "ckpt")
+    state = loop.initial_state(loop.build(config))
+    assert_bitwise_equal(params, state.params)
+
+    convert_cli.run_export(tmp_path / "ckpt", "open_clip", tmp_path / "open_clip")
+    long_config = tiny_config(scenes, **{"init.kind": "open_clip", "init.path": str(tmp_path / "open_clip")})
+    long_config.model.overrides.text_context_length = 248
+    stretched = loop.initial_state(loop.build(long_config)).params
+    positions = np.asarray(stretched["text"]["positional_embedding"])
+    assert positions.shape == (248, 64)
+    np.testing.assert_array_equal(positions[:20], params["text"]["positional_embedding"][:20])  # Long-CLIP keeps 20
+    np.testing.assert_array_equal(np.asarray(stretched["visual"]["proj"]), params["visual"]["proj"])
+
+    config.init.path = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        loop.initial_state(loop.build(config))
