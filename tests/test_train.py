@@ -102,6 +102,15 @@ def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
     assert np.any(flat_updates["visual/proj"])
 
 
+def test_a_resumed_log_drops_records_logged_after_the_checkpoint(tmp_path):
+    log = tmp_path / metrics_lib.METRICS_FILE
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)))
+    writer = metrics_lib.MetricsWriter(tmp_path, total_steps=10, initial_step=3, progress=False)
+    writer.write(4, {"loss": np.float32(0.5)})
+    writer.close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_micro_batches_take_strided_rows():
     batch = {"x": np.arange(8)[:, None] * np.ones((1, 3))}
     micro = step_lib.split_micro_batches(batch, 2, mesh=None)
@@ -205,12 +214,17 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
 
     assert_bitwise_equal(straight.state.params, resumed.state.params)
     assert_bitwise_equal(straight.state.opt_state, resumed.state.opt_state)
+    for step in (4, 6):  # step 4: saved while training went on (the iterator state is taken before save returns)
+        data_file = pathlib.Path("checkpoints", str(step), "data", "process_0-of-1.json")
+        assert (tmp_path / "straight" / data_file).read_text() == (tmp_path / "interrupted" / data_file).read_text()
     batch_a = _next_batch(config, tmp_path / "straight" / "checkpoints" / "6")
     batch_b = _next_batch(config, tmp_path / "interrupted" / "checkpoints" / "6")
     assert_bitwise_equal(batch_a, batch_b)
     losses = {json.loads(line)["step"]: json.loads(line)["loss"]
               for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the resumed run appends to the same log
+    again = loop.run(config, tmp_path / "straight", progress=False)  # the same command once more: nothing to do
+    assert (again.status, again.resumed_from, again.step) == ("finished", 6, 6)
 
 
 def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):

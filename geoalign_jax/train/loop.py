@@ -215,6 +215,11 @@ def run(
     else:
         state = initial_state(setup)
     step = int(jax.device_get(state.step))
+    if step >= num_steps:
+        logger.info("%s already reached step %d (train.num_steps %d): nothing to do", workdir, step, num_steps)
+        checkpointer.close()
+        iterator.close()
+        return RunResult("finished", step, resumed_from, state, {})
     writer = metrics_lib.MetricsWriter(workdir, total_steps=num_steps, initial_step=step, progress=progress)
     preemption = checkpoint_lib.Preemption()
     batch_sharding = mesh_lib.batch_sharding(setup.mesh)

@@ -61,6 +61,8 @@ class MetricsWriter:
     """Progress bar + metrics.jsonl + TensorBoard on process 0; a no-op elsewhere."""
 
     def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, initial_step: int, progress: bool = True):
+        """`initial_step` > 0 resumes: records of later steps (logged after the checkpoint the run resumes
+        from, before a crash) are dropped from metrics.jsonl and TensorBoard, so each step appears once."""
         self.enabled = jax.process_index() == 0
         self._bar = None
         self._tb = None
@@ -69,10 +71,11 @@ class MetricsWriter:
             return
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(workdir / METRICS_FILE, initial_step)
         self._jsonl = (workdir / METRICS_FILE).open("a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR))
+        self._tb = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
         if progress:
             from tqdm import tqdm
 
@@ -112,6 +115,15 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 _CONSOLE_KEYS = ("loss", "learning_rate", "grad_norm", "logit_scale", "step_seconds", "examples_per_second", "mfu")
