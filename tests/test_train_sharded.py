@@ -105,6 +105,24 @@ def _worker(data_dir: str, out: pathlib.Path) -> dict:
         expected, got = train_fixtures.flat(state), train_fixtures.flat(restored)
         return on_target and expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
 
+    # Gradient accumulation on the fsdp x tensor mesh: 2 micro-batches of 4 (strided rows); the step's loss is
+    # the mean of the objective on the two halves, evaluated on one device.
+    import functools
+
+    from geoalign_jax.losses import objective as objective_lib
+
+    config = train_fixtures.tiny_config(data_dir, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2,
+                                                     "train.micro_batches": 2})
+    setup = loop.build(config)
+    state = loop.initial_state(setup)
+    start_params = jax.device_get(state.params)
+    compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
+    _, metrics = compiled.run(state, multihost.host_batch_to_global(batches[0], mesh_lib.batch_sharding(setup.mesh)))
+    objective = jax.jit(functools.partial(objective_lib.make_objective(config.loss), model_config=setup.model_config))
+    halves = [{key: value[k::2] for key, value in batches[0].items()} for k in range(2)]
+    expected = np.mean([float(objective(start_params, half, 0)[0]) for half in halves])
+    report["micro_batches"] = [float(metrics["loss"]), float(expected)]
+
     report["restore_8_to_1"] = save_and_restore(sharded_state, sharded_setup, single_setup, out / "ckpt_8")
     report["restore_1_to_8"] = save_and_restore(single_state, single_setup, sharded_setup, out / "ckpt_1")
     iterator.close()
@@ -142,6 +160,8 @@ def test_sharded_steps_match_one_device_and_checkpoints_move_between_meshes(tmp_
           f"fsdp=8 {report['bytes']['fsdp8']} B (ratio {ratio:.4f})")
     assert ratio < 0.13, report["bytes"]  # 1/8 = 0.125, plus the few replicated scalars / indivisible leaves
     assert report["restore_8_to_1"] and report["restore_1_to_8"]
+    got, expected = report["micro_batches"]
+    assert abs(got - expected) <= 1e-4 * abs(expected), report["micro_batches"]
 
 
 if __name__ == "__main__":
