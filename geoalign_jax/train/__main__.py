@@ -40,18 +40,31 @@ def main(argv: list[str]) -> int:
     from geoalign_jax.train import loop
 
     try:
-        loop.build(_CONFIG.value)  # validate first: a bad config is exit status 2 with the field named
-    except ValueError as error:
+        config = _CONFIG.value  # config_flags loads the file lazily: a missing/broken file raises here
+        loop.build(config)  # validate first: a bad config is exit status 2 with the field named
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = loop.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+    result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value)
     logging.info("run %s at step %d", result.status, result.step)
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a mistyped `--config.section.field` (ml_collections raises AttributeError or
+    KeyError naming it) or a bad value is one line and exit status 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
+        text = str(error).replace("\\n", "\n").replace("\\'", "'")
+        message = ": ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\""))
+        print(f"error: bad command-line config: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def entry() -> None:
-    """Runs the CLI; also turns config-flag errors (a mistyped --config.field) into exit status 2."""
-    app.run(main)
+    """Runs the CLI (see the module docstring)."""
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
