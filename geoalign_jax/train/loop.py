@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from geoalign_jax import params_checkpoint
 from geoalign_jax.data import pipeline
 from geoalign_jax.losses import objective as objective_lib
 from geoalign_jax.models import clip
@@ -91,7 +92,7 @@ def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None
     host_spec = pipeline.batch_spec(config.data, jax.process_count())
     host_spec.pop(pipeline.DECODE_ERRORS_KEY, None)
     objective_lib.check_batch(loss_config, host_spec)  # names the term and the missing key
-    abstract_params = state_lib.params_checkpoint.abstract_params(model_config)
+    abstract_params = params_checkpoint.abstract_params(model_config)
     num_steps = int(config.train.num_steps)
     tx = optim_lib.make_optimizer(config.optim, abstract_params, num_steps)
     schedule = optim_lib.learning_rate_schedule(config.optim, num_steps)
@@ -235,6 +236,15 @@ def run(
     timer = metrics_lib.StepTimer()
     steps_since_log = 0
     previous_streak = None
+
+    def check_streak(streak: Any, at_step: int) -> None:
+        if int(jax.device_get(streak)) >= max_nonfinite:
+            raise NonFiniteError(
+                f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) ending at step "
+                f"{at_step}: the loss or the gradient norm is not finite; the last good checkpoint (step "
+                f"{saved_step}) is kept unchanged in {checkpointer.directory}"
+            )
+
     try:
         while step < num_steps:
             batch = next(iterator)
@@ -246,12 +256,8 @@ def run(
             if on_step is not None:
                 on_step(step)
             # The previous step's streak (one step behind, so the host never waits for the step just queued).
-            if previous_streak is not None and int(jax.device_get(previous_streak)) >= max_nonfinite:
-                raise NonFiniteError(
-                    f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) ending at step "
-                    f"{step - 1}: the loss or the gradient is not finite; the last good checkpoint "
-                    f"(step {saved_step}) is kept unchanged in {checkpointer.directory}"
-                )
+            if previous_streak is not None:
+                check_streak(previous_streak, step - 1)
             previous_streak = step_metrics["nonfinite_streak"]
             metrics_for_save = None
             if eval_every and (step % eval_every == 0 or step == num_steps):
@@ -269,18 +275,10 @@ def run(
                 steps_since_log = 0
                 writer.write(step, values)
                 last_logged = {key: float(value) for key, value in values.items()}
-                if int(values["nonfinite_streak"]) >= max_nonfinite:
-                    raise NonFiniteError(
-                        f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) ending at "
-                        f"step {step}; the last good checkpoint (step {saved_step}) is kept unchanged"
-                    )
+                check_streak(values["nonfinite_streak"], step)
             preempted = preemption.reached(step)
             if preempted or step % int(ckpt_config.every_steps) == 0 or step == num_steps or metrics_for_save:
-                if int(jax.device_get(state.nonfinite_streak)) >= max_nonfinite:
-                    raise NonFiniteError(
-                        f"{max_nonfinite} non-finite steps in a row at step {step}; not saving, the last good "
-                        f"checkpoint (step {saved_step}) is kept unchanged"
-                    )
+                check_streak(state.nonfinite_streak, step)  # never save a state past the limit
                 saved_step = checkpointer.save(state, iterator, metrics=metrics_for_save)
             if preempted:
                 writer.console(f"preemption notice: saved step {step} on every process; exiting")

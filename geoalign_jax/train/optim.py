@@ -5,7 +5,7 @@ sub-trees. Parameters are addressed by their path string, e.g. "visual/transform
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -10,8 +10,8 @@ on every host; the optimizer's own count, hence its schedule, does not).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -191,8 +191,6 @@ def compile_step(
 ) -> CompiledStep:
     """`jax.jit` with explicit in/out shardings (state donated; batch split over (data, fsdp); metrics
     replicated), lowered and compiled ahead of time for exactly these shapes."""
-    import time
-
     batch_sharding = mesh_lib.batch_sharding(mesh)
     batch_shardings = {key: batch_sharding for key in batch_spec}
     jitted = jax.jit(
