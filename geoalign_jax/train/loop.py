@@ -102,7 +102,8 @@ def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None
     ema = loss_config["distill_ema_momentum"] if with_teacher and loss_config["distill_teacher"] == "ema" else None
     step_config = step_lib.StepConfig(model_config, loss_config, int(config.train.micro_batches), ema)
     frozen = optim_lib.frozen_mask(abstract_params, config.optim)
-    train_step = step_lib.make_train_step(step_config, tx, schedule, frozen, mesh)
+    compute_shardings = mesh_lib.drop_mesh_axis(shardings.params, "fsdp")
+    train_step = step_lib.make_train_step(step_config, tx, schedule, frozen, mesh, compute_shardings)
     batch_spec = step_lib.global_batch_spec(host_spec, int(config.data.batch_size))
     return Setup(config, loss_config, model_config, mesh, abstract_state, shardings, batch_spec, train_step, tx, schedule)
 

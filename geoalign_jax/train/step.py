@@ -76,13 +76,25 @@ def make_train_step(
     schedule: optax.Schedule,
     frozen: Any,
     mesh: Mesh | None,
+    compute_shardings: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure step function (not yet jitted). `frozen`: a bool tree like the parameters (optim.frozen_mask)."""
+    """The pure step function (not yet jitted). `frozen`: a bool tree like the parameters (optim.frozen_mask).
+
+    `compute_shardings` (a NamedSharding per parameter, or None): the layout the forward and backward passes
+    use, e.g. the stored sharding gathered over "fsdp". Without it GSPMD may follow the stored FSDP split into
+    the activations (embed-sharded activations, recomputed work) instead of gathering the weights.
+    """
     objective = objective_lib.make_objective(step_config.loss_config)
     context = mesh_lib.axis_context(mesh)
     count = step_config.micro_batches
 
+    def gathered(tree: Any) -> Any:
+        if compute_shardings is None or tree is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, compute_shardings)
+
     def loss_fn(params, batch, step, teacher):
+        params, teacher = gathered(params), gathered(teacher)
         return objective(
             params, batch, step, model_config=step_config.model_config, axis_context=context, frozen_params=teacher
         )
