@@ -123,6 +123,7 @@ class Checkpointer:
     def restore(self, step: int, target: TrainState, iterator: grain.DatasetIterator) -> TrainState:
         """Reads step `step` into `target`'s shapes and shardings (ShapeDtypeStructs with shardings) and moves
         `iterator` to the saved position."""
+        self._check_process_count(step)
         state_target = _state_item(target)
         args = ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardRestore(target.params),
@@ -139,6 +140,18 @@ class Checkpointer:
             nonfinite_streak=item["nonfinite_streak"],
             nonfinite_total=item["nonfinite_total"],
         )
+
+    def _check_process_count(self, step: int) -> None:
+        """The data position is per process: a checkpoint restores only with the process count it was saved with
+        (the model state itself restores on any mesh)."""
+        data_dir = self.directory / str(step) / DATA_ITEM
+        saved = sorted(path.name for path in data_dir.glob("process_*-of-*.json"))
+        wanted = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if saved and wanted not in saved:
+            raise ValueError(
+                f"{data_dir} holds the data-iterator positions of another number of processes ({saved[0]} ...); "
+                f"this run has {jax.process_count()} process(es). Resume with the same process count"
+            )
 
     def wait(self) -> None:
         """Blocks until every pending async save is on disk (raises if one failed)."""

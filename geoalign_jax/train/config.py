@@ -12,7 +12,7 @@ import ml_collections
 
 INIT_KINDS = ("scratch", "params", "open_clip", "hf")
 BEST_MODES = ("max", "min")
-PRESETS_REMAT = ("none", "block")
+REMAT_POLICIES = ("none", "block")
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -165,7 +165,7 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
     for field in ("num_steps", "log_every", "micro_batches", "max_consecutive_nonfinite"):
         _require(_is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
     _require(_is_int(train.seed), "train.seed", train.seed, "must be an int")
-    _require(train.remat in PRESETS_REMAT, "train.remat", train.remat, f"must be one of {PRESETS_REMAT}")
+    _require(train.remat in REMAT_POLICIES, "train.remat", train.remat, f"must be one of {REMAT_POLICIES}")
     batch = int(config.data.batch_size)
     _require(
         batch % train.micro_batches == 0, "train.micro_batches", train.micro_batches,
