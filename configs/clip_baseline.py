@@ -1,7 +1,8 @@
 """Plain CLIP fine-tuning on RS captions (RemoteCLIP / GeoRSCLIP style): scene InfoNCE only.
 
 Start from published weights: `python -m geoalign_jax.convert import --src ViT-B-32.pt --format open_clip
---quick-gelu --out ckpt/openai-b32` and set model.init_from = "ckpt/openai-b32".
+--quick-gelu --out ckpt/openai-b32` and set init.kind = "params", init.path = "ckpt/openai-b32"
+(or init.kind = "open_clip", init.path = "ViT-B-32.pt" to read the file directly).
 """
 from __future__ import annotations
 

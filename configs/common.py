@@ -1,12 +1,13 @@
 """The shared experiment config and the cross-section checks every config goes through.
 
-A config is a plain `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style) with three
+A config is a plain `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style) with these
 sections, each documented once where its defaults are defined:
-- `model`: `name` (a `models.clip.get_model_config` name, e.g. "ViT-B-16-quickgelu"), `overrides`
-  (`vision_*` / `text_*` / top-level CLIPConfig fields), `init_from` (a parameters checkpoint to start
-  from, e.g. one imported with `python -m geoalign_jax.convert import`; "" = random init);
+- `model`: `name` (a `models.clip.get_model_config` name, e.g. "ViT-B-16-quickgelu") and `overrides`
+  (`vision_*` / `text_*` / top-level CLIPConfig fields; remat is `train.remat`);
 - `data`: `geoalign_jax.data.pipeline.default_data_config()`;
-- `loss`: `geoalign_jax.losses.objective.default_loss_config()`.
+- `loss`: `geoalign_jax.losses.objective.default_loss_config()`;
+- `train`, `optim`, `mesh`, `checkpoint`, `init` (where the weights of a fresh run come from), `eval`:
+  `geoalign_jax.train.config`.
 `check_config` validates each section and that they fit together (the data produce every batch key the
 enabled loss terms read, per `geoalign_jax.batch_contract`; image and text sizes fit the model), naming the
 offending field.
@@ -21,6 +22,7 @@ from geoalign_jax import batch_contract
 from geoalign_jax.data import pipeline
 from geoalign_jax.losses import objective
 from geoalign_jax.models import clip
+from geoalign_jax.train import config as trainer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,27 +32,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "ViT-B-16-quickgelu"
     config.model.overrides = ml_collections.ConfigDict()
-    config.model.init_from = ""
     config.data = pipeline.default_data_config()
     config.data.long_context_length = 0  # a 77-position text tower; long-text configs turn it on
     config.loss = objective.default_loss_config()
+    trainer_config.add_trainer_sections(config)
     return config
 
 
 def model_config(config: ml_collections.ConfigDict) -> clip.CLIPConfig:
-    """The model architecture a config names."""
-    return clip.get_model_config(config.model.name, **dict(config.model.overrides))
+    """The model a config names, with the numerics the trainer sets (remat from `train.remat`)."""
+    overrides = dict(config.model.overrides)
+    if "train" in config:
+        overrides["remat"] = config.train.remat != "none"
+    return clip.get_model_config(config.model.name, **overrides)
 
 
 def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Validates a whole experiment config; returns the validated loss config. Raises ValueError."""
-    known_sections = {"model", "data", "loss"}
+    known_sections = {"model", "data", "loss", *trainer_config.SECTIONS}
     unknown = sorted(set(config.keys()) - known_sections)
     if unknown:
         raise ValueError(f"unknown config section {unknown[0]!r} (known: {sorted(known_sections)})")
-    unknown = sorted(set(config.model.keys()) - {"name", "overrides", "init_from"})
+    unknown = sorted(set(config.model.keys()) - {"name", "overrides"})
     if unknown:
         raise ValueError(f"unknown config field model.{unknown[0]}")
+    if "remat" in config.model.overrides:
+        raise ValueError("model.overrides.remat: set train.remat ('none' | 'block') instead")
+    trainer_config.validate_trainer_config(config)
     model = model_config(config)
     defaults = pipeline.default_data_config()
     unknown = sorted(set(config.data.keys()) - set(defaults.keys()))

@@ -21,6 +21,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.region_view_crop_size = 32  # global_region_consistency: the boxes as the global view shows them
     config.data.num_local_crops = 2
     config.data.local_crop_size = 32
+    config.train.num_steps = 80
+    config.train.log_every = 10
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 8
+    config.optim.weight_decay = 0.01
+    config.checkpoint.every_steps = 40
     for term in ("hard_negative", "region_text", "region_cls", "long_text", "patch_distill",
                  "global_region_consistency", "short_long_consistency"):
         config.loss.weights[term] = 0.5

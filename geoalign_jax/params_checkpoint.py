@@ -7,6 +7,13 @@ CKPT/params/             an orbax StandardCheckpointer tree: the nested dict of 
 ```
 The architecture travels with the weights, so a checkpoint is loaded without naming its model, and a
 checkpoint of another architecture is refused with the first parameter whose shape does not fit.
+
+`load_params` / `read_model_config` also read the trainer's checkpoints (train/checkpoint.py), whose steps
+hold the same tree: a trainer workdir (its latest step) or one step's folder:
+```
+WORKDIR/checkpoints/model_config.json    the same file as CKPT/model_config.json
+WORKDIR/checkpoints/<step>/params/       the same orbax tree as CKPT/params/
+```
 """
 from __future__ import annotations
 
@@ -27,6 +34,26 @@ PARAMS_FORMAT = "geoalign-params"
 PARAMS_VERSION = 1
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+TRAINER_CHECKPOINTS_DIR = "checkpoints"
+
+
+def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(model_config.json, params tree folder) of a parameters checkpoint, a trainer workdir (latest step) or
+    one step of a trainer's checkpoints; FileNotFoundError saying what was looked for otherwise."""
+    path = pathlib.Path(path).absolute()
+    if (path / CONFIG_FILE).is_file():
+        return path / CONFIG_FILE, path / PARAMS_DIR
+    if (path / TRAINER_CHECKPOINTS_DIR).is_dir():
+        steps = ocp.utils.checkpoint_steps(path / TRAINER_CHECKPOINTS_DIR)
+        if not steps:
+            raise FileNotFoundError(f"{path} is a trainer workdir without any finished checkpoint")
+        path = path / TRAINER_CHECKPOINTS_DIR / str(max(steps))
+    if (path / PARAMS_DIR).is_dir() and (path.parent / CONFIG_FILE).is_file():
+        return path.parent / CONFIG_FILE, path / PARAMS_DIR
+    raise FileNotFoundError(
+        f"{path} is not a geoalign-jax parameters checkpoint ({CONFIG_FILE} + {PARAMS_DIR}/), trainer workdir "
+        f"({TRAINER_CHECKPOINTS_DIR}/) or trainer checkpoint step ({PARAMS_DIR}/ beside ../{CONFIG_FILE})"
+    )
 
 
 def flatten_params(tree: Any) -> dict[str, Any]:
@@ -72,20 +99,21 @@ def save_params(path: str | pathlib.Path, config: CLIPConfig, params: Params) ->
     multihost.sync_barrier("save_params:checked")
     if jax.process_index() == 0:
         path.mkdir(parents=True)
-        (path / CONFIG_FILE).write_text(
-            json.dumps({"format": PARAMS_FORMAT, "version": PARAMS_VERSION, "model": config.to_dict()}, indent=2)
-        )
+        (path / CONFIG_FILE).write_text(model_config_json(config))
     multihost.sync_barrier("save_params:created")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params)
     return path
 
 
+def model_config_json(config: CLIPConfig) -> str:
+    """The text of model_config.json for `config`."""
+    return json.dumps({"format": PARAMS_FORMAT, "version": PARAMS_VERSION, "model": config.to_dict()}, indent=2)
+
+
 def read_model_config(path: str | pathlib.Path) -> CLIPConfig:
-    """The architecture stored beside a parameters checkpoint."""
-    config_path = pathlib.Path(path) / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: {path} is not a geoalign-jax parameters checkpoint")
+    """The architecture stored beside a parameters checkpoint (or a trainer workdir / step, see `locate`)."""
+    config_path, _ = locate(path)
     meta = json.loads(config_path.read_text())
     if meta.get("format") != PARAMS_FORMAT or meta.get("version") != PARAMS_VERSION:
         raise ValueError(
@@ -98,13 +126,14 @@ def read_model_config(path: str | pathlib.Path) -> CLIPConfig:
 def load_params(
     path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None
 ) -> tuple[CLIPConfig, Params]:
-    """Reads a parameters checkpoint -> (config, params as numpy arrays).
+    """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params).
 
     With `expected_config`, a checkpoint of another architecture is refused before reading weights;
     numerics (dtype, param_dtype, remat) are not architecture: the expected config's are returned.
     """
     path = pathlib.Path(path).absolute()
     config = read_model_config(path)
+    _, params_dir = locate(path)
     target = abstract_params(config)
     if expected_config is not None:
         same_numerics = dataclasses.replace(
@@ -116,9 +145,9 @@ def load_params(
         config = expected_config
         target = abstract_params(config)
     with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(path / PARAMS_DIR)
+        stored = checkpointer.metadata(params_dir)
         stored_tree = getattr(stored, "item_metadata", stored)
         stored_tree = getattr(stored_tree, "tree", stored_tree)
         check_param_shapes(target, stored_tree, source=str(path))
-        params = checkpointer.restore(path / PARAMS_DIR, target)
+        params = checkpointer.restore(params_dir, target)
     return config, jax.tree.map(np.asarray, params)

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="parameters checkpoint -> open_clip local-dir folder or HF folder")
-    export.add_argument("--params", required=True, type=pathlib.Path, help="geoalign-jax parameters checkpoint directory")
+    export.add_argument("--params", required=True, type=pathlib.Path,
+                        help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     export.add_argument("--format", required=True, choices=FORMATS)
     export.add_argument("--out", required=True, type=pathlib.Path, help="output folder (must be absent or empty)")
 

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                "skyscript|both), methods (crop+roi). PATH: a record folder (manifest.json) or, for zeroshot, "
                "a tree of class folders.")
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint directory")
+    weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     weights.add_argument("--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")

@@ -1,0 +1,71 @@
+"""The train CLI.
+
+    python -m geoalign_jax.train --config configs/NAME.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...]
+
+e.g. `python -m geoalign_jax.train --config configs/demo.py --workdir runs/demo --config.train.num_steps=200`.
+Fields are overridden with `--config.section.field=value` (ml_collections config flags); an unknown or
+mistyped field is an error naming it. Running the same command again in a DIR with checkpoints resumes from
+the latest one. Multi-host: start one such process per host (see parallel/multihost.py for the environment
+variables); every process runs the same command. Exit status: 0 finished, 0 after a preemption save (the
+scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/NAME.py[:ARG])", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config.json, metrics.jsonl, tb/, checkpoints/")
+_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    # Before anything touches a jax backend, and never at import time (grain workers re-import modules).
+    from geoalign_jax.parallel import multihost
+
+    multihost.initialize_distributed()
+    import jax
+
+    if jax.process_index() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # only process 0 writes logs
+    from geoalign_jax.train import loop
+
+    try:
+        config = _CONFIG.value  # config_flags loads the file lazily: a missing/broken file raises here
+        loop.build(config)  # validate first: a bad config is exit status 2 with the field named
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value)
+    logging.info("run %s at step %d", result.status, result.step)
+    return 0
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a mistyped `--config.section.field` (ml_collections raises AttributeError or
+    KeyError naming it) or a bad value is one line and exit status 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
+        text = str(error).replace("\\n", "\n").replace("\\'", "'")
+        message = ": ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\""))
+        print(f"error: bad command-line config: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry() -> None:
+    """Runs the CLI (see the module docstring)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    entry()

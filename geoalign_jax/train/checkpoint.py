@@ -1,0 +1,207 @@
+"""Training checkpoints (orbax `CheckpointManager`) and preemption.
+
+Layout of WORKDIR/checkpoints (one folder per saved step; orbax writes each atomically):
+```
+model_config.json     the architecture (params_checkpoint's format), written once by process 0
+<step>/params/        the parameters: the same orbax tree as a parameters checkpoint's params/, so a step
+                      (or the workdir: its latest step) is read by params_checkpoint.load_params, the convert
+                      CLI's export and the evaluate CLI's --checkpoint
+<step>/state/         {step, opt_state, teacher (when there is one), nonfinite_streak, nonfinite_total}
+<step>/data/          the grain iterator position, one process_<i>-of-<n>.json per process (grain's handler)
+```
+Every process calls `save` / `restore` (orbax writes and reads each process's shards). Restoring reads the
+arrays straight into the shardings of the given target, so a checkpoint written on one mesh restores on any
+other (8 devices -> 1, 1 -> 8, another fsdp/tensor split).
+
+Preemption: on SIGTERM every process must save at the same step. With several processes, jax's preemption
+service (on by default under jax.distributed) catches SIGTERM on any host and agrees on a step;
+`Preemption.reached(step)` turns True at that step on every process. A single process catches SIGTERM
+itself.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from geoalign_jax import params_checkpoint
+from geoalign_jax.models import clip
+from geoalign_jax.parallel import multihost
+from geoalign_jax.train.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = params_checkpoint.TRAINER_CHECKPOINTS_DIR
+PARAMS_ITEM, STATE_ITEM, DATA_ITEM = params_checkpoint.PARAMS_DIR, "state", "data"
+
+
+def _state_item(state: TrainState) -> dict[str, Any]:
+    item = {
+        "step": state.step,
+        "opt_state": state.opt_state,
+        "nonfinite_streak": state.nonfinite_streak,
+        "nonfinite_total": state.nonfinite_total,
+    }
+    if state.teacher is not None:
+        item["teacher"] = state.teacher
+    return item
+
+
+class Checkpointer:
+    """Saves and restores (params, optimizer state, teacher, counters, data iterator) by step."""
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        *,
+        keep: int,
+        async_save: bool = True,
+        best_metric: str = "",
+        best_mode: str = "max",
+        keep_best: int = 1,
+    ):
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
+        self.best_metric = best_metric
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if best_metric:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            enable_async_checkpointing=async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def write_model_config(self, model_config: clip.CLIPConfig) -> None:
+        """Writes checkpoints/model_config.json once (process 0); a resumed run must have the same model."""
+        path = self.directory / params_checkpoint.CONFIG_FILE
+        text = params_checkpoint.model_config_json(model_config)
+        if jax.process_index() == 0:
+            if path.is_file():
+                stored = params_checkpoint.read_model_config(self.directory.parent)
+                if stored.to_dict() != model_config.to_dict():
+                    raise ValueError(
+                        f"{path}: the checkpoints in this workdir are of model {stored}, the config asks for "
+                        f"{model_config}; use another --workdir"
+                    )
+            else:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+        multihost.sync_barrier("checkpoint:model_config")
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, iterator: grain.DatasetIterator, *, metrics: dict[str, float] | None = None) -> int:
+        """Saves `state` and the iterator's position under the state's step (async when configured; the
+        iterator state is written before this returns, so the caller may advance it)."""
+        step = int(jax.device_get(state.step))
+        args = ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            STATE_ITEM: ocp.args.StandardSave(_state_item(state)),
+            DATA_ITEM: grain.checkpoint.CheckpointSave(iterator),
+        })
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+        return step
+
+    def restore(self, step: int, target: TrainState, iterator: grain.DatasetIterator) -> TrainState:
+        """Reads step `step` into `target`'s shapes and shardings (ShapeDtypeStructs with shardings) and moves
+        `iterator` to the saved position."""
+        self._check_process_count(step)
+        state_target = _state_item(target)
+        args = ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(target.params),
+            STATE_ITEM: ocp.args.StandardRestore(state_target),
+            DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
+        })
+        restored = self.manager.restore(step, args=args)
+        item = restored[STATE_ITEM]
+        return TrainState(
+            step=item["step"],
+            params=restored[PARAMS_ITEM],
+            opt_state=item["opt_state"],
+            teacher=item.get("teacher"),
+            nonfinite_streak=item["nonfinite_streak"],
+            nonfinite_total=item["nonfinite_total"],
+        )
+
+    def _check_process_count(self, step: int) -> None:
+        """The data position is per process: a checkpoint restores only with the process count it was saved with
+        (the model state itself restores on any mesh)."""
+        data_dir = self.directory / str(step) / DATA_ITEM
+        saved = sorted(path.name for path in data_dir.glob("process_*-of-*.json"))
+        wanted = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if saved and wanted not in saved:
+            raise ValueError(
+                f"{data_dir} holds the data-iterator positions of another number of processes ({saved[0]} ...); "
+                f"this run has {jax.process_count()} process(es). Resume with the same process count"
+            )
+
+    def wait(self) -> None:
+        """Blocks until every pending async save is on disk (raises if one failed)."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class Preemption:
+    """Has a preemption notice (SIGTERM) arrived, and is this the step at which every process saves?"""
+
+    def __init__(self) -> None:
+        self._signalled = threading.Event()
+        self._distributed = jax.process_count() > 1
+        self._service = self._distributed
+        self._previous_handler = None
+        if not self._distributed:
+            self._install_handler()
+
+    def _install_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not on the main thread: SIGTERM is not caught, a preemption will not save")
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            del frame
+            logger.warning("received signal %d: saving at the next step boundary, then exiting", signum)
+            self._signalled.set()
+
+        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+    def reached(self, step: int) -> bool:
+        """True at the step where every process should save and stop (call it at every step, on every process)."""
+        if not self._distributed:
+            return self._signalled.is_set()
+        if self._service:
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError as error:  # the preemption service is disabled (jax_enable_preemption_service)
+                logger.warning("jax preemption service unavailable (%s); SIGTERM is synchronised by a collective", error)
+                self._service = False
+                self._install_handler()
+        flags = multihost.gather_host_values(int(self._signalled.is_set()))
+        return bool(max(int(flag) for flag in flags.reshape(-1)))
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+
+__all__ = ["CHECKPOINTS_DIR", "Checkpointer", "Preemption"]

@@ -1,0 +1,235 @@
+"""The trainer's config sections (train, optim, mesh, checkpoint, init, eval): every field documented once here,
+with its default, and checked by `validate_trainer_config` (errors name the field).
+
+`configs/common.py` adds these sections to every experiment config; `check_config` calls the validator.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+INIT_KINDS = ("scratch", "params", "open_clip", "hf")
+BEST_MODES = ("max", "min")
+REMAT_POLICIES = ("none", "block")
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """`config.train`: the loop."""
+    config = ml_collections.ConfigDict()
+    config.num_steps = 10_000  # optimizer steps to run (each one global batch); the run ends at this step
+    config.seed = 0  # parameter-init seed (the data order has its own seed, data.seed)
+    config.log_every = 50  # metrics to console / metrics.jsonl / TensorBoard every this many steps
+    # Gradient accumulation: the global batch is cut into this many micro-batches whose gradients are
+    # averaged before one optimizer update (same memory as a batch of batch_size / micro_batches). The
+    # contrastive terms then see in-batch negatives of one micro-batch, not of the whole batch.
+    config.micro_batches = 1
+    config.remat = "none"  # "none" | "block": rematerialise each transformer block in the backward pass
+    # A step whose loss or gradient norm is not finite is not applied (and counted); this many such steps
+    # in a row stop the run with an error, the last good checkpoint untouched.
+    config.max_consecutive_nonfinite = 10
+    return config
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """`config.optim`: AdamW with linear warm-up and cosine decay (optax)."""
+    config = ml_collections.ConfigDict()
+    config.learning_rate = 5e-5  # peak learning rate, reached after warmup_steps
+    config.warmup_steps = 500  # linear warm-up from 0 over this many steps
+    config.end_learning_rate_factor = 0.0  # cosine decays to learning_rate * this at train.num_steps
+    config.b1 = 0.9
+    config.b2 = 0.98  # open_clip's CLIP setting
+    config.eps = 1e-6
+    config.weight_decay = 0.2  # decoupled (AdamW) decay, only on parameters not matched by no_decay
+    # Regular expressions (re.search) on parameter paths like "visual/transformer/resblocks_0/ln_1/scale":
+    # matching parameters get no weight decay. Default: norms (scale/bias), all biases, embeddings
+    # (token, position, class) and the temperature / SigLIP bias, as open_clip and FarSLIP do.
+    config.no_decay = ("/bias$", "/scale$", "embedding", "^logit_scale$", "^logit_bias$")
+    config.clip_norm = 1.0  # clip the global gradient norm to this before AdamW; 0 = no clipping
+    # Learning-rate multipliers: regex on the parameter path -> factor (first match wins; unmatched = 1.0),
+    # e.g. {"^text/": 0.1} for a slower text tower. Applied on top of the layer-wise decay.
+    config.lr_multipliers = ml_collections.ConfigDict()
+    # Frozen sub-trees: regexes on parameter paths; matching parameters are never updated and get no
+    # optimizer state (e.g. ("^text/",) freezes the text tower, LiT style).
+    config.frozen = ()
+    # Layer-wise learning-rate decay (BEiT/ELECTRA): block i of a tower with L blocks gets
+    # layer_decay ** (L + 1 - (i + 1)); its embeddings layer_decay ** (L + 1); head/final norm 1. 1.0 = off.
+    config.layer_decay = 1.0
+    return config
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """`config.mesh`: device mesh axis sizes (one may be -1 = all remaining devices); see parallel/mesh.py."""
+    config = ml_collections.ConfigDict()
+    config.data = -1  # pure data parallelism (parameters replicated)
+    config.fsdp = 1  # data parallelism with parameters + optimizer state sharded (FSDP / ZeRO-3)
+    config.tensor = 1  # tensor parallelism over attention heads and MLP hidden units
+    return config
+
+
+def default_checkpoint_config() -> ml_collections.ConfigDict:
+    """`config.checkpoint`: orbax checkpoints under WORKDIR/checkpoints."""
+    config = ml_collections.ConfigDict()
+    config.every_steps = 1000  # save every this many steps (and at the last step, and on SIGTERM)
+    config.keep = 3  # keep the latest this many checkpoints
+    # Also keep the best `keep_best` checkpoints by this evaluation metric (a key of the evaluation results,
+    # e.g. "zeroshot/aid/top1"); "" = keep only the latest. Needs eval.tasks; evaluation steps are saved.
+    config.best_metric = ""
+    config.best_mode = "max"  # "max" | "min": which end of best_metric is better
+    config.keep_best = 1
+    config.async_save = True  # write checkpoints in a background thread while training goes on
+    return config
+
+
+def default_init_config() -> ml_collections.ConfigDict:
+    """`config.init`: where the parameters of a fresh run come from (a resumed run reads its checkpoint)."""
+    config = ml_collections.ConfigDict()
+    # "scratch" (random, train.seed) | "params" (a geoalign-jax parameters checkpoint, a trainer workdir or
+    # one step of it) | "open_clip" (a weights file or open_clip folder) | "hf" (a transformers CLIPModel folder).
+    config.kind = "scratch"
+    config.path = ""  # the checkpoint/file/folder for every kind but scratch
+    # open_clip/hf only: the activation when the source does not say (None = from the source, else refused).
+    config.quick_gelu = ml_collections.FieldReference(None, field_type=bool)
+    # A 77-position checkpoint is Long-CLIP-stretched when the model's text context is 248 (automatic).
+    return config
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+    """`config.eval`: evaluation during training through `geoalign_jax.eval.evaluate` (process 0)."""
+    config = ml_collections.ConfigDict()
+    config.tasks = ()  # tasks in the evaluate CLI's syntax, e.g. ("zeroshot:aid=/data/aid,split=test",)
+    config.every_steps = 0  # evaluate every this many steps and at the end; 0 = never
+    config.batch_size = 64  # evaluation batch
+    return config
+
+
+SECTIONS = {
+    "train": default_train_config,
+    "optim": default_optim_config,
+    "mesh": default_mesh_config,
+    "checkpoint": default_checkpoint_config,
+    "init": default_init_config,
+    "eval": default_eval_config,
+}
+
+
+def add_trainer_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds every trainer section with its defaults to `config` (in place; returned for chaining)."""
+    for name, make in SECTIONS.items():
+        config[name] = make()
+    return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, field: str, value: Any, expectation: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} = {value!r}: {expectation}")
+
+
+def _check_fields(config: ml_collections.ConfigDict, name: str) -> None:
+    expected = set(SECTIONS[name]().keys())
+    given = set(config[name].keys())
+    unknown = sorted(given - expected)
+    if unknown:
+        raise ValueError(f"unknown config field {name}.{unknown[0]} (known: {sorted(expected)})")
+    missing = sorted(expected - given)
+    if missing:
+        raise ValueError(f"config field {name}.{missing[0]} is missing (start from configs/common.py)")
+
+
+def _check_regexes(patterns: Any, field: str) -> None:
+    import re
+
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"{field}: {pattern!r} is not a regular expression ({error})") from None
+
+
+def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every trainer field; raises ValueError naming the first bad one (e.g. "optim.warmup_steps")."""
+    for name in SECTIONS:
+        if name not in config:
+            raise ValueError(f"config section {name!r} is missing (start from configs/common.py)")
+        _check_fields(config, name)
+    train, optim, ckpt, init, evaluation = config.train, config.optim, config.checkpoint, config.init, config.eval
+    for field in ("num_steps", "log_every", "micro_batches", "max_consecutive_nonfinite"):
+        _require(_is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
+    _require(_is_int(train.seed), "train.seed", train.seed, "must be an int")
+    _require(train.remat in REMAT_POLICIES, "train.remat", train.remat, f"must be one of {REMAT_POLICIES}")
+    batch = int(config.data.batch_size)
+    _require(
+        batch % train.micro_batches == 0, "train.micro_batches", train.micro_batches,
+        f"must divide data.batch_size ({batch})",
+    )
+    _require(_is_number(optim.learning_rate) and optim.learning_rate >= 0, "optim.learning_rate", optim.learning_rate, "must be >= 0")
+    _require(_is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "must be an int >= 0")
+    for field in ("end_learning_rate_factor", "weight_decay", "clip_norm"):
+        _require(_is_number(optim[field]) and optim[field] >= 0, f"optim.{field}", optim[field], "must be a number >= 0")
+    for field in ("b1", "b2"):
+        _require(_is_number(optim[field]) and 0 <= optim[field] < 1, f"optim.{field}", optim[field], "must be in [0, 1)")
+    _require(_is_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
+    _require(_is_number(optim.layer_decay) and 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay, "must be in (0, 1]")
+    _check_regexes(optim.no_decay, "optim.no_decay")
+    _check_regexes(optim.frozen, "optim.frozen")
+    _check_regexes(list(optim.lr_multipliers.keys()), "optim.lr_multipliers")
+    for pattern, factor in optim.lr_multipliers.items():
+        _require(_is_number(factor) and factor >= 0, f"optim.lr_multipliers[{pattern!r}]", factor, "must be a number >= 0")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        _require(_is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")
+    _require(
+        sum(config.mesh[axis] == -1 for axis in ("data", "fsdp", "tensor")) <= 1, "mesh", config.mesh.to_dict(),
+        "at most one axis may be -1",
+    )
+    _require(_is_int(ckpt.every_steps) and ckpt.every_steps >= 1, "checkpoint.every_steps", ckpt.every_steps, "must be an int >= 1")
+    _require(_is_int(ckpt.keep) and ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "must be an int >= 1")
+    _require(_is_int(ckpt.keep_best) and ckpt.keep_best >= 1, "checkpoint.keep_best", ckpt.keep_best, "must be an int >= 1")
+    _require(ckpt.best_mode in BEST_MODES, "checkpoint.best_mode", ckpt.best_mode, f"must be one of {BEST_MODES}")
+    _require(isinstance(ckpt.async_save, bool), "checkpoint.async_save", ckpt.async_save, "must be True or False")
+    _require(init.kind in INIT_KINDS, "init.kind", init.kind, f"must be one of {INIT_KINDS}")
+    _require(
+        (init.kind == "scratch") == (not init.path), "init.path", init.path,
+        "must be given for init.kind params/open_clip/hf and empty for scratch",
+    )
+    _require(_is_int(evaluation.every_steps) and evaluation.every_steps >= 0, "eval.every_steps", evaluation.every_steps, "must be an int >= 0")
+    _require(_is_int(evaluation.batch_size) and evaluation.batch_size >= 1, "eval.batch_size", evaluation.batch_size, "must be an int >= 1")
+    tasks = tuple(evaluation.tasks)
+    _require(
+        bool(tasks) == (evaluation.every_steps > 0), "eval.every_steps", evaluation.every_steps,
+        "must be > 0 exactly when eval.tasks are given",
+    )
+    if tasks:
+        from geoalign_jax.eval import library
+
+        for task in tasks:
+            try:
+                library.parse_task(task)
+            except library.TaskError as error:
+                raise ValueError(f"eval.tasks: {error}") from None
+    _require(
+        not ckpt.best_metric or bool(tasks), "checkpoint.best_metric", ckpt.best_metric,
+        "needs eval.tasks (the metric comes from the evaluation)",
+    )
+
+
+def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The whole config as JSON-friendly nested dicts/lists (for WORKDIR/config.json)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+            return {str(key): plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(config)

@@ -1,0 +1,300 @@
+"""The training run: build the mesh, state and compiled step, restore or initialise, loop, log, evaluate,
+checkpoint, and stop cleanly on preemption. `run(config, workdir)` is what the CLI (`__main__.py`) calls.
+
+WORKDIR holds `config.json` (the resolved config), `metrics.jsonl`, `tb/` and `checkpoints/`. Running again in
+a WORKDIR with checkpoints resumes from the latest one: parameters, optimizer state, teacher, counters and
+each process's data-iterator position, so the continued run is the one that was interrupted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from geoalign_jax import params_checkpoint
+from geoalign_jax.data import pipeline
+from geoalign_jax.losses import objective as objective_lib
+from geoalign_jax.models import clip
+from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.parallel import multihost
+from geoalign_jax.train import checkpoint as checkpoint_lib
+from geoalign_jax.train import config as config_lib
+from geoalign_jax.train import metrics as metrics_lib
+from geoalign_jax.train import optim as optim_lib
+from geoalign_jax.train import state as state_lib
+from geoalign_jax.train import step as step_lib
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """How a run ended: "finished" (reached train.num_steps) or "preempted" (saved on SIGTERM)."""
+
+    status: str
+    step: int
+    resumed_from: int | None
+    state: state_lib.TrainState
+    last_metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built before the first step (also what tools and tests inspect)."""
+
+    config: ml_collections.ConfigDict
+    loss_config: dict[str, Any]
+    model_config: clip.CLIPConfig
+    mesh: jax.sharding.Mesh
+    abstract_state: state_lib.TrainState
+    shardings: state_lib.TrainState
+    batch_spec: dict[str, jax.ShapeDtypeStruct]
+    train_step: Callable
+    tx: Any
+    schedule: Any
+
+
+def _check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    shards = mesh_lib.AxisContext(mesh).batch_shards
+    micro = int(config.data.batch_size) // int(config.train.micro_batches)
+    if micro % shards:
+        raise ValueError(
+            f"data.batch_size {config.data.batch_size} / train.micro_batches {config.train.micro_batches} = {micro} "
+            f"examples per micro-batch do not split over the {shards} batch shards of mesh {dict(mesh.shape)} "
+            "(data x fsdp); use a multiple"
+        )
+
+
+def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None = None) -> Setup:
+    """Validates the config (errors name the field) and builds the mesh, optimizer, abstract state and its
+    shardings, and the step function; allocates nothing."""
+    from configs import common  # the experiment-config schema (repository root, like the config files)
+
+    loss_config = common.check_config(config)
+    model_config = common.model_config(config)
+    mesh = mesh_lib.make_mesh(
+        {axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor")}, devices=devices
+    )
+    _check_batch_layout(config, mesh)
+    host_spec = pipeline.batch_spec(config.data, jax.process_count())
+    host_spec.pop(pipeline.DECODE_ERRORS_KEY, None)
+    objective_lib.check_batch(loss_config, host_spec)  # names the term and the missing key
+    abstract_params = params_checkpoint.abstract_params(model_config)
+    num_steps = int(config.train.num_steps)
+    tx = optim_lib.make_optimizer(config.optim, abstract_params, num_steps)
+    schedule = optim_lib.learning_rate_schedule(config.optim, num_steps)
+    with_teacher = state_lib.needs_teacher(loss_config)
+    abstract_state = jax.eval_shape(functools.partial(state_lib.create_state, tx=tx, with_teacher=with_teacher), abstract_params)
+    shardings = state_lib.state_shardings(abstract_state, model_config, mesh)
+    ema = loss_config["distill_ema_momentum"] if with_teacher and loss_config["distill_teacher"] == "ema" else None
+    step_config = step_lib.StepConfig(model_config, loss_config, int(config.train.micro_batches), ema)
+    frozen = optim_lib.frozen_mask(abstract_params, config.optim)
+    compute_shardings = mesh_lib.drop_mesh_axis(shardings.params, "fsdp")
+    train_step = step_lib.make_train_step(step_config, tx, schedule, frozen, mesh, compute_shardings)
+    batch_spec = step_lib.global_batch_spec(host_spec, int(config.data.batch_size))
+    return Setup(config, loss_config, model_config, mesh, abstract_state, shardings, batch_spec, train_step, tx, schedule)
+
+
+def initial_state(setup: Setup) -> state_lib.TrainState:
+    """A step-0 state on the mesh: parameters from `config.init` (or random), optimizer state, teacher."""
+    config = setup.config
+    params_shardings = setup.shardings.params
+    host_params = state_lib.load_initial_params(config.init, setup.model_config)
+    if host_params is None:
+        init = jax.jit(
+            lambda key: clip.init_params(setup.model_config, key), out_shardings=params_shardings
+        )
+        params = init(jax.random.key(int(config.train.seed)))
+    else:
+        params = state_lib.put_params(host_params, params_shardings)
+    create = functools.partial(
+        state_lib.create_state, tx=setup.tx, with_teacher=setup.abstract_state.teacher is not None
+    )
+    return jax.jit(create, out_shardings=setup.shardings)(params)
+
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(json.dumps(config_lib.as_plain_dict(config), indent=2, sort_keys=True))
+
+
+def _broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-serialisable `value` on every process (a collective)."""
+    if jax.process_count() == 1:
+        return value
+    first = jax.process_index() == 0
+    data = json.dumps(value).encode() if first else b""
+    length = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+    buffer = np.frombuffer(data, np.uint8) if first else np.zeros(length, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+def _evaluate(setup: Setup, state: state_lib.TrainState) -> dict[str, float]:
+    """Runs config.eval.tasks on process 0 with the current parameters; every process gets the results."""
+    config = setup.config
+    host_params = multihost.gather_to_host(state.params)  # a collective: every process takes part
+    results: dict[str, float] = {}
+    if jax.process_index() == 0:
+        from geoalign_jax.eval import evaluate
+
+        results = evaluate(
+            setup.model_config, host_params, list(config.eval.tasks), batch_size=int(config.eval.batch_size),
+            progress=False,
+        )
+    return _broadcast_json(results)
+
+
+def _log_compile(writer: metrics_lib.MetricsWriter, setup: Setup, compiled: step_lib.CompiledStep) -> dict[str, Any]:
+    abstract = state_lib.with_shardings(setup.abstract_state, setup.shardings)
+    params_bytes = state_lib.per_device_bytes(abstract.params)
+    opt_bytes = state_lib.per_device_bytes(abstract.opt_state)
+    teacher_bytes = state_lib.per_device_bytes(abstract.teacher) if abstract.teacher is not None else 0
+    info = {
+        "compile_seconds": round(compiled.compile_seconds, 2),
+        "flops_per_device": compiled.flops,
+        "memory": compiled.memory,
+        "per_device_bytes": {"params": params_bytes, "opt_state": opt_bytes, "teacher": teacher_bytes},
+        "parameters": state_lib.count_params(setup.abstract_state.params),
+        "mesh": dict(setup.mesh.shape),
+    }
+    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    memory = ", ".join(f"{key.replace('_size_in_bytes', '')} {mib(value)}" for key, value in compiled.memory.items())
+    writer.console(
+        f"compiled the train step in {compiled.compile_seconds:.1f}s on mesh {dict(setup.mesh.shape)} "
+        f"({jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} processes); "
+        f"{info['parameters']:,} parameters; per device: params {mib(params_bytes)}, optimizer state "
+        f"{mib(opt_bytes)}, teacher {mib(teacher_bytes)}; XLA memory analysis: {memory or 'n/a'}; "
+        f"cost analysis: {compiled.flops / 1e9 if compiled.flops else float('nan'):.3f} GFLOP per device and step"
+    )
+    writer.console(metrics_lib.mfu_note(jax.devices()[0], compiled.flops))
+    for line in state_lib.describe_shardings(setup.shardings.params, setup.abstract_state.params):
+        logger.info("sharding %s", line)
+    return info
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Trains `config` in `workdir` until `train.num_steps` (resuming from its latest checkpoint), or until a
+    preemption notice, after which every process has saved the same step. `on_step(step)` is called after
+    each step is dispatched (tests use it to deliver a signal at a known step)."""
+    workdir = pathlib.Path(workdir).absolute()
+    setup = build(config)
+    num_steps = int(config.train.num_steps)
+    log_every = int(config.train.log_every)
+    ckpt_config = config.checkpoint
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir, keep=int(ckpt_config.keep), async_save=bool(ckpt_config.async_save),
+        best_metric=str(ckpt_config.best_metric), best_mode=str(ckpt_config.best_mode),
+        keep_best=int(ckpt_config.keep_best),
+    )
+    checkpointer.write_model_config(setup.model_config)
+    _write_config(workdir, config)
+    iterator = pipeline.make_train_iterator(config.data)
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is not None:
+        target = state_lib.with_shardings(setup.abstract_state, setup.shardings)
+        state = checkpointer.restore(resumed_from, target, iterator)
+        logger.info("resumed from step %d of %s", resumed_from, checkpointer.directory)
+    else:
+        state = initial_state(setup)
+    step = int(jax.device_get(state.step))
+    if step >= num_steps:
+        logger.info("%s already reached step %d (train.num_steps %d): nothing to do", workdir, step, num_steps)
+        checkpointer.close()
+        iterator.close()
+        return RunResult("finished", step, resumed_from, state, {})
+    writer = metrics_lib.MetricsWriter(workdir, total_steps=num_steps, initial_step=step, progress=progress)
+    preemption = checkpoint_lib.Preemption()
+    batch_sharding = mesh_lib.batch_sharding(setup.mesh)
+    compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
+    _log_compile(writer, setup, compiled)
+    if resumed_from is not None:
+        writer.console(f"resumed from step {resumed_from}")
+    eval_every = int(config.eval.every_steps)
+    max_nonfinite = int(config.train.max_consecutive_nonfinite)
+    saved_step = resumed_from
+    status = "finished"
+    last_logged: dict[str, float] = {}
+    timer = metrics_lib.StepTimer()
+    steps_since_log = 0
+    previous_streak = None
+
+    def check_streak(streak: Any, at_step: int) -> None:
+        if int(jax.device_get(streak)) >= max_nonfinite:
+            raise NonFiniteError(
+                f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) ending at step "
+                f"{at_step}: the loss or the gradient norm is not finite; the last good checkpoint (step "
+                f"{saved_step}) is kept unchanged in {checkpointer.directory}"
+            )
+
+    try:
+        while step < num_steps:
+            batch = next(iterator)
+            host_metrics = pipeline.pop_host_metrics(batch)
+            state, step_metrics = compiled.run(state, multihost.host_batch_to_global(batch, batch_sharding))
+            step += 1
+            steps_since_log += 1
+            writer.advance()
+            if on_step is not None:
+                on_step(step)
+            # The previous step's streak (one step behind, so the host never waits for the step just queued).
+            if previous_streak is not None:
+                check_streak(previous_streak, step - 1)
+            previous_streak = step_metrics["nonfinite_streak"]
+            metrics_for_save = None
+            if eval_every and (step % eval_every == 0 or step == num_steps):
+                results = _evaluate(setup, state)
+                writer.write(step, {f"eval/{key}": value for key, value in results.items()})
+                metrics_for_save = results
+            if step % log_every == 0 or step == num_steps:
+                values = {key: value for key, value in jax.device_get(step_metrics).items()}
+                errors = multihost.gather_host_values(np.int64(host_metrics.get(pipeline.DECODE_ERRORS_KEY, 0)))
+                values["decode_errors"] = int(np.sum(errors))
+                values.update(metrics_lib.throughput(
+                    seconds=timer.lap(), steps=steps_since_log, global_batch=int(config.data.batch_size),
+                    flops_per_device=compiled.flops, device=jax.devices()[0],
+                ))
+                steps_since_log = 0
+                writer.write(step, values)
+                last_logged = {key: float(value) for key, value in values.items()}
+                check_streak(values["nonfinite_streak"], step)
+            preempted = preemption.reached(step)
+            if preempted or step % int(ckpt_config.every_steps) == 0 or step == num_steps or metrics_for_save:
+                check_streak(state.nonfinite_streak, step)  # never save a state past the limit
+                saved_step = checkpointer.save(state, iterator, metrics=metrics_for_save)
+            if preempted:
+                writer.console(f"preemption notice: saved step {step} on every process; exiting")
+                status = "preempted"
+                break
+        checkpointer.wait()
+    finally:
+        try:
+            checkpointer.wait()
+        finally:
+            checkpointer.close()
+            preemption.close()
+            writer.close()
+            iterator.close()
+    return RunResult(status, step, resumed_from, state, last_logged)
+
+
+__all__ = ["NonFiniteError", "RunResult", "Setup", "build", "initial_state", "run"]

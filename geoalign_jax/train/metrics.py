@@ -1,0 +1,182 @@
+"""What a run reports: a console progress bar (tqdm), WORKDIR/metrics.jsonl (one JSON object per logged step,
+with a "step" key) and TensorBoard event files in WORKDIR/tb (tensorboardX). Only process 0 writes; the
+other processes get a writer that does nothing, so the loop calls it unconditionally.
+
+MFU = (FLOPs of the compiled step per device, from XLA's cost analysis) / step time / (the device's peak
+dense bf16 FLOP/s). Peaks are listed for the accelerators we know; elsewhere (CPUs) MFU is not reported and
+the log says why.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+
+#: Peak dense bf16 FLOP/s per device by `device_kind` prefix (vendor data sheets; per chip for TPUs).
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H100", 989e12),
+    ("NVIDIA GH200", 989e12),
+    ("NVIDIA B200", 2250e12),
+    ("NVIDIA A100", 312e12),
+    ("NVIDIA L4", 121e12),
+)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """The device's peak dense bf16 FLOP/s, or None when unknown (CPUs, unlisted accelerators)."""
+    kind = str(getattr(device, "device_kind", ""))
+    for prefix, flops in PEAK_FLOPS:
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+def _scalar(value: Any) -> float | int:
+    array = np.asarray(value)
+    if array.dtype.kind in "iub":
+        return int(array)
+    return float(array)
+
+
+class MetricsWriter:
+    """Progress bar + metrics.jsonl + TensorBoard on process 0; a no-op elsewhere."""
+
+    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, initial_step: int, progress: bool = True):
+        """`initial_step` > 0 resumes: records of later steps (logged after the checkpoint the run resumes
+        from, before a crash) are dropped from metrics.jsonl and TensorBoard, so each step appears once."""
+        self.enabled = jax.process_index() == 0
+        self._bar = None
+        self._tb = None
+        self._jsonl = None
+        if not self.enabled:
+            return
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(workdir / METRICS_FILE, initial_step)
+        self._jsonl = (workdir / METRICS_FILE).open("a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One logged step: appended to metrics.jsonl, added to TensorBoard, summarised on the console."""
+        if not self.enabled:
+            return
+        values = {key: _scalar(value) for key, value in metrics.items()}
+        record = {"step": int(step), **values}
+        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(key, value, global_step=int(step))
+        self._tb.flush()
+        self.console(format_line(step, values))
+
+    def console(self, line: str) -> None:
+        """A line above the progress bar (process 0 only)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+_CONSOLE_KEYS = ("loss", "learning_rate", "grad_norm", "logit_scale", "step_seconds", "examples_per_second", "mfu")
+
+
+def format_line(step: int, values: Mapping[str, Any]) -> str:
+    """A compact console summary: headline numbers, each term's loss, then the counters."""
+    parts = [f"step {step}"]
+    for key in _CONSOLE_KEYS:
+        if key in values:
+            parts.append(f"{key} {values[key]:.4g}")
+    terms = sorted(key for key in values if key.endswith("/loss"))
+    parts += [f"{key} {values[key]:.4g}" for key in terms]
+    for key in ("nonfinite_total", "decode_errors"):
+        if key in values:
+            parts.append(f"{key} {values[key]}")
+    return "  ".join(parts)
+
+
+class StepTimer:
+    """Wall time between logged steps (the loop blocks on the metrics there, so the span is real work)."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._start = now - self._start, now
+        return elapsed
+
+
+def throughput(
+    *, seconds: float, steps: int, global_batch: int, flops_per_device: float | None, device: jax.Device
+) -> dict[str, float]:
+    """step_seconds, examples_per_second and (where the device's peak is known) mfu."""
+    step_seconds = seconds / max(steps, 1)
+    out = {"step_seconds": step_seconds, "examples_per_second": global_batch / step_seconds if step_seconds else 0.0}
+    peak = peak_flops(device)
+    if peak is not None and flops_per_device:
+        out["mfu"] = flops_per_device / step_seconds / peak
+    return out
+
+
+def mfu_note(device: jax.Device, flops_per_device: float | None) -> str:
+    """Says once how MFU is computed here, or why it is not."""
+    peak = peak_flops(device)
+    if flops_per_device is None:
+        return "MFU not reported: XLA gave no FLOP count for the step on this backend"
+    if peak is None:
+        return (f"MFU not reported: peak FLOP/s of {device.platform} device {getattr(device, 'device_kind', '?')!r} "
+                f"is not known (step: {flops_per_device / 1e9:.2f} GFLOP per device)")
+    return f"MFU = {flops_per_device / 1e9:.2f} GFLOP per device and step / step time / {peak / 1e12:.0f} TFLOP/s peak"
+
+
+__all__ = ["METRICS_FILE", "MetricsWriter", "PEAK_FLOPS", "StepTimer", "TENSORBOARD_DIR", "format_line",
+           "mfu_note", "peak_flops", "throughput"]

@@ -1,0 +1,221 @@
+"""The training step: one pure function `(state, global batch) -> (state, metrics)`, and its ahead-of-time
+compilation as a single `jax.jit` with explicit shardings and the state donated.
+
+Per step: forward + backward of the configured objective (optionally over micro-batches, gradients
+averaged), global gradient norm, AdamW update, the temperature clamped to [0, ln 100] (open_clip's rule),
+the EMA teacher moved. A step whose loss or gradient norm is not finite leaves parameters, optimizer state
+and teacher as they were and is counted (the step number still advances, so the data stream stays aligned
+on every host; the optimizer's own count, hence its schedule, does not).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from geoalign_jax.losses import objective as objective_lib
+from geoalign_jax.losses.consistency import ema_update
+from geoalign_jax.losses.contrastive import clamp_logit_scale
+from geoalign_jax.models import clip
+from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.train.state import TrainState, with_shardings
+
+logger = logging.getLogger(__name__)
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What the step needs besides arrays (static)."""
+
+    model_config: clip.CLIPConfig
+    loss_config: dict[str, Any]
+    micro_batches: int = 1
+    ema_momentum: float | None = None  # set when the teacher is an EMA of the parameters
+
+
+def split_micro_batches(batch: Batch, count: int, mesh: Mesh | None) -> Batch:
+    """[B, ...] -> [count, B / count, ...] with micro-batch k = rows k, k + count, k + 2 count, ...
+
+    Why strided rows: the batch is split over the devices along B in contiguous blocks, so taking every
+    count-th row keeps each micro-batch spread over all devices (a contiguous cut would leave most idle).
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0]
+        x = jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
+        if mesh is not None:
+            spec = PartitionSpec(None, mesh_lib.present_batch_axes(mesh))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
+
+    return {key: split(value) for key, value in batch.items()}
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def trainable_norm(grads: Any, frozen: Any) -> jax.Array:
+    """Global L2 norm of the gradients of the trainable parameters."""
+    kept = [g for g, is_frozen in zip(jax.tree.leaves(grads), jax.tree.leaves(frozen)) if not is_frozen]
+    return optax.tree.norm(kept)
+
+
+def make_train_step(
+    step_config: StepConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    frozen: Any,
+    mesh: Mesh | None,
+    compute_shardings: Any = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure step function (not yet jitted). `frozen`: a bool tree like the parameters (optim.frozen_mask).
+
+    `compute_shardings` (a NamedSharding per parameter, or None): the layout the forward and backward passes
+    use, e.g. the stored sharding gathered over "fsdp". Without it GSPMD may follow the stored FSDP split into
+    the activations (embed-sharded activations, recomputed work) instead of gathering the weights.
+    """
+    objective = objective_lib.make_objective(step_config.loss_config)
+    context = mesh_lib.axis_context(mesh)
+    count = step_config.micro_batches
+
+    def gathered(tree: Any) -> Any:
+        if compute_shardings is None or tree is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, compute_shardings)
+
+    def loss_fn(params, batch, step, teacher):
+        params, teacher = gathered(params), gathered(teacher)
+        return objective(
+            params, batch, step, model_config=step_config.model_config, axis_context=context, frozen_params=teacher
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(state: TrainState, batch: Batch) -> tuple[jax.Array, Metrics, Any]:
+        if count == 1:
+            (loss, metrics), grads = grad_fn(state.params, batch, state.step, state.teacher)
+            return loss, metrics, grads
+        micro = split_micro_batches(batch, count, mesh)
+
+        def body(carry, micro_batch):
+            out = grad_fn(state.params, micro_batch, state.step, state.teacher)
+            return jax.tree.map(jnp.add, carry, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda b: grad_fn(state.params, b, state.step, state.teacher), first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
+        scale = 1.0 / count
+        return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        loss, metrics, grads = gradients(state, batch)
+        grad_norm = trainable_norm(grads, frozen)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = clamp_logit_scale(optax.apply_updates(state.params, updates))
+        teacher = state.teacher
+        if teacher is not None and step_config.ema_momentum is not None:
+            teacher = ema_update(teacher, params, step_config.ema_momentum)
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=_select(finite, params, state.params),
+            opt_state=_select(finite, opt_state, state.opt_state),
+            teacher=_select(finite, teacher, state.teacher),
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics)
+        metrics.update(
+            grad_norm=grad_norm,
+            learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+            nonfinite=(~finite).astype(jnp.int32),
+            nonfinite_streak=streak,
+            nonfinite_total=new_state.nonfinite_total,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def global_batch_spec(host_spec: Mapping[str, tuple[tuple[int, ...], np.dtype]], global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Per-host batch spec (pipeline.batch_spec, host metrics removed) -> global ShapeDtypeStructs."""
+    return {
+        key: jax.ShapeDtypeStruct((global_batch, *shape[1:]), dtype)
+        for key, (shape, dtype) in host_spec.items()
+        if len(shape) > 0
+    }
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    """The compiled step plus what was learnt compiling it."""
+
+    run: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    flops: float | None  # per device and step, from XLA's cost analysis (None when unavailable)
+    memory: dict[str, int]  # XLA's memory analysis, bytes per device
+    compile_seconds: float
+
+
+def _cost_flops(compiled: Any) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception as error:  # noqa: BLE001 - not every backend implements it
+        logger.info("cost analysis unavailable: %s", error)
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception as error:  # noqa: BLE001
+        logger.info("memory analysis unavailable: %s", error)
+        return {}
+    if analysis is None:
+        return {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {field: int(getattr(analysis, field)) for field in fields if hasattr(analysis, field)}
+
+
+def compile_step(
+    train_step: Callable,
+    abstract_state: TrainState,
+    state_shardings: TrainState,
+    batch_spec: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: Mesh,
+) -> CompiledStep:
+    """`jax.jit` with explicit in/out shardings (state donated; batch split over (data, fsdp); metrics
+    replicated), lowered and compiled ahead of time for exactly these shapes."""
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    batch_shardings = {key: batch_sharding for key in batch_spec}
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    start = time.perf_counter()
+    lowered = jitted.lower(with_shardings(abstract_state, state_shardings), with_shardings(dict(batch_spec), batch_shardings))
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    return CompiledStep(run=compiled, flops=_cost_flops(compiled), memory=_memory(compiled), compile_seconds=seconds)
+
+
+__all__ = ["CompiledStep", "StepConfig", "compile_step", "global_batch_spec", "make_train_step", "split_micro_batches"]

@@ -1,0 +1,302 @@
+"""The trainer on one CPU device: the demo config learns and reports, preemption + resume is bitwise exact,
+non-finite steps are skipped and counted, bad configs are refused naming the field, and a trainer checkpoint
+exports to open_clip with the same embeddings. (8 simulated devices: test_train_sharded.py; two processes:
+test_train_multihost.py.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train_fixtures
+from train_fixtures import assert_bitwise_equal, flat, tiny_config
+from geoalign_jax.data import pipeline
+from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.parallel import multihost
+from geoalign_jax.train import loop, metrics as metrics_lib, optim
+from geoalign_jax.train import step as step_lib
+
+REPO_ROOT = train_fixtures.REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    return train_fixtures.use_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> str:
+    return train_fixtures.make_data(tmp_path_factory.mktemp("train_data"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and optimizer (no compilation)
+
+
+def test_config_typo_is_rejected_with_its_name(scenes, tmp_path):
+    config = tiny_config(scenes)
+    with config.unlocked():
+        config.optim.lerning_rate = 1e-3
+    with pytest.raises(ValueError, match=r"unknown config field optim\.lerning_rate"):
+        loop.build(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "geoalign_jax.train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+         "--config.optim.lerning_rate=0.1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 2
+    assert 'lerning_rate: Did you mean "learning_rate"' in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_missing_batch_input_is_named_before_the_first_step(scenes):
+    config = tiny_config(scenes)
+    config.loss.weights.region_text = 1.0  # the data config produces no regions
+    with pytest.raises(ValueError, match=r"loss.weights.region_text > 0 needs batch\['region_boxes'\]"):
+        loop.build(config)
+
+
+def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
+    from configs import common
+    from geoalign_jax.params_checkpoint import abstract_params, flatten_params
+
+    config = common.get_config()
+    config.model.name = "tiny"
+    params = abstract_params(common.model_config(config))
+    decays = flatten_params(optim.decay_mask(params, config.optim.no_decay))
+    assert decays["visual/transformer/resblocks_0/mlp/c_fc/kernel"] and decays["text/text_projection"]
+    for path in ("visual/ln_pre/scale", "visual/transformer/resblocks_1/attn/query/bias", "logit_scale",
+                 "text/token_embedding/embedding", "text/positional_embedding", "visual/class_embedding"):
+        assert not decays[path], path
+
+    config.optim.layer_decay = 0.5
+    config.optim.lr_multipliers = {"^text/": 0.1}
+    factors = flatten_params(optim.lr_multipliers(params, config.optim))
+    # tiny has 2 blocks per tower: embeddings are layer 0 (0.5**3), block i layer i + 1, the head layer 3 (1)
+    assert factors["visual/conv1/kernel"] == 0.125 and factors["visual/transformer/resblocks_0/ln_1/scale"] == 0.25
+    assert factors["visual/transformer/resblocks_1/ln_1/scale"] == 0.5 and factors["visual/proj"] == 1.0
+    assert factors["text/token_embedding/embedding"] == pytest.approx(0.0125) and factors["logit_scale"] == 1.0
+
+    config.optim.frozen = ("^text/",)
+    config.optim.warmup_steps = 0  # a non-zero learning rate at the first update
+    tx = optim.make_optimizer(config.optim, params, num_steps=10)
+    grads = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), params)
+    values = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype), params)
+    state = tx.init(values)
+    moments = [leaf for leaf in jax.tree.leaves(state) if np.asarray(leaf).dtype.kind == "f"]  # not the counts
+    text_size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["text"]))
+    all_size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert sum(np.size(m) for m in moments) == 2 * (all_size - text_size)  # no moments for the frozen text tower
+    updates, _ = jax.jit(tx.update)(grads, state, values)
+    flat_updates = flatten_params(updates)
+    assert all(not np.any(u) for k, u in flat_updates.items() if k.startswith("text/"))
+    assert np.any(flat_updates["visual/proj"])
+
+
+def test_a_resumed_log_drops_records_logged_after_the_checkpoint(tmp_path):
+    log = tmp_path / metrics_lib.METRICS_FILE
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)))
+    writer = metrics_lib.MetricsWriter(tmp_path, total_steps=10, initial_step=3, progress=False)
+    writer.write(4, {"loss": np.float32(0.5)})
+    writer.close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_micro_batches_take_strided_rows():
+    batch = {"x": np.arange(8)[:, None] * np.ones((1, 3))}
+    micro = step_lib.split_micro_batches(batch, 2, mesh=None)
+    assert micro["x"].shape == (2, 4, 3)
+    np.testing.assert_array_equal(micro["x"][1, :, 0], [1, 3, 5, 7])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path):
+    """configs/demo.py (every loss term on): the loss falls over a few dozen steps; metrics.jsonl, TensorBoard
+    and config.json are written; evaluation runs during training and the best checkpoint by its metric is
+    kept beside the latest; the workdir exports to open_clip with the JAX embeddings."""
+    import data_fixtures
+    from configs import demo
+
+    data = data_fixtures.load_demo_module().make_demo_data(
+        tmp_path / "data", num_train=48, num_val=0, num_per_class=4, image_size=64
+    )
+    config = demo.get_config()
+    config.data.train_shards = data["scenes"]
+    config.data.batch_size = 8
+    config.train.num_steps = 24
+    config.train.log_every = 3
+    config.optim.warmup_steps = 3
+    config.checkpoint.every_steps = 8
+    config.checkpoint.keep = 1
+    config.checkpoint.best_metric = "zeroshot/landcover/top1"
+    config.eval.tasks = (f"zeroshot:landcover={data['landcover']}",)
+    config.eval.every_steps = 8
+    workdir = tmp_path / "run"
+    result = loop.run(config, workdir, progress=False)
+    assert result.status == "finished" and result.step == 24
+
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(3, 25, 3))
+    for key in ("loss", "learning_rate", "grad_norm", "logit_scale", "step_seconds", "examples_per_second",
+                "nonfinite_total", "decode_errors", "scene/loss", "patch_distill/loss", "region_cls/loss"):
+        assert key in train_records[-1], key
+    assert "mfu" not in train_records[-1]  # a CPU's peak is unknown: not reported rather than made up
+    first = np.mean([r["loss"] for r in train_records[:2]])
+    last = np.mean([r["loss"] for r in train_records[-2:]])
+    assert last < 0.85 * first, (first, last)
+    assert train_records[-1]["decode_errors"] == 0 and train_records[-1]["nonfinite_total"] == 0
+    assert list((workdir / metrics_lib.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["train"]["num_steps"] == 24
+
+    evaluated = {r["step"]: r["eval/zeroshot/landcover/top1"] for r in records if "eval/zeroshot/landcover/top1" in r}
+    assert sorted(evaluated) == [8, 16, 24]
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 24 in kept and len(kept) <= 2  # keep = 1 latest, keep_best = 1
+    assert max(evaluated[step] for step in kept) == max(evaluated.values())  # the best one survived
+
+    from geoalign_jax.convert import __main__ as convert_cli
+    from geoalign_jax.params_checkpoint import load_params
+    import param_fixtures
+    import open_clip
+    import torch
+
+    exported = tmp_path / "open_clip"
+    assert convert_cli.main(["export", "--params", str(workdir), "--format", "open_clip", "--out", str(exported)]) == 0
+    model_config, params = load_params(workdir)
+    assert_bitwise_equal(params, result.state.params)
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    from geoalign_jax import tokenizer
+
+    tokens = tokenizer.tokenize(param_fixtures.CAPTIONS[:2], model_config.text.context_length)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{exported}")
+    with torch.inference_mode():
+        torch_image = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+        torch_text = model.encode_text(torch.from_numpy(tokens.astype(np.int64))).numpy()
+    np.testing.assert_allclose(torch_image, param_fixtures.embed_images(model_config, params, images), atol=param_fixtures.ATOL)
+    np.testing.assert_allclose(torch_text, param_fixtures.embed_texts(model_config, params, tokens), atol=param_fixtures.ATOL)
+
+
+def _next_batch(config, checkpoint_step_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    state = (checkpoint_step_dir / "data" / "process_0-of-1.json").read_text()
+    iterator = pipeline.make_train_iterator(config.data, process_index=0, process_count=1, state=state)
+    try:
+        return next(iterator)
+    finally:
+        iterator.close()
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_path):
+    config = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4})
+    straight = loop.run(config, tmp_path / "straight", progress=False)
+
+    def preempt_at_3(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = loop.run(config, tmp_path / "interrupted", progress=False, on_step=preempt_at_3)
+    assert (interrupted.status, interrupted.step) == ("preempted", 3)
+    assert (tmp_path / "interrupted" / "checkpoints" / "3").is_dir()  # saved at the signal, not at a multiple of 4
+    resumed = loop.run(config, tmp_path / "interrupted", progress=False)
+    assert (resumed.status, resumed.resumed_from, resumed.step) == ("finished", 3, 6)
+
+    assert_bitwise_equal(straight.state.params, resumed.state.params)
+    assert_bitwise_equal(straight.state.opt_state, resumed.state.opt_state)
+    for step in (4, 6):  # step 4: saved while training went on (the iterator state is taken before save returns)
+        data_file = pathlib.Path("checkpoints", str(step), "data", "process_0-of-1.json")
+        assert (tmp_path / "straight" / data_file).read_text() == (tmp_path / "interrupted" / data_file).read_text()
+    batch_a = _next_batch(config, tmp_path / "straight" / "checkpoints" / "6")
+    batch_b = _next_batch(config, tmp_path / "interrupted" / "checkpoints" / "6")
+    assert_bitwise_equal(batch_a, batch_b)
+    losses = {json.loads(line)["step"]: json.loads(line)["loss"]
+              for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the resumed run appends to the same log
+    again = loop.run(config, tmp_path / "straight", progress=False)  # the same command once more: nothing to do
+    assert (again.status, again.resumed_from, again.step) == ("finished", 6, 6)
+
+
+def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
+    config = tiny_config(scenes)
+    setup = loop.build(config)
+    state = loop.initial_state(setup)
+    compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
+    iterator = pipeline.make_train_iterator(config.data)
+    good = next(iterator)
+    iterator.close()
+    pipeline.pop_host_metrics(good)
+    bad = {**good, "image": np.full_like(good["image"], np.nan)}
+    sharding = mesh_lib.batch_sharding(setup.mesh)
+    before_params, before_opt = flat(state.params), flat(state.opt_state)
+    state, metrics = compiled.run(state, multihost.host_batch_to_global(bad, sharding))
+    metrics = jax.device_get(metrics)
+    assert not np.isfinite(metrics["loss"])
+    assert (metrics["nonfinite"], metrics["nonfinite_streak"], metrics["nonfinite_total"]) == (1, 1, 1)
+    assert_bitwise_equal(before_params, flat(state.params))  # not applied
+    assert_bitwise_equal(before_opt, flat(state.opt_state))
+    assert int(state.step) == 1
+    state, metrics = compiled.run(state, multihost.host_batch_to_global(good, sharding))
+    metrics = jax.device_get(metrics)
+    assert (metrics["nonfinite"], metrics["nonfinite_streak"], metrics["nonfinite_total"]) == (0, 0, 1)
+    assert not np.array_equal(before_params["['visual']['proj']"], np.asarray(state.params["visual"]["proj"]))
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(cache_env, scenes, tmp_path, monkeypatch):
+    config = tiny_config(scenes, **{"train.max_consecutive_nonfinite": 2})
+    calls = {"count": 0}
+    to_global = multihost.host_batch_to_global
+
+    def poisoned_from_step_3(batch, sharding):
+        calls["count"] += 1
+        if calls["count"] >= 3:
+            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        return to_global(batch, sharding)
+
+    monkeypatch.setattr(loop.multihost, "host_batch_to_global", poisoned_from_step_3)
+    with pytest.raises(loop.NonFiniteError, match=r"2 non-finite steps in a row.*step 2"):
+        loop.run(config, tmp_path / "run", progress=False)
+    from geoalign_jax.params_checkpoint import load_params
+
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2]
+    _, params = load_params(tmp_path / "run")
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_init_from_a_parameters_checkpoint_and_from_open_clip_with_long_clip_stretch(cache_env, scenes, tmp_path):
+    import param_fixtures
+    from configs import common
+    from geoalign_jax.convert import __main__ as convert_cli
+    from geoalign_jax.params_checkpoint import save_params
+
+    config = tiny_config(scenes)
+    model_config = common.model_config(config)
+    params = param_fixtures.random_params(model_config, seed=3)
+    save_params(tmp_path / "ckpt", model_config, params)
+    config.init.kind, config.init.path = "params", str(tmp_path / "ckpt")
+    state = loop.initial_state(loop.build(config))
+    assert_bitwise_equal(params, state.params)
+
+    convert_cli.run_export(tmp_path / "ckpt", "open_clip", tmp_path / "open_clip")
+    long_config = tiny_config(scenes, **{"init.kind": "open_clip", "init.path": str(tmp_path / "open_clip")})
+    long_config.model.overrides.text_context_length = 248
+    stretched = loop.initial_state(loop.build(long_config)).params
+    positions = np.asarray(stretched["text"]["positional_embedding"])
+    assert positions.shape == (248, 64)
+    np.testing.assert_array_equal(positions[:20], params["text"]["positional_embedding"][:20])  # Long-CLIP keeps 20
+    np.testing.assert_array_equal(np.asarray(stretched["visual"]["proj"]), params["visual"]["proj"])
+
+    config.init.path = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        loop.initial_state(loop.build(config))
