@@ -151,3 +151,24 @@ def test_a_kill_while_shards_are_renamed_leaves_no_manifest(sources_a_b, tmp_pat
     _convert(sources_a_b[1], out, overwrite=True)
     assert set(os.listdir(out)) == _listed_files(out)
     assert _captions(out) == [f"second version {i}" for i in range(COUNT)]
+
+
+def test_conversion_workers_leave_sigint_and_sigterm_to_the_parent():
+    """A scheduler's SIGTERM (or Ctrl-C) reaches the whole process group. A worker it killed while sending a
+    result would leave half a message in the pool's pipe, and the parent would wait for the rest forever
+    instead of cleaning up; so workers ignore both and the parent stops them (measured before this: 5 of 8
+    conversions with --workers 2 hung on a process-group SIGTERM)."""
+    from geoalign_jax.data import writers
+
+    handlers = list(writers.ordered_parallel_map(signal.getsignal, [signal.SIGINT, signal.SIGTERM], workers=2))
+    assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
+
+
+def test_a_rerun_removes_a_temporary_sidecar_whose_shard_was_already_renamed(sources_a_b, tmp_path):
+    """A kill between a shard's rename and its sidecar's leaves the temporary sidecar alone; a rerun that
+    writes fewer shards does not reuse its name, so it must be removed by name, like temporary shards."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp-noise-train-00007.hashes.npy").write_bytes(b"left by a kill")
+    _convert(sources_a_b[0], out)
+    assert set(os.listdir(out)) == _listed_files(out)

@@ -107,8 +107,11 @@ def _interrupts_raise() -> Iterator[None]:
 
 
 def _ignore_interrupts() -> None:
-    """Worker processes leave SIGINT (Ctrl-C reaches the whole process group) to the parent, which stops them."""
+    """Worker processes leave SIGINT and SIGTERM to the parent, which stops them. Ctrl-C reaches the whole
+    process group, and so does SIGTERM from a scheduler or `kill -- -PGID`: a worker killed while it sends a
+    result leaves half a message in the pool's pipe, and the parent's pool then waits for the rest forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -591,9 +594,11 @@ def _clean_unfinished(out_dir: pathlib.Path, name: str, has_manifest: bool, over
     """Remove what an interrupted conversion of `name` left in out_dir: its temporary shards and manifest
     always (they are never part of a dataset); without a manifest, shards already renamed into place too, but
     only with `overwrite` (they may be bare shards someone copied there)."""
-    temp_shard = re.compile(rf"^\.tmp-{re.escape(name)}-[^-]+-\d{{5}}\.array_record$")  # see _temp_shard_name
+    # a temporary shard (see _temp_shard_name) or its sidecar, also one whose shard a kill let be renamed
+    temp_file = re.compile(rf"^\.tmp-{re.escape(name)}-[^-]+-\d{{5}}"
+                           rf"({re.escape(fingerprints.SHARD_SUFFIX)}|{re.escape(fingerprints.SIDECAR_SUFFIX)})$")
     for entry in out_dir.iterdir():
-        if entry.name == f".tmp-{MANIFEST_NAME}" or temp_shard.match(entry.name):
+        if entry.name == f".tmp-{MANIFEST_NAME}" or temp_file.match(entry.name):
             entry.unlink(missing_ok=True)
             fingerprints.sidecar_path(entry).unlink(missing_ok=True)
     if has_manifest:
