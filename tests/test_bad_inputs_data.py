@@ -214,3 +214,47 @@ def test_evaluate_names_a_shard_it_cannot_open(clean, tmp_path, capsys):
     assert code == 2
     (line,) = _error_lines(capsys.readouterr().err)
     assert line.startswith(f"error: task retrieval:noise: shard {shard} cannot be opened")
+
+
+def _shard_without_sidecar(shard):
+    from geoalign_jax.data import fingerprints
+
+    os.remove(fingerprints.sidecar_path(shard))
+
+
+@pytest.mark.parametrize("damage", ["cannot be opened", "unreadable record, no sidecar"])
+def test_evaluate_names_a_damaged_training_shard_given_as_train_data(clean, damaged, tmp_path, capsys, damage):
+    """--train-data reads the training shards to fingerprint them (sidecars, else the images): a damaged one
+    is one line naming it, exit 2, like a damaged evaluation shard."""
+    folder = tmp_path / "train"
+    if damage == "cannot be opened":
+        shutil.copytree(clean, folder)
+        shard = sources.shard_paths(folder, "train")[1]
+        truncate(shard)
+        words = f"training data: shard {shard} cannot be opened"
+    else:
+        shutil.copytree(damaged[0], folder)
+        shard = sources.shard_paths(folder, "train")[1]
+        _shard_without_sidecar(shard)
+        words = f"training data: {shard} record {damaged[2][0] - COUNT // 2}: cannot be read"
+    code = evaluate_main(["--model", "tiny", "--allow-train-split", "--tasks", f"zeroshot:noise={clean}",
+                          "--train-data", str(folder), "--out", str(tmp_path / "out"), "--no_progress", "--no_plots"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert line.startswith(f"error: {words}") and "--overwrite" in line
+
+
+def test_an_overlap_with_an_unreadable_training_record_is_still_reported(clean, damaged, tmp_path):
+    """The sidecar still fingerprints the unreadable training records, so the overlap is found; their
+    description cannot read the record's id, and says so instead of failing the evaluation."""
+    folder, shard, bad = damaged
+    out = tmp_path / "out"
+    assert evaluate_main(["--model", "tiny", "--allow-train-split", "--tasks", f"zeroshot:noise={clean}",
+                          "--train-data", str(folder), "--out", str(out), "--no_progress", "--no_plots"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["zeroshot/noise/overlap/exact"] == COUNT
+    described = {match["train"] for match in results["provenance"]["tasks"]["zeroshot/noise"]["overlap"]["images"]}
+    assert {f"{shard} record {index - COUNT // 2} (id unreadable)" for index in bad} <= described
+    assert sum("(id unreadable)" in text for text in described) == len(bad)

@@ -322,7 +322,7 @@ class _Runner:
                     log.warning("%s: %s", spec.prefix, note)
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
-        except (datasets.EvalDataError, FileNotFoundError) as error:
+        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
             task_metrics.update(overlap_result.metrics())

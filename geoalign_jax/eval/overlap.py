@@ -146,7 +146,7 @@ def _train_image(source: Any, path: str, index: int) -> bytes:
     try:
         return source[index]["image"]
     except records.RecordError as error:
-        raise OverlapError(f"training data {path} record {index}: {error}") from None
+        raise OverlapError(f"training data: {error}") from None  # the source's message names shard and record
 
 
 class TrainImages:
@@ -214,11 +214,15 @@ class TrainImages:
         return len(self.rows)
 
     def _record(self, index: int) -> dict[str, Any]:
-        from geoalign_jax.data import sources
+        """Training record ``index``; OverlapError naming it when its shard is damaged."""
+        from geoalign_jax.data import records, sources
 
-        if self._source is None:
-            self._source = sources.RecordSource(self.shard_paths)
-        return self._source[int(index)]
+        try:
+            if self._source is None:
+                self._source = sources.RecordSource(self.shard_paths)
+            return self._source[int(index)]
+        except (sources.SourceError, records.RecordError) as error:
+            raise OverlapError(f"training data: {error}") from None
 
     def locate(self, index: int) -> tuple[str, int]:
         """(shard path, record index in that shard) of training image ``index``."""
@@ -228,7 +232,11 @@ class TrainImages:
 
     def describe(self, index: int) -> str:
         path, local = self.locate(index)
-        return f"{path} record {local} (id {self._record(index)['id']})"
+        try:
+            record_id = self._record(index)["id"]
+        except OverlapError:  # its fingerprint came from the sidecar; a description must not fail on the bytes
+            record_id = "unreadable"
+        return f"{path} record {local} (id {record_id})"
 
     def thumbnail(self, index: int) -> np.ndarray:
         return fingerprints.thumbnail_from_bytes(self._record(index)["image"])
