@@ -258,3 +258,19 @@ def test_an_overlap_with_an_unreadable_training_record_is_still_reported(clean, 
     described = {match["train"] for match in results["provenance"]["tasks"]["zeroshot/noise"]["overlap"]["images"]}
     assert {f"{shard} record {index - COUNT // 2} (id unreadable)" for index in bad} <= described
     assert sum("(id unreadable)" in text for text in described) == len(bad)
+
+
+def test_a_training_sidecar_with_a_zeroed_block_is_not_trusted(clean, tmp_path, caplog):
+    """Fingerprint sidecars carry no checksum and only their first and last rows are checked against the
+    shard: zeroed rows in between would hide those training images from the overlap check."""
+    from geoalign_jax.data import fingerprints
+    from geoalign_jax.eval import overlap
+
+    folder = tmp_path / "train"
+    shutil.copytree(clean, folder)
+    shard = sources.shard_paths(folder, "train")[0]
+    zero_block(fingerprints.sidecar_path(shard), size=100, at=0.4)
+    with caplog.at_level(logging.WARNING, logger="geoalign_jax.eval.overlap"):
+        damaged_images = overlap.TrainImages.from_data(folder)
+    assert damaged_images.from_sidecars == 1 and any("zeroed" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(damaged_images.rows, overlap.TrainImages.from_data(clean).rows)

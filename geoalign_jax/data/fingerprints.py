@@ -124,4 +124,7 @@ def read_sidecar(path: str | os.PathLike, expected_count: int | None = None) -> 
     if expected_count is not None and len(rows) != expected_count:
         raise FingerprintError(f"{path}: {len(rows)} fingerprints for a shard of {expected_count} records "
                                "(stale sidecar? re-run the converter)")
+    zeroed = np.flatnonzero(~rows["sha256"].any(axis=1)) if len(rows) else []
+    if len(zeroed):  # no image hashes to 32 zero bytes: a zeroed block (the .npy has no checksum of its own)
+        raise FingerprintError(f"{path}: rows {zeroed[:5].tolist()} are zeroed (a damaged file)")
     return rows
