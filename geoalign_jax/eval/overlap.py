@@ -131,8 +131,9 @@ def shard_fingerprints(path: str) -> tuple[np.ndarray, bool]:
             log.warning("%s; fingerprinting the shard's images instead", error)
     found = []
     for index in range(count):
+        image = _train_image(source, path, index)  # outside the try: OverlapError is a ValueError too
         try:
-            found.append(fingerprints.fingerprint(_train_image(source, path, index)))
+            found.append(fingerprints.fingerprint(image))
         except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a broken image
             raise OverlapError(f"training data {path} record {index}: cannot decode its image to fingerprint it "
                                f"({type(error).__name__}: {error})") from None
