@@ -143,7 +143,7 @@ def read_sidecar(path: str | os.PathLike, expected_count: int | None = None) -> 
         raise FingerprintError(f"{path}: expected a 1-D array of {FINGERPRINT_DTYPE}, got {rows.dtype} {rows.shape}")
     if expected_count is not None and len(rows) != expected_count:
         raise FingerprintError(f"{path}: {len(rows)} fingerprints for a shard of {expected_count} records "
-                               "(stale sidecar? re-run the converter)")
+                               "(stale sidecar? python -m geoalign_jax.prepare fingerprints replaces it)")
     return rows
 
 
@@ -205,7 +205,7 @@ def verified_sidecar(shard_path: str | os.PathLike, source: Any | None = None) -
     for index in sorted({0, count - 1}) if count else ():
         if bytes(rows[index]["sha256"]) != sha256(shard_image(source, index)):
             raise FingerprintError(f"{sidecar}: row {index} does not hash record {index} of its shard "
-                                   "(stale sidecar? re-run the converter)")
+                                   "(stale sidecar? python -m geoalign_jax.prepare fingerprints replaces it)")
     return rows
 
 
