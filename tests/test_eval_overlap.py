@@ -75,17 +75,86 @@ def test_hamming_index_returns_exactly_the_pairs_within_the_radius():
 
 def test_re_encoded_copies_stay_close_and_distinct_shared_images_stay_apart(records):
     """Every image of the shared samples (AID, RSICD, DOTA) re-encoded at JPEG quality 30..95 and as PNG is
-    a near duplicate of itself, and of no other image."""
+    a near duplicate of itself (hash and all thumbnail tests), and of no other image; no two distinct images
+    pass the thumbnail tests, whatever their hashes."""
     source = sources.RecordSource(_all_shards(records))
     images = [source[i]["image"] for i in range(len(source))]
-    hashes = np.asarray([fingerprints.fingerprint(data)[1] for data in images], np.uint64)
+    thumbs = [fingerprints.thumbnail_from_bytes(data) for data in images]
+    hashes = np.asarray([fingerprints.perceptual_hash(thumb) for thumb in thumbs], np.uint64)
     index = overlap.HammingIndex(hashes)
     query, found, _ = index.query(hashes)
     assert sorted(zip(query.tolist(), found.tolist())) == [(i, i) for i in range(len(images))]
-    for variant in ({"quality": 30}, {"quality": 50}, {"quality": 95}, {"fmt": "PNG"}):
-        copies = np.asarray([fingerprints.fingerprint(_reencode(data, **variant))[1] for data in images], np.uint64)
-        query, found, _ = index.query(copies)
+    criteria = overlap.NearDuplicateCriteria()
+    for variant in ({"quality": 30}, {"quality": 50}, {"quality": 75}, {"quality": 95}, {"fmt": "PNG"}):
+        copies = [fingerprints.thumbnail_from_bytes(_reencode(data, **variant)) for data in images]
+        query, found, _ = index.query(np.asarray([fingerprints.perceptual_hash(t) for t in copies], np.uint64))
         assert sorted(zip(query.tolist(), found.tolist())) == [(i, i) for i in range(len(images))], variant
+        assert all(criteria.compare(a, b)["confirmed"] for a, b in zip(thumbs, copies)), variant
+    pixels = np.stack(thumbs).reshape(len(thumbs), -1).astype(np.int16)
+    close = [(i, j) for i in range(len(pixels))
+             for j in np.flatnonzero(np.abs(pixels[i] - pixels[i + 1:]).mean(1) <= 4) + i + 1]
+    assert not [(i, j) for i, j in close if criteria.compare(thumbs[i], thumbs[j])["confirmed"]]
+
+
+# The one pair of distinct images among 15,200 random square crops of the shared samples whose hashes (6 bits
+# apart) and thumbnails (3.8 grey levels apart) both pass: low-texture crops of two RSICD images. Crop box
+# (left, top, right, bottom) and transpose as the reviewer's crops drew them.
+POND = ("rsicd_sample/images/pond_195.jpg", (60, 49, 137, 126), Image.Transpose.ROTATE_180)
+MEADOW = ("rsicd_sample/images/meadow_137.jpg", (72, 72, 213, 213), None)
+
+
+def _crop(shared_data, path, box, transpose) -> Image.Image:
+    image = Image.open(shared_data / path).convert("RGB").crop(box)
+    return image.transpose(transpose) if transpose is not None else image
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", quality: int | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": quality} if quality else {}))
+    return buffer.getvalue()
+
+
+def test_distinct_low_texture_images_with_close_hashes_and_thumbnails_are_not_overlap(shared_data, tmp_path):
+    pond, meadow = _crop(shared_data, *POND), _crop(shared_data, *MEADOW)
+    thumbs = [fingerprints.thumbnail_from_bytes(_encode(image)) for image in (pond, meadow)]
+    assert fingerprints.hamming(*map(fingerprints.perceptual_hash, thumbs)) <= overlap.DEFAULT_MAX_DISTANCE
+    compared = overlap.NearDuplicateCriteria().compare(*thumbs)
+    assert compared["thumbnail_difference"] <= overlap.DEFAULT_MAX_THUMBNAIL_DIFFERENCE  # the first two tests pass
+    assert not compared["flat"] and compared["thumbnail_correlation"] < 0.55 and not compared["confirmed"]
+
+    # End to end: the meadow crop is a training image; evaluated are the pond crop and the meadow crop
+    # re-encoded at JPEG quality 30 (a real copy, found).
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "meadow.png").write_bytes(_encode(meadow))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"image": "images/meadow.png", "caption": "a meadow"}))
+    converters.convert_jsonl(tmp_path / "train.jsonl", tmp_path / "train", name="crops", **QUIET)
+    train = overlap.TrainImages.from_data(tmp_path / "train")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "pond.png").write_bytes(_encode(pond))
+    (tmp_path / "eval" / "meadow_q30.jpg").write_bytes(_encode(meadow, "JPEG", 30))
+    images = datasets.FolderImages([tmp_path / "eval" / "pond.png", tmp_path / "eval" / "meadow_q30.jpg"])
+    found = overlap.check_images(images, provenance.image_digests(images), train)
+    assert found.indices == [1] and found.matches[0]["thumbnail_correlation"] >= 0.9
+    without_correlation = overlap.NearDuplicateCriteria(min_thumbnail_correlation=-1.0)
+    assert overlap.check_images(images, provenance.image_digests(images), train,
+                                criteria=without_correlation).indices == [0, 1]  # what the third test prevents
+
+
+def test_flat_thumbnails_are_compared_by_their_grey_level_alone():
+    """Below the flat threshold a thumbnail is rounding noise: two flat ones match when their grey levels
+    do; a flat one never matches a textured one, however close their grey levels."""
+    criteria = overlap.NearDuplicateCriteria()
+    grey = np.full((32, 32), 100, np.uint8)
+    assert criteria.compare(grey, grey + 2) == {"confirmed": True, "thumbnail_difference": 2.0,
+                                                "thumbnail_correlation": None, "flat": True}
+    assert not criteria.compare(grey, grey + 5)["confirmed"]
+    rng = np.random.default_rng(0)
+    noise = [(100 + rng.normal(0, 0.6, (32, 32))).round().astype(np.uint8) for _ in range(2)]
+    assert criteria.compare(*noise)["flat"] and criteria.compare(*noise)["confirmed"]
+    checker = grey + (np.indices((32, 32)).sum(0) % 2 * 2 * criteria.flat_thumbnail_std * 1.5).astype(np.uint8)
+    textured = criteria.compare(grey, checker)
+    assert textured["thumbnail_difference"] <= 4 and not textured["flat"]
+    assert textured["thumbnail_correlation"] == 0.0 and not textured["confirmed"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +192,7 @@ def test_copies_and_re_encodes_of_training_images_are_named(shared_data, records
     assert exact["match"] == "exact" and "(id copied)" in exact["train"] and "[val][2]" in exact["eval"]
     assert near["match"] == "near_duplicate" and "(id reencoded)" in near["train"]
     assert 0 <= near["hash_distance"] <= 8 and 0 < near["thumbnail_difference"] <= 4
+    assert near["thumbnail_correlation"] >= overlap.DEFAULT_MIN_THUMBNAIL_CORRELATION and not near["flat"]
     assert results["retrieval/rsicdtrain"].matches == []  # 99 distinct images
     aid = results["zeroshot/aid"]  # the class folders themselves: the six copied AID files, byte-identical
     assert (aid.exact, aid.near_duplicates) == (6, 0)
@@ -141,24 +211,54 @@ def test_missing_or_stale_sidecars_are_recomputed(leaked, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         train = overlap.TrainImages.from_shards(copies)
     assert "does not hash record" in caplog.text and "fingerprinted 8 training images by decoding" in caplog.text
+    assert f"python -m geoalign_jax.prepare fingerprints '{tmp_path / '*.array_record'}'" in caplog.text
     assert train.from_sidecars == 0
     assert np.array_equal(train.rows, np.concatenate(expected))
 
 
-def test_an_undecodable_training_image_is_an_error_naming_its_shard_and_record(records, tmp_path, capsys):
-    """A shard without a sidecar (written by another tool) holding a cut-off JPEG: one line naming the shard and
-    record, from the library and from the CLI, not a PIL traceback."""
+def _shard_with_a_cut_off_image(records, path) -> None:
+    """A shard without a sidecar (as another tool writes it): record 0 a good JPEG, record 1 cut off."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from geoalign_jax.data import records as records_lib
 
     good = datasets.load_retrieval(records["rsicd"], split="val").images.image_bytes(0)
-    path = tmp_path / "other-train-00000-of-00001.array_record"
     writer = ArrayRecordWriter(str(path), "group_size:1")
     for index, image in enumerate((good, good[: len(good) // 3])):
         writer.write(records_lib.encode_record(records_lib.make_example(
             id=f"r{index}", source="other", split="train", image=image, width=224, height=224, captions=["c"])))
     writer.close()
+
+
+def test_shards_without_sidecars_are_decoded_in_parallel_and_an_unreadable_one_is_named(records, leaked,
+                                                                                        tmp_path, monkeypatch):
+    from geoalign_jax.data import writers
+
+    shards = sources.shard_paths(leaked["train"], "train")
+    expected = [fingerprints.read_sidecar(fingerprints.sidecar_path(p)) for p in shards]
+    copies = [shutil.copy(path, tmp_path) for path in shards]  # without their sidecars
+    broken = str(tmp_path / "other-train-00000-of-00001.array_record")
+    _shard_with_a_cut_off_image(records, broken)
+    pools = []
+    parallel_map = writers.ordered_parallel_map
+    monkeypatch.setattr(writers, "ordered_parallel_map",
+                        lambda function, items, workers, **kw: pools.append(workers) or parallel_map(
+                            function, items, workers, **kw))
+    found = list(fingerprints.compute_fingerprints([*copies, broken], workers=2, min_images_per_worker=1))
+    assert pools == [2]  # two worker processes decoded the 10 images
+    assert [path for path, _ in found] == [*copies, broken]
+    for (_, rows), want in zip(found, expected):
+        assert np.array_equal(rows, want)  # the same rows the converter wrote
+    assert isinstance(found[2][1], fingerprints.ShardReadError)
+    assert f"{broken} record 1: cannot decode its image" in str(found[2][1])
+    assert list(fingerprints.compute_fingerprints(copies, workers=2)) and pools[-1] == 1  # 8 images: no pool
+
+
+def test_an_undecodable_training_image_is_an_error_naming_its_shard_and_record(records, tmp_path, capsys):
+    """A shard without a sidecar (written by another tool) holding a cut-off JPEG: one line naming the shard and
+    record, from the library and from the CLI, not a PIL traceback."""
+    path = tmp_path / "other-train-00000-of-00001.array_record"
+    _shard_with_a_cut_off_image(records, path)
     with pytest.raises(overlap.OverlapError, match=rf"{path.name} record 1: cannot decode its image"):
         overlap.TrainImages.from_shards([path])
     code = main(["--model", "tiny", "--tasks", f"retrieval:rsicd={records['rsicd']},split=val", "--no_progress",
@@ -198,6 +298,9 @@ def test_cli_reports_and_excludes_the_overlap(records, leaked, tmp_path, capsys)
     assert results["run"]["exclude_overlap"] is True and results["run"]["train_data"] == [str(leaked["train"])]
     found = results["provenance"]["tasks"]["retrieval/rsicd"]["overlap"]
     assert (found["exact"], found["near_duplicates"], found["excluded"]) == (1, 1, True)
+    criteria = found["criteria"]  # the thresholds the numbers were checked with
+    assert (criteria["max_hash_distance"], criteria["max_thumbnail_difference"], criteria["min_thumbnail_correlation"],
+            criteria["flat_thumbnail_std"]) == (8, 4.0, 0.7, 1.0)
     assert found["train_data"]["records"] == 8
     assert results["metrics"]["retrieval/rsicd/standard/num_images"] == 19
     with pytest.raises(SystemExit):

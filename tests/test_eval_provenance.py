@@ -217,6 +217,19 @@ def test_results_json_from_library_and_cli_carry_the_same_provenance(records, ti
                 {k: task[k] for k in ("content_sha256", "images_sha256", "records")}
 
 
+def test_evaluate_hashes_the_parameters_only_when_it_writes_results(records, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(provenance, "parameter_hash", lambda params: calls.append(params) or "f" * 64)
+    config, params = clip.get_model_config("tiny"), {"w": np.ones(3, np.float32)}
+    tasks = [f"zeroshot:aid={records['aid']},limit=30"]
+    library.evaluate(config, params, tasks, embedder=_MeanEmbedder(), progress=False)
+    assert calls == []
+    library.evaluate(config, params, tasks, embedder=_MeanEmbedder(), progress=False,
+                     results_path=tmp_path / "results.json")
+    assert calls == [params]
+    assert json.loads((tmp_path / "results.json").read_text())["provenance"]["model"]["parameter_hash"] == "f" * 64
+
+
 def test_code_version_names_this_checkouts_commit_never_an_enclosing_repository(tmp_path):
     """An installed copy that happens to sit inside another git repository (a venv in a project checkout) has
     no commit in results.json, not that project's commit."""

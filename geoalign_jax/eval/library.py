@@ -147,14 +147,16 @@ def evaluate(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *,
     ``embedder`` is given). dense: patch tokens for region RoI features ("last" or FarSLIP's
     "segearth"). Compiled towers are cached per config, so calling this every N training steps
     compiles once. With ``results_path``, also writes results.json there (metrics, details,
-    ``run_info`` and the provenance); the other options are those of ``run_tasks``.
+    ``run_info`` and the provenance); the other options are those of ``run_tasks``. The parameter hash of
+    the provenance reads every parameter, so it is computed only with ``results_path`` (when parameters
+    are sharded across hosts it gathers them: then every process must pass ``results_path``).
     skip_bad_records: a record that cannot be read is skipped and counted
     (``<task>/skipped/unreadable_records``) instead of failing the task with TaskError.
     """
     report = run_tasks(model_config, params, tasks, embedder=embedder, batch_size=batch_size, progress=progress,
                        ties=ties, num_threads=num_threads, dense=dense, allow_train_split=allow_train_split,
                        train_data=train_data, train_split=train_split, exclude_overlap=exclude_overlap,
-                       skip_bad_records=skip_bad_records)
+                       skip_bad_records=skip_bad_records, describe_model=results_path is not None)
     if results_path is not None:
         from geoalign_jax.eval import report as report_lib
 
@@ -167,7 +169,8 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
               embedder: embed.Embedder | None = None, batch_size: int = 64, progress: bool = True,
               ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last",
               allow_train_split: bool = False, train_data: TrainData = None, train_split: str = "train",
-              exclude_overlap: bool = False, skip_bad_records: bool = False) -> EvalReport:
+              exclude_overlap: bool = False, skip_bad_records: bool = False,
+              describe_model: bool = True) -> EvalReport:
     """``evaluate`` with per-task details, provenance and notes. Task strings are parsed with ``parse_task``.
 
     allow_train_split: evaluate a split that is a training split (``is_training_split``: "train",
@@ -176,6 +179,8 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
     train_data: training images to check every task's images against (``overlap.TrainImages``, or
     converted folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
     is reported per task, and ``exclude_overlap`` evaluates without the overlapping images. skip_bad_records: see ``evaluate``.
+    describe_model: record the model config and parameter hash in ``provenance["model"]`` (left out
+    otherwise; hashing reads every parameter).
     """
     specs = [parse_task(task) if isinstance(task, str) else task for task in tasks]
     names = [spec.prefix for spec in specs]
@@ -200,8 +205,10 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
         task_provenance[spec.prefix] = outcome.provenance
         if outcome.notes:
             report.notes[spec.prefix] = outcome.notes
-    report.provenance = {"model": provenance.model_provenance(model_config, params, embedder),
-                         "software": provenance.software_provenance(), "tasks": task_provenance}
+    report.provenance = {"software": provenance.software_provenance(), "tasks": task_provenance}
+    if describe_model:
+        report.provenance = {"model": provenance.model_provenance(model_config, params, embedder),
+                             **report.provenance}
     return report
 
 

@@ -5,16 +5,25 @@ training. An evaluation image **overlaps** the training data when
 
 - *exact*: the SHA-256 of its encoded bytes equals a training image's, or
 - *near duplicate*: its 64-bit perceptual hash (``data.fingerprints``) is within ``max_distance`` bits
-  (default 8) of a training image's **and** their 32x32 grey thumbnails differ by at most
-  ``max_thumbnail_difference`` grey levels on average (default 4): the hash finds candidates among
-  millions, the thumbnail comparison confirms them. On the real RS samples a JPEG re-encoded at quality
-  30-95 stays within 8 bits and 1.8 grey levels; distinct images are 16+ bits and 6+ grey levels apart.
+  (default 8) of a training image's, and their 32x32 grey thumbnails (``NearDuplicateCriteria``) differ by
+  at most 4 grey levels on average **and** correlate (Pearson, means removed) at 0.70 or more. The hash finds
+  candidates among millions; the thumbnails confirm them. The correlation is what tells two different
+  low-texture pictures of similar tone apart: among 15,200 random crops of the real RS samples one such
+  pair passed the first two tests (hash 6 bits, 3.8 grey levels apart: a pond and a meadow) at a
+  correlation of 0.50, and no two distinct crops within 4 grey levels (341 pairs, whatever their hashes)
+  correlate above 0.63. Re-encoded copies: every shared sample re-encoded at JPEG quality 30-95 or as PNG
+  stays within 8 bits, 1.8 grey levels and a correlation of 0.91; of the crops (down to 50 pixels) that pass
+  the first two tests, all re-encodes at quality 75, 95 and PNG correlate at 0.75 or more, and 12 of ~29,000
+  at quality 30/50 (crops under 85 pixels) fall below 0.70 and are missed. Two flat thumbnails (standard
+  deviation under 1 grey level) have nothing to correlate: their mean difference alone decides.
 
 Training fingerprints come from the converters' sidecar files (``<shard stem>.hashes.npy``, one 40-byte
-row per record); shards without one (converted by an older version, or written by other tools) are
-fingerprinted here by decoding every image, with a warning. Near duplicates are looked up with a
-multi-index: the hash is cut into 3 blocks, and by the pigeonhole principle a pair within 8 bits agrees to
-within 2 bits on some block, so only the training hashes in those few block buckets are compared.
+row per record); shards without one (converted by an older version, or copied without them) are
+fingerprinted here by decoding their images in parallel, every run, with a warning naming the command
+that writes their sidecars once (``python -m geoalign_jax.prepare fingerprints DIR_OR_GLOB``). Near
+duplicates are looked up with a multi-index: the hash is cut into 3 blocks, and by the pigeonhole
+principle a pair within 8 bits agrees to within 2 bits on some block, so only the training hashes in those
+few block buckets are compared.
 """
 from __future__ import annotations
 
@@ -32,6 +41,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DISTANCE = 8
 DEFAULT_MAX_THUMBNAIL_DIFFERENCE = 4.0
+DEFAULT_MIN_THUMBNAIL_CORRELATION = 0.70
+#: A thumbnail whose grey levels vary by less than this (standard deviation) is flat: little more than 8-bit
+#: rounding noise (0.29), nothing a correlation could recognise.
+DEFAULT_FLAT_THUMBNAIL_STD = 1.0
 #: (shift, width) of the three blocks of the 64-bit hash used as look-up keys.
 _BLOCKS = ((42, 22), (21, 21), (0, 21))
 #: Near-duplicate candidates confirmed per evaluation image, nearest first.
@@ -106,48 +119,42 @@ class HammingIndex:
 # Training fingerprints.
 
 
-def shard_fingerprints(path: str) -> tuple[np.ndarray, bool]:
-    """(fingerprint rows of a shard, True when read from its sidecar). A sidecar is used only when its row
-    count fits the shard and its first and last rows hash the shard's first and last images; otherwise the
-    shard's images are decoded and fingerprinted here. A shard, record or image that cannot be read is an
-    OverlapError naming it (the check cannot vouch for data it cannot see)."""
-    from geoalign_jax.data import sources
-
-    try:
-        source = sources.RecordSource([path])
-    except sources.SourceError as error:
-        raise OverlapError(f"training data: {error}") from None
-    count = len(source)
-    sidecar = fingerprints.sidecar_path(path)
-    if sidecar.is_file():
+def train_fingerprints(shard_paths: Sequence[str], *, workers: int | None = None
+                       ) -> tuple[list[np.ndarray], list[str]]:
+    """(fingerprint rows of each shard, the shards fingerprinted by decoding). A shard's sidecar is used when
+    it fits the shard (``fingerprints.verified_sidecar``); the other shards' images are decoded by
+    ``workers`` processes. A shard, record or image that cannot be read is an OverlapError naming it (the
+    check cannot vouch for data it cannot see)."""
+    rows: dict[str, np.ndarray] = {}
+    for path in shard_paths:
         try:
-            rows = fingerprints.read_sidecar(sidecar, count)
-            for index in {0, count - 1} if count else ():
-                if bytes(rows[index]["sha256"]) != fingerprints.sha256(_train_image(source, path, index)):
-                    raise fingerprints.FingerprintError(f"{sidecar}: row {index} does not hash record {index} "
-                                                        "of its shard (stale sidecar? re-run the converter)")
-            return rows, True
+            found = fingerprints.verified_sidecar(path)
         except fingerprints.FingerprintError as error:
             log.warning("%s; fingerprinting the shard's images instead", error)
-    found = []
-    for index in range(count):
-        image = _train_image(source, path, index)  # outside the try: OverlapError is a ValueError too
-        try:
-            found.append(fingerprints.fingerprint(image))
-        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a broken image
-            raise OverlapError(f"training data {path} record {index}: cannot decode its image to fingerprint it "
-                               f"({type(error).__name__}: {error})") from None
-    return fingerprints.fingerprint_rows(found), False
+            found = None
+        except fingerprints.ShardReadError as error:
+            raise OverlapError(f"training data: {error}") from None
+        if found is not None:
+            rows[path] = found
+    decoded = [path for path in shard_paths if path not in rows]
+    for path, found in fingerprints.compute_fingerprints(
+            decoded, workers=fingerprints.default_workers() if workers is None else workers):
+        if isinstance(found, fingerprints.ShardReadError):
+            raise OverlapError(f"training data: {found}")
+        rows[path] = found
+    return [rows[path] for path in shard_paths], decoded
 
 
-def _train_image(source: Any, path: str, index: int) -> bytes:
-    """The image bytes of record ``index`` of a training shard; an unreadable record is an OverlapError."""
-    from geoalign_jax.data import records
+def sidecar_command(shard_paths: Sequence[str]) -> str:
+    """The command that writes the sidecars of these shards once: their folders when a manifest is there,
+    else a glob of each folder's shards."""
+    from geoalign_jax.data import sources
 
-    try:
-        return source[index]["image"]
-    except records.RecordError as error:
-        raise OverlapError(f"training data: {error}") from None  # the source's message names shard and record
+    targets = []
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in shard_paths}):
+        has_manifest = os.path.isfile(os.path.join(folder, sources.MANIFEST_NAME))
+        targets.append(folder if has_manifest else os.path.join(folder, "*" + fingerprints.SHARD_SUFFIX))
+    return "python -m geoalign_jax.prepare fingerprints " + " ".join(f"'{t}'" for t in targets)
 
 
 class TrainImages:
@@ -178,25 +185,27 @@ class TrainImages:
 
     @classmethod
     def from_shards(cls, shard_paths: Sequence[str | os.PathLike], *, locations: Sequence[str] = (),
-                    split: str | None = None, max_distance: int = DEFAULT_MAX_DISTANCE) -> "TrainImages":
+                    split: str | None = None, max_distance: int = DEFAULT_MAX_DISTANCE,
+                    workers: int | None = None) -> "TrainImages":
+        """``workers``: processes decoding the images of shards without a fitting sidecar (default
+        ``fingerprints.default_workers()``)."""
         paths = [os.fspath(p) for p in shard_paths]
         if not paths:
             raise OverlapError("no training shards to fingerprint")
-        parts, sidecars, computed = [], 0, 0
-        for path in paths:
-            rows, from_sidecar = shard_fingerprints(path)
-            parts.append(rows)
-            sidecars += from_sidecar
-            computed += 0 if from_sidecar else len(rows)
-        if computed:
-            log.warning("fingerprinted %d training images by decoding them (shards without a usable .hashes.npy "
-                        "sidecar; the converters write one)", computed)
-        return cls(paths, parts, from_sidecars=sidecars, locations=locations, split=split,
+        parts, decoded = train_fingerprints(paths, workers=workers)
+        if decoded:
+            decoded_set = set(decoded)
+            computed = sum(len(rows) for path, rows in zip(paths, parts) if path in decoded_set)
+            # Every run (and every periodic evaluation) decodes them again: say how to stop that.
+            log.warning("fingerprinted %d training images by decoding them (%d shards without a usable %s "
+                        "sidecar, e.g. %s); write the sidecars once with: %s", computed, len(decoded),
+                        fingerprints.SIDECAR_SUFFIX, decoded[0], sidecar_command(decoded))
+        return cls(paths, parts, from_sidecars=len(paths) - len(decoded), locations=locations, split=split,
                    max_distance=max_distance)
 
     @classmethod
     def from_data(cls, locations: str | os.PathLike | Sequence[str | os.PathLike], split: str = "train", *,
-                  max_distance: int = DEFAULT_MAX_DISTANCE) -> "TrainImages":
+                  max_distance: int = DEFAULT_MAX_DISTANCE, workers: int | None = None) -> "TrainImages":
         """The ``split`` shards of converted folders and / or shard globs (as ``data.train_shards`` takes)."""
         from geoalign_jax.data import sources
 
@@ -208,8 +217,9 @@ class TrainImages:
                 paths += sources.shard_paths(location, split)
             except sources.SourceError as error:
                 raise OverlapError(f"training data {os.fspath(location)}: {error}") from None
+        # Locations are recorded absolute: results.json may be read elsewhere.
         return cls.from_shards(paths, locations=[os.path.abspath(p) for p in locations], split=split,
-                               max_distance=max_distance)  # absolute: results.json may be read elsewhere
+                               max_distance=max_distance, workers=workers)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -344,8 +354,51 @@ class OverlapResult:
                 f"{self.near_duplicates} re-encoded): {action}")
 
 
+@dataclasses.dataclass(frozen=True)
+class NearDuplicateCriteria:
+    """The thresholds a near-duplicate candidate (hash within ``max_distance`` bits) must pass, on the 32x32
+    grey thumbnails: mean absolute difference <= ``max_thumbnail_difference`` grey levels, and Pearson
+    correlation of the mean-removed thumbnails >= ``min_thumbnail_correlation``, unless both thumbnails are
+    flat (standard deviation < ``flat_thumbnail_std``), where the difference alone decides: two flat
+    pictures of the same grey are the same picture as far as pixels can tell."""
+
+    max_thumbnail_difference: float = DEFAULT_MAX_THUMBNAIL_DIFFERENCE
+    min_thumbnail_correlation: float = DEFAULT_MIN_THUMBNAIL_CORRELATION
+    flat_thumbnail_std: float = DEFAULT_FLAT_THUMBNAIL_STD
+
+    def compare(self, a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+        """{"confirmed", "thumbnail_difference", "thumbnail_correlation" (None for a flat pair), "flat"}."""
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        difference = float(np.abs(a - b).mean())
+        a, b = a - a.mean(), b - b.mean()
+        spread_a, spread_b = float(np.sqrt((a * a).mean())), float(np.sqrt((b * b).mean()))
+        flat = max(spread_a, spread_b) < self.flat_thumbnail_std
+        if flat:
+            correlation = None
+        elif spread_a == 0 or spread_b == 0:
+            correlation = 0.0  # a uniform picture beside a textured one: nothing in common but the mean
+        else:
+            correlation = float((a * b).mean() / (spread_a * spread_b))
+        confirmed = difference <= self.max_thumbnail_difference and (
+            correlation is None or correlation >= self.min_thumbnail_correlation)
+        return {"confirmed": confirmed, "thumbnail_difference": difference, "thumbnail_correlation": correlation,
+                "flat": flat}
+
+    def to_json(self, max_distance: int) -> dict[str, Any]:
+        return {"exact": "SHA-256 of the encoded image bytes",
+                "near_duplicate": f"64-bit DCT perceptual hash within {max_distance} bits, 32x32 grey thumbnails "
+                                  f"within {self.max_thumbnail_difference:g} grey levels (mean absolute "
+                                  f"difference) and with a Pearson correlation >= {self.min_thumbnail_correlation:g} "
+                                  f"(mean removed; not required when both are flat: standard deviation < "
+                                  f"{self.flat_thumbnail_std:g} grey levels)",
+                "max_hash_distance": max_distance,
+                "max_thumbnail_difference": self.max_thumbnail_difference,
+                "min_thumbnail_correlation": self.min_thumbnail_correlation,
+                "flat_thumbnail_std": self.flat_thumbnail_std}
+
+
 def check_images(images: Any, digests: Sequence[bytes], train: TrainImages, *,
-                 max_thumbnail_difference: float = DEFAULT_MAX_THUMBNAIL_DIFFERENCE) -> OverlapResult:
+                 criteria: NearDuplicateCriteria = NearDuplicateCriteria()) -> OverlapResult:
     """Compare an evaluation set's images (``digests``: their SHA-256) with the training images."""
     matches: dict[int, dict[str, Any]] = {}
     for position, digest in enumerate(digests):
@@ -361,20 +414,20 @@ def check_images(images: Any, digests: Sequence[bytes], train: TrainImages, *,
         if q not in matches:
             candidates.setdefault(q, []).append((d, s))
     for position, pairs in sorted(candidates.items()):
-        eval_thumb = eval_thumbnail(images, position).astype(np.float32)
+        eval_thumb = eval_thumbnail(images, position)
         for hash_distance, train_index in sorted(pairs)[:_MAX_CANDIDATES]:
-            difference = float(np.abs(eval_thumb - train.thumbnail(train_index).astype(np.float32)).mean())
-            if difference <= max_thumbnail_difference:
+            found = criteria.compare(eval_thumb, train.thumbnail(train_index))
+            if found["confirmed"]:
+                correlation = found["thumbnail_correlation"]
                 matches[position] = {"index": position, "eval": describe_eval_image(images, position),
                                      "train": train.describe(train_index), "match": "near_duplicate",
                                      "hash_distance": int(hash_distance),
-                                     "thumbnail_difference": round(difference, 3)}
+                                     "thumbnail_difference": round(found["thumbnail_difference"], 3),
+                                     "thumbnail_correlation": None if correlation is None else round(correlation, 4),
+                                     "flat": found["flat"]}
                 break
-    criteria = {"exact": "SHA-256 of the encoded image bytes",
-                "near_duplicate": f"64-bit DCT perceptual hash within {train.index.max_distance} bits and 32x32 "
-                                  f"grey thumbnails within {max_thumbnail_difference:g} grey levels "
-                                  "(mean absolute difference)"}
-    return OverlapResult(len(digests), [matches[p] for p in sorted(matches)], train.summary(), criteria)
+    return OverlapResult(len(digests), [matches[p] for p in sorted(matches)], train.summary(),
+                         criteria.to_json(train.index.max_distance))
 
 
 # ---------------------------------------------------------------------------------------------------------
