@@ -6,6 +6,7 @@ test_train_multihost.py.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -16,12 +17,15 @@ import jax
 import numpy as np
 import pytest
 
+import bad_files
 import train_fixtures
 from train_fixtures import assert_bitwise_equal, flat, tiny_config
-from geoalign_jax.data import pipeline
+from geoalign_jax.data import pipeline, text_stats
+from geoalign_jax.eval import provenance
 from geoalign_jax.parallel import mesh as mesh_lib
 from geoalign_jax.parallel import multihost
 from geoalign_jax.train import loop, metrics as metrics_lib, optim
+from geoalign_jax.train import state as state_lib
 from geoalign_jax.train import step as step_lib
 
 REPO_ROOT = train_fixtures.REPO_ROOT
@@ -63,6 +67,21 @@ def test_missing_batch_input_is_named_before_the_first_step(scenes):
     config.loss.weights.region_text = 1.0  # the data config produces no regions
     with pytest.raises(ValueError, match=r"loss.weights.region_text > 0 needs batch\['region_boxes'\]"):
         loop.build(config)
+
+
+def test_eval_on_training_images_is_refused_before_training_unless_allowed(scenes, tmp_path):
+    """An eval task on a training split is a config error naming eval.allow_train_split; allowed, and with
+    eval.exclude_overlap, a task whose every image is a training image is an InputError before any compile."""
+    config = tiny_config(scenes, **{"eval.tasks": (f"retrieval:seen={scenes},split=train,limit=4",), "eval.every_steps": 2})
+    with pytest.raises(ValueError, match=r"eval.tasks: task retrieval:seen: split 'train'.*eval.allow_train_split = True"):
+        loop.build(config)
+    config.eval.allow_train_split = True
+    config.eval.exclude_overlap = True
+    loop.build(config)
+    with pytest.raises(loop.InputError, match=r"eval.exclude_overlap: every one of the 4 images of eval task "
+                                               r"retrieval/seen is also in the training shards"):
+        loop.run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / metrics_lib.METRICS_FILE).exists()  # stopped before the first step
 
 
 def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
@@ -122,7 +141,7 @@ def test_micro_batches_take_strided_rows():
 # Runs
 
 
-def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path):
+def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path, caplog):
     """configs/demo.py (every loss term on): the loss falls over a few dozen steps; metrics.jsonl, TensorBoard
     and config.json are written; evaluation runs during training and the best checkpoint by its metric is
     kept beside the latest; the workdir exports to open_clip with the JAX embeddings."""
@@ -141,11 +160,18 @@ def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_
     config.checkpoint.every_steps = 8
     config.checkpoint.keep = 1
     config.checkpoint.best_metric = "zeroshot/landcover/top1"
-    config.eval.tasks = (f"zeroshot:landcover={data['landcover']}",)
+    # A task on 8 of the training images themselves (allowed explicitly): the overlap check must find them.
+    config.eval.tasks = (f"zeroshot:landcover={data['landcover']}", f"retrieval:seen={data['scenes']},split=train,limit=8")
+    config.eval.allow_train_split = True
     config.eval.every_steps = 8
     workdir = tmp_path / "run"
-    result = loop.run(config, workdir, progress=False)
+    with caplog.at_level(logging.INFO, logger=loop.logger.name):
+        result = loop.run(config, workdir, progress=False)
     assert result.status == "finished" and result.step == 24
+    overlap_logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval overlap")]
+    assert len(overlap_logs) == 2  # once, before training, not at every evaluation
+    assert "retrieval/seen: 8 of its 8 images also occur in the training shards (8 exact" in overlap_logs[1]
+    assert "zeroshot/landcover: none of its" in overlap_logs[0]
 
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
@@ -163,6 +189,21 @@ def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_
 
     evaluated = {r["step"]: r["eval/zeroshot/landcover/top1"] for r in records if "eval/zeroshot/landcover/top1" in r}
     assert sorted(evaluated) == [8, 16, 24]
+    assert [r["step"] for r in records if r.get("eval/retrieval/seen/overlap/exact") == 8] == [8, 16, 24]
+    assert records[0]["step"] == 0 and {key for key in records[0] if key != "step"} == {
+        f"data/truncated/{kind}" for kind in text_stats.TEXT_KINDS}  # demo reads every kind of text
+    # Each evaluation's results.json (process 0): provenance of the weights evaluated and of the overlap.
+    hashes = {}
+    for step in (8, 16, 24):
+        written = json.loads((workdir / "eval" / f"step_{step}" / "results.json").read_text())
+        assert written["run"]["trainer"]["step"] == step and written["run"]["exclude_overlap"] is False
+        assert written["metrics"]["zeroshot/landcover/top1"] == evaluated[step]
+        tasks = written["provenance"]["tasks"]
+        assert tasks["retrieval/seen"]["overlap"]["exact"] == 8 and tasks["retrieval/seen"]["training_split_allowed"]
+        assert tasks["zeroshot/landcover"]["overlap"]["overlapping"] == 0
+        assert tasks["zeroshot/landcover"]["overlap"]["train_data"]["records"] == 48
+        hashes[step] = written["provenance"]["model"]["parameter_hash"]
+    assert len(set(hashes.values())) == 3 and hashes[24] == provenance.parameter_hash(result.state.params)
     kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert 24 in kept and len(kept) <= 2  # keep = 1 latest, keep_best = 1
     assert max(evaluated[step] for step in kept) == max(evaluated.values())  # the best one survived
@@ -220,9 +261,11 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     batch_a = _next_batch(config, tmp_path / "straight" / "checkpoints" / "6")
     batch_b = _next_batch(config, tmp_path / "interrupted" / "checkpoints" / "6")
     assert_bitwise_equal(batch_a, batch_b)
-    losses = {json.loads(line)["step"]: json.loads(line)["loss"]
-              for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()}
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the resumed run appends to the same log
+    records = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "loss" in r) == [1, 2, 3, 4, 5, 6]  # the resumed run appends
+    # The truncation statistics: the step-0 record of the fresh run, not repeated by the resumed one.
+    assert [r for r in records if r["step"] == 0] == [{"step": 0, **text_stats.pipeline_truncation_metrics(config.data)}]
+    assert records[0].keys() == {"step", "data/truncated/captions"}  # the only texts this config reads
     again = loop.run(config, tmp_path / "straight", progress=False)  # the same command once more: nothing to do
     assert (again.status, again.resumed_from, again.step) == ("finished", 6, 6)
 
@@ -274,7 +317,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def test_init_from_a_parameters_checkpoint_and_from_open_clip_with_long_clip_stretch(cache_env, scenes, tmp_path):
+def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_file_is_exit_2(cache_env, scenes, tmp_path):
     import param_fixtures
     from configs import common
     from geoalign_jax.convert import __main__ as convert_cli
@@ -298,5 +341,25 @@ def test_init_from_a_parameters_checkpoint_and_from_open_clip_with_long_clip_str
     np.testing.assert_array_equal(np.asarray(stretched["visual"]["proj"]), params["visual"]["proj"])
 
     config.init.path = str(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(state_lib.InitError, match=r"init.path '.*missing' \(init.kind 'params'\)"):
         loop.initial_state(loop.build(config))
+
+    # A truncated weights file (an interrupted download): one line naming it, exit status 2, nothing compiled.
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((tmp_path / "open_clip" / "open_clip_model.safetensors").read_bytes())
+    bad_files.truncate(truncated)
+    long_config.init.path = str(truncated)
+    with pytest.raises(state_lib.InitError, match=r"^init.path \(init.kind 'open_clip'\): .*truncated\.safetensors"):
+        state_lib.load_initial_params(long_config.init, common.model_config(long_config))
+    workdir = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "geoalign_jax.train", "--config", "configs/demo.py", "--workdir", str(workdir),
+         f"--config.data.train_shards={scenes}", "--config.init.kind=open_clip", f"--config.init.path={truncated}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(truncated) in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "compiled the train step" not in result.stdout + result.stderr
+    assert not list((workdir / "checkpoints").glob("[0-9]*"))
+

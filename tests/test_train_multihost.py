@@ -1,6 +1,7 @@
 """The trainer under jax.distributed with two local processes (2 CPU devices each, one 4-device mesh): both
 train, a SIGTERM to one process makes both save the same step and stop, the rerun resumes there, and the
-resumed run ends bitwise equal to an uninterrupted one. Only process 0 writes the metrics log; each process
+resumed run ends bitwise equal to an uninterrupted one. Only process 0 writes the metrics log and the
+evaluation's results.json (whose parameter hash is that of the parameters sharded over both); each process
 checkpoints its own data-iterator position. The processes run tests/train_multihost_worker.py.
 """
 from __future__ import annotations
@@ -95,4 +96,12 @@ def test_two_processes_train_save_on_sigterm_together_and_resume_bitwise(tmp_pat
         assert result["resumed"][3:] == result["straight"][2:]  # params and optimizer state digests
     # Only process 0 writes the log: one line per step, none twice.
     steps = [json.loads(line)["step"] for line in (out / "interrupted" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(0, 7))  # step 0: the truncation statistics, logged by the fresh run only
+    # The evaluation: process 0 wrote results.json, whose parameter hash is that of the sharded parameters.
+    results_files = [p.relative_to(out).as_posix() for p in out.glob("*/eval/*/results.json")]
+    assert results_files == ["straight/eval/step_6/results.json"]
+    written = json.loads((out / "straight" / "eval" / "step_6" / "results.json").read_text())
+    assert written["provenance"]["model"]["parameter_hash"] == first["parameter_hash"] == second["parameter_hash"]
+    assert written["provenance"]["tasks"]["retrieval/seen"]["overlap"]["exact"] == 4
+    evaluated = [json.loads(line) for line in (out / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evaluated if "eval/retrieval/seen/standard/mean_recall" in r] == [6]

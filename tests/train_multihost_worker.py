@@ -5,8 +5,8 @@
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=2. The process joins the job through
 ``multihost.initialize_distributed`` and trains the tiny scene config three times on a mesh of all 4 devices:
-straight through in OUT/straight; then in OUT/interrupted, where process 1 sends itself SIGTERM after step
-``--preempt-step`` (jax's preemption service must make both processes save the same step and stop); then
+straight through in OUT/straight (evaluating at the end); then in OUT/interrupted, where process 1 sends
+itself SIGTERM after step ``--preempt-step`` (jax's preemption service must make both processes save the same step and stop); then
 again in OUT/interrupted, which resumes. It writes what the test checks to ``OUT/process_<i>.json``.
 """
 from __future__ import annotations
@@ -53,7 +53,12 @@ def main() -> None:
     from geoalign_jax.train import loop
 
     config = train_fixtures.tiny_config(args.data, **{"train.num_steps": NUM_STEPS, "checkpoint.every_steps": 4})
-    straight = loop.run(config, args.out / "straight", progress=False)
+    # The straight run also evaluates once, at its last step, on 4 of its own training images: process 0
+    # evaluates while process 1 waits, and results.json must hash the parameters all processes hold.
+    evaluated = config.copy_and_resolve_references()
+    evaluated.eval.tasks = (f"retrieval:seen={args.data},split=train,limit=4",)
+    evaluated.eval.allow_train_split, evaluated.eval.every_steps, evaluated.eval.batch_size = True, NUM_STEPS, 4
+    straight = loop.run(evaluated, args.out / "straight", progress=False)
 
     def preempt(step: int) -> None:
         if step == args.preempt_step and jax.process_index() == 1:
@@ -61,8 +66,11 @@ def main() -> None:
 
     interrupted = loop.run(config, args.out / "interrupted", progress=False, on_step=preempt)
     resumed = loop.run(config, args.out / "interrupted", progress=False)
+    from geoalign_jax.eval import provenance
+
     result = {
         "process_index": jax.process_index(),
+        "parameter_hash": provenance.parameter_hash(straight.state.params),  # sharded: gathered, a collective
         "device_count": jax.device_count(),
         "straight": [straight.status, straight.step, _digest(straight.state.params), _digest(straight.state.opt_state)],
         "interrupted": [interrupted.status, interrupted.step],

@@ -7,7 +7,9 @@ Fields are overridden with `--config.section.field=value` (ml_collections config
 mistyped field is an error naming it. Running the same command again in a DIR with checkpoints resumes from
 the latest one. Multi-host: start one such process per host (see parallel/multihost.py for the environment
 variables); every process runs the same command. Exit status: 0 finished, 0 after a preemption save (the
-scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config.
+scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config or an input that cannot be
+used (a missing, truncated or damaged `init.path`, training shard or evaluation dataset: one line naming it,
+before anything compiles).
 """
 from __future__ import annotations
 
@@ -45,7 +47,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value)
+    try:
+        result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value)
+    except loop.InputError as error:  # initial weights, training shards or evaluation data unusable
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.info("run %s at step %d", result.status, result.step)
     return 0
 

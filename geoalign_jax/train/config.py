@@ -96,11 +96,20 @@ def default_init_config() -> ml_collections.ConfigDict:
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
-    """`config.eval`: evaluation during training through `geoalign_jax.eval.evaluate` (process 0)."""
+    """`config.eval`: evaluation during training through `geoalign_jax.eval.evaluate` (process 0), written to
+    WORKDIR/eval/step_<N>/results.json with the provenance of every number. Before training, the tasks'
+    images are checked against the run's own training shards (data.train_shards, data.train_split): how many
+    and which also occur there is logged, and recorded in every results.json."""
     config = ml_collections.ConfigDict()
     config.tasks = ()  # tasks in the evaluate CLI's syntax, e.g. ("zeroshot:aid=/data/aid,split=test",)
     config.every_steps = 0  # evaluate every this many steps and at the end; 0 = never
     config.batch_size = 64  # evaluation batch
+    # Evaluate without the task images that also occur in the training shards (exact or re-encoded copies);
+    # the results say how many were left out. False: they are evaluated, and the results say how many.
+    config.exclude_overlap = False
+    # A task on a training split ("train*", "restval", or a manifest's only split) is refused when the config
+    # is checked; True evaluates it anyway (results.json and the table mark it: not a test number).
+    config.allow_train_split = False
     return config
 
 
@@ -208,18 +217,31 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
         bool(tasks) == (evaluation.every_steps > 0), "eval.every_steps", evaluation.every_steps,
         "must be > 0 exactly when eval.tasks are given",
     )
+    for field in ("exclude_overlap", "allow_train_split"):
+        _require(isinstance(evaluation[field], bool), f"eval.{field}", evaluation[field], "must be True or False")
     if tasks:
-        from geoalign_jax.eval import library
-
-        for task in tasks:
-            try:
-                library.parse_task(task)
-            except library.TaskError as error:
-                raise ValueError(f"eval.tasks: {error}") from None
+        _check_eval_tasks(tasks, allow_train_split=evaluation.allow_train_split)
     _require(
         not ckpt.best_metric or bool(tasks), "checkpoint.best_metric", ckpt.best_metric,
         "needs eval.tasks (the metric comes from the evaluation)",
     )
+
+
+def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> None:
+    """Each task parses, and names no training split unless allowed (reads the tasks' manifests, so a task
+    the evaluation would refuse is refused now, not after `eval.every_steps` steps of training)."""
+    from geoalign_jax.eval import library
+
+    for task in tasks:
+        try:
+            spec = library.parse_task(task)
+            split, _, splits = library.resolve_split(spec)
+        except library.TaskError as error:
+            raise ValueError(f"eval.tasks: {error}") from None
+        try:
+            library.split_guard(spec, split, splits, allow_train_split)
+        except library.TaskError as error:
+            raise ValueError(f"eval.tasks: {error} (in the trainer's config: eval.allow_train_split = True)") from None
 
 
 def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

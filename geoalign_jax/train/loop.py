@@ -1,9 +1,16 @@
 """The training run: build the mesh, state and compiled step, restore or initialise, loop, log, evaluate,
 checkpoint, and stop cleanly on preemption. `run(config, workdir)` is what the CLI (`__main__.py`) calls.
 
-WORKDIR holds `config.json` (the resolved config), `metrics.jsonl`, `tb/` and `checkpoints/`. Running again in
-a WORKDIR with checkpoints resumes from the latest one: parameters, optimizer state, teacher, counters and
-each process's data-iterator position, so the continued run is the one that was interrupted.
+WORKDIR holds `config.json` (the resolved config), `metrics.jsonl`, `tb/`, `checkpoints/` and, with
+`eval.tasks`, `eval/step_<N>/results.json`. Running again in a WORKDIR with checkpoints resumes from the latest
+one: parameters, optimizer state, teacher, counters and each process's data-iterator position, so the
+continued run is the one that was interrupted.
+
+Before the first compile a fresh run reads its initial weights (`config.init`), every process opens its
+training shards, and process 0 checks the evaluation tasks' images against the training shards (overlap,
+logged) and logs the fraction of training texts longer than their context (`data/truncated/<kind>`, from
+`data.text_stats.pipeline_truncation_metrics`) as the step-0 record of metrics.jsonl / TensorBoard. Any
+of these inputs that cannot be used is an `InputError` on every process (the CLI: one line, exit status 2).
 """
 from __future__ import annotations
 
@@ -11,8 +18,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import pathlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import ml_collections
@@ -32,12 +40,22 @@ from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train import state as state_lib
 from geoalign_jax.train import step as step_lib
 
+if TYPE_CHECKING:
+    from geoalign_jax.eval import TrainImages
+
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
+EVAL_DIR, RESULTS_FILE = "eval", "results.json"  # WORKDIR/eval/step_<N>/results.json
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+class InputError(ValueError):
+    """A file the run starts from cannot be used: the initial weights (`config.init`), the training shards,
+    or the evaluation tasks' data. Raised on every process, before the first compile; the message names the
+    file (the CLI prints it as one line, exit status 2)."""
 
 
 @dataclasses.dataclass
@@ -110,14 +128,17 @@ def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None
 
 def initial_state(setup: Setup) -> state_lib.TrainState:
     """A step-0 state on the mesh: parameters from `config.init` (or random), optimizer state, teacher."""
-    config = setup.config
+    return state_from_params(setup, state_lib.load_initial_params(setup.config.init, setup.model_config))
+
+
+def state_from_params(setup: Setup, host_params: state_lib.Params | None) -> state_lib.TrainState:
+    """A step-0 state on the mesh around host parameters (None: random, from train.seed)."""
     params_shardings = setup.shardings.params
-    host_params = state_lib.load_initial_params(config.init, setup.model_config)
     if host_params is None:
         init = jax.jit(
             lambda key: clip.init_params(setup.model_config, key), out_shardings=params_shardings
         )
-        params = init(jax.random.key(int(config.train.seed)))
+        params = init(jax.random.key(int(setup.config.train.seed)))
     else:
         params = state_lib.put_params(host_params, params_shardings)
     create = functools.partial(
@@ -143,17 +164,128 @@ def _broadcast_json(value: Any) -> Any:
     return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
 
 
-def _evaluate(setup: Setup, state: state_lib.TrainState) -> dict[str, float]:
-    """Runs config.eval.tasks on process 0 with the current parameters; every process gets the results."""
+def _raise_unless_all_started(message: str) -> None:
+    """Every process learns whether any process failed to start (a collective): then each raises InputError,
+    a failed one with its own message, the others with process 0's (or naming the processes that failed)."""
+    if jax.process_count() > 1:
+        failed = np.asarray(multihost.gather_host_values(np.int32(bool(message)))).ravel()
+        first = _broadcast_json(message)
+        if not message and failed.any():
+            message = first or f"process(es) {np.flatnonzero(failed).tolist()} could not start (see their logs)"
+    if message:
+        raise InputError(message)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _train_images(config: ml_collections.ConfigDict) -> TrainImages:
+    """The training shards' image fingerprints (read once; every evaluation checks its tasks against them),
+    after logging how many and which evaluation images also occur in them."""
+    from geoalign_jax.data import sources
+    from geoalign_jax.eval import TrainImages, check_overlap
+
+    data = config.data
+    paths = sources.shard_paths(data.train_shards, data.train_split)
+    train_images = TrainImages.from_shards(paths, locations=[os.path.abspath(data.train_shards)],
+                                           split=data.train_split)
+    exclude = bool(config.eval.exclude_overlap)
+    for prefix, result in check_overlap(list(config.eval.tasks), train_images).items():
+        if not result.matches:
+            logger.info("eval overlap: %s: none of its %d images occurs in the training shards", prefix, result.checked)
+            continue
+        if exclude and len(result.matches) == result.checked:
+            raise InputError(f"eval.exclude_overlap: every one of the {result.checked} images of eval task {prefix} "
+                             f"is also in the training shards {data.train_shards}; nothing would be left to evaluate")
+        shown = "; ".join(f"{m['eval']} = {m['train']} ({m['match']})" for m in result.matches[:5])
+        more = f"; and {len(result.matches) - 5} more" if len(result.matches) > 5 else ""
+        logger.warning(
+            "eval overlap: %s: %d of its %d images also occur in the training shards (%d exact, %d re-encoded), "
+            "%s every evaluation (eval.exclude_overlap = %s; each results.json lists them): %s%s", prefix,
+            len(result.matches), result.checked, result.exact, result.near_duplicates,
+            "left out of" if exclude else "INCLUDED in", exclude, shown, more,
+        )
+    return train_images
+
+
+def _truncation(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """`data/truncated/<kind>` fractions of the training texts; a statistic, so a failure is logged, not fatal."""
+    from geoalign_jax.data import text_stats
+
+    try:
+        return text_stats.pipeline_truncation_metrics(config.data)
+    except (ValueError, OSError, RuntimeError) as error:
+        logger.warning("truncation statistics of %s not computed: %s", config.data.train_shards, _one_line(error))
+        return {}
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What a run reads before its first compile (train_images and truncation: process 0 only)."""
+
+    iterator: Any
+    host_params: state_lib.Params | None
+    train_images: TrainImages | None
+    truncation: dict[str, float]
+
+
+def _open_inputs(setup: Setup, *, fresh: bool) -> _Inputs:
+    """Reads the initial weights (fresh runs), opens the training iterator and, on process 0, prepares the
+    evaluation (overlap with the training shards) and the truncation statistics (fresh runs). A failure on
+    any process is an InputError on every process (see `_raise_unless_all_started`)."""
+    config = setup.config
+    inputs = _Inputs(None, None, None, {})
+    message = ""
+    try:
+        if fresh:
+            inputs.host_params = state_lib.load_initial_params(config.init, setup.model_config)
+        inputs.iterator = pipeline.make_train_iterator(config.data)
+        if jax.process_index() == 0:
+            if config.eval.tasks:
+                inputs.train_images = _train_images(config)
+            if fresh:
+                inputs.truncation = _truncation(config)
+    except (ValueError, OSError) as error:  # InitError, SourceError, TaskError, OverlapError, InputError
+        logger.debug("input error", exc_info=True)
+        message = _one_line(error)
+    try:
+        _raise_unless_all_started(message)
+    except InputError:
+        if inputs.iterator is not None:
+            inputs.iterator.close()
+        raise
+    return inputs
+
+
+def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pathlib.Path,
+              train_images: TrainImages | None) -> dict[str, float]:
+    """Runs config.eval.tasks with the current parameters; process 0 writes WORKDIR/eval/step_<step>/results.json
+    and every process gets the metrics.
+
+    Every process takes part in gathering the parameters into one host copy; process 0 alone then evaluates
+    that copy on its local devices. The parameter hash in results.json is computed from the host copy, so it
+    needs no other process (`eval.provenance.parameter_hash` gathers only arrays that are not fully
+    addressable, which a host copy never is) and equals the hash of the sharded parameters."""
     config = setup.config
     host_params = multihost.gather_to_host(state.params)  # a collective: every process takes part
     results: dict[str, float] = {}
     if jax.process_index() == 0:
         from geoalign_jax.eval import evaluate
 
+        run_info = {
+            "weights": f"{workdir} step {step}", "trainer": {"workdir": str(workdir), "step": step,
+                                                            "config": str(workdir / CONFIG_FILE)},
+            "tasks": list(config.eval.tasks), "batch_size": int(config.eval.batch_size),
+            "model_config": setup.model_config.to_dict(), "allow_train_split": bool(config.eval.allow_train_split),
+            "train_data": [os.path.abspath(config.data.train_shards)], "train_split": str(config.data.train_split),
+            "exclude_overlap": bool(config.eval.exclude_overlap),
+        }
         results = evaluate(
             setup.model_config, host_params, list(config.eval.tasks), batch_size=int(config.eval.batch_size),
-            progress=False,
+            progress=False, allow_train_split=bool(config.eval.allow_train_split), train_data=train_images,
+            exclude_overlap=bool(config.eval.exclude_overlap), run_info=run_info,
+            results_path=workdir / EVAL_DIR / f"step_{step}" / RESULTS_FILE,
         )
     return _broadcast_json(results)
 
@@ -208,14 +340,19 @@ def run(
     )
     checkpointer.write_model_config(setup.model_config)
     _write_config(workdir, config)
-    iterator = pipeline.make_train_iterator(config.data)
     resumed_from = checkpointer.latest_step()
+    try:
+        inputs = _open_inputs(setup, fresh=resumed_from is None)
+    except InputError:
+        checkpointer.close()
+        raise
+    iterator = inputs.iterator
     if resumed_from is not None:
         target = state_lib.with_shardings(setup.abstract_state, setup.shardings)
         state = checkpointer.restore(resumed_from, target, iterator)
         logger.info("resumed from step %d of %s", resumed_from, checkpointer.directory)
     else:
-        state = initial_state(setup)
+        state = state_from_params(setup, inputs.host_params)
     step = int(jax.device_get(state.step))
     if step >= num_steps:
         logger.info("%s already reached step %d (train.num_steps %d): nothing to do", workdir, step, num_steps)
@@ -223,6 +360,8 @@ def run(
         iterator.close()
         return RunResult("finished", step, resumed_from, state, {})
     writer = metrics_lib.MetricsWriter(workdir, total_steps=num_steps, initial_step=step, progress=progress)
+    if inputs.truncation:  # once per run: a resumed run finds it in the log already
+        writer.write(0, inputs.truncation)
     preemption = checkpoint_lib.Preemption()
     batch_sharding = mesh_lib.batch_sharding(setup.mesh)
     compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
@@ -262,7 +401,7 @@ def run(
             previous_streak = step_metrics["nonfinite_streak"]
             metrics_for_save = None
             if eval_every and (step % eval_every == 0 or step == num_steps):
-                results = _evaluate(setup, state)
+                results = _evaluate(setup, state, step, workdir, inputs.train_images)
                 writer.write(step, {f"eval/{key}": value for key, value in results.items()})
                 metrics_for_save = results
             if step % log_every == 0 or step == num_steps:
@@ -297,4 +436,4 @@ def run(
     return RunResult(status, step, resumed_from, state, last_logged)
 
 
-__all__ = ["NonFiniteError", "RunResult", "Setup", "build", "initial_state", "run"]
+__all__ = ["InputError", "NonFiniteError", "RunResult", "Setup", "build", "initial_state", "run", "state_from_params"]

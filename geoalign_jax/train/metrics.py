@@ -1,6 +1,7 @@
 """What a run reports: a console progress bar (tqdm), WORKDIR/metrics.jsonl (one JSON object per logged step,
-with a "step" key) and TensorBoard event files in WORKDIR/tb (tensorboardX). Only process 0 writes; the
-other processes get a writer that does nothing, so the loop calls it unconditionally.
+with a "step" key) and TensorBoard event files in WORKDIR/tb (tensorboardX). A fresh run's step-0 record holds
+the fractions of training texts longer than their context (`data/truncated/<kind>`, see train/loop.py). Only
+process 0 writes; the other processes get a writer that does nothing, so the loop calls it unconditionally.
 
 MFU = (FLOPs of the compiled step per device, from XLA's cost analysis) / step time / (the device's peak
 dense bf16 FLOP/s). Peaks are listed for the accelerators we know; elsewhere (CPUs) MFU is not reported and
@@ -140,6 +141,7 @@ def format_line(step: int, values: Mapping[str, Any]) -> str:
     for key in ("nonfinite_total", "decode_errors"):
         if key in values:
             parts.append(f"{key} {values[key]}")
+    parts += [f"{key} {values[key]:.2%}" for key in sorted(values) if key.startswith("data/truncated/")]
     return "  ".join(parts)
 
 
