@@ -5,6 +5,7 @@ test_train_multihost.py.)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -363,3 +364,23 @@ def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_f
     assert "compiled the train step" not in result.stdout + result.stderr
     assert not list((workdir / "checkpoints").glob("[0-9]*"))
 
+    # A first run that died before its first checkpoint (here: the truncated init file) leaves model_config.json
+    # describing no checkpoint; the same workdir then reruns with another (good) config and trains.
+    rerun = tmp_path / "rerun"
+    with pytest.raises(loop.InputError, match=r"truncated\.safetensors"):
+        loop.run(long_config, rerun, progress=False)
+    assert (rerun / "checkpoints" / "model_config.json").is_file() and not list((rerun / "checkpoints").glob("[0-9]*"))
+    good = tiny_config(scenes, **{"checkpoint.every_steps": 4})  # the preemption test's program (compile cache)
+    assert loop.run(good, rerun, progress=False).status == "finished"
+    from geoalign_jax.params_checkpoint import read_model_config
+    from geoalign_jax.train import checkpoint as checkpoint_lib
+
+    assert read_model_config(rerun) == model_config
+    # Once steps exist: other numerics (remat, dtype) resume, another architecture is refused on every process.
+    checkpointer = checkpoint_lib.Checkpointer(rerun, keep=1)
+    try:
+        checkpointer.write_model_config(dataclasses.replace(model_config, remat=True, dtype="bfloat16"))
+        with pytest.raises(ValueError, match=r"model_config.json: the checkpoints in this workdir are of model"):
+            checkpointer.write_model_config(dataclasses.replace(model_config, embed_dim=model_config.embed_dim * 2))
+    finally:
+        checkpointer.close()

@@ -114,9 +114,14 @@ class InitError(ValueError):
     architecture); the one-line message names init.path and the file."""
 
 
-def _check_architecture(expected: clip.CLIPConfig, found: clip.CLIPConfig, source: str) -> None:
+def same_architecture(expected: clip.CLIPConfig, found: clip.CLIPConfig) -> bool:
+    """Equal but for numerics (dtype, param_dtype, remat): the same parameters, computed another way."""
     numerics = dict(dtype=expected.dtype, param_dtype=expected.param_dtype, remat=expected.remat)
-    if dataclasses.replace(found, **numerics) != expected:
+    return dataclasses.replace(found, **numerics) == expected
+
+
+def _check_architecture(expected: clip.CLIPConfig, found: clip.CLIPConfig, source: str) -> None:
+    if not same_architecture(expected, found):
         try:
             params_checkpoint.check_param_shapes(
                 params_checkpoint.abstract_params(expected), params_checkpoint.abstract_params(found), source=source
