@@ -79,6 +79,15 @@ def test_eval_on_training_images_is_refused_before_training_unless_allowed(scene
     config.eval.allow_train_split = True
     config.eval.exclude_overlap = True
     loop.build(config)
+    # checkpoint.best_metric: a task the config does not evaluate is refused now; a metric name the task does
+    # not produce, at the first evaluation (before orbax ranks checkpoints by it), listing the names it has.
+    config.checkpoint.best_metric = "retreival/seen/standard/mean_recall"
+    with pytest.raises(ValueError, match=r"checkpoint.best_metric = 'retreival/.*one of \['retrieval/seen'\]"):
+        loop.build(config)
+    config.checkpoint.best_metric = ""
+    with pytest.raises(ValueError, match=r"'retrieval/seen/recall' is not among the evaluation's metrics: "
+                                         r"retrieval/seen/standard/mean_recall"):
+        loop._check_best_metric("retrieval/seen/recall", {"retrieval/seen/standard/mean_recall": 0.5})
     with pytest.raises(loop.InputError, match=r"eval.exclude_overlap: every one of the 4 images of eval task "
                                                r"retrieval/seen is also in the training shards"):
         loop.run(config, tmp_path / "run", progress=False)

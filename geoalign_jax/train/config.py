@@ -219,19 +219,26 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
     )
     for field in ("exclude_overlap", "allow_train_split"):
         _require(isinstance(evaluation[field], bool), f"eval.{field}", evaluation[field], "must be True or False")
-    if tasks:
-        _check_eval_tasks(tasks, allow_train_split=evaluation.allow_train_split)
+    prefixes = _check_eval_tasks(tasks, allow_train_split=evaluation.allow_train_split) if tasks else []
     _require(
         not ckpt.best_metric or bool(tasks), "checkpoint.best_metric", ckpt.best_metric,
         "needs eval.tasks (the metric comes from the evaluation)",
     )
+    # The metric's name within its task is known only after an evaluation (the loop checks it then).
+    _require(
+        not ckpt.best_metric or any(str(ckpt.best_metric).startswith(prefix + "/") for prefix in prefixes),
+        "checkpoint.best_metric", ckpt.best_metric,
+        f"must be a metric of one of the eval.tasks, named <task>/<metric> with <task> one of {prefixes}",
+    )
 
 
-def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> None:
+def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> list[str]:
     """Each task parses, and names no training split unless allowed (reads the tasks' manifests, so a task
-    the evaluation would refuse is refused now, not after `eval.every_steps` steps of training)."""
+    the evaluation would refuse is refused now, not after `eval.every_steps` steps of training). Returns the
+    tasks' metric prefixes ("zeroshot/aid")."""
     from geoalign_jax.eval import library
 
+    prefixes = []
     for task in tasks:
         try:
             spec = library.parse_task(task)
@@ -242,6 +249,8 @@ def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> Non
             library.split_guard(spec, split, splits, allow_train_split)
         except library.TaskError as error:
             raise ValueError(f"eval.tasks: {error} (in the trainer's config: eval.allow_train_split = True)") from None
+        prefixes.append(spec.prefix)
+    return prefixes
 
 
 def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -290,6 +290,14 @@ def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pat
     return _broadcast_json(results)
 
 
+def _check_best_metric(best_metric: str, results: dict[str, float]) -> None:
+    """The metric that ranks checkpoints must be one the evaluation produced (orbax would fail later with a
+    bare KeyError). Results are the same on every process, so every process raises."""
+    if best_metric and best_metric not in results:
+        raise ValueError(f"checkpoint.best_metric = {best_metric!r} is not among the evaluation's metrics: "
+                         f"{', '.join(sorted(results))}")
+
+
 def _log_compile(writer: metrics_lib.MetricsWriter, setup: Setup, compiled: step_lib.CompiledStep) -> dict[str, Any]:
     abstract = state_lib.with_shardings(setup.abstract_state, setup.shardings)
     params_bytes = state_lib.per_device_bytes(abstract.params)
@@ -402,6 +410,7 @@ def run(
             metrics_for_save = None
             if eval_every and (step % eval_every == 0 or step == num_steps):
                 results = _evaluate(setup, state, step, workdir, inputs.train_images)
+                _check_best_metric(str(ckpt_config.best_metric), results)
                 writer.write(step, {f"eval/{key}": value for key, value in results.items()})
                 metrics_for_save = results
             if step % log_every == 0 or step == num_steps:
