@@ -146,6 +146,9 @@ def make_train_step(
         )
         return new_state, metrics
 
+    # What compile_step needs to count the FLOPs of all micro-batches (XLA counts a scan body once).
+    train_step.micro_batches = count
+    train_step.micro_gradients = lambda state, micro_batch: grad_fn(state.params, micro_batch, state.step, state.teacher)
     return train_step
 
 
@@ -163,14 +166,17 @@ class CompiledStep:
     """The compiled step plus what was learnt compiling it."""
 
     run: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-    flops: float | None  # per device and step, from XLA's cost analysis (None when unavailable)
+    # Per device and step, from XLA's cost analysis (None when unavailable), every micro-batch counted; with
+    # remat the backward pass's recomputation is included (hardware FLOPs, not model FLOPs).
+    flops: float | None
     memory: dict[str, int]  # XLA's memory analysis, bytes per device
     compile_seconds: float
 
 
-def _cost_flops(compiled: Any) -> float | None:
+def _cost_flops(stage: Any) -> float | None:
+    """FLOPs from a Compiled (per device, optimised) or Lowered (whole program, unoptimised) stage."""
     try:
-        cost = compiled.cost_analysis()
+        cost = stage.cost_analysis()
     except Exception as error:  # noqa: BLE001 - not every backend implements it
         logger.info("cost analysis unavailable: %s", error)
         return None
@@ -215,7 +221,29 @@ def compile_step(
     lowered = jitted.lower(with_shardings(abstract_state, state_shardings), with_shardings(dict(batch_spec), batch_shardings))
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
-    return CompiledStep(run=compiled, flops=_cost_flops(compiled), memory=_memory(compiled), compile_seconds=seconds)
+    flops = _cost_flops(compiled)
+    count = getattr(train_step, "micro_batches", 1)
+    if flops is not None and count > 1:
+        flops = _count_every_micro_batch(flops, lowered, train_step, abstract_state, state_shardings, batch_spec, mesh)
+    return CompiledStep(run=compiled, flops=flops, memory=_memory(compiled), compile_seconds=seconds)
+
+
+def _count_every_micro_batch(
+    flops: float, lowered: Any, train_step: Callable, abstract_state: TrainState, state_shardings: TrainState,
+    batch_spec: Mapping[str, jax.ShapeDtypeStruct], mesh: Mesh,
+) -> float | None:
+    """XLA's cost analysis counts the body of the micro-batch scan once. The unoptimised cost of one
+    micro-batch's forward + backward (lowered, not compiled) says how much the other count - 1 add; the
+    compiled per-device count is scaled by that ratio."""
+    count = train_step.micro_batches
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    micro_spec = {key: jax.ShapeDtypeStruct((spec.shape[0] // count, *spec.shape[1:]), spec.dtype, sharding=batch_sharding)
+                  for key, spec in batch_spec.items()}
+    micro = jax.jit(train_step.micro_gradients).lower(with_shardings(abstract_state, state_shardings), micro_spec)
+    whole, one = _cost_flops(lowered), _cost_flops(micro)
+    if not whole or one is None:
+        return None
+    return flops * (whole + (count - 1) * one) / whole
 
 
 __all__ = ["CompiledStep", "StepConfig", "compile_step", "global_batch_spec", "make_train_step", "split_micro_batches"]
