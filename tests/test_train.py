@@ -306,13 +306,16 @@ def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(cache_env, scenes, tmp_path, monkeypatch):
-    config = tiny_config(scenes, **{"train.max_consecutive_nonfinite": 2})
+    """The streak is read only at log and save steps (here 3 and 6): steps 4 and 5 are non-finite, step 6 is
+    finite again, yet the run stops at step 6 without saving it."""
+    config = tiny_config(scenes, **{"train.max_consecutive_nonfinite": 2, "train.log_every": 6,
+                                    "checkpoint.every_steps": 3})
     calls = {"count": 0}
     to_global = multihost.host_batch_to_global
 
-    def poisoned_from_step_3(batch, sharding):
+    def poisoned_steps_4_and_5(batch, sharding):
         calls["count"] += 1
-        if calls["count"] >= 3:
+        if calls["count"] in (4, 5):
             batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
         return to_global(batch, sharding)
 

@@ -119,10 +119,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, state: TrainState, iterator: grain.DatasetIterator, *, metrics: dict[str, float] | None = None) -> int:
-        """Saves `state` and the iterator's position under the state's step (async when configured; the
-        iterator state is written before this returns, so the caller may advance it)."""
-        step = int(jax.device_get(state.step))
+    def save(self, state: TrainState, iterator: grain.DatasetIterator, *, step: int | None = None,
+             metrics: dict[str, float] | None = None) -> int:
+        """Saves `state` and the iterator's position under `step` (the state's step, which the loop knows
+        without waiting for the device; read from the state when not given). Async when configured; the
+        iterator state is written before this returns, so the caller may advance it."""
+        if step is None:
+            step = int(jax.device_get(state.step))
         args = ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
             STATE_ITEM: ocp.args.StandardSave(_state_item(state)),

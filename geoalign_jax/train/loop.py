@@ -383,30 +383,34 @@ def run(
     last_logged: dict[str, float] = {}
     timer = metrics_lib.StepTimer()
     steps_since_log = 0
-    previous_streak = None
+    # The longest run of non-finite steps since the last check, kept on the device: the host reads it only
+    # at log and save steps, so it never waits for the step just queued (a streak that reaches the limit
+    # and then recovers still stops the run; the state is not changed by non-finite steps meanwhile).
+    no_streak = jax.device_put(np.int32(0), mesh_lib.replicated(setup.mesh))
+    longest_streak = no_streak
+    track_streak = jax.jit(jax.numpy.maximum)
 
-    def check_streak(streak: Any, at_step: int) -> None:
-        if int(jax.device_get(streak)) >= max_nonfinite:
+    def check_streak(at_step: int) -> None:
+        nonlocal longest_streak
+        if int(jax.device_get(longest_streak)) >= max_nonfinite:
             raise NonFiniteError(
-                f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) ending at step "
+                f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) by step "
                 f"{at_step}: the loss or the gradient norm is not finite; the last good checkpoint (step "
                 f"{saved_step}) is kept unchanged in {checkpointer.directory}"
             )
+        longest_streak = no_streak
 
     try:
         while step < num_steps:
             batch = next(iterator)
             host_metrics = pipeline.pop_host_metrics(batch)
             state, step_metrics = compiled.run(state, multihost.host_batch_to_global(batch, batch_sharding))
+            longest_streak = track_streak(longest_streak, step_metrics["nonfinite_streak"])
             step += 1
             steps_since_log += 1
             writer.advance()
             if on_step is not None:
                 on_step(step)
-            # The previous step's streak (one step behind, so the host never waits for the step just queued).
-            if previous_streak is not None:
-                check_streak(previous_streak, step - 1)
-            previous_streak = step_metrics["nonfinite_streak"]
             metrics_for_save = None
             if eval_every and (step % eval_every == 0 or step == num_steps):
                 results = _evaluate(setup, state, step, workdir, inputs.train_images)
@@ -424,11 +428,11 @@ def run(
                 steps_since_log = 0
                 writer.write(step, values)
                 last_logged = {key: float(value) for key, value in values.items()}
-                check_streak(values["nonfinite_streak"], step)
+                check_streak(step)
             preempted = preemption.reached(step)
             if preempted or step % int(ckpt_config.every_steps) == 0 or step == num_steps or metrics_for_save:
-                check_streak(state.nonfinite_streak, step)  # never save a state past the limit
-                saved_step = checkpointer.save(state, iterator, metrics=metrics_for_save)
+                check_streak(step)  # never save a state past the limit
+                saved_step = checkpointer.save(state, iterator, step=step, metrics=metrics_for_save)
             if preempted:
                 writer.console(f"preemption notice: saved step {step} on every process; exiting")
                 status = "preempted"
