@@ -302,6 +302,9 @@ def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
     state, metrics = compiled.run(state, multihost.host_batch_to_global(good, sharding))
     metrics = jax.device_get(metrics)
     assert (metrics["nonfinite"], metrics["nonfinite_streak"], metrics["nonfinite_total"]) == (0, 0, 1)
+    # The optimizer's count did not advance on the skipped step: the update used (and the log shows) the
+    # schedule's first value, not the one at state.step (tiny: warm-up 2, so they differ).
+    assert metrics["learning_rate"] == pytest.approx(float(setup.schedule(0))) != float(setup.schedule(1))
     assert not np.array_equal(before_params["['visual']['proj']"], np.asarray(state.params["visual"]["proj"]))
 
 
@@ -319,13 +322,13 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
             batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
         return to_global(batch, sharding)
 
-    monkeypatch.setattr(loop.multihost, "host_batch_to_global", poisoned_from_step_3)
-    with pytest.raises(loop.NonFiniteError, match=r"2 non-finite steps in a row.*step 2"):
+    monkeypatch.setattr(loop.multihost, "host_batch_to_global", poisoned_steps_4_and_5)
+    with pytest.raises(loop.NonFiniteError, match=r"2 non-finite steps in a row.*by step 6.*checkpoint \(step 3\)"):
         loop.run(config, tmp_path / "run", progress=False)
     from geoalign_jax.params_checkpoint import load_params
 
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [2]
+    assert steps == [3]
     _, params = load_params(tmp_path / "run")
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
 

@@ -148,6 +148,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Params, num_steps: 
     return optax.multi_transform({TRAIN: trainable, FROZEN: optax.set_to_zero()}, labels)
 
 
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The optimizer's own update count, the one its learning-rate schedule reads (it does not advance on a
+    skipped non-finite step, unlike the training step)."""
+    count = optax.tree_utils.tree_get(
+        opt_state, "count",
+        filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == optax.ScaleByScheduleState.__name__,
+    )
+    if count is None:
+        raise ValueError("the optimizer state holds no learning-rate schedule count (optax.ScaleByScheduleState)")
+    return count
+
+
 def frozen_mask(params: Params, optim: ml_collections.ConfigDict) -> Params:
     """True for frozen parameters (their gradients are excluded from the reported gradient norm)."""
     return jax.tree.map(lambda label: label == FROZEN, frozen_labels(params, optim.frozen))
@@ -162,4 +174,5 @@ __all__ = [
     "lr_multipliers",
     "make_optimizer",
     "scale_by_tree",
+    "schedule_count",
 ]

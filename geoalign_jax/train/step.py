@@ -25,6 +25,7 @@ from geoalign_jax.losses.consistency import ema_update
 from geoalign_jax.losses.contrastive import clamp_logit_scale
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train.state import TrainState, with_shardings
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def make_train_step(
         metrics = dict(metrics)
         metrics.update(
             grad_norm=grad_norm,
-            learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+            # The rate this update used: the schedule at the optimizer's count (behind state.step by the
+            # skipped steps).
+            learning_rate=jnp.asarray(schedule(optim_lib.schedule_count(state.opt_state)), jnp.float32),
             nonfinite=(~finite).astype(jnp.int32),
             nonfinite_streak=streak,
             nonfinite_total=new_state.nonfinite_total,
