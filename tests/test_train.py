@@ -280,6 +280,21 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     assert (again.status, again.resumed_from, again.step) == ("finished", 6, 6)
 
 
+def test_a_failed_compile_uninstalls_the_sigterm_handler_and_closes_the_run(scenes, tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    closed = []
+    monkeypatch.setattr(metrics_lib.MetricsWriter, "close", lambda self: closed.append("writer"))
+
+    def fail(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) is not before  # the run's handler is installed by now
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+
+    monkeypatch.setattr(loop.step_lib, "compile_step", fail)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        loop.run(tiny_config(scenes), tmp_path / "run", progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before and closed == ["writer"]
+
+
 def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
     config = tiny_config(scenes)
     setup = loop.build(config)

@@ -14,6 +14,7 @@ of these inputs that cannot be used is an `InputError` on every process (the CLI
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -346,61 +347,62 @@ def run(
         best_metric=str(ckpt_config.best_metric), best_mode=str(ckpt_config.best_mode),
         keep_best=int(ckpt_config.keep_best),
     )
-    checkpointer.write_model_config(setup.model_config)
-    _write_config(workdir, config)
-    resumed_from = checkpointer.latest_step()
-    try:
+    # Every resource is released however the run ends (a failed compile, an input error, an interrupt):
+    # the SIGTERM handler uninstalled, files closed, pending checkpoint writes finished (LIFO).
+    with contextlib.ExitStack() as resources:
+        resources.callback(checkpointer.close)
+        resources.callback(checkpointer.wait)
+        checkpointer.write_model_config(setup.model_config)
+        _write_config(workdir, config)
+        resumed_from = checkpointer.latest_step()
         inputs = _open_inputs(setup, fresh=resumed_from is None)
-    except InputError:
-        checkpointer.close()
-        raise
-    iterator = inputs.iterator
-    if resumed_from is not None:
-        target = state_lib.with_shardings(setup.abstract_state, setup.shardings)
-        state = checkpointer.restore(resumed_from, target, iterator)
-        logger.info("resumed from step %d of %s", resumed_from, checkpointer.directory)
-    else:
-        state = state_from_params(setup, inputs.host_params)
-    step = int(jax.device_get(state.step))
-    if step >= num_steps:
-        logger.info("%s already reached step %d (train.num_steps %d): nothing to do", workdir, step, num_steps)
-        checkpointer.close()
-        iterator.close()
-        return RunResult("finished", step, resumed_from, state, {})
-    writer = metrics_lib.MetricsWriter(workdir, total_steps=num_steps, initial_step=step, progress=progress)
-    if inputs.truncation:  # once per run: a resumed run finds it in the log already
-        writer.write(0, inputs.truncation)
-    preemption = checkpoint_lib.Preemption()
-    batch_sharding = mesh_lib.batch_sharding(setup.mesh)
-    compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
-    _log_compile(writer, setup, compiled)
-    if resumed_from is not None:
-        writer.console(f"resumed from step {resumed_from}")
-    eval_every = int(config.eval.every_steps)
-    max_nonfinite = int(config.train.max_consecutive_nonfinite)
-    saved_step = resumed_from
-    status = "finished"
-    last_logged: dict[str, float] = {}
-    timer = metrics_lib.StepTimer()
-    steps_since_log = 0
-    # The longest run of non-finite steps since the last check, kept on the device: the host reads it only
-    # at log and save steps, so it never waits for the step just queued (a streak that reaches the limit
-    # and then recovers still stops the run; the state is not changed by non-finite steps meanwhile).
-    no_streak = jax.device_put(np.int32(0), mesh_lib.replicated(setup.mesh))
-    longest_streak = no_streak
-    track_streak = jax.jit(jax.numpy.maximum)
-
-    def check_streak(at_step: int) -> None:
-        nonlocal longest_streak
-        if int(jax.device_get(longest_streak)) >= max_nonfinite:
-            raise NonFiniteError(
-                f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) by step "
-                f"{at_step}: the loss or the gradient norm is not finite; the last good checkpoint (step "
-                f"{saved_step}) is kept unchanged in {checkpointer.directory}"
-            )
+        iterator = inputs.iterator
+        resources.callback(iterator.close)
+        if resumed_from is not None:
+            target = state_lib.with_shardings(setup.abstract_state, setup.shardings)
+            state = checkpointer.restore(resumed_from, target, iterator)
+            logger.info("resumed from step %d of %s", resumed_from, checkpointer.directory)
+        else:
+            state = state_from_params(setup, inputs.host_params)
+        step = int(jax.device_get(state.step))
+        if step >= num_steps:
+            logger.info("%s already reached step %d (train.num_steps %d): nothing to do", workdir, step, num_steps)
+            return RunResult("finished", step, resumed_from, state, {})
+        writer = metrics_lib.MetricsWriter(workdir, total_steps=num_steps, initial_step=step, progress=progress)
+        resources.callback(writer.close)
+        if inputs.truncation:  # once per run: a resumed run finds it in the log already
+            writer.write(0, inputs.truncation)
+        preemption = checkpoint_lib.Preemption()
+        resources.callback(preemption.close)
+        batch_sharding = mesh_lib.batch_sharding(setup.mesh)
+        compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
+        _log_compile(writer, setup, compiled)
+        if resumed_from is not None:
+            writer.console(f"resumed from step {resumed_from}")
+        eval_every = int(config.eval.every_steps)
+        max_nonfinite = int(config.train.max_consecutive_nonfinite)
+        saved_step = resumed_from
+        status = "finished"
+        last_logged: dict[str, float] = {}
+        timer = metrics_lib.StepTimer()
+        steps_since_log = 0
+        # The longest run of non-finite steps since the last check, kept on the device: the host reads it only
+        # at log and save steps, so it never waits for the step just queued (a streak that reaches the limit
+        # and then recovers still stops the run; the state is not changed by non-finite steps meanwhile).
+        no_streak = jax.device_put(np.int32(0), mesh_lib.replicated(setup.mesh))
         longest_streak = no_streak
+        track_streak = jax.jit(jax.numpy.maximum)
 
-    try:
+        def check_streak(at_step: int) -> None:
+            nonlocal longest_streak
+            if int(jax.device_get(longest_streak)) >= max_nonfinite:
+                raise NonFiniteError(
+                    f"{max_nonfinite} non-finite steps in a row (train.max_consecutive_nonfinite) by step "
+                    f"{at_step}: the loss or the gradient norm is not finite; the last good checkpoint (step "
+                    f"{saved_step}) is kept unchanged in {checkpointer.directory}"
+                )
+            longest_streak = no_streak
+
         while step < num_steps:
             batch = next(iterator)
             host_metrics = pipeline.pop_host_metrics(batch)
@@ -437,15 +439,6 @@ def run(
                 writer.console(f"preemption notice: saved step {step} on every process; exiting")
                 status = "preempted"
                 break
-        checkpointer.wait()
-    finally:
-        try:
-            checkpointer.wait()
-        finally:
-            checkpointer.close()
-            preemption.close()
-            writer.close()
-            iterator.close()
     return RunResult(status, step, resumed_from, state, last_logged)
 
 
