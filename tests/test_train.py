@@ -131,13 +131,28 @@ def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
     assert np.any(flat_updates["visual/proj"])
 
 
-def test_a_resumed_log_drops_records_logged_after_the_checkpoint(tmp_path):
+def test_a_resumed_log_drops_records_logged_after_the_checkpoint(tmp_path, capsys):
+    """... and its last line when a kill cut it; a non-finite value is written as null (strict JSON); the
+    console line shows evaluation results; the step timer leaves out evaluation and checkpoint time."""
     log = tmp_path / metrics_lib.METRICS_FILE
-    log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)))
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)) + '{"step": 6, "lo')
     writer = metrics_lib.MetricsWriter(tmp_path, total_steps=10, initial_step=3, progress=False)
-    writer.write(4, {"loss": np.float32(0.5)})
+    writer.write(4, {"loss": np.float32(np.nan), "grad_norm": np.float32(2.0)})
+    writer.write(4, {"eval/zeroshot/aid/top1": 0.625, "eval_seconds": 1.5})
     writer.close()
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=strict) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4] and records[3] == {"step": 4, "loss": None, "grad_norm": 2.0}
+    assert "eval/zeroshot/aid/top1 0.625" in capsys.readouterr().out
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # damaged before the end: not guessed at
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        metrics_lib.MetricsWriter(tmp_path, total_steps=10, initial_step=3, progress=False)
+    timer = metrics_lib.StepTimer()
+    timer.exclude(3600.0)
+    assert timer.lap() == 0.0 and timer.lap() > 0.0  # an hour excluded from the first interval only
 
 
 def test_micro_batches_take_strided_rows():
@@ -199,6 +214,7 @@ def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_
 
     evaluated = {r["step"]: r["eval/zeroshot/landcover/top1"] for r in records if "eval/zeroshot/landcover/top1" in r}
     assert sorted(evaluated) == [8, 16, 24]
+    assert all(r["eval_seconds"] > 0 for r in records if "eval/zeroshot/landcover/top1" in r)  # timed apart
     assert [r["step"] for r in records if r.get("eval/retrieval/seen/overlap/exact") == 8] == [8, 16, 24]
     assert records[0]["step"] == 0 and {key for key in records[0] if key != "step"} == {
         f"data/truncated/{kind}" for kind in text_stats.TEXT_KINDS}  # demo reads every kind of text

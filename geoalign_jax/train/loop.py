@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
@@ -291,6 +292,13 @@ def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pat
     return _broadcast_json(results)
 
 
+def _after_queued_steps(state: state_lib.TrainState) -> float:
+    """Waits for the steps already dispatched (training time), then returns the time: what follows (an
+    evaluation, a checkpoint save) is timed apart from the steps."""
+    jax.block_until_ready(state)
+    return time.perf_counter()
+
+
 def _check_best_metric(best_metric: str, results: dict[str, float]) -> None:
     """The metric that ranks checkpoints must be one the evaluation produced (orbax would fail later with a
     bare KeyError). Results are the same on every process, so every process raises."""
@@ -415,9 +423,13 @@ def run(
                 on_step(step)
             metrics_for_save = None
             if eval_every and (step % eval_every == 0 or step == num_steps):
+                started = _after_queued_steps(state)
                 results = _evaluate(setup, state, step, workdir, inputs.train_images)
                 _check_best_metric(str(ckpt_config.best_metric), results)
-                writer.write(step, {f"eval/{key}": value for key, value in results.items()})
+                eval_seconds = time.perf_counter() - started
+                timer.exclude(eval_seconds)
+                writer.write(step, {**{f"eval/{key}": value for key, value in results.items()},
+                                    "eval_seconds": eval_seconds})
                 metrics_for_save = results
             if step % log_every == 0 or step == num_steps:
                 values = {key: value for key, value in jax.device_get(step_metrics).items()}
@@ -434,7 +446,9 @@ def run(
             preempted = preemption.reached(step)
             if preempted or step % int(ckpt_config.every_steps) == 0 or step == num_steps or metrics_for_save:
                 check_streak(step)  # never save a state past the limit
+                started = _after_queued_steps(state)
                 saved_step = checkpointer.save(state, iterator, step=step, metrics=metrics_for_save)
+                timer.exclude(time.perf_counter() - started)
             if preempted:
                 writer.console(f"preemption notice: saved step {step} on every process; exiting")
                 status = "preempted"

@@ -91,8 +91,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         values = {key: _scalar(value) for key, value in metrics.items()}
-        record = {"step": int(step), **values}
-        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        # Strict JSON: a non-finite value (a skipped step's loss) is null.
+        record = {"step": int(step), **{key: value if math.isfinite(value) else None for key, value in values.items()}}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -119,10 +120,24 @@ class MetricsWriter:
 
 
 def _drop_records_after(path: pathlib.Path, step: int) -> None:
+    """Keeps the records up to `step`. A last line that is not JSON was cut by a kill mid-write and is
+    dropped (logged); a damaged line before it is an error naming the file and line."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: dropped its last line, cut short (%s): %r", path, error, line[:80])
+                continue
+            raise ValueError(f"{path} line {number} is not JSON ({error}); repair or remove it") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
@@ -142,19 +157,28 @@ def format_line(step: int, values: Mapping[str, Any]) -> str:
         if key in values:
             parts.append(f"{key} {values[key]}")
     parts += [f"{key} {values[key]:.2%}" for key in sorted(values) if key.startswith("data/truncated/")]
+    parts += [f"{key} {values[key]:.4g}" for key in sorted(values) if key.startswith("eval/")]
+    if "eval_seconds" in values:
+        parts.append(f"eval_seconds {values['eval_seconds']:.1f}")
     return "  ".join(parts)
 
 
 class StepTimer:
-    """Wall time between logged steps (the loop blocks on the metrics there, so the span is real work)."""
+    """Training wall time between logged steps (the loop blocks on the metrics there, so the span is real
+    work), less the time spent in evaluations and checkpoint saves, which `exclude` reports."""
 
     def __init__(self) -> None:
         self._start = time.perf_counter()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
 
     def lap(self) -> float:
         now = time.perf_counter()
-        elapsed, self._start = now - self._start, now
-        return elapsed
+        elapsed, self._start = now - self._start - self._excluded, now
+        self._excluded = 0.0
+        return max(elapsed, 0.0)
 
 
 def throughput(
