@@ -61,6 +61,15 @@ def test_config_typo_is_rejected_with_its_name(scenes, tmp_path):
     assert result.returncode == 2
     assert 'lerning_rate: Did you mean "learning_rate"' in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()  # refused before anything was written
+    # optim.lr_multipliers: (regex, factor) pairs, set from the command line (regexes with dots and slashes).
+    result = subprocess.run(
+        [sys.executable, "-m", "geoalign_jax.train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+         '--config.optim.lr_multipliers=(("^text/", 0.1), ("^visual/.*", -1.0))'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 2
+    assert "error: optim.lr_multipliers['^visual/.*'] = -1.0: must be a number >= 0" in result.stderr, result.stderr
 
 
 def test_missing_batch_input_is_named_before_the_first_step(scenes):
@@ -108,7 +117,7 @@ def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
         assert not decays[path], path
 
     config.optim.layer_decay = 0.5
-    config.optim.lr_multipliers = {"^text/": 0.1}
+    config.optim.lr_multipliers = (("^text/", 0.1), ("^text/", 7.0))  # first match wins
     factors = flatten_params(optim.lr_multipliers(params, config.optim))
     # tiny has 2 blocks per tower: embeddings are layer 0 (0.5**3), block i layer i + 1, the head layer 3 (1)
     assert factors["visual/conv1/kernel"] == 0.125 and factors["visual/transformer/resblocks_0/ln_1/scale"] == 0.25

@@ -38,18 +38,19 @@ def default_optim_config() -> ml_collections.ConfigDict:
     config.learning_rate = 5e-5  # peak learning rate, reached after warmup_steps
     config.warmup_steps = 500  # linear warm-up from 0 over this many steps
     config.end_learning_rate_factor = 0.0  # cosine decays to learning_rate * this at train.num_steps
-    config.b1 = 0.9
-    config.b2 = 0.98  # open_clip's CLIP setting
-    config.eps = 1e-6
+    config.b1 = 0.9  # AdamW's first-moment decay
+    config.b2 = 0.98  # second-moment decay (open_clip's CLIP setting, as b1 and eps)
+    config.eps = 1e-6  # added to the root of the second moment (open_clip; optax's default is 1e-8)
     config.weight_decay = 0.2  # decoupled (AdamW) decay, only on parameters not matched by no_decay
     # Regular expressions (re.search) on parameter paths like "visual/transformer/resblocks_0/ln_1/scale":
     # matching parameters get no weight decay. Default: norms (scale/bias), all biases, embeddings
     # (token, position, class) and the temperature / SigLIP bias, as open_clip and FarSLIP do.
     config.no_decay = ("/bias$", "/scale$", "embedding", "^logit_scale$", "^logit_bias$")
     config.clip_norm = 1.0  # clip the global gradient norm to this before AdamW; 0 = no clipping
-    # Learning-rate multipliers: regex on the parameter path -> factor (first match wins; unmatched = 1.0),
-    # e.g. {"^text/": 0.1} for a slower text tower. Applied on top of the layer-wise decay.
-    config.lr_multipliers = ml_collections.ConfigDict()
+    # Learning-rate multipliers: (regex on the parameter path, factor) pairs, the first match wins (unmatched:
+    # 1.0), e.g. (("^text/", 0.1),) for a slower text tower, or on the command line
+    # --config.optim.lr_multipliers='(("^text/", 0.1),)'. Applied on top of the layer-wise decay.
+    config.lr_multipliers = ()
     # Frozen sub-trees: regexes on parameter paths; matching parameters are never updated and get no
     # optimizer state (e.g. ("^text/",) freezes the text tower, LiT style).
     config.frozen = ()
@@ -190,9 +191,13 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_number(optim.layer_decay) and 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay, "must be in (0, 1]")
     _check_regexes(optim.no_decay, "optim.no_decay")
     _check_regexes(optim.frozen, "optim.frozen")
-    _check_regexes(list(optim.lr_multipliers.keys()), "optim.lr_multipliers")
-    for pattern, factor in optim.lr_multipliers.items():
-        _require(_is_number(factor) and factor >= 0, f"optim.lr_multipliers[{pattern!r}]", factor, "must be a number >= 0")
+    for pair in optim.lr_multipliers:
+        _require(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str), "optim.lr_multipliers",
+            tuple(optim.lr_multipliers), "must be (regex, factor) pairs, e.g. ((\"^text/\", 0.1),)",
+        )
+        _require(_is_number(pair[1]) and pair[1] >= 0, f"optim.lr_multipliers[{pair[0]!r}]", pair[1], "must be a number >= 0")
+    _check_regexes([pattern for pattern, _ in optim.lr_multipliers], "optim.lr_multipliers")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
         _require(_is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")

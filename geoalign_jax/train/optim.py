@@ -87,7 +87,7 @@ def lr_multipliers(params: Params, optim: ml_collections.ConfigDict) -> Params:
     (1.0 when none matches) times the layer-wise decay factor."""
     paths = list(flatten_params(params))
     blocks = {tower: _num_blocks(paths, tower) for tower in ("visual", "text")}
-    patterns = list(optim.lr_multipliers.items())
+    patterns = [(str(pattern), float(value)) for pattern, value in optim.lr_multipliers]
 
     def factor(path: str) -> float:
         tower_factor = next((float(value) for pattern, value in patterns if re.search(pattern, path)), 1.0)
