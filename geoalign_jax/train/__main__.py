@@ -43,12 +43,12 @@ def main(argv: list[str]) -> int:
 
     try:
         config = _CONFIG.value  # config_flags loads the file lazily: a missing/broken file raises here
-        loop.build(config)  # validate first: a bad config is exit status 2 with the field named
+        setup = loop.build(config)  # validate first: a bad config is exit status 2 with the field named
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value)
+        result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value, setup=setup)
     except loop.InputError as error:  # initial weights, training shards or evaluation data unusable
         print(f"error: {error}", file=sys.stderr)
         return 2

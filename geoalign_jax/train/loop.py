@@ -341,12 +341,14 @@ def run(
     *,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    setup: Setup | None = None,
 ) -> RunResult:
     """Trains `config` in `workdir` until `train.num_steps` (resuming from its latest checkpoint), or until a
     preemption notice, after which every process has saved the same step. `on_step(step)` is called after
-    each step is dispatched (tests use it to deliver a signal at a known step)."""
+    each step is dispatched (tests use it to deliver a signal at a known step). `setup`: `build(config)`
+    when the caller has it already (the CLI validates the config with it first)."""
     workdir = pathlib.Path(workdir).absolute()
-    setup = build(config)
+    setup = setup if setup is not None else build(config)
     num_steps = int(config.train.num_steps)
     log_every = int(config.train.log_every)
     ckpt_config = config.checkpoint
