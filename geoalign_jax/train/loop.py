@@ -149,10 +149,45 @@ def state_from_params(setup: Setup, host_params: state_lib.Params | None) -> sta
     return jax.jit(create, out_shardings=setup.shardings)(params)
 
 
-def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+#: data fields that decide which examples the restored iterator position points at (worker_count: the
+#: position is saved per worker): a resumed run may not change them.
+DATA_ORDER_FIELDS = ("train_shards", "train_split", "batch_size", "seed", "shuffle", "num_epochs", "worker_count")
+
+
+def _flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {key: value for name, item in tree.items() for key, value in _flat_fields(item, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _compare_resumed_config(path: pathlib.Path, config: dict[str, Any]) -> None:
+    """A resumed run logs how its config differs from the one in `path`, and refuses changes to the data
+    order (DATA_ORDER_FIELDS): the restored iterator position would point into another stream. Every
+    process reads and raises alike."""
+    if not path.is_file():
+        return
+    before, after = _flat_fields(json.loads(path.read_text())), _flat_fields(json.loads(json.dumps(config)))
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    if not changed:
+        return
+    shown = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
+    order = [key for key in changed if key in {f"data.{field}" for field in DATA_ORDER_FIELDS}]
+    if order:
+        raise ValueError(
+            f"{', '.join(order)} changed since the checkpoints in {path.parent} were written ({shown}); the "
+            f"restored data position would point into another stream: keep them, or use another --workdir"
+        )
+    logger.warning("resuming with a changed config (%s will hold the new one): %s", path, shown)
+
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
+    plain = config_lib.as_plain_dict(config)
+    if resuming:
+        _compare_resumed_config(workdir / CONFIG_FILE, plain)
+        multihost.sync_barrier("config:compared")  # every process has read the old file before it is replaced
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_FILE).write_text(json.dumps(config_lib.as_plain_dict(config), indent=2, sort_keys=True))
+        (workdir / CONFIG_FILE).write_text(json.dumps(plain, indent=2, sort_keys=True))
 
 
 def _broadcast_json(value: Any) -> Any:
@@ -363,8 +398,8 @@ def run(
         resources.callback(checkpointer.close)
         resources.callback(checkpointer.wait)
         checkpointer.write_model_config(setup.model_config)
-        _write_config(workdir, config)
         resumed_from = checkpointer.latest_step()
+        _write_config(workdir, config, resuming=resumed_from is not None)
         inputs = _open_inputs(setup, fresh=resumed_from is None)
         iterator = inputs.iterator
         resources.callback(iterator.close)
