@@ -172,6 +172,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # orbax's close() does not wait for the temporary-folder cleanup its constructor starts in a thread: a
+        # run that fails before its first save (a bad init.path) would exit under that thread, which then
+        # prints a traceback at interpreter shutdown. (Private, hence looked up; a save awaits it as well.)
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
 
 
