@@ -8,7 +8,9 @@ Target: RemoteCLIP's retrieval table under the standard protocol (ViT-B/32 mean 
 SEG-4 mixture (165,745 images); with another corpus expect other numbers.
 
 Start from OpenAI ViT-B/32 (QuickGELU) converted once:
-`python -m geoalign_jax.convert import --src ViT-B-32.pt --format open_clip --quick-gelu --out ckpt/openai-vit-b-32`
+`python -m geoalign_jax.convert import --src open_clip_model.safetensors --format open_clip --quick-gelu
+--out ckpt/openai-vit-b-32` (the file of open_clip's OpenAI weights on the Hugging Face hub,
+timm/vit_base_patch32_clip_224.openai)
 (or any published RS-CLIP .pt, e.g. RemoteCLIP-ViT-B-32.pt, to continue from it).
 RemoteCLIP's training hyperparameters are not in its public code: the optimizer values below are CLIP's
 (b2 0.98, eps 1e-6, weight decay 0.2) and the rest are inferred for fine-tuning.

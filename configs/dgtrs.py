@@ -9,7 +9,9 @@ appears as "LRSCLIP" (zero-shot mean 58.42 over FarSLIP's 8 datasets).
 
 The text tower has 248 positions: an OpenAI 77-position checkpoint is Long-CLIP-stretched when loaded
 (knowledge-preserved stretching, keeps the first 20 positions). Start from OpenAI ViT-B/16 converted once:
-`python -m geoalign_jax.convert import --src ViT-B-16.pt --format open_clip --quick-gelu --out ckpt/openai-vit-b-16`.
+`python -m geoalign_jax.convert import --src open_clip_model.safetensors --format open_clip --quick-gelu
+--out ckpt/openai-vit-b-16` (the file of open_clip's OpenAI weights on the Hugging Face hub,
+timm/vit_base_patch16_clip_224.openai).
 The loss is a(t) * ITC(image, long text) + (1 - a(t)) * ITC(image, short text), image features shared by both
 (the model code's forward); a(t) rises linearly from 0.2 to 0.8 over the first 5000 steps: the paper names the
 curriculum ("dual-granularity curriculum learning") but not its schedule, so the schedule is inferred.

@@ -13,7 +13,9 @@ s2 (`--method farslip2`): global ITC + CLS region-category alignment (multi-posi
 (`python -m geoalign_jax.prepare mgrs ...`), ten epochs, from the s1 run.
 
 Start from OpenAI ViT-B/16 (QuickGELU) converted once:
-`python -m geoalign_jax.convert import --src ViT-B-16.pt --format open_clip --quick-gelu --out ckpt/openai-vit-b-16`.
+`python -m geoalign_jax.convert import --src open_clip_model.safetensors --format open_clip --quick-gelu
+--out ckpt/openai-vit-b-16` (the file of open_clip's OpenAI weights on the Hugging Face hub,
+timm/vit_base_patch16_clip_224.openai).
 
 Differences from the authors' runs: their DDP gives the gathered ITC 1/W of its gradient on W GPUs while the
 rank-local terms keep theirs (an inferred reading of their code); here every term gets its true gradient, so
