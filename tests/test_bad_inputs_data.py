@@ -178,7 +178,7 @@ def test_evaluate_names_the_shard_record_and_task_of_an_unreadable_record(damage
     assert "Traceback" not in err
     (line,) = _error_lines(err)
     assert f"task zeroshot:noise: {shard} record {bad[0] - COUNT // 2}: cannot be read" in line
-    assert "--skip_bad_records" in line
+    assert "--skip-bad-records" in line
     assert not (tmp_path / "out" / "results.json").exists()
 
 

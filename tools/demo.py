@@ -124,7 +124,7 @@ def _evaluate(args: list[str], out: pathlib.Path) -> dict[str, float]:
     """The evaluate CLI in this process (the command is printed); returns the metrics it wrote."""
     from geoalign_jax.eval.__main__ import main as evaluate_main
 
-    command = [sys.executable, "-m", "geoalign_jax.evaluate", *args, "--out", str(out), "--no_progress"]
+    command = [sys.executable, "-m", "geoalign_jax.evaluate", *args, "--out", str(out), "--no-progress"]
     _show(command)
     if evaluate_main(command[3:]) != 0:
         raise RuntimeError(f"evaluation failed: {' '.join(command)}")
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     differences = compare_with_torch(run, exports, data["scenes"])
     failures += [f"{fmt} embeddings differ by {diff:.1e}" for fmt, diff in differences.items()
                  if not diff <= EMBEDDING_TOLERANCE]
-    torch_metrics = _evaluate(["--open_clip", str(exports["open_clip"]), "--backend", "open_clip", "--tasks", *tasks],
+    torch_metrics = _evaluate(["--open-clip", str(exports["open_clip"]), "--backend", "open_clip", "--tasks", *tasks],
                               out / "eval" / "open_clip")
     disagreement = max(abs(trained[key] - torch_metrics[key]) for key in trained)
     print(f"JAX and PyTorch evaluations of the trained model: {len(trained)} metrics, largest difference "

@@ -7,7 +7,7 @@
   machinery both formats run through their key tables (`StateDictLayout`): layout mapping, q/k/v
   split/merge, architecture inference and the import pipeline.
 - `pretrained.load_pretrained(src, "open_clip" | "hf")`: THE loader every entry point uses (convert import,
-  evaluate --open_clip/--hf, the trainer's init): a missing, truncated or damaged file, or a folder missing
+  evaluate --open-clip/--hf, the trainer's init): a missing, truncated or damaged file, or a folder missing
   a file, raises `WeightsFileError` with one line naming the file and what is wrong.
 CLI: `python -m geoalign_jax.convert export|import ...` (see `__main__.py`).
 

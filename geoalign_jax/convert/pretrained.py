@@ -1,6 +1,6 @@
 """`load_pretrained`: the one loader of PyTorch-format CLIP weights (open_clip or Hugging Face) into
 geoalign-jax parameters, shared by `python -m geoalign_jax.convert import`, `python -m geoalign_jax.evaluate
---open_clip/--hf` and the trainer's init from pretrained weights.
+--open-clip/--hf` and the trainer's init from pretrained weights.
 
 Why one loader: weights arrive truncated by interrupted downloads, damaged by copies, or as folders missing
 a file, and every entry point must answer the same way: `WeightsFileError`, one line naming the file and

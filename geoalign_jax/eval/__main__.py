@@ -5,11 +5,11 @@ Examples::
     python -m geoalign_jax.evaluate --checkpoint runs/demo/params \\
         --tasks zeroshot:aid=/data/aid_records retrieval:rsicd=/data/rsicd_records,split=test,protocol=both \\
                 regions:dota=/data/dota_records,methods=crop+roi --out eval_out
-    python -m geoalign_jax.evaluate --open_clip exported_dir --backend open_clip --tasks ... --out ...
+    python -m geoalign_jax.evaluate --open-clip exported_dir --backend open_clip --tasks ... --out ...
     python -m geoalign_jax.evaluate --checkpoint ... --tasks ... --out ... \
         --train-data /data/rs5m_records '/data/extra/*.array_record' [--exclude-overlap]
 
-Weights: exactly one of --checkpoint (geoalign-jax parameters), --open_clip (a weights file or an
+Weights: exactly one of --checkpoint (geoalign-jax parameters), --open-clip (a weights file or an
 open_clip folder), --hf (a transformers CLIPModel folder), --model NAME (random init; smoke tests).
 Writes ``results.json`` (metrics, details and provenance: data hashes, protocol, templates, model
 parameter hash, package versions) and PNG plots into --out and prints a table. A training split is
@@ -38,17 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
                "a tree of class folders.")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
-    weights.add_argument("--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
+    weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
     parser.add_argument("--tasks", nargs="+", required=True, help="evaluation tasks (see below)")
     parser.add_argument("--out", required=True, help="output folder for results.json and plots")
     parser.add_argument("--backend", choices=("jax", "open_clip"), default="jax",
-                        help="embed with the JAX towers (default) or with open_clip in torch (needs --open_clip DIR)")
-    parser.add_argument("--quick_gelu", choices=("auto", "true", "false"), default="auto",
+                        help="embed with the JAX towers (default) or with open_clip in torch (needs --open-clip DIR)")
+    parser.add_argument("--quick-gelu", "--quick_gelu", choices=("auto", "true", "false"), default="auto",
                         help="activation of imported open_clip weights when the source does not say")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_threads", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=64)
+    parser.add_argument("--num-threads", "--num_threads", type=int, default=2, help="image decoding threads")
     parser.add_argument("--dense", choices=("last", "segearth"), default="last",
                         help="patch tokens for RoI region features (JAX backend): last layer or FarSLIP's SegEarth")
     parser.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic")
@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split of --train-data to check against (default train)")
     parser.add_argument("--exclude-overlap", "--exclude_overlap", action="store_true",
                         help="evaluate without the images found in --train-data (results say so)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no_plots", action="store_true")
-    parser.add_argument("--skip_bad_records", action="store_true",
+    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plots", "--no_plots", action="store_true")
+    parser.add_argument("--skip-bad-records", "--skip_bad_records", action="store_true",
                         help="skip records that cannot be read (damaged shards) and count them in results.json "
                              "(<task>/skipped/unreadable_records) instead of stopping with an error")
     return parser
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not pathlib.Path(task.path).exists():
             parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
     if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
-        parser.error("--backend open_clip needs --open_clip pointing at an open_clip folder (local-dir layout)")
+        parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")
     if args.backend == "open_clip" and args.dense != "last":
         parser.error("--dense segearth exists only for the JAX backend")
     if args.exclude_overlap and not args.train_data:

@@ -141,7 +141,7 @@ def _iterate_records(source: Any, path: pathlib.Path, split: str, limit: int | N
             record = source[index]
         except records.RecordError as error:
             if not skip_bad_records:
-                raise EvalDataError(f"{error} (skip_bad_records / --skip_bad_records skips and counts such "
+                raise EvalDataError(f"{error} (skip_bad_records / --skip-bad-records skips and counts such "
                                     "records)") from None
             skipped[UNREADABLE_RECORDS] = skipped.get(UNREADABLE_RECORDS, 0) + 1
             log.warning("skipping unreadable record: %s", error)
