@@ -100,7 +100,9 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path):
         result = loop.run(config, workdir, progress=False)
         assert (result.status, result.step) == ("finished", 2), name
         records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [1, 2], name
+        assert [r["step"] for r in records] == [0, 1, 2], name  # step 0: the data's truncation fractions
+        assert any(key.startswith("data/truncated/") for key in records[0]), (name, records[0])
+        records = records[1:]
         logged = {key.removesuffix("/loss") for key in records[-1] if key.endswith("/loss")}
         assert logged == set(terms), (name, arg, logged)
         for record in records:
