@@ -5,10 +5,11 @@ with its default, and checked by `validate_trainer_config` (errors name the fiel
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import ml_collections
+
+from geoalign_jax.validation import is_int, is_number, require
 
 INIT_KINDS = ("scratch", "params", "open_clip", "hf")
 BEST_MODES = ("max", "min")
@@ -131,19 +132,6 @@ def add_trainer_sections(config: ml_collections.ConfigDict) -> ml_collections.Co
     return config
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, field: str, value: Any, expectation: str) -> None:
-    if not condition:
-        raise ValueError(f"{field} = {value!r}: {expectation}")
-
-
 def _check_fields(config: ml_collections.ConfigDict, name: str) -> None:
     expected = set(SECTIONS[name]().keys())
     given = set(config[name].keys())
@@ -173,64 +161,64 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
         _check_fields(config, name)
     train, optim, ckpt, init, evaluation = config.train, config.optim, config.checkpoint, config.init, config.eval
     for field in ("num_steps", "log_every", "micro_batches", "max_consecutive_nonfinite"):
-        _require(_is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
-    _require(_is_int(train.seed), "train.seed", train.seed, "must be an int")
-    _require(train.remat in REMAT_POLICIES, "train.remat", train.remat, f"must be one of {REMAT_POLICIES}")
+        require(is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
+    require(is_int(train.seed), "train.seed", train.seed, "must be an int")
+    require(train.remat in REMAT_POLICIES, "train.remat", train.remat, f"must be one of {REMAT_POLICIES}")
     batch = int(config.data.batch_size)
-    _require(
+    require(
         batch % train.micro_batches == 0, "train.micro_batches", train.micro_batches,
         f"must divide data.batch_size ({batch})",
     )
-    _require(_is_number(optim.learning_rate) and optim.learning_rate >= 0, "optim.learning_rate", optim.learning_rate, "must be >= 0")
-    _require(_is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "must be an int >= 0")
+    require(is_number(optim.learning_rate) and optim.learning_rate >= 0, "optim.learning_rate", optim.learning_rate, "must be >= 0")
+    require(is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "must be an int >= 0")
     for field in ("end_learning_rate_factor", "weight_decay", "clip_norm"):
-        _require(_is_number(optim[field]) and optim[field] >= 0, f"optim.{field}", optim[field], "must be a number >= 0")
+        require(is_number(optim[field]) and optim[field] >= 0, f"optim.{field}", optim[field], "must be a number >= 0")
     for field in ("b1", "b2"):
-        _require(_is_number(optim[field]) and 0 <= optim[field] < 1, f"optim.{field}", optim[field], "must be in [0, 1)")
-    _require(_is_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
-    _require(_is_number(optim.layer_decay) and 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay, "must be in (0, 1]")
+        require(is_number(optim[field]) and 0 <= optim[field] < 1, f"optim.{field}", optim[field], "must be in [0, 1)")
+    require(is_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
+    require(is_number(optim.layer_decay) and 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay, "must be in (0, 1]")
     _check_regexes(optim.no_decay, "optim.no_decay")
     _check_regexes(optim.frozen, "optim.frozen")
     for pair in optim.lr_multipliers:
-        _require(
+        require(
             isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str), "optim.lr_multipliers",
             tuple(optim.lr_multipliers), "must be (regex, factor) pairs, e.g. ((\"^text/\", 0.1),)",
         )
-        _require(_is_number(pair[1]) and pair[1] >= 0, f"optim.lr_multipliers[{pair[0]!r}]", pair[1], "must be a number >= 0")
+        require(is_number(pair[1]) and pair[1] >= 0, f"optim.lr_multipliers[{pair[0]!r}]", pair[1], "must be a number >= 0")
     _check_regexes([pattern for pattern, _ in optim.lr_multipliers], "optim.lr_multipliers")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
-        _require(_is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")
-    _require(
+        require(is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")
+    require(
         sum(config.mesh[axis] == -1 for axis in ("data", "fsdp", "tensor")) <= 1, "mesh", config.mesh.to_dict(),
         "at most one axis may be -1",
     )
-    _require(_is_int(ckpt.every_steps) and ckpt.every_steps >= 1, "checkpoint.every_steps", ckpt.every_steps, "must be an int >= 1")
-    _require(_is_int(ckpt.keep) and ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "must be an int >= 1")
-    _require(_is_int(ckpt.keep_best) and ckpt.keep_best >= 1, "checkpoint.keep_best", ckpt.keep_best, "must be an int >= 1")
-    _require(ckpt.best_mode in BEST_MODES, "checkpoint.best_mode", ckpt.best_mode, f"must be one of {BEST_MODES}")
-    _require(isinstance(ckpt.async_save, bool), "checkpoint.async_save", ckpt.async_save, "must be True or False")
-    _require(init.kind in INIT_KINDS, "init.kind", init.kind, f"must be one of {INIT_KINDS}")
-    _require(
+    require(is_int(ckpt.every_steps) and ckpt.every_steps >= 1, "checkpoint.every_steps", ckpt.every_steps, "must be an int >= 1")
+    require(is_int(ckpt.keep) and ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "must be an int >= 1")
+    require(is_int(ckpt.keep_best) and ckpt.keep_best >= 1, "checkpoint.keep_best", ckpt.keep_best, "must be an int >= 1")
+    require(ckpt.best_mode in BEST_MODES, "checkpoint.best_mode", ckpt.best_mode, f"must be one of {BEST_MODES}")
+    require(isinstance(ckpt.async_save, bool), "checkpoint.async_save", ckpt.async_save, "must be True or False")
+    require(init.kind in INIT_KINDS, "init.kind", init.kind, f"must be one of {INIT_KINDS}")
+    require(
         (init.kind == "scratch") == (not init.path), "init.path", init.path,
         "must be given for init.kind params/open_clip/hf and empty for scratch",
     )
-    _require(_is_int(evaluation.every_steps) and evaluation.every_steps >= 0, "eval.every_steps", evaluation.every_steps, "must be an int >= 0")
-    _require(_is_int(evaluation.batch_size) and evaluation.batch_size >= 1, "eval.batch_size", evaluation.batch_size, "must be an int >= 1")
+    require(is_int(evaluation.every_steps) and evaluation.every_steps >= 0, "eval.every_steps", evaluation.every_steps, "must be an int >= 0")
+    require(is_int(evaluation.batch_size) and evaluation.batch_size >= 1, "eval.batch_size", evaluation.batch_size, "must be an int >= 1")
     tasks = tuple(evaluation.tasks)
-    _require(
+    require(
         bool(tasks) == (evaluation.every_steps > 0), "eval.every_steps", evaluation.every_steps,
         "must be > 0 exactly when eval.tasks are given",
     )
     for field in ("exclude_overlap", "allow_train_split"):
-        _require(isinstance(evaluation[field], bool), f"eval.{field}", evaluation[field], "must be True or False")
+        require(isinstance(evaluation[field], bool), f"eval.{field}", evaluation[field], "must be True or False")
     prefixes = _check_eval_tasks(tasks, allow_train_split=evaluation.allow_train_split) if tasks else []
-    _require(
+    require(
         not ckpt.best_metric or bool(tasks), "checkpoint.best_metric", ckpt.best_metric,
         "needs eval.tasks (the metric comes from the evaluation)",
     )
     # The metric's name within its task is known only after an evaluation (the loop checks it then).
-    _require(
+    require(
         not ckpt.best_metric or any(str(ckpt.best_metric).startswith(prefix + "/") for prefix in prefixes),
         "checkpoint.best_metric", ckpt.best_metric,
         f"must be a metric of one of the eval.tasks, named <task>/<metric> with <task> one of {prefixes}",
