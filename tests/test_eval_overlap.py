@@ -21,18 +21,6 @@ records = data_fixtures.records  # the real AID (split test) / RSICD (train, val
 QUIET = {"progress": False}
 
 
-class _MeanEmbedder:
-    """A model-free backend: the mean pixel as the image embedding, a fixed vector per text."""
-
-    image_size = 16
-
-    def embed_images(self, images):
-        return images.mean(axis=(1, 2))
-
-    def embed_texts(self, texts):
-        return np.stack([np.array([len(t) % 3, 1.0, len(t) % 5], np.float32) for t in texts])
-
-
 def _reencode(data: bytes, fmt: str = "JPEG", quality: int = 75) -> bytes:
     buffer = io.BytesIO()
     Image.open(io.BytesIO(data)).convert("RGB").save(buffer, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
@@ -268,13 +256,13 @@ def test_an_undecodable_training_image_is_an_error_naming_its_shard_and_record(r
 
 def test_exclude_overlap_evaluates_without_the_copies_and_says_so(records, leaked):
     task = f"retrieval:rsicd={records['rsicd']},split=val"
-    kept = library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False,
+    kept = library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                              train_data=str(leaked["train"]))
     assert kept.metrics["retrieval/rsicd/standard/num_images"] == 21
     assert (kept.metrics["retrieval/rsicd/overlap/exact"], kept.metrics["retrieval/rsicd/overlap/near_duplicates"]) \
         == (1, 1)
     assert "INCLUDED" in kept.notes["retrieval/rsicd"][0]
-    left_out = library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False,
+    left_out = library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                                  train_data=str(leaked["train"]), exclude_overlap=True)
     assert left_out.metrics["retrieval/rsicd/standard/num_images"] == 19
     assert left_out.metrics["retrieval/rsicd/overlap/excluded"] == 2

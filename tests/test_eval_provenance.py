@@ -25,18 +25,6 @@ records = data_fixtures.records  # the real AID / RSICD / DOTA samples as record
 QUIET = {"progress": False}
 
 
-class _MeanEmbedder:
-    """A model-free backend: the mean pixel as the image embedding, a fixed vector per text."""
-
-    image_size = 16
-
-    def embed_images(self, images):
-        return images.mean(axis=(1, 2))
-
-    def embed_texts(self, texts):
-        return np.stack([np.array([len(t) % 3, 1.0, len(t) % 5], np.float32) for t in texts])
-
-
 @pytest.fixture(scope="module")
 def rsicd_variants(shared_data, tmp_path_factory):
     """The RSICD sample converted into 1 and 3 shards per split, with one val caption changed by one
@@ -142,13 +130,13 @@ def test_parameter_hash_follows_the_values_not_their_placement(tiny):
 def test_training_splits_need_an_explicit_flag_and_the_table_says_so(shared_data, records, tmp_path):
     task = f"retrieval:rsicd={records['rsicd']},split=train"
     with pytest.raises(library.TaskError, match=r"split 'train' is a training split.*allow_train_split"):
-        library.run_tasks(None, None, [task], embedder=_MeanEmbedder(), progress=False)
+        library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False)
     # the DOTA sample's manifest has only a train split, which is what an unnamed split resolves to
     with pytest.raises(library.TaskError, match=r"split 'train' \(the only split in its manifest\)"):
-        library.run_tasks(None, None, [f"regions:dota={records['dota']},methods=crop"], embedder=_MeanEmbedder(),
+        library.run_tasks(None, None, [f"regions:dota={records['dota']},methods=crop"], embedder=data_fixtures.MeanEmbedder(),
                           progress=False)
     allowed = library.run_tasks(None, None, [task, f"retrieval:val={records['rsicd']},split=val"],
-                                embedder=_MeanEmbedder(), progress=False, allow_train_split=True)
+                                embedder=data_fixtures.MeanEmbedder(), progress=False, allow_train_split=True)
     assert list(allowed.notes) == ["retrieval/rsicd"]
     assert allowed.provenance["tasks"]["retrieval/rsicd"]["training_split_allowed"] is True
     assert allowed.provenance["tasks"]["retrieval/val"]["training_split_allowed"] is False
@@ -162,8 +150,8 @@ def test_training_splits_need_an_explicit_flag_and_the_table_says_so(shared_data
     (tmp_path / "AID" / "train").symlink_to(shared_data / "aid_sample", target_is_directory=True)
     folder_task = f"zeroshot:aid={tmp_path / 'AID' / 'train'},limit=4"
     with pytest.raises(library.TaskError, match=r"split 'train' is a training split"):
-        library.run_tasks(None, None, [folder_task], embedder=_MeanEmbedder(), progress=False)
-    allowed = library.run_tasks(None, None, [folder_task], embedder=_MeanEmbedder(), progress=False,
+        library.run_tasks(None, None, [folder_task], embedder=data_fixtures.MeanEmbedder(), progress=False)
+    allowed = library.run_tasks(None, None, [folder_task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                                 allow_train_split=True)
     entry = allowed.provenance["tasks"]["zeroshot/aid"]
     assert (entry["dataset"], entry["split"], entry["training_split_allowed"]) == ("AID", "train", True)
@@ -222,9 +210,9 @@ def test_evaluate_hashes_the_parameters_only_when_it_writes_results(records, tmp
     monkeypatch.setattr(provenance, "parameter_hash", lambda params: calls.append(params) or "f" * 64)
     config, params = clip.get_model_config("tiny"), {"w": np.ones(3, np.float32)}
     tasks = [f"zeroshot:aid={records['aid']},limit=30"]
-    library.evaluate(config, params, tasks, embedder=_MeanEmbedder(), progress=False)
+    library.evaluate(config, params, tasks, embedder=data_fixtures.MeanEmbedder(), progress=False)
     assert calls == []
-    library.evaluate(config, params, tasks, embedder=_MeanEmbedder(), progress=False,
+    library.evaluate(config, params, tasks, embedder=data_fixtures.MeanEmbedder(), progress=False,
                      results_path=tmp_path / "results.json")
     assert calls == [params]
     assert json.loads((tmp_path / "results.json").read_text())["provenance"]["model"]["parameter_hash"] == "f" * 64
