@@ -91,3 +91,30 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         raise ValueError("loss.scene_kind 'siglip' needs a logit bias: set model.overrides.init_logit_bias (e.g. -10.0)")
     return loss
 
+
+
+def flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Every leaf field as "section.field[.sub]" -> value (tuples and lists are leaves)."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, ml_collections.ConfigDict):
+            for key in value.keys():
+                visit(f"{prefix}.{key}" if prefix else str(key), value[key])
+        else:
+            flat[prefix] = tuple(value) if isinstance(value, list) else value
+
+    visit("", config)
+    return flat
+
+
+def changed_fields(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> list[str]:
+    """The fields of `config` that differ from `base` (a recipe's own choices against `get_config()`); a
+    sub-config that is replaced as a whole (e.g. loss.long_text_schedule) is named once."""
+    mine, theirs = flat_fields(config), flat_fields(base)
+    changed = sorted(key for key in mine if key not in theirs or mine[key] != theirs[key])
+    groups = {key.rsplit(".", 1)[0] for key in changed if key.rsplit(".", 1)[0] in _REPLACED_AS_A_WHOLE}
+    return sorted(groups | {key for key in changed if key.rsplit(".", 1)[0] not in groups})
+
+
+_REPLACED_AS_A_WHOLE = {"loss.long_text_schedule"}

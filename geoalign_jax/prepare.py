@@ -14,6 +14,13 @@ python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv 
 Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
 --overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
 configuration that cannot be used, 2 on bad command-line usage.
+
+```
+python -m geoalign_jax.prepare fingerprints data/rsicd 'data/extra/*.array_record' [--workers 8]
+```
+writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards converted by older versions, or
+copied without them, lack, so the train/test overlap check stops decoding every training image on each
+run; it lists them in the manifest's `image_hashes`. Exit status 1 naming each shard it cannot read.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
-from geoalign_jax.data import converters, corpora
+from geoalign_jax.data import converters, corpora, fingerprints
 from geoalign_jax.data.writers import ConversionSummary
 
 Runner = Callable[[argparse.Namespace], ConversionSummary]
@@ -191,6 +198,36 @@ FORMATS: dict[str, Format] = {
 }
 
 
+FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of converted shards (for the overlap check)"
+
+
+def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("locations", nargs="+", metavar="DIR_OR_GLOB",
+                        help="converted folders (every split), shard files or shard globs (quote them)")
+    parser.add_argument("--workers", type=int, default=fingerprints.default_workers(),
+                        help="processes that decode images (1 = none; the sidecars are the same for any value)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fingerprints(args: argparse.Namespace) -> int:
+    """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
+    try:
+        report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
+    except fingerprints.ShardReadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; each sidecar written so far is complete (written atomically): run the same "
+              "command again for the rest", file=sys.stderr)
+        return 130
+    print(report.format())
+    if not report.ok:
+        print(f"error: {len(report.failed)} shards or manifests could not be read (no sidecar written for them): "
+              + "; ".join(f"{path}: {why}" for path, why in report.failed), file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m geoalign_jax.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,11 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=fmt.help, description=fmt.help)
         fmt.add_arguments(command)
         converters.add_common_arguments(command)
+    _fingerprints_arguments(commands.add_parser("fingerprints", help=FINGERPRINTS_HELP, description=FINGERPRINTS_HELP))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.format == "fingerprints":
+        return _fingerprints(args)
     return converters.run_cli(lambda: FORMATS[args.format].run(args))
 
 

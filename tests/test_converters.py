@@ -362,6 +362,8 @@ def test_output_is_identical_for_any_worker_count_and_overwrite_rules(tmp_path):
     assert shards == sorted(p.name for p in two.glob("*.array_record"))
     for name in shards:
         assert (one / name).read_bytes() == (two / name).read_bytes()
+    for name in ["manifest.json"] + [n.replace(".array_record", ".hashes.npy") for n in shards]:  # fingerprints,
+        assert (one / name).read_bytes() == (two / name).read_bytes()  # token histograms: same for any worker count
     with pytest.raises(ConversionError, match="overwrite"):
         converters.convert_jsonl(path, one, name="c", max_bad_fraction=1.0, **QUIET)
     converters.convert_jsonl(path, one, name="d", overwrite=True, max_bad_fraction=1.0, **QUIET)
@@ -581,7 +583,8 @@ def test_failed_overwrite_keeps_the_old_dataset_and_success_removes_unlisted_sha
     assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
     # a successful overwrite with fewer shards: the same-named shard is replaced, the others are removed
     converters.convert_jsonl(good, out, name="d", num_shards=1, overwrite=True, **QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["d-train-00000-of-00001.array_record", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["d-train-00000-of-00001.array_record",
+                                                     "d-train-00000-of-00001.hashes.npy", "manifest.json"]
     assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
 
 

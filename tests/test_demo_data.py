@@ -62,11 +62,11 @@ def _dominant_land_cover(pixels: np.ndarray) -> str:
 def test_same_seed_gives_byte_identical_shards(demo_runs):
     first, again, other = (_files(demo_runs[name]) for name in ("first", "again", "other"))
     assert any(name.endswith(".array_record") for name in first)
-    assert set(first) == {*(f"scenes/{n}" for n in ("manifest.json", "demo-train-00000-of-00002.array_record",
-                                                     "demo-train-00001-of-00002.array_record",
-                                                     "demo-val-00000-of-00002.array_record",
-                                                     "demo-val-00001-of-00002.array_record")),
-                          "landcover/manifest.json", "landcover/demo_landcover-test-00000-of-00001.array_record"}
+    shard_stems = ("scenes/demo-train-00000-of-00002", "scenes/demo-train-00001-of-00002",
+                   "scenes/demo-val-00000-of-00002", "scenes/demo-val-00001-of-00002",
+                   "landcover/demo_landcover-test-00000-of-00001")
+    assert set(first) == {"scenes/manifest.json", "landcover/manifest.json",
+                          *(stem + suffix for stem in shard_stems for suffix in (".array_record", ".hashes.npy"))}
     assert first == again
     shards = [name for name in first if name.endswith(".array_record")]
     assert all(first[name] != other[name] for name in shards)

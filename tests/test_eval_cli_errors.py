@@ -48,3 +48,24 @@ def test_hf_and_checkpoint_weights_give_the_same_results(tmp_path):
         results[option] = json.loads((out / "results.json").read_text())["metrics"]
     assert results["--hf"] == results["--checkpoint"]
     assert results["--hf"]["zeroshot/scenes/num_samples"] == 9  # every image scored, not an empty comparison
+
+
+def test_dashed_flags_are_primary_and_underscore_spellings_still_parse():
+    """Every CLI uses dashed flags (issue 10 §4); the older underscore spellings stay as aliases."""
+    from geoalign_jax.eval.__main__ import build_parser
+
+    parser = build_parser()
+    common = ["--tasks", "zeroshot:aid=x", "--out", "o"]
+    dashed = parser.parse_args(["--open-clip", "w", "--quick-gelu", "true", "--batch-size", "8", "--num-threads", "3",
+                                "--no-progress", "--no-plots", "--skip-bad-records", *common])
+    underscored = parser.parse_args(["--open_clip", "w", "--quick_gelu", "true", "--batch_size", "8", "--num_threads",
+                                     "3", "--no_progress", "--no_plots", "--skip_bad_records", *common])
+    assert vars(dashed) == vars(underscored)
+    assert (dashed.open_clip, dashed.quick_gelu, dashed.batch_size, dashed.num_threads) == ("w", "true", 8, 3)
+    assert dashed.no_progress and dashed.no_plots and dashed.skip_bad_records
+    usage = parser.format_usage()
+    for option in parser._actions:
+        long_options = [o for o in option.option_strings if o.startswith("--")]
+        if long_options:
+            assert "_" not in long_options[0], f"primary spelling {long_options[0]} is not dashed"
+            assert long_options[0] in usage or option.help == "show this help message and exit"

@@ -112,18 +112,6 @@ def test_missing_or_unusable_data_paths_are_named(tmp_path):
         datasets.load_retrieval(tmp_path)
 
 
-class _MeanEmbedder:
-    """A model-free backend: the mean pixel as the image embedding, a fixed vector per text."""
-
-    image_size = 16
-
-    def embed_images(self, images):
-        return images.mean(axis=(1, 2))
-
-    def embed_texts(self, texts):
-        return np.stack([np.array([len(t) % 3, 1.0, len(t) % 5], np.float32) for t in texts])
-
-
 def test_a_broken_image_stops_the_evaluation_naming_the_file(tmp_path):
     for name in ("Beach", "Forest"):
         (tmp_path / name).mkdir()
@@ -131,10 +119,10 @@ def test_a_broken_image_stops_the_evaluation_naming_the_file(tmp_path):
     (tmp_path / "Forest" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (tmp_path / "Forest" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match=r"cannot decode image .*Forest/broken\.jpg"):
-        library.run_tasks(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=_MeanEmbedder(), batch_size=2,
+        library.run_tasks(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=data_fixtures.MeanEmbedder(), batch_size=2,
                           progress=False)
     (tmp_path / "Forest" / "broken.jpg").unlink()
-    metrics = library.evaluate(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=_MeanEmbedder(), batch_size=2,
+    metrics = library.evaluate(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=data_fixtures.MeanEmbedder(), batch_size=2,
                                progress=False)
     assert metrics["zeroshot/scenes/num_samples"] == 2
     assert metrics["zeroshot/scenes/skipped/not_an_image_file"] == 1

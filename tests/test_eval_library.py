@@ -68,7 +68,7 @@ def test_zero_shot_on_aid_records_matches_a_direct_computation(shared_data, aid_
 
 def test_retrieval_on_rsicd_records_matches_brute_force_from_the_json(shared_data, records, params):
     report = library.run_tasks(CONFIG, params, [f"retrieval:rsicd={records['rsicd']},split=train,protocol=both"],
-                               batch_size=32, progress=False)
+                               batch_size=32, progress=False, allow_train_split=True)
     raw = json.loads((shared_data / "rsicd_sample" / "dataset_rsicd.json").read_text())
     entries = [e for e in raw["images"] if e["split"] == "train"]
     images = _direct_image_embeddings(params, [shared_data / "rsicd_sample" / "images" / e["filename"] for e in entries])

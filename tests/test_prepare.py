@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -134,3 +135,52 @@ def test_old_tool_scripts_forward_to_the_module(fmt, capsys):
     with pytest.raises(SystemExit):
         module.main(["--help"])
     assert capsys.readouterr().out.startswith(f"usage: python -m geoalign_jax.prepare {fmt} ")
+
+
+def test_fingerprints_writes_the_missing_sidecars_once_and_names_what_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    lines = ["path\ttext"]
+    for index in range(3):
+        (tmp_path / "imgs" / f"{index}.png").write_bytes(_png((40, 30), seed=index))
+        lines.append(f"imgs/{index}.png\tscene {index}")
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert prepare.main(["csv", "--csv", f"train={tmp_path / 'pairs.tsv'}",
+                         "--name", "p", "--image-column", "path", "--caption-column", "text", "--num-shards", "2",
+                         "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    manifest_path = out / "manifest.json"
+    converted = json.loads(manifest_path.read_text())
+    sidecars = {name: (out / name).read_bytes() for name in converted["image_hashes"]["train"]}
+    assert len(sidecars) == 2
+    older = {key: value for key, value in converted.items() if key != "image_hashes"}  # as older converters left it
+    manifest_path.write_text(json.dumps(older))
+    for name in sidecars:
+        (out / name).unlink()
+    capsys.readouterr()
+
+    assert prepare.main(["fingerprints", str(out), "--no-progress"]) == 0
+    assert "2 sidecars written, 0 replaced, 0 already there" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in sidecars} == sidecars  # what the converter wrote
+    assert json.loads(manifest_path.read_text()) == {**older, "image_hashes": converted["image_hashes"]}
+    assert prepare.main(["fingerprints", str(out), "--no-progress"]) == 0
+    assert "0 sidecars written, 0 replaced, 2 already there" in capsys.readouterr().out
+
+    first, second = sorted(sidecars)
+    (out / second).write_bytes(sidecars[first])  # a sidecar of another shard: replaced, and said so
+    assert prepare.main(["fingerprints", str(out / "*.array_record"), "--no-progress"]) == 0
+    assert "1 replaced" in (printed := capsys.readouterr().out) and f"replaced {out / second}" in printed
+    assert (out / second).read_bytes() == sidecars[second]
+
+    bare = tmp_path / "bare"  # shards copied without their sidecars, next to a file that is no shard
+    bare.mkdir()
+    shutil.copy(out / sorted(converted["splits"]["train"]["shards"])[0], bare)
+    (bare / "junk-train-00000-of-00001.array_record").write_bytes(b"not an array record")
+    assert prepare.main(["fingerprints", str(bare / "*.array_record"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "1 sidecars written" in captured.out and "1 shards unreadable" in captured.out
+    assert "listed by no manifest" in captured.out
+    assert f"{bare / 'junk-train-00000-of-00001.array_record'}" in captured.err
+    assert (bare / first).read_bytes() == sidecars[first]
+    assert not (bare / "junk-train-00000-of-00001.hashes.npy").exists()
+    assert prepare.main(["fingerprints", str(bare), "--no-progress"]) == 1
+    assert "no manifest.json in" in (error := capsys.readouterr().err) and "as a glob" in error

@@ -5,7 +5,9 @@ test_train_multihost.py.)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -16,12 +18,15 @@ import jax
 import numpy as np
 import pytest
 
+import bad_files
 import train_fixtures
 from train_fixtures import assert_bitwise_equal, flat, tiny_config
-from geoalign_jax.data import pipeline
+from geoalign_jax.data import pipeline, text_stats
+from geoalign_jax.eval import provenance
 from geoalign_jax.parallel import mesh as mesh_lib
 from geoalign_jax.parallel import multihost
 from geoalign_jax.train import loop, metrics as metrics_lib, optim
+from geoalign_jax.train import state as state_lib
 from geoalign_jax.train import step as step_lib
 
 REPO_ROOT = train_fixtures.REPO_ROOT
@@ -53,9 +58,18 @@ def test_config_typo_is_rejected_with_its_name(scenes, tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
-    assert result.returncode != 0
-    assert "lerning_rate" in result.stderr
+    assert result.returncode == 2
+    assert 'lerning_rate: Did you mean "learning_rate"' in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists()  # refused before anything was written
+    # optim.lr_multipliers: (regex, factor) pairs, set from the command line (regexes with dots and slashes).
+    result = subprocess.run(
+        [sys.executable, "-m", "geoalign_jax.train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+         '--config.optim.lr_multipliers=(("^text/", 0.1), ("^visual/.*", -1.0))'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 2
+    assert "error: optim.lr_multipliers['^visual/.*'] = -1.0: must be a number >= 0" in result.stderr, result.stderr
 
 
 def test_missing_batch_input_is_named_before_the_first_step(scenes):
@@ -63,6 +77,30 @@ def test_missing_batch_input_is_named_before_the_first_step(scenes):
     config.loss.weights.region_text = 1.0  # the data config produces no regions
     with pytest.raises(ValueError, match=r"loss.weights.region_text > 0 needs batch\['region_boxes'\]"):
         loop.build(config)
+
+
+def test_eval_on_training_images_is_refused_before_training_unless_allowed(scenes, tmp_path):
+    """An eval task on a training split is a config error naming eval.allow_train_split; allowed, and with
+    eval.exclude_overlap, a task whose every image is a training image is an InputError before any compile."""
+    config = tiny_config(scenes, **{"eval.tasks": (f"retrieval:seen={scenes},split=train,limit=4",), "eval.every_steps": 2})
+    with pytest.raises(ValueError, match=r"eval.tasks: task retrieval:seen: split 'train'.*eval.allow_train_split = True"):
+        loop.build(config)
+    config.eval.allow_train_split = True
+    config.eval.exclude_overlap = True
+    loop.build(config)
+    # checkpoint.best_metric: a task the config does not evaluate is refused now; a metric name the task does
+    # not produce, at the first evaluation (before orbax ranks checkpoints by it), listing the names it has.
+    config.checkpoint.best_metric = "retreival/seen/standard/mean_recall"
+    with pytest.raises(ValueError, match=r"checkpoint.best_metric = 'retreival/.*one of \['retrieval/seen'\]"):
+        loop.build(config)
+    config.checkpoint.best_metric = ""
+    with pytest.raises(ValueError, match=r"'retrieval/seen/recall' is not among the evaluation's metrics: "
+                                         r"retrieval/seen/standard/mean_recall"):
+        loop._check_best_metric("retrieval/seen/recall", {"retrieval/seen/standard/mean_recall": 0.5})
+    with pytest.raises(loop.InputError, match=r"eval.exclude_overlap: every one of the 4 images of eval task "
+                                               r"retrieval/seen is also in the training shards"):
+        loop.run(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / metrics_lib.METRICS_FILE).exists()  # stopped before the first step
 
 
 def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
@@ -79,7 +117,7 @@ def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
         assert not decays[path], path
 
     config.optim.layer_decay = 0.5
-    config.optim.lr_multipliers = {"^text/": 0.1}
+    config.optim.lr_multipliers = (("^text/", 0.1), ("^text/", 7.0))  # first match wins
     factors = flatten_params(optim.lr_multipliers(params, config.optim))
     # tiny has 2 blocks per tower: embeddings are layer 0 (0.5**3), block i layer i + 1, the head layer 3 (1)
     assert factors["visual/conv1/kernel"] == 0.125 and factors["visual/transformer/resblocks_0/ln_1/scale"] == 0.25
@@ -102,6 +140,30 @@ def test_weight_decay_mask_frozen_trees_and_learning_rate_multipliers():
     assert np.any(flat_updates["visual/proj"])
 
 
+def test_a_resumed_log_drops_records_logged_after_the_checkpoint(tmp_path, capsys):
+    """... and its last line when a kill cut it; a non-finite value is written as null (strict JSON); the
+    console line shows evaluation results; the step timer leaves out evaluation and checkpoint time."""
+    log = tmp_path / metrics_lib.METRICS_FILE
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)) + '{"step": 6, "lo')
+    writer = metrics_lib.MetricsWriter(tmp_path, total_steps=10, initial_step=3, progress=False)
+    writer.write(4, {"loss": np.float32(np.nan), "grad_norm": np.float32(2.0)})
+    writer.write(4, {"eval/zeroshot/aid/top1": 0.625, "eval_seconds": 1.5})
+    writer.close()
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=strict) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4] and records[3] == {"step": 4, "loss": None, "grad_norm": 2.0}
+    assert "eval/zeroshot/aid/top1 0.625" in capsys.readouterr().out
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # damaged before the end: not guessed at
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        metrics_lib.MetricsWriter(tmp_path, total_steps=10, initial_step=3, progress=False)
+    timer = metrics_lib.StepTimer()
+    timer.exclude(3600.0)
+    assert timer.lap() == 0.0 and timer.lap() > 0.0  # an hour excluded from the first interval only
+
+
 def test_micro_batches_take_strided_rows():
     batch = {"x": np.arange(8)[:, None] * np.ones((1, 3))}
     micro = step_lib.split_micro_batches(batch, 2, mesh=None)
@@ -113,39 +175,73 @@ def test_micro_batches_take_strided_rows():
 # Runs
 
 
-def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path):
+def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path, caplog):
     """configs/demo.py (every loss term on): the loss falls over a few dozen steps; metrics.jsonl, TensorBoard
-    and config.json are written; only the newest checkpoints are kept; the workdir exports to open_clip with
-    the JAX embeddings."""
+    and config.json are written; evaluation runs during training and the best checkpoint by its metric is
+    kept beside the latest; the workdir exports to open_clip with the JAX embeddings."""
+    import data_fixtures
     from configs import demo
 
-    scenes = train_fixtures.make_data(tmp_path / "data", num_train=48, image_size=64)
+    data = data_fixtures.load_demo_module().make_demo_data(
+        tmp_path / "data", num_train=48, num_val=0, num_per_class=4, image_size=64
+    )
     config = demo.get_config()
-    config.data.train_shards = scenes
+    config.data.train_shards = data["scenes"]
     config.data.batch_size = 8
-    config.train.num_steps = 30
+    config.train.num_steps = 24
     config.train.log_every = 3
     config.optim.warmup_steps = 3
-    config.checkpoint.every_steps = 10
-    config.checkpoint.keep = 2
+    config.checkpoint.every_steps = 8
+    config.checkpoint.keep = 1
+    config.checkpoint.best_metric = "zeroshot/landcover/top1"
+    # A task on 8 of the training images themselves (allowed explicitly): the overlap check must find them.
+    config.eval.tasks = (f"zeroshot:landcover={data['landcover']}", f"retrieval:seen={data['scenes']},split=train,limit=8")
+    config.eval.allow_train_split = True
+    config.eval.every_steps = 8
     workdir = tmp_path / "run"
-    result = loop.run(config, workdir, progress=False)
-    assert result.status == "finished" and result.step == 30
+    with caplog.at_level(logging.INFO, logger=loop.logger.name):
+        result = loop.run(config, workdir, progress=False)
+    assert result.status == "finished" and result.step == 24
+    overlap_logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval overlap")]
+    assert len(overlap_logs) == 2  # once, before training, not at every evaluation
+    assert "retrieval/seen: 8 of its 8 images also occur in the training shards (8 exact" in overlap_logs[1]
+    assert "zeroshot/landcover: none of its" in overlap_logs[0]
 
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(3, 31, 3))
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(3, 25, 3))
     for key in ("loss", "learning_rate", "grad_norm", "logit_scale", "step_seconds", "examples_per_second",
                 "nonfinite_total", "decode_errors", "scene/loss", "patch_distill/loss", "region_cls/loss"):
-        assert key in records[-1], key
-    assert "mfu" not in records[-1]  # a CPU's peak is unknown: not reported rather than made up
-    first = np.mean([r["loss"] for r in records[:2]])
-    last = np.mean([r["loss"] for r in records[-2:]])
+        assert key in train_records[-1], key
+    assert "mfu" not in train_records[-1]  # a CPU's peak is unknown: not reported rather than made up
+    first = np.mean([r["loss"] for r in train_records[:2]])
+    last = np.mean([r["loss"] for r in train_records[-2:]])
     assert last < 0.85 * first, (first, last)
-    assert records[-1]["decode_errors"] == 0 and records[-1]["nonfinite_total"] == 0
+    assert train_records[-1]["decode_errors"] == 0 and train_records[-1]["nonfinite_total"] == 0
     assert list((workdir / metrics_lib.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
-    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["train"]["num_steps"] == 30
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [20, 30]  # keep = 2
+    assert json.loads((workdir / loop.CONFIG_FILE).read_text())["train"]["num_steps"] == 24
+
+    evaluated = {r["step"]: r["eval/zeroshot/landcover/top1"] for r in records if "eval/zeroshot/landcover/top1" in r}
+    assert sorted(evaluated) == [8, 16, 24]
+    assert all(r["eval_seconds"] > 0 for r in records if "eval/zeroshot/landcover/top1" in r)  # timed apart
+    assert [r["step"] for r in records if r.get("eval/retrieval/seen/overlap/exact") == 8] == [8, 16, 24]
+    assert records[0]["step"] == 0 and {key for key in records[0] if key != "step"} == {
+        f"data/truncated/{kind}" for kind in text_stats.TEXT_KINDS}  # demo reads every kind of text
+    # Each evaluation's results.json (process 0): provenance of the weights evaluated and of the overlap.
+    hashes = {}
+    for step in (8, 16, 24):
+        written = json.loads((workdir / "eval" / f"step_{step}" / "results.json").read_text())
+        assert written["run"]["trainer"]["step"] == step and written["run"]["exclude_overlap"] is False
+        assert written["metrics"]["zeroshot/landcover/top1"] == evaluated[step]
+        tasks = written["provenance"]["tasks"]
+        assert tasks["retrieval/seen"]["overlap"]["exact"] == 8 and tasks["retrieval/seen"]["training_split_allowed"]
+        assert tasks["zeroshot/landcover"]["overlap"]["overlapping"] == 0
+        assert tasks["zeroshot/landcover"]["overlap"]["train_data"]["records"] == 48
+        hashes[step] = written["provenance"]["model"]["parameter_hash"]
+    assert len(set(hashes.values())) == 3 and hashes[24] == provenance.parameter_hash(result.state.params)
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 24 in kept and len(kept) <= 2  # keep = 1 latest, keep_best = 1
+    assert max(evaluated[step] for step in kept) == max(evaluated.values())  # the best one survived
 
     from geoalign_jax.convert import __main__ as convert_cli
     from geoalign_jax.params_checkpoint import load_params
@@ -189,17 +285,42 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     interrupted = loop.run(config, tmp_path / "interrupted", progress=False, on_step=preempt_at_3)
     assert (interrupted.status, interrupted.step) == ("preempted", 3)
     assert (tmp_path / "interrupted" / "checkpoints" / "3").is_dir()  # saved at the signal, not at a multiple of 4
+    reordered = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4, "data.seed": 1})
+    with pytest.raises(ValueError, match=r"data.seed changed since the checkpoints .*data.seed: 0 -> 1"):
+        loop.run(reordered, tmp_path / "interrupted", progress=False)  # refused before it touches anything
     resumed = loop.run(config, tmp_path / "interrupted", progress=False)
     assert (resumed.status, resumed.resumed_from, resumed.step) == ("finished", 3, 6)
 
     assert_bitwise_equal(straight.state.params, resumed.state.params)
     assert_bitwise_equal(straight.state.opt_state, resumed.state.opt_state)
+    for step in (4, 6):  # step 4: saved while training went on (the iterator state is taken before save returns)
+        data_file = pathlib.Path("checkpoints", str(step), "data", "process_0-of-1.json")
+        assert (tmp_path / "straight" / data_file).read_text() == (tmp_path / "interrupted" / data_file).read_text()
     batch_a = _next_batch(config, tmp_path / "straight" / "checkpoints" / "6")
     batch_b = _next_batch(config, tmp_path / "interrupted" / "checkpoints" / "6")
     assert_bitwise_equal(batch_a, batch_b)
-    losses = {json.loads(line)["step"]: json.loads(line)["loss"]
-              for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()}
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # the resumed run appends to the same log
+    records = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "loss" in r) == [1, 2, 3, 4, 5, 6]  # the resumed run appends
+    # The truncation statistics: the step-0 record of the fresh run, not repeated by the resumed one.
+    assert [r for r in records if r["step"] == 0] == [{"step": 0, **text_stats.pipeline_truncation_metrics(config.data)}]
+    assert records[0].keys() == {"step", "data/truncated/captions"}  # the only texts this config reads
+    again = loop.run(config, tmp_path / "straight", progress=False)  # the same command once more: nothing to do
+    assert (again.status, again.resumed_from, again.step) == ("finished", 6, 6)
+
+
+def test_a_failed_compile_uninstalls_the_sigterm_handler_and_closes_the_run(scenes, tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    closed = []
+    monkeypatch.setattr(metrics_lib.MetricsWriter, "close", lambda self: closed.append("writer"))
+
+    def fail(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) is not before  # the run's handler is installed by now
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+
+    monkeypatch.setattr(loop.step_lib, "compile_step", fail)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        loop.run(tiny_config(scenes), tmp_path / "run", progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before and closed == ["writer"]
 
 
 def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
@@ -224,26 +345,100 @@ def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
     state, metrics = compiled.run(state, multihost.host_batch_to_global(good, sharding))
     metrics = jax.device_get(metrics)
     assert (metrics["nonfinite"], metrics["nonfinite_streak"], metrics["nonfinite_total"]) == (0, 0, 1)
+    # The optimizer's count did not advance on the skipped step: the update used (and the log shows) the
+    # schedule's first value, not the one at state.step (tiny: warm-up 2, so they differ).
+    assert metrics["learning_rate"] == pytest.approx(float(setup.schedule(0))) != float(setup.schedule(1))
     assert not np.array_equal(before_params["['visual']['proj']"], np.asarray(state.params["visual"]["proj"]))
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(cache_env, scenes, tmp_path, monkeypatch):
-    config = tiny_config(scenes, **{"train.max_consecutive_nonfinite": 2})
+    """The streak is read only at log and save steps (here 3 and 6): steps 4 and 5 are non-finite, step 6 is
+    finite again, yet the run stops at step 6 without saving it."""
+    config = tiny_config(scenes, **{"train.max_consecutive_nonfinite": 2, "train.log_every": 6,
+                                    "checkpoint.every_steps": 3})
     calls = {"count": 0}
     to_global = multihost.host_batch_to_global
 
-    def poisoned_from_step_3(batch, sharding):
+    def poisoned_steps_4_and_5(batch, sharding):
         calls["count"] += 1
-        if calls["count"] >= 3:
+        if calls["count"] in (4, 5):
             batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
         return to_global(batch, sharding)
 
-    monkeypatch.setattr(loop.multihost, "host_batch_to_global", poisoned_from_step_3)
-    with pytest.raises(loop.NonFiniteError, match=r"2 non-finite steps in a row.*step 2"):
+    monkeypatch.setattr(loop.multihost, "host_batch_to_global", poisoned_steps_4_and_5)
+    with pytest.raises(loop.NonFiniteError, match=r"2 non-finite steps in a row.*by step 6.*checkpoint \(step 3\)"):
         loop.run(config, tmp_path / "run", progress=False)
     from geoalign_jax.params_checkpoint import load_params
 
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [2]
+    assert steps == [3]
     _, params = load_params(tmp_path / "run")
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_file_is_exit_2(cache_env, scenes, tmp_path):
+    import param_fixtures
+    from configs import common
+    from geoalign_jax.convert import __main__ as convert_cli
+    from geoalign_jax.params_checkpoint import save_params
+
+    config = tiny_config(scenes)
+    model_config = common.model_config(config)
+    params = param_fixtures.random_params(model_config, seed=3)
+    save_params(tmp_path / "ckpt", model_config, params)
+    config.init.kind, config.init.path = "params", str(tmp_path / "ckpt")
+    state = loop.initial_state(loop.build(config))
+    assert_bitwise_equal(params, state.params)
+
+    convert_cli.run_export(tmp_path / "ckpt", "open_clip", tmp_path / "open_clip")
+    long_config = tiny_config(scenes, **{"init.kind": "open_clip", "init.path": str(tmp_path / "open_clip")})
+    long_config.model.overrides.text_context_length = 248
+    stretched = loop.initial_state(loop.build(long_config)).params
+    positions = np.asarray(stretched["text"]["positional_embedding"])
+    assert positions.shape == (248, 64)
+    np.testing.assert_array_equal(positions[:20], params["text"]["positional_embedding"][:20])  # Long-CLIP keeps 20
+    np.testing.assert_array_equal(np.asarray(stretched["visual"]["proj"]), params["visual"]["proj"])
+
+    config.init.path = str(tmp_path / "missing")
+    with pytest.raises(state_lib.InitError, match=r"init.path '.*missing' \(init.kind 'params'\)"):
+        loop.initial_state(loop.build(config))
+
+    # A truncated weights file (an interrupted download): one line naming it, exit status 2, nothing compiled.
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((tmp_path / "open_clip" / "open_clip_model.safetensors").read_bytes())
+    bad_files.truncate(truncated)
+    long_config.init.path = str(truncated)
+    with pytest.raises(state_lib.InitError, match=r"^init.path \(init.kind 'open_clip'\): .*truncated\.safetensors"):
+        state_lib.load_initial_params(long_config.init, common.model_config(long_config))
+    workdir = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "geoalign_jax.train", "--config", "configs/demo.py", "--workdir", str(workdir),
+         f"--config.data.train_shards={scenes}", "--config.init.kind=open_clip", f"--config.init.path={truncated}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(truncated) in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "compiled the train step" not in result.stdout + result.stderr
+    assert not list((workdir / "checkpoints").glob("[0-9]*"))
+
+    # A first run that died before its first checkpoint (here: the truncated init file) leaves model_config.json
+    # describing no checkpoint; the same workdir then reruns with another (good) config and trains.
+    rerun = tmp_path / "rerun"
+    with pytest.raises(loop.InputError, match=r"truncated\.safetensors"):
+        loop.run(long_config, rerun, progress=False)
+    assert (rerun / "checkpoints" / "model_config.json").is_file() and not list((rerun / "checkpoints").glob("[0-9]*"))
+    good = tiny_config(scenes, **{"checkpoint.every_steps": 4})  # the preemption test's program (compile cache)
+    assert loop.run(good, rerun, progress=False).status == "finished"
+    from geoalign_jax.params_checkpoint import read_model_config
+    from geoalign_jax.train import checkpoint as checkpoint_lib
+
+    assert read_model_config(rerun) == model_config
+    # Once steps exist: other numerics (remat, dtype) resume, another architecture is refused on every process.
+    checkpointer = checkpoint_lib.Checkpointer(rerun, keep=1)
+    try:
+        checkpointer.write_model_config(dataclasses.replace(model_config, remat=True, dtype="bfloat16"))
+        with pytest.raises(ValueError, match=r"model_config.json: the checkpoints in this workdir are of model"):
+            checkpointer.write_model_config(dataclasses.replace(model_config, embed_dim=model_config.embed_dim * 2))
+    finally:
+        checkpointer.close()

@@ -33,6 +33,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ of this checkout
+
 from geoalign_jax.convert.open_clip import open_clip_model_cfg, params_to_open_clip
 from geoalign_jax.models.clip import CLIPConfig
 from geoalign_jax.tokenizer import tokenize

@@ -1,204 +1,344 @@
-"""The CPU demo: the whole path on synthetic RS scenes, in about two minutes on a laptop CPU.
+"""The CPU demo: the whole system on synthetic RS scenes, through the same commands a user runs.
 
-1. make the demo dataset through the real converters (records + manifest);
-2. build a tiny CLIP (configs/demo.py: every multi-granular loss term on) and evaluate it untrained;
-3. fit it for a few dozen steps on batches from the grain pipeline (a minimal loop: the trainer with
-   checkpoints, sharding and preemption comes in a later issue);
-4. save the parameters with orbax, export them to open_clip and Hugging Face, reload both in PyTorch and
-   compare embeddings, import the open_clip export back (bit-exact);
-5. evaluate the fitted model in JAX and through the open_clip export: the numbers must agree, and beat
-   the untrained model.
-Run it through `bash launch/demo.sh` (sets up .venv first). Exits 1 when a check fails.
+1. write the demo data through the real converters (tools/make_demo_data.py), unless OUT/data already holds it;
+2. initialise the tiny CLIP of configs/demo.py (every loss term on), save it and evaluate it untrained
+   (`python -m geoalign_jax.evaluate --checkpoint OUT/init ...`);
+3. train it from that checkpoint with the trainer (`python -m geoalign_jax.train --config configs/demo.py:OUT/data
+   --workdir OUT/run --config.init.kind=params ...`), which evaluates it every few steps;
+4. evaluate the trained workdir, export it to open_clip and Hugging Face
+   (`python -m geoalign_jax.convert export --params OUT/run ...`), reload both in PyTorch and compare their
+   embeddings with JAX's, and evaluate the open_clip export in PyTorch;
+5. plot the training curves (OUT/run/training_curves.png) and print a before/after table with chance levels.
+Checks (exit status 1 when one fails): PyTorch embeddings equal JAX's (1e-4), JAX and PyTorch evaluations agree,
+and every metric of the table ends well above chance and above the untrained model.
+
+Run it through `bash launch/demo.sh` (sets up .venv first); OUT defaults to demo_out/. Arguments after `--`
+go to the trainer (e.g. `-- --config.data.batch_size=16`).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import math
+import os
 import pathlib
+import shlex
 import shutil
+import subprocess
 import sys
 import time
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from typing import Any, Sequence
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
-from configs import common, demo  # noqa: E402
-from geoalign_jax import tokenizer  # noqa: E402
-from geoalign_jax.convert import __main__ as convert_cli  # noqa: E402
-from geoalign_jax.data import pipeline  # noqa: E402
-from geoalign_jax.eval import embed, evaluate  # noqa: E402
-from geoalign_jax.losses import objective as objective_lib  # noqa: E402
-from geoalign_jax.models import clip  # noqa: E402
-from geoalign_jax import params_checkpoint as checkpoint  # noqa: E402
-from make_demo_data import make_demo_data  # noqa: E402
-
-TOLERANCE = 1e-4
-PARITY_CAPTIONS = (
-    "an aerial image of farmland with two red airplanes in the top left.",
-    "a bridge crosses the river with two boats nearby!!",
+MARKER = ".geoalign-demo"
+DATA_STAMP = "demo_data.json"
+EMBEDDING_TOLERANCE = 1e-4
+# Evaluations through JAX and through PyTorch may differ by a near-tie in a ranking, never by more.
+METRIC_TOLERANCE = 1.0
+# What "learned" means for each table row: at least this many times chance, and this many points above untrained.
+MIN_CHANCE_FACTOR = 2.0
+MIN_GAIN = 10.0
+HEADLINE = (
+    ("zeroshot/landcover/top1", "land-cover zero-shot top-1 (5 classes)"),
+    ("retrieval/demo/standard/mean_recall", "retrieval mean recall, standard protocol"),
+    ("retrieval/demo/skyscript/mean_recall", "retrieval mean recall, SkyScript protocol"),
 )
-HEADLINE = ("zeroshot/landcover/top1", "retrieval/demo/standard/mean_recall")
+PARITY_IMAGES = 8
 
 
-def _step(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+def _stage(number: int, message: str) -> None:
+    print(f"\n== {number}/5 {message}", flush=True)
 
 
-def _prepare_out(out: pathlib.Path) -> bool:
-    """Replaces an earlier demo run's folder; never deletes a folder this demo did not make."""
-    marker = out / ".geoalign-demo"
+def _show(command: Sequence[str]) -> None:
+    """Prints a command as a user would type it from the repository root."""
+    print("$ " + " ".join(shlex.quote(_relative(part)) for part in command), flush=True)
+
+
+def _relative(text: str) -> str:
+    for prefix in (str(REPO_ROOT) + os.sep,):
+        text = text.replace(prefix, "")
+    return text
+
+
+def prepare_out(out: pathlib.Path) -> bool:
+    """Clears an earlier demo run in `out` but keeps its data/; refuses a folder this demo did not make."""
     if out.exists() and any(out.iterdir()):
-        if not marker.is_file():
+        if not (out / MARKER).is_file():
             print(f"error: --out {out} is not empty and was not made by this demo; choose another folder",
                   file=sys.stderr)
             return False
-        shutil.rmtree(out)
+        for child in out.iterdir():
+            if child.name not in ("data", MARKER):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    (out / MARKER).touch()
     return True
 
 
-def _fit(config, model_config, params, steps: int):
-    """A minimal jitted optax loop over pipeline batches with the config's whole objective."""
-    objective = functools.partial(objective_lib.make_objective(config.loss), model_config=model_config)
-    optimizer = optax.adamw(_learning_rate(steps), weight_decay=0.01)
+def ensure_data(data_dir: pathlib.Path, sizes: dict[str, int]) -> dict[str, str]:
+    """The demo data in `data_dir`: reused when it was written with the same sizes, else (re)written."""
+    stamp = data_dir / DATA_STAMP
+    folders = {"scenes": str(data_dir / "scenes"), "landcover": str(data_dir / "landcover")}
+    complete = all((pathlib.Path(folder) / "manifest.json").is_file() for folder in folders.values())
+    if complete and stamp.is_file() and json.loads(stamp.read_text()) == sizes:
+        print(f"reusing the demo data in {_relative(str(data_dir))} ({DATA_STAMP} matches)")
+        return folders
+    from make_demo_data import make_demo_data
 
-    @jax.jit
-    def train_step(params, opt_state, batch, step):
-        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, step)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
-
-    terms = objective_lib.enabled_terms(common.check_config(config))
-    opt_state = optimizer.init(params)
-    iterator = pipeline.make_train_iterator(config.data)
-    try:
-        batch = next(iterator)
-        host_metrics = pipeline.pop_host_metrics(batch)
-        # Compile once ahead of time, and say what the step costs in memory before running it.
-        compiled = train_step.lower(params, opt_state, batch, jnp.int32(0)).compile()
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            print(f"compiled train step: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
-                  f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB", flush=True)
-        for step in range(steps):
-            if step:
-                batch = next(iterator)
-                host_metrics = pipeline.pop_host_metrics(batch)
-            params, opt_state, metrics = compiled(params, opt_state, batch, jnp.int32(step))
-            if step % 10 == 0 or step == steps - 1:
-                metrics = jax.device_get(metrics)  # the only host sync: for logging
-                per_term = ", ".join(f"{name} {metrics[f'{name}/loss']:.3f}" for name in terms)
-                print(f"step {step:3d}  loss {metrics['loss']:.3f}  ({per_term}; decode errors "
-                      f"{host_metrics.get('decode_errors', 0)})", flush=True)
-    finally:
-        iterator.close()
-    return params
+    _show([sys.executable, "tools/make_demo_data.py", "--out", str(data_dir), "--overwrite",
+           *(f"--{key.replace('_', '-')}={value}" for key, value in sizes.items())])
+    stamp.unlink(missing_ok=True)
+    written = make_demo_data(data_dir, overwrite=True, **sizes)
+    stamp.write_text(json.dumps(sizes, indent=2, sort_keys=True))
+    return {"scenes": written["scenes"], "landcover": written["landcover"]}
 
 
-def _learning_rate(steps: int) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup_steps=max(1, steps // 10), decay_steps=steps)
+def chance_level(key: str, metrics: dict[str, float]) -> float:
+    """The expected value of a headline metric for a model that ranks at random (percent).
+
+    Zero-shot top-1: 1 / classes. Retrieval mean recall: the mean over k in {1, 5, 10} and both directions of
+    the chance that a random ranking puts a correct item in the top k (c = texts per image correct texts among
+    T for an image query, one correct image among I for a text query)."""
+    prefix = key.rsplit("/", 1)[0]
+    if key.startswith("zeroshot/") and key.endswith("/top1"):
+        classes = sum(1 for name in metrics if name.startswith(f"{prefix}/class/"))
+        if not classes:
+            raise ValueError(f"{prefix}: no per-class results to count the classes")
+        return 100.0 / classes
+    if key.startswith("retrieval/") and key.endswith("/mean_recall"):
+        images, texts = int(metrics[f"{prefix}/num_images"]), int(metrics[f"{prefix}/num_texts"])
+        per_image = max(1, round(texts / images))
+        recalls = []
+        for k in (1, 5, 10):
+            recalls.append(1 - math.comb(texts - per_image, min(k, texts)) / math.comb(texts, min(k, texts)))
+            recalls.append(min(k, images) / images)
+        return 100.0 * sum(recalls) / len(recalls)
+    raise ValueError(f"no chance level known for {key!r}")
 
 
-def _compare_with_torch(folder: pathlib.Path, fmt: str, images: np.ndarray, tokens: np.ndarray,
-                        image_embedding: np.ndarray, text_embedding: np.ndarray) -> bool:
+def _evaluate(args: list[str], out: pathlib.Path) -> dict[str, float]:
+    """The evaluate CLI in this process (the command is printed); returns the metrics it wrote."""
+    from geoalign_jax.eval.__main__ import main as evaluate_main
+
+    command = [sys.executable, "-m", "geoalign_jax.evaluate", *args, "--out", str(out), "--no-progress"]
+    _show(command)
+    if evaluate_main(command[3:]) != 0:
+        raise RuntimeError(f"evaluation failed: {' '.join(command)}")
+    return json.loads((out / "results.json").read_text())["metrics"]
+
+
+def _export(run: pathlib.Path, fmt: str, out: pathlib.Path) -> None:
+    from geoalign_jax.convert.__main__ import main as convert_main
+
+    command = [sys.executable, "-m", "geoalign_jax.convert", "export", "--params", str(run), "--format", fmt,
+               "--out", str(out)]
+    _show(command)
+    if convert_main(command[3:]) != 0:
+        raise RuntimeError(f"export failed: {' '.join(command)}")
+
+
+def _parity_inputs(scenes: str, image_size: int, context_length: int) -> tuple[Any, Any, list[str]]:
+    """The first held-out scenes as model inputs, with their captions (real inputs, not noise)."""
+    import numpy as np
+
+    from geoalign_jax import tokenizer
+    from geoalign_jax.data import sources
+    from geoalign_jax.eval import preprocess
+
+    source = sources.RecordSource.from_dir(scenes, "val")
+    records = [source[i] for i in range(min(PARITY_IMAGES, len(source)))]
+    images = np.stack([preprocess.preprocess_bytes(r["image"], image_size) for r in records])
+    captions = [r["captions"][0] for r in records]
+    return images, tokenizer.tokenize(captions, context_length), captions
+
+
+def compare_with_torch(run: pathlib.Path, exports: dict[str, pathlib.Path], scenes: str) -> dict[str, float]:
+    """Max |embedding difference| between JAX (the trained workdir) and each export reloaded in PyTorch."""
+    import jax.numpy as jnp
+    import numpy as np
     import torch
 
+    from geoalign_jax.models import clip
+    from geoalign_jax.params_checkpoint import load_params
+
+    config, params = load_params(run)
+    images, tokens, _ = _parity_inputs(scenes, config.vision.image_size, config.text.context_length)
+    jax_image = np.asarray(clip.encode_image(config, params, jnp.asarray(images))[0])
+    jax_text = np.asarray(clip.encode_text(config, params, jnp.asarray(tokens))[0])
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    differences = {}
     with torch.inference_mode():
-        if fmt == "open_clip":
-            import open_clip
+        for fmt, folder in exports.items():
+            if fmt == "open_clip":
+                import open_clip
 
-            model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-            torch_image = model.encode_image(pixels)
-            torch_text = model.encode_text(torch.from_numpy(tokens.astype(np.int64)))
-        else:
-            from transformers import CLIPModel
+                model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+                torch_image, torch_text = model.encode_image(pixels), model.encode_text(ids)
+            else:
+                from transformers import CLIPModel
 
-            model = CLIPModel.from_pretrained(folder)
-            torch_image = model.get_image_features(pixel_values=pixels).pooler_output
-            torch_text = model.get_text_features(input_ids=torch.from_numpy(tokens.astype(np.int64))).pooler_output
-    image_diff = float(np.abs(torch_image.numpy() - image_embedding).max())
-    text_diff = float(np.abs(torch_text.numpy() - text_embedding).max())
-    ok = max(image_diff, text_diff) <= TOLERANCE
-    print(f"max |JAX - {fmt}|: image {image_diff:.2e}, text {text_diff:.2e} -> {'OK' if ok else 'MISMATCH'}")
-    return ok
+                model = CLIPModel.from_pretrained(folder)
+                torch_image = model.get_image_features(pixel_values=pixels).pooler_output
+                torch_text = model.get_text_features(input_ids=ids).pooler_output
+            differences[fmt] = max(float(np.abs(torch_image.numpy() - jax_image).max()),
+                                   float(np.abs(torch_text.numpy() - jax_text).max()))
+            ok = differences[fmt] <= EMBEDDING_TOLERANCE
+            print(f"PyTorch {fmt}: {len(images)} held-out images and captions, max |JAX - PyTorch| embedding "
+                  f"difference {differences[fmt]:.1e} -> {'OK' if ok else 'MISMATCH'}")
+    return differences
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_table(untrained: dict[str, float], trained: dict[str, float], torch_metrics: dict[str, float]
+                ) -> list[dict[str, Any]]:
+    rows = []
+    for key, label in HEADLINE:
+        chance = chance_level(key, trained)
+        learned = trained[key] >= MIN_CHANCE_FACTOR * chance and trained[key] >= untrained[key] + MIN_GAIN
+        rows.append({"metric": key, "label": label, "chance": chance, "untrained": untrained[key],
+                     "trained": trained[key], "trained_pytorch": torch_metrics[key], "learned": learned})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| metric (%) | chance | untrained | trained (JAX) | trained (open_clip export, PyTorch) |",
+             "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['chance']:.1f} | {row['untrained']:.1f} | {row['trained']:.1f} | "
+                     f"{row['trained_pytorch']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trainer_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Arguments after -- go to the trainer (--config.FIELD=VALUE ...).")
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "demo_out",
-                        help="output folder (an earlier demo run's folder is replaced)")
-    parser.add_argument("--steps", type=int, default=80, help="fitting steps")
-    parser.add_argument("--num-train", type=int, default=512, help="training scenes to generate")
+                        help="output folder (an earlier demo run's outputs are replaced; its data/ is reused)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py's)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="evaluate during training every this many steps (default: configs/demo.py's)")
+    parser.add_argument("--num-train", type=int, default=1000, help="training scenes to generate")
+    parser.add_argument("--num-val", type=int, default=100, help="held-out scenes (the retrieval test)")
+    parser.add_argument("--num-per-class", type=int, default=20, help="land-cover images per class (zero-shot test)")
+    parser.add_argument("--no-learning-check", action="store_true",
+                        help="do not fail when a metric does not beat chance and the untrained model (short runs)")
     args = parser.parse_args(argv)
-    if not _prepare_out(args.out):
+    out = args.out.absolute()
+    if not prepare_out(out):
         return 2
-    start = time.perf_counter()
-    failures = 0
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    failures: list[str] = []
 
-    _step("make the synthetic demo data (records through the JSONL and class-folder converters)")
-    data = make_demo_data(args.out / "data", num_train=args.num_train, num_val=100, num_per_class=20,
-                          image_size=64)
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = round(now - since, 1)
+        return now
+
+    clock = started
+    _stage(1, "demo data: synthetic aerial scenes with captions, long texts, regions and hard negatives")
+    sizes = {"num_train": args.num_train, "num_val": args.num_val, "num_per_class": args.num_per_class,
+             "image_size": 64, "seed": 0}
+    data = ensure_data(out / "data", sizes)
     for name, folder in data.items():
         manifest = json.loads((pathlib.Path(folder) / "manifest.json").read_text())
-        print(f"{name}: " + ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items()))
-    tasks = [f"zeroshot:landcover={data['landcover']}", f"retrieval:demo={data['scenes']},split=val,protocol=both"]
+        print(f"{_relative(folder)}: " + ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items()))
+    clock = lap("data", clock)
 
-    config = demo.get_config()
-    config.data.train_shards = data["scenes"]
-    common.check_config(config)
+    import jax
+
+    from configs import common, demo
+    from geoalign_jax.models import clip
+    from geoalign_jax.params_checkpoint import save_params
+
+    config = demo.get_config(str(out / "data"))
+    tasks = list(config.eval.tasks)
     model_config = common.model_config(config)
-    _step(f"build the tiny CLIP of configs/demo.py in JAX ({jax.devices()[0].platform}, "
-          f"{jax.device_count()} device(s)) and evaluate it untrained")
-    params = clip.init_params(model_config, jax.random.key(0))
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"{count:,} parameters; image {model_config.vision.image_size}px, "
-          f"text context {model_config.text.context_length}")
-    untrained = evaluate(model_config, params, tasks, progress=False)
+    _stage(2, f"initialise the tiny CLIP of configs/demo.py ({jax.devices()[0].platform}) and evaluate it untrained")
+    init_dir = out / "init"
+    save_params(init_dir, model_config, clip.init_params(model_config, jax.random.key(int(config.train.seed))))
+    print(f"saved the untrained parameters to {_relative(str(init_dir))}")
+    untrained = _evaluate(["--checkpoint", str(init_dir), "--tasks", *tasks], out / "eval" / "untrained")
+    clock = lap("untrained evaluation", clock)
 
-    _step(f"fit {args.steps} steps, batch {config.data.batch_size}, all loss terms on")
-    params = jax.device_get(_fit(config, model_config, params, args.steps))
+    _stage(3, "train with the trainer (every loss term on, evaluated during training)")
+    run = out / "run"
+    command = [sys.executable, "-m", "geoalign_jax.train", "--config", f"configs/demo.py:{out / 'data'}",
+               "--workdir", str(run), "--config.init.kind=params", f"--config.init.path={init_dir}"]
+    if args.steps is not None:
+        command.append(f"--config.train.num_steps={args.steps}")
+    if args.eval_every is not None:
+        command.append(f"--config.eval.every_steps={args.eval_every}")
+    if not sys.stderr.isatty():
+        command.append("--progress=false")
+    command += trainer_args
+    _show(command)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    if subprocess.run(command, cwd=REPO_ROOT, env=env).returncode != 0:
+        print(f"error: training failed; its log is above (workdir {run})", file=sys.stderr)
+        return 1
+    clock = lap("training", clock)
 
-    _step("save with orbax, export to open_clip and Hugging Face, reload in PyTorch")
-    ckpt = checkpoint.save_params(args.out / "params", model_config, params)
-    print(f"saved parameters checkpoint {ckpt}")
-    tokens = tokenizer.tokenize(PARITY_CAPTIONS, model_config.text.context_length)
-    size = model_config.vision.image_size
-    images = np.random.default_rng(0).normal(size=(len(PARITY_CAPTIONS), size, size, 3)).astype(np.float32)
-    image_embedding = np.asarray(clip.encode_image(model_config, params, jnp.asarray(images))[0])
-    text_embedding = np.asarray(clip.encode_text(model_config, params, jnp.asarray(tokens))[0])
-    for fmt in ("open_clip", "hf"):
-        written = convert_cli.run_export(ckpt, fmt, args.out / fmt)
-        print(f"wrote {len(written)} files to {args.out / fmt}")
-        failures += not _compare_with_torch(args.out / fmt, fmt, images, tokens, image_embedding, text_embedding)
-    reimported = convert_cli.run_import(args.out / "open_clip", "open_clip", args.out / "reimported",
-                                        quick_gelu=None, model=None, stretch_text=False)
-    _, params_back = checkpoint.load_params(reimported)
-    exact = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)))
-    failures += not exact
-    print(f"JAX -> open_clip -> JAX bit-exact: {exact}")
+    _stage(4, "evaluate the trained model; export to open_clip and Hugging Face; reload both in PyTorch")
+    trained = _evaluate(["--checkpoint", str(run), "--tasks", *tasks], out / "eval" / "trained")
+    exports = {"open_clip": out / "export" / "open_clip", "hf": out / "export" / "hf"}
+    for fmt, folder in exports.items():
+        _export(run, fmt, folder)
+    differences = compare_with_torch(run, exports, data["scenes"])
+    failures += [f"{fmt} embeddings differ by {diff:.1e}" for fmt, diff in differences.items()
+                 if not diff <= EMBEDDING_TOLERANCE]
+    torch_metrics = _evaluate(["--open-clip", str(exports["open_clip"]), "--backend", "open_clip", "--tasks", *tasks],
+                              out / "eval" / "open_clip")
+    disagreement = max(abs(trained[key] - torch_metrics[key]) for key in trained)
+    print(f"JAX and PyTorch evaluations of the trained model: {len(trained)} metrics, largest difference "
+          f"{disagreement:.2f} points")
+    if disagreement > METRIC_TOLERANCE:
+        failures.append(f"JAX and PyTorch evaluations differ by {disagreement:.2f} points")
+    clock = lap("evaluation and export", clock)
 
-    _step("evaluate the fitted model in JAX and through the open_clip export")
-    fitted = evaluate(model_config, params, tasks, progress=False)
-    through_torch = evaluate(None, None, tasks, embedder=embed.OpenClipEmbedder.from_dir(str(args.out / "open_clip")),
-                             progress=False)
-    print(f"{'metric':40s} {'untrained':>10s} {'fitted JAX':>11s} {'fitted open_clip':>17s}")
-    for key in (k for k in fitted if k.endswith(("top1", "mean_recall"))):
-        print(f"{key:40s} {untrained[key]:10.2f} {fitted[key]:11.2f} {through_torch[key]:17.2f}")
-    agree = all(abs(fitted[k] - through_torch[k]) < 1e-6 for k in fitted)
-    improved = all(fitted[k] > untrained[k] for k in HEADLINE)
-    failures += (not agree) + (not improved)
-    print(f"all {len(fitted)} metrics agree between JAX and open_clip: {agree}; fitted beats untrained: {improved}")
+    _stage(5, "training curves and the before/after table")
+    from geoalign_jax.train.plots import plot_training_curves
 
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s with {failures} failure(s); outputs in {args.out}")
+    rows = build_table(untrained, trained, torch_metrics)
+    curves = plot_training_curves(run, chance={row["metric"]: row["chance"] for row in rows},
+                                  title="configs/demo.py: every loss term on (tiny CLIP, synthetic scenes)")
+    lap("plots", clock)
+    table = format_table(rows)
+    print(table)
+    if not args.no_learning_check:
+        failures += [f"{row['label']}: {row['trained']:.1f} is not >= {MIN_CHANCE_FACTOR:g} x chance "
+                     f"({row['chance']:.1f}) and >= untrained ({row['untrained']:.1f}) + {MIN_GAIN:g}"
+                     for row in rows if not row["learned"]]
+    total = time.perf_counter() - started
+    places = {
+        "demo data": out / "data",
+        "untrained parameters": init_dir,
+        "trainer workdir (config.json, metrics.jsonl, tb/, checkpoints/)": run,
+        "training curves": curves,
+        "evaluations (results.json, plots)": out / "eval",
+        "open_clip export (open_clip 'local-dir:')": exports["open_clip"],
+        "Hugging Face export (CLIPModel.from_pretrained)": exports["hf"],
+        "this summary": out / "summary.json",
+    }
+    summary = {"seconds": {**seconds, "total": round(total, 1)}, "table": rows,
+               "embedding_max_abs_difference": differences, "jax_vs_pytorch_max_metric_difference": disagreement,
+               "failures": failures, "paths": {name: str(path) for name, path in places.items()},
+               "trainer_command": command}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\nwhere everything went:")
+    for name, path in places.items():
+        print(f"  {name:66s} {_relative(str(path))}")
+    print("times: " + ", ".join(f"{name} {value:.0f}s" for name, value in seconds.items()) + f"; total {total:.0f}s")
+    for failure in failures:
+        print(f"CHECK FAILED: {failure}", file=sys.stderr)
+    print(f"demo finished in {total:.0f}s with {len(failures)} failed check(s)")
     return 1 if failures else 0
 
 

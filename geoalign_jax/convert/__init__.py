@@ -6,6 +6,9 @@
 - `common`: reading state dicts safely, shape checks that name the first offending key, and the shared
   machinery both formats run through their key tables (`StateDictLayout`): layout mapping, q/k/v
   split/merge, architecture inference and the import pipeline.
+- `pretrained.load_pretrained(src, "open_clip" | "hf")`: THE loader every entry point uses (convert import,
+  evaluate --open-clip/--hf, the trainer's init): a missing, truncated or damaged file, or a folder missing
+  a file, raises `WeightsFileError` with one line naming the file and what is wrong.
 CLI: `python -m geoalign_jax.convert export|import ...` (see `__main__.py`).
 
 CKPT, the parameters checkpoint both directions use (written by `params_checkpoint.save_params`, read by
@@ -22,7 +25,7 @@ Exports are float32; export needs no torch (safetensors.numpy); HF export needs 
 """
 from __future__ import annotations
 
-from geoalign_jax.convert.common import read_state_dict, stretch_text_context
+from geoalign_jax.convert.common import WeightsFileError, read_state_dict, stretch_text_context
 from geoalign_jax.convert.hf import export_hf, hf_to_params, load_hf, params_to_hf
 from geoalign_jax.convert.open_clip import (
     export_open_clip,
@@ -30,8 +33,10 @@ from geoalign_jax.convert.open_clip import (
     open_clip_to_params,
     params_to_open_clip,
 )
+from geoalign_jax.convert.pretrained import load_pretrained
 
 __all__ = [
-    "export_hf", "export_open_clip", "hf_to_params", "load_hf", "load_open_clip", "open_clip_to_params",
-    "params_to_hf", "params_to_open_clip", "read_state_dict", "stretch_text_context",
+    "WeightsFileError", "export_hf", "export_open_clip", "hf_to_params", "load_hf", "load_open_clip",
+    "load_pretrained", "open_clip_to_params", "params_to_hf", "params_to_open_clip", "read_state_dict",
+    "stretch_text_context",
 ]

@@ -8,7 +8,8 @@ python -m geoalign_jax.convert import --src PATH --format open_clip --out CKPT [
 python -m geoalign_jax.convert import --src HF_DIR --format hf --out CKPT [--model NAME]
 ```
 CKPT is a parameters checkpoint (`params_checkpoint.py`: model_config.json + an orbax tree under params/).
-Exits with status 2 and a one-line message on bad input (wrong architecture, missing keys, no activation).
+Exits with status 2 and a one-line message on bad input (wrong architecture, missing keys, no activation, a
+missing, truncated or damaged weights file: see `pretrained.load_pretrained`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ import sys
 from typing import Sequence
 
 from geoalign_jax.convert import common, hf, open_clip
-
-FORMATS = ("open_clip", "hf")
+from geoalign_jax.convert.pretrained import FORMATS, load_pretrained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +73,7 @@ def run_import(
 
     if out.exists():
         raise ValueError(f"--out {out} already exists; parameters checkpoints are never overwritten")
-    loader = open_clip.load_open_clip if fmt == "open_clip" else hf.load_hf
-    config, params = loader(src, quick_gelu=quick_gelu, model=model)
+    config, params = load_pretrained(src, fmt, quick_gelu=quick_gelu, model=model)
     if stretch_text:
         config, params = common.stretch_text_context(config, params)
     path = save_params(out, config, params)
@@ -97,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote parameters checkpoint {path}")
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {common.one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,7 +13,6 @@ JSON and needs neither transformers nor torch for `model.safetensors`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from typing import Any, Mapping
@@ -28,8 +27,10 @@ from geoalign_jax.convert.common import (
     StateDict,
     StateDictLayout,
     TensorEntry,
+    WeightsFileError,
     as_float32,
     params_to_state_dict,
+    read_json_file,
     read_state_dict,
     state_dict_to_params,
     to_layout,
@@ -154,14 +155,23 @@ def hf_to_params(
 
 
 def read_hf_weights(folder: pathlib.Path) -> tuple[StateDict, str]:
-    """The weights of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin (torch)."""
+    """The weights of a HF folder: model.safetensors, a sharded index, or pytorch_model.bin (torch).
+    WeightsFileError names the file when one is missing (also a shard the index lists) or unreadable."""
     single = folder / WEIGHTS_FILE
     if single.is_file():
         return read_state_dict(single), str(single)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = folder / index_name
         if index_path.is_file():
-            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            weight_map = read_json_file(index_path, "sharded weights index")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise WeightsFileError(f"{index_path}: no 'weight_map' of tensor names to shard files")
+            shards = sorted(set(weight_map.values()))
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise WeightsFileError(f"{folder / missing[0]}: no such file (listed in {index_name}; "
+                                       f"{len(missing)} of {len(shards)} shards missing)")
             state_dict: StateDict = {}
             for shard in shards:
                 state_dict.update(read_state_dict(folder / shard))
@@ -169,7 +179,8 @@ def read_hf_weights(folder: pathlib.Path) -> tuple[StateDict, str]:
     legacy = folder / "pytorch_model.bin"
     if legacy.is_file():
         return read_state_dict(legacy), str(legacy)
-    raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}, sharded index or pytorch_model.bin")
+    raise WeightsFileError(f"{folder / WEIGHTS_FILE}: no such file (nor a sharded index or pytorch_model.bin "
+                           f"in {folder})")
 
 
 def load_hf(
@@ -178,9 +189,13 @@ def load_hf(
     """Imports a Hugging Face CLIPModel folder (config.json + weights); activation from `hidden_act`."""
     folder = pathlib.Path(src)
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: {folder} is not a Hugging Face model folder")
-    hints = hints_from_hf_config(json.loads(config_path.read_text()), source=str(config_path))
+    if not folder.is_dir():
+        raise WeightsFileError(f"{folder}: not a folder (a Hugging Face model folder holds {CONFIG_FILE} and "
+                               f"{WEIGHTS_FILE})")
+    meta = read_json_file(config_path, "Hugging Face model config")
+    if not isinstance(meta, dict):
+        raise WeightsFileError(f"{config_path}: not a JSON object")
+    hints = hints_from_hf_config(meta, source=str(config_path))
     state_dict, source = read_hf_weights(folder)
     return hf_to_params(state_dict, quick_gelu=quick_gelu, model=model, hints=hints, source=source)
 

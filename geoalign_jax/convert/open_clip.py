@@ -31,8 +31,10 @@ from geoalign_jax.convert.common import (
     StateDict,
     StateDictLayout,
     TensorEntry,
+    WeightsFileError,
     as_float32,
     params_to_state_dict,
+    read_json_file,
     read_state_dict,
     state_dict_to_params,
     to_layout,
@@ -199,9 +201,9 @@ def open_clip_to_params(
 def read_open_clip_folder_config(folder: pathlib.Path) -> tuple[SourceHints, pathlib.Path]:
     """An open_clip `local-dir:` / HF-hub folder -> (what its config says, the weights file open_clip would load)."""
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not an open_clip model folder")
-    meta = json.loads(config_path.read_text())
+    meta = read_json_file(config_path, "open_clip model config")
+    if not isinstance(meta, dict):
+        raise WeightsFileError(f"{config_path}: not a JSON object")
     model_cfg = meta.get("model_cfg", meta)
     vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     for section, options, cfg in (("vision_cfg", _UNSUPPORTED_VISION_OPTIONS, vision_cfg), ("text_cfg", _UNSUPPORTED_TEXT_OPTIONS, text_cfg)):
@@ -224,7 +226,7 @@ def read_open_clip_folder_config(folder: pathlib.Path) -> tuple[SourceHints, pat
     for name in WEIGHTS_PREFERENCE:
         if (folder / name).is_file():
             return hints, folder / name
-    raise FileNotFoundError(f"{folder}: no weights file (looked for {', '.join(WEIGHTS_PREFERENCE)})")
+    raise WeightsFileError(f"{folder}: no weights file (looked for {', '.join(WEIGHTS_PREFERENCE)})")
 
 
 def load_open_clip(

@@ -184,7 +184,7 @@ def convert_karpathy(
             class_name=readable_class_name(label) if isinstance(label, str) else None, require="captions",
         ))
     extra = {"class_names": [readable_class_name(label) for label in labels], "raw_class_names": labels}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_karpathy.py", log=log,
+    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare karpathy", log=log,
                   manifest_extra=extra, **options)
 
 
@@ -285,7 +285,7 @@ def convert_coco(
             ))
     extra = {"category_names": [categories[category_id] for category_id in category_ids],
              "coco_category_ids": category_ids}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_coco.py", log=log, manifest_extra=extra,
+    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare coco", log=log, manifest_extra=extra,
                   **options)
 
 
@@ -390,7 +390,7 @@ def convert_dota(
         if stem not in labelled:
             log.add_input(Skip(writers.NO_LABEL_FILE, path.name))
     extra = {"category_names": category_names}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_dota.py", log=log, manifest_extra=extra,
+    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare dota", log=log, manifest_extra=extra,
                   **options)
 
 
@@ -522,7 +522,7 @@ def convert_jsonl(
             class_name=obj.get("class_name"), require="text",
         ))
     extra = {"category_names": category_names}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_jsonl.py", log=log, manifest_extra=extra,
+    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare jsonl", log=log, manifest_extra=extra,
                   **options)
 
 
@@ -564,7 +564,7 @@ def convert_folders(
             tasks.append(ImageTask(split=split, id=record_id, source=name, name=record_id, image_path=str(path),
                                    label=label, class_name=readable[label]))
     extra = {"class_names": readable, "raw_class_names": [folder.name for folder in folders]}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_folders.py", log=log, manifest_extra=extra,
+    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare folders", log=log, manifest_extra=extra,
                   **options)
 
 
@@ -615,7 +615,7 @@ def convert_tfds(
         for split, source in split_sources.items()
     )
     extra = {"class_names": [readable_class_name(c) for c in class_names], "raw_class_names": list(class_names)}
-    return _write(tasks, out_dir, name=name, created_by="tools/convert_tfds.py", log=log, manifest_extra=extra,
+    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare tfds", log=log, manifest_extra=extra,
                   expected_counts={split: len(source) for split, source in split_sources.items()}, **options)
 
 
@@ -659,7 +659,9 @@ def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]
 
 def run_cli(convert: Callable[[], ConversionSummary]) -> int:
     """Run a converter, print its summary; exit status 1 with the summary on ConversionError (or a bad
-    option it raises), so a shell script or a launcher stops on bad input."""
+    option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
+    one line and the shell's 128 + signal number; no manifest was written, so nothing looks converted."""
+    import signal
     import sys
 
     try:
@@ -667,5 +669,10 @@ def run_cli(convert: Callable[[], ConversionSummary]) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"error: conversion interrupted ({signal.Signals(signum).name}); the new dataset was not written "
+              f"(no {writers.MANIFEST_NAME} for it); run the same command again", file=sys.stderr)
+        return 128 + signum
     print(summary.format())
     return 0

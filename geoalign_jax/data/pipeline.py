@@ -183,7 +183,8 @@ class AttachIndex(grain.transforms.MapWithIndex):
 
 
 class DecodeAndTransform(grain.transforms.RandomMap):
-    """(source index, raw bytes) -> example dict, or a ``SkippedRecord`` (logged) when the record is unusable.
+    """(source index, raw bytes) -> example dict, or a ``SkippedRecord`` (logged) when the record is unusable
+    (including an ``UnreadableRecord``: bytes the source could not read from a damaged shard).
 
     Any failure of one record (bytes that are not a record, a record of another version, an image that does
     not decode, no text...) becomes a skip rather than a crash: one bad record must not stop a week-long run.
@@ -201,8 +202,11 @@ class DecodeAndTransform(grain.transforms.RandomMap):
         except Exception:  # never let the error message itself fail
             return f"record {index}"
 
-    def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> Any:
+    def random_map(self, element: tuple[int, bytes | sources.UnreadableRecord], rng: np.random.Generator) -> Any:
         index, data = element
+        if isinstance(data, sources.UnreadableRecord):  # the shard's bytes were damaged (see open_train_source)
+            logger.warning("skipping unreadable record at %s: %s", data.where, data.reason)
+            return transforms.SkippedRecord(where=data.where, reason=data.reason)
         record_id = "?"
         try:
             record = records.decode_record(data)  # the location is added below, only when it fails
@@ -370,12 +374,14 @@ def check_category_numbering(config: ml_collections.ConfigDict, paths: Sequence[
 
 def open_train_source(config: ml_collections.ConfigDict) -> sources.RecordSource:
     """The raw-bytes source over the training shards named by ``train_shards`` + ``train_split``
-    (refused when they mix datasets with separate category numberings, see ``check_category_numbering``)."""
+    (refused when they mix datasets with separate category numberings, see ``check_category_numbering``).
+    Every shard's index is read here, so a missing or truncated shard fails before anything compiles; a
+    record whose bytes cannot be read later comes back marked and becomes a counted skip."""
     if not config.train_shards:
         raise ValueError("data config: train_shards is empty (give a converted folder or a shard glob)")
     paths = sources.shard_paths(config.train_shards, config.train_split)
     check_category_numbering(config, paths)
-    return sources.RecordSource(paths, raw=True)
+    return sources.RecordSource(paths, raw=True, unreadable="mark")
 
 
 #: Arbitrary fixed constant that separates the augmentation seed from other seeds derived from ``config.seed``.

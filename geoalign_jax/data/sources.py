@@ -3,10 +3,17 @@
 `RecordSource` is a grain random-access data source (`__len__`, `__getitem__`) over the shards of one split;
 every record it returns has been checked by `records.decode_record`, and an error names the shard file and
 the record's index inside it, so a damaged or foreign shard is found without bisecting a training run.
+
+Damaged files are told apart at two levels. A shard whose index cannot be read (truncated footer, not an
+ArrayRecord file, missing) is refused when the source is built, naming the shard and the converter that
+rebuilds it. A single record whose bytes cannot be read (a chunk hash mismatch from a zeroed or flipped
+block) raises `RecordReadError`, or, with `unreadable="mark"` (the training pipeline), comes back as an
+`UnreadableRecord` for the caller to skip and count: one bad block must not stop a week-long run.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import glob
 import io
 import itertools
@@ -14,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, SupportsIndex
+from typing import Any, Literal, SupportsIndex
 
 from geoalign_jax.data import records
 
@@ -34,6 +41,67 @@ class SourceError(ValueError):
     """A dataset folder, manifest, split or shard that cannot be used; the message names it."""
 
 
+class RecordReadError(records.RecordError):
+    """The bytes of one record cannot be read from its shard (damaged chunk, short read); names shard + index."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableRecord:
+    """What a source opened with `unreadable="mark"` returns for a record it cannot read, instead of raising."""
+
+    where: str  # "<shard path> record <index in shard>"
+    reason: str
+
+
+def rebuild_hint(shard: str | os.PathLike) -> str:
+    """How to get a good copy of a damaged shard: copy it again, or rerun the converter named by the manifest
+    beside it (`created_by`) with --overwrite."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(shard)))
+    converter = "python -m geoalign_jax.prepare <format>"
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as handle:
+            created_by = json.load(handle).get("created_by")
+        if isinstance(created_by, str) and created_by.strip():
+            converter = created_by.strip()
+            if converter.endswith(".py"):  # manifests written before the prepare CLI name the script
+                converter = f"python {converter}"
+    except (OSError, ValueError, AttributeError):
+        pass  # bare shards: the generic name
+    return (f"copy the shard again from where it came from, or rebuild the dataset: "
+            f"{converter} ... --out {folder} --overwrite")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def check_shard(path: str | os.PathLike) -> int:
+    """Records in one shard, read from its index (footer); SourceError naming the shard, what is wrong and
+    how to rebuild it when the file is missing, truncated or not an ArrayRecord file."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SourceError(f"shard {path} is missing; {rebuild_hint(path)}")
+    problem = None
+    try:
+        reader = ArrayRecordReader(path)
+    except Exception as error:  # noqa: BLE001 - riegeli raises RuntimeError / OSError / ValueError
+        problem = _one_line(error)
+    else:
+        ok = reader.ok()
+        count = int(reader.num_records()) if ok else 0
+        try:
+            reader.close()  # a reader that failed to open reports why only when closed
+        except Exception as error:  # noqa: BLE001
+            problem = _one_line(error)
+        if ok and problem is None:
+            return count
+    raise SourceError(f"shard {path} cannot be opened (truncated, damaged or not an ArrayRecord file: "
+                      f"{problem or 'unreadable index'}); {rebuild_hint(path)}")
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Load and check `<directory>/manifest.json` (format name and version, splits with counts and shards)."""
     path = os.path.join(os.fspath(directory), MANIFEST_NAME)
@@ -41,7 +109,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except FileNotFoundError:
-        raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by a tools/convert_*.py converter?)") \
+        raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by python -m geoalign_jax.prepare?)") \
             from None
     except (OSError, ValueError) as error:
         raise SourceError(f"{path} is not readable JSON: {error}") from None
@@ -107,7 +175,7 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise SourceError(f"shard files listed in the manifest are missing: {missing[:5]}"
-                          f"{' ...' if len(missing) > 5 else ''}")
+                          f"{' ...' if len(missing) > 5 else ''}; {rebuild_hint(missing[0])}")
     return paths
 
 
@@ -126,10 +194,14 @@ class RecordSource:
     """grain random-access source over ArrayRecord shards: decoded record dicts, or raw bytes with `raw=True`.
 
     Built on `grain.sources.ArrayRecordDataSource` (which needs shards written with group_size:1, as the
-    converters do). Picklable, so grain worker processes can each open their own readers.
+    converters do). Every shard's index is read when the source is built, so a shard that cannot be opened
+    fails here (SourceError naming it), before anything is compiled or trained. A record that cannot be read
+    later raises `RecordReadError` (`unreadable="raise"`) or is returned as an `UnreadableRecord`
+    (`unreadable="mark"`). Picklable, so grain worker processes can each open their own readers.
     """
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, raw: bool = False):
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, raw: bool = False,
+                 unreadable: Literal["raise", "mark"] = "raise"):
         import grain
 
         if isinstance(paths, (str, os.PathLike)):
@@ -137,17 +209,28 @@ class RecordSource:
         self._paths = [os.fspath(p) for p in paths]
         if not self._paths:
             raise SourceError("RecordSource needs at least one shard path")
+        if unreadable not in ("raise", "mark"):
+            raise ValueError(f"unreadable must be 'raise' or 'mark', got {unreadable!r}")
         missing = [p for p in self._paths if not os.path.isfile(p)]
         if missing:
-            raise SourceError(f"shard files not found: {missing[:5]}")
+            raise SourceError(f"shard files not found: {missing[:5]}; {rebuild_hint(missing[0])}")
         self._raw = raw
-        self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        self._unreadable = unreadable
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        except Exception as error:  # noqa: BLE001 - grain opens every shard at once and does not say which failed
+            for path in self._paths:
+                check_shard(path)  # raises naming the first bad shard
+            raise SourceError(f"cannot open the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}: "
+                              f"{_one_line(error)}") from None
         self._prefix_sums: list[int] | None = None
+        self._locate_failed = False
 
     @classmethod
-    def from_dir(cls, dir_or_glob: str | os.PathLike, split: str, *, raw: bool = False) -> "RecordSource":
+    def from_dir(cls, dir_or_glob: str | os.PathLike, split: str, *, raw: bool = False,
+                 unreadable: Literal["raise", "mark"] = "raise") -> "RecordSource":
         """The shards of `split` in a converted folder (or a glob), see `shard_paths`."""
-        return cls(shard_paths(dir_or_glob, split), raw=raw)
+        return cls(shard_paths(dir_or_glob, split), raw=raw, unreadable=unreadable)
 
     @property
     def paths(self) -> list[str]:
@@ -167,9 +250,16 @@ class RecordSource:
         start = self._prefix_sums[shard - 1] if shard else 0
         return self._paths[shard], index - start
 
-    def _where(self, index: int) -> str:
-        path, local = self.locate(index)
-        return f"{path} record {local}"
+    def _where(self, index: int) -> tuple[str | None, str]:
+        """(shard path or None, "<shard path> record <index in shard>") for messages; never raises, since it
+        describes records of shards that may be damaged."""
+        if not self._locate_failed:
+            try:
+                path, local = self.locate(index)
+                return path, f"{path} record {local}"
+            except Exception:  # noqa: BLE001 - a shard changed since the source was built; do not retry per record
+                self._locate_failed = True
+        return None, f"record {index} of the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}"
 
     def _check_index(self, record_key: SupportsIndex) -> int:
         index = record_key.__index__()
@@ -183,15 +273,33 @@ class RecordSource:
         try:
             return records.decode_record(data)
         except records.RecordError as error:
-            raise records.RecordError(f"{self._where(index)}: {error}") from None
+            raise records.RecordError(f"{self._where(index)[1]}: {error}") from None
+
+    def _read(self, index: int) -> bytes | UnreadableRecord:
+        """One record's bytes; a read failure (riegeli raises RuntimeError, the OS OSError) is named here."""
+        try:
+            return self._source[index]
+        except Exception as error:  # noqa: BLE001 - every way a read of damaged bytes fails
+            path, where = self._where(index)
+            reason = f"cannot be read ({_one_line(error)})"
+            if self._unreadable == "mark":
+                return UnreadableRecord(where=where, reason=reason)
+            raise RecordReadError(f"{where}: {reason}; {rebuild_hint(path or self._paths[0])}") from None
+
+    def _output(self, data: bytes | UnreadableRecord, index: int) -> Any:
+        return data if isinstance(data, UnreadableRecord) else self._decode(data, index)
 
     def __getitem__(self, record_key: SupportsIndex) -> Any:
         index = self._check_index(record_key)
-        return self._decode(self._source[index], index)
+        return self._output(self._read(index), index)
 
     def __getitems__(self, record_keys: Sequence[SupportsIndex]) -> list[Any]:
         indices = [self._check_index(key) for key in record_keys]
-        return [self._decode(data, index) for data, index in zip(self._source.__getitems__(indices), indices)]
+        try:
+            batch: Sequence[bytes | UnreadableRecord] = self._source.__getitems__(indices)
+        except Exception:  # noqa: BLE001 - one bad record fails the whole batched read: read one by one,
+            batch = [self._read(index) for index in indices]  # so its neighbours are not lost with it
+        return [self._output(data, index) for data, index in zip(batch, indices)]
 
 
 # ---------------------------------------------------------------------------------------------------------

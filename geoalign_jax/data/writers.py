@@ -4,11 +4,18 @@ Why one place: every converter must behave the same way on bad input (skip, coun
 a bad fraction), write byte-identical shards whatever the worker count, and leave either a complete output
 (shards + manifest.json) or none. Converters only turn their annotation files into `ImageTask`s.
 
+Interrupted conversions: shards are written under temporary names and the manifest, written last and
+atomically (temp + rename, after every shard is on disk), is what makes a folder a dataset. SIGINT and
+SIGTERM remove the temporary shards (`ConversionInterrupted`); after a SIGKILL or a power cut the folder
+holds no manifest (an overwritten dataset's manifest is removed before its shards are replaced), and the
+next run cleans the leftovers (`--overwrite` for shards already renamed into place).
+
 This module never imports jax: worker processes are started with 'spawn', and jax must not be forked.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
@@ -16,12 +23,15 @@ import math
 import multiprocessing
 import os
 import pathlib
+import re
+import signal
 import sys
+import threading
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from geoalign_jax.data import records
+from geoalign_jax.data import fingerprints, records, text_stats
 
 # ---------------------------------------------------------------------------------------------------------
 # Skip bookkeeping
@@ -65,6 +75,43 @@ class ConversionError(RuntimeError):
     def __init__(self, message: str, summary: "ConversionSummary | None" = None):
         super().__init__(message)
         self.summary = summary
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a conversion; the temporary shards were removed and no manifest was written.
+    A KeyboardInterrupt, so code that already stops on Ctrl-C stops on it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """While writing, SIGINT and SIGTERM raise ConversionInterrupted (SIGTERM's default would end the process
+    without cleaning up). Only the main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise ConversionInterrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}  # an ignored signal (nohup) stays ignored
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _ignore_interrupts() -> None:
+    """Worker processes leave SIGINT and SIGTERM to the parent, which stops them. Ctrl-C reaches the whole
+    process group, and so does SIGTERM from a scheduler or `kill -- -PGID`: a worker killed while it sends a
+    result leaves half a message in the pool's pipe, and the parent's pool then waits for the rest forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -159,11 +206,23 @@ class BuildResult:
     record: bytes | None
     skips: tuple[Skip, ...]
     annotations_seen: int
+    # of a written record: (SHA-256 of the stored image bytes, perceptual hash), see data/fingerprints.py
+    fingerprint: tuple[bytes, int] | None = None
+    # of a written record: token counts of its texts by kind, see data/text_stats.py
+    token_counts: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def load_image(path: str | None, data: bytes | None, options: BuildOptions) -> tuple[bytes, int, int]:
     """Read, fully decode (truncated files fail here, `verify()` would not catch them) and return the bytes
     to store with the pixel size. JPEG/PNG bytes are kept as they are; other formats are re-encoded."""
+    data, width, height, _ = _load_image(path, data, options)
+    return data, width, height
+
+
+def _load_image(path: str | None, data: bytes | None, options: BuildOptions
+                ) -> tuple[bytes, int, int, tuple[bytes, int]]:
+    """`load_image` plus the stored bytes' fingerprint, from the pixels already decoded when the bytes are
+    stored as they came (re-encoded bytes are decoded once more: the fingerprint is of what is stored)."""
     from PIL import Image  # local: keeps the parent's import cheap
 
     if data is None:
@@ -174,14 +233,15 @@ def load_image(path: str | None, data: bytes | None, options: BuildOptions) -> t
         if image.mode not in _CONVERTIBLE_MODES:
             raise _UnsupportedMode(f"mode {image.mode}")
         if records.image_format(data[:8]) is not None:
-            return data, width, height
+            return data, width, height, fingerprints.fingerprint(data, fingerprints.thumbnail(image))
         converted = image.convert("RGBA" if "A" in image.mode else "RGB") if image.mode not in ("RGB", "L") else image
         buffer = io.BytesIO()
         if options.reencode_format.upper() == "JPEG":
             converted.convert("RGB").save(buffer, format="JPEG", quality=95)
         else:
             converted.save(buffer, format="PNG")
-        return buffer.getvalue(), width, height
+        stored = buffer.getvalue()
+        return stored, width, height, fingerprints.fingerprint(stored)
 
 
 class _UnsupportedMode(ValueError):
@@ -233,7 +293,7 @@ def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
     if task.image_bytes is None and (task.image_path is None or not os.path.isfile(task.image_path)):
         return dropped(UNKNOWN_FILE)
     try:
-        image, width, height = load_image(task.image_path, task.image_bytes, options)
+        image, width, height, image_fingerprint = _load_image(task.image_path, task.image_bytes, options)
     except _UnsupportedMode as error:
         return dropped(f"{UNSUPPORTED_IMAGE_MODE} ({error})")
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for bad files
@@ -273,7 +333,8 @@ def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
         data = records.encode_record(example)
     except records.RecordError as error:
         return dropped(f"{INVALID_RECORD}: {error}")
-    return BuildResult(task.split, data, tuple(skips), annotations_seen)
+    return BuildResult(task.split, data, tuple(skips), annotations_seen, image_fingerprint,
+                       text_stats.record_token_counts(example))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,14 +354,20 @@ def ordered_parallel_map(
         return
     window = window or workers * 4
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                initializer=_ignore_interrupts) as executor:
         pending: deque[concurrent.futures.Future] = deque()
-        for item in items:
-            pending.append(executor.submit(function, item))
-            if len(pending) >= window:
+        try:
+            for item in items:
+                pending.append(executor.submit(function, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        except BaseException:  # stopped (interrupt, failure, generator closed): do not build what is queued
+            for future in pending:
+                future.cancel()
+            raise
 
 
 class _BuildWithOptions:
@@ -339,8 +406,29 @@ class ShardingOptions:
         return max(1, math.ceil(expected_records / num_shards))
 
 
+def _temp_shard_name(name: str, split: str, index: int) -> str:
+    return f".tmp-{name}-{split}-{index:05d}.array_record"
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """Flush a file, or a folder's entries, to disk: the manifest must never reach the disk before its shards
+    (a crash would leave a dataset that looks complete). Filesystems that cannot fsync a folder are let be."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 class _SplitWriter:
-    """Writes one split's records to consecutive temporary shards; renamed once the final count is known."""
+    """Writes one split's records to consecutive temporary shards, each with its fingerprint sidecar
+    (`fingerprints.sidecar_path`); both are renamed once the final count is known."""
 
     def __init__(self, out_dir: pathlib.Path, name: str, split: str, records_per_shard: int, writer_options: str):
         self.out_dir, self.name, self.split = out_dir, name, split
@@ -348,38 +436,60 @@ class _SplitWriter:
         self.writer_options = writer_options
         self.count = 0
         self.temp_paths: list[pathlib.Path] = []
+        self.sidecar_names: list[str] = []
+        self.tokens = text_stats.TokenHistogram()
         self._writer = None
+        self._fingerprints: list[tuple[bytes, int]] = []
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, fingerprint: tuple[bytes, int],
+              token_counts: Mapping[str, Sequence[int]] | None = None) -> None:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if self.count % self.records_per_shard == 0:
             self._close_current()
-            path = self.out_dir / f".tmp-{self.name}-{self.split}-{len(self.temp_paths):05d}.array_record"
+            path = self.out_dir / _temp_shard_name(self.name, self.split, len(self.temp_paths))
             self.temp_paths.append(path)
             self._writer = ArrayRecordWriter(str(path), self.writer_options)
         self._writer.write(data)
+        self._fingerprints.append(fingerprint)
+        self.tokens.add(token_counts or {})
         self.count += 1
 
     def _close_current(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            sidecar = fingerprints.sidecar_path(self.temp_paths[-1])
+            fingerprints.write_sidecar(sidecar, fingerprints.fingerprint_rows(self._fingerprints))
+            self._fingerprints = []
 
-    def finish(self) -> list[str]:
-        """Close and rename to the final `-of-N` names; returns the shard names relative to out_dir."""
+    def close(self) -> None:
+        """Close the last shard and flush every shard and its sidecar to disk (before any manifest may name them)."""
         self._close_current()
+        for temp in self.temp_paths:
+            _fsync(temp)
+            _fsync(fingerprints.sidecar_path(temp))
+
+    def publish(self) -> list[str]:
+        """Rename the closed shards (and their sidecars) to the final `-of-N` names; returns the shard names
+        relative to out_dir (the sidecar names are left in `sidecar_names`, same order)."""
         names = []
         for index, temp in enumerate(self.temp_paths):
             final = shard_name(self.name, self.split, index, len(self.temp_paths))
             os.replace(temp, self.out_dir / final)
+            sidecar = fingerprints.sidecar_path(self.out_dir / final)
+            os.replace(fingerprints.sidecar_path(temp), sidecar)
             names.append(final)
+            self.sidecar_names.append(sidecar.name)
         return names
 
     def abort(self) -> None:
-        self._close_current()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         for temp in self.temp_paths:
             temp.unlink(missing_ok=True)
+            fingerprints.sidecar_path(temp).unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -398,6 +508,19 @@ class ConversionSummary:
     annotations_skipped: int
     max_bad_fraction: float
     failed: bool = False
+    #: per split, the token counts of the written records' texts (what a CLIP context would cut)
+    text_tokens: dict[str, text_stats.TokenHistogram] = dataclasses.field(default_factory=dict)
+
+    def all_text_tokens(self) -> text_stats.TokenHistogram:
+        """The token histogram over all splits."""
+        total = text_stats.TokenHistogram()
+        for histogram in self.text_tokens.values():
+            total.update(histogram)
+        return total
+
+    def truncation(self) -> dict[str, dict[str, float]]:
+        """Over all splits: per kind of text, how many are longer than their usual context (77 / 248 tokens)."""
+        return self.all_text_tokens().truncation()
 
     def format(self) -> str:
         total = sum(self.written.values())
@@ -416,6 +539,8 @@ class ConversionSummary:
             examples = ", ".join(self.skipped_examples.get(reason, []))
             more = " ..." if count > len(self.skipped_examples.get(reason, [])) else ""
             lines.append(f"    {reason}: {count} (e.g. {examples}{more})")
+        lines.append("  texts longer than the context (cut in training): "
+                     + text_stats.format_truncation(self.all_text_tokens()))
         return "\n".join(lines)
 
 
@@ -440,7 +565,7 @@ def _old_shards(out_dir: pathlib.Path, overwrite: bool) -> list[str] | None:
     """Create out_dir; the shards an existing conversion there lists, or None when there is none.
 
     An existing dataset is refused without `overwrite`; with it, nothing is deleted here: the old shards are
-    removed only after the new dataset has been written completely (see `_remove_replaced_shards`), so a
+    removed only after the new dataset has been written completely (see `_remove_stale_shards`), so a
     conversion that fails leaves the old dataset as it was.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -451,21 +576,56 @@ def _old_shards(out_dir: pathlib.Path, overwrite: bool) -> list[str] | None:
         raise ConversionError(f"{manifest_path} exists: pass overwrite=True (--overwrite) to replace that dataset")
     try:
         old = json.loads(manifest_path.read_text())
-        return [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        shards = [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        return shards + [s for names in (old.get("image_hashes") or {}).values() for s in names]
     except (OSError, ValueError, AttributeError) as error:
         raise ConversionError(f"{manifest_path} is unreadable ({error}); remove it by hand") from None
 
 
-def _remove_replaced_shards(out_dir: pathlib.Path, old_shards: Sequence[str], new_shards: Iterable[str]) -> None:
-    """Delete the old dataset's shards that the new manifest does not list (never anything outside out_dir)."""
+def _dataset_shards(out_dir: pathlib.Path, name: str) -> list[str]:
+    """The files in out_dir named like shards of dataset `name` (`<name>-<split>-NNNNN-of-NNNNN.array_record`)."""
+    from geoalign_jax.data.sources import parse_shard_name
+
+    return sorted(entry.name for entry in out_dir.iterdir()
+                  if entry.is_file() and (parse_shard_name(entry.name) or ("",))[0] == name)
+
+
+def _clean_unfinished(out_dir: pathlib.Path, name: str, has_manifest: bool, overwrite: bool) -> None:
+    """Remove what an interrupted conversion of `name` left in out_dir: its temporary shards and manifest
+    always (they are never part of a dataset); without a manifest, shards already renamed into place too, but
+    only with `overwrite` (they may be bare shards someone copied there)."""
+    # a temporary shard (see _temp_shard_name) or its sidecar, also one whose shard a kill let be renamed
+    temp_file = re.compile(rf"^\.tmp-{re.escape(name)}-[^-]+-\d{{5}}"
+                           rf"({re.escape(fingerprints.SHARD_SUFFIX)}|{re.escape(fingerprints.SIDECAR_SUFFIX)})$")
+    for entry in out_dir.iterdir():
+        if entry.name == f".tmp-{MANIFEST_NAME}" or temp_file.match(entry.name):
+            entry.unlink(missing_ok=True)
+            fingerprints.sidecar_path(entry).unlink(missing_ok=True)
+    if has_manifest:
+        return
+    unfinished = _dataset_shards(out_dir, name)
+    if unfinished and not overwrite:
+        raise ConversionError(
+            f"{out_dir} holds {len(unfinished)} shards of {name!r} without a {MANIFEST_NAME} (an interrupted "
+            f"conversion?), e.g. {unfinished[0]}: pass overwrite=True (--overwrite) to replace them")
+    for shard in unfinished:
+        (out_dir / shard).unlink(missing_ok=True)
+        fingerprints.sidecar_path(out_dir / shard).unlink(missing_ok=True)
+
+
+def _remove_stale_shards(out_dir: pathlib.Path, name: str, old_shards: Sequence[str],
+                         new_shards: Iterable[str]) -> None:
+    """Delete the shards of the replaced dataset and of interrupted runs that the new manifest does not list:
+    those the old manifest listed, and every file named like a shard of `name` (never anything outside out_dir)."""
     keep = set(new_shards)
     root = out_dir.resolve()
-    for shard in old_shards:
+    for shard in [*old_shards, *_dataset_shards(out_dir, name)]:
         if not isinstance(shard, str) or shard in keep:
             continue
         target = (out_dir / shard).resolve()
         if target.parent == root:  # whatever the old manifest says
             target.unlink(missing_ok=True)
+            fingerprints.sidecar_path(target).unlink(missing_ok=True)
 
 
 def check_split_name(split: Any) -> str:
@@ -479,6 +639,7 @@ def check_split_name(split: Any) -> str:
     return split
 
 
+@_interrupts_raise()
 def write_dataset(
     tasks: Iterable[ImageTask],
     out_dir: str | os.PathLike,
@@ -501,9 +662,11 @@ def write_dataset(
     lines, ...). `tasks` may be a lazy iterable (bounded memory for big sources) when `expected_counts`
     gives the number of tasks per split (it sizes the shards). The output is the same for any `workers`. When
     the bad fraction is exceeded (or anything fails) no new file is left behind and ConversionError carries the
-    summary. With `overwrite`, an existing dataset in `out_dir` stays untouched until the new one is complete:
-    new shards are built under temporary names, renamed into place, the manifest swapped atomically, and only
-    then are old shards the new manifest does not list deleted.
+    summary. With `overwrite`, an existing dataset in `out_dir` stays untouched until the new shards are all
+    written (under temporary names, flushed to disk); then its manifest is removed, the new shards are renamed
+    into place, the new manifest is written atomically, and only then are shards it does not list deleted.
+    So the folder never holds a manifest whose shards are not all there. SIGINT / SIGTERM raise
+    ConversionInterrupted after removing the temporary shards; what a killed run leaves, the next run removes.
     """
     from tqdm import tqdm
 
@@ -511,6 +674,7 @@ def write_dataset(
         raise ConversionError(f"dataset name {name!r} must be a plain file-name prefix")
     out_path = pathlib.Path(out_dir)
     old_shards = _old_shards(out_path, overwrite)
+    _clean_unfinished(out_path, name, old_shards is not None, overwrite)
     log = skip_log or SkipLog()
     if expected_counts is None:
         tasks = list(tasks)
@@ -534,7 +698,7 @@ def write_dataset(
             if result.record is not None:
                 if result.split not in writers:
                     raise ConversionError(f"task of split {result.split!r} not announced in expected_counts")
-                writers[result.split].write(result.record)
+                writers[result.split].write(result.record, result.fingerprint, result.token_counts)
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -545,6 +709,7 @@ def write_dataset(
         records_seen=log.records_seen, records_skipped=log.records_skipped,
         annotations_seen=log.annotations_seen, annotations_skipped=log.annotations_skipped,
         max_bad_fraction=max_bad_fraction,
+        text_tokens={s: w.tokens for s, w in writers.items() if w.count},
     )
     problem = _check_bad_fraction(log, max_bad_fraction)
     if problem is not None:
@@ -552,7 +717,12 @@ def write_dataset(
         for writer in writers.values():
             writer.abort()
         raise ConversionError(f"{name}: {problem}; nothing written.\n{summary.format()}", summary)
-    summary.shards = {split: writer.finish() for split, writer in writers.items() if writer.count}
+    for writer in writers.values():
+        writer.close()
+    if old_shards is not None:  # from here on the folder holds no manifest until the new one is complete
+        (out_path / MANIFEST_NAME).unlink(missing_ok=True)
+        _fsync(out_path)
+    summary.shards = {split: writer.publish() for split, writer in writers.items() if writer.count}
     manifest = {
         "format": records.FORMAT_NAME,
         "version": records.FORMAT_VERSION,
@@ -565,12 +735,18 @@ def write_dataset(
         "annotations": {"seen": log.annotations_seen, "skipped": log.annotations_skipped},
         "class_names": [],
         "created_by": created_by,
+        "image_hashes": {split: writers[split].sidecar_names for split in sorted(summary.shards)},
+        "text_tokens": {split: summary.text_tokens[split].to_json() for split in sorted(summary.shards)},
+        "truncation": {split: summary.text_tokens[split].truncation() for split in sorted(summary.shards)},
     }
     manifest.update(manifest_extra or {})
     manifest_path = out_path / MANIFEST_NAME
     temp_manifest = out_path / f".tmp-{MANIFEST_NAME}"
     temp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _fsync(temp_manifest)
     os.replace(temp_manifest, manifest_path)
-    if old_shards:
-        _remove_replaced_shards(out_path, old_shards, (s for names in summary.shards.values() for s in names))
+    _fsync(out_path)
+    _remove_stale_shards(out_path, name, old_shards or [],
+                         [*(s for names in summary.shards.values() for s in names),
+                          *(s for writer in writers.values() for s in writer.sidecar_names)])
     return summary

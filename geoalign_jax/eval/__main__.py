@@ -5,11 +5,16 @@ Examples::
     python -m geoalign_jax.evaluate --checkpoint runs/demo/params \\
         --tasks zeroshot:aid=/data/aid_records retrieval:rsicd=/data/rsicd_records,split=test,protocol=both \\
                 regions:dota=/data/dota_records,methods=crop+roi --out eval_out
-    python -m geoalign_jax.evaluate --open_clip exported_dir --backend open_clip --tasks ... --out ...
+    python -m geoalign_jax.evaluate --open-clip exported_dir --backend open_clip --tasks ... --out ...
+    python -m geoalign_jax.evaluate --checkpoint ... --tasks ... --out ... \
+        --train-data /data/rs5m_records '/data/extra/*.array_record' [--exclude-overlap]
 
-Weights: exactly one of --checkpoint (geoalign-jax parameters), --open_clip (a weights file or an
+Weights: exactly one of --checkpoint (geoalign-jax parameters), --open-clip (a weights file or an
 open_clip folder), --hf (a transformers CLIPModel folder), --model NAME (random init; smoke tests).
-Writes ``results.json`` and PNG plots into --out and prints a table.
+Writes ``results.json`` (metrics, details and provenance: data hashes, protocol, templates, model
+parameter hash, package versions) and PNG plots into --out and prints a table. A training split is
+evaluated only with --allow-train-split; --train-data reports evaluation images also found in the
+training data (exact or re-encoded copies), --exclude-overlap leaves them out.
 """
 from __future__ import annotations
 
@@ -33,23 +38,36 @@ def build_parser() -> argparse.ArgumentParser:
                "a tree of class folders.")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
-    weights.add_argument("--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
+    weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
     parser.add_argument("--tasks", nargs="+", required=True, help="evaluation tasks (see below)")
     parser.add_argument("--out", required=True, help="output folder for results.json and plots")
     parser.add_argument("--backend", choices=("jax", "open_clip"), default="jax",
-                        help="embed with the JAX towers (default) or with open_clip in torch (needs --open_clip DIR)")
-    parser.add_argument("--quick_gelu", choices=("auto", "true", "false"), default="auto",
+                        help="embed with the JAX towers (default) or with open_clip in torch (needs --open-clip DIR)")
+    parser.add_argument("--quick-gelu", "--quick_gelu", choices=("auto", "true", "false"), default="auto",
                         help="activation of imported open_clip weights when the source does not say")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_threads", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=64)
+    parser.add_argument("--num-threads", "--num_threads", type=int, default=2, help="image decoding threads")
     parser.add_argument("--dense", choices=("last", "segearth"), default="last",
                         help="patch tokens for RoI region features (JAX backend): last layer or FarSLIP's SegEarth")
     parser.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic")
     parser.add_argument("--seed", type=int, default=0, help="init seed for --model")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--allow-train-split", "--allow_train_split", action="store_true",
+                        help="evaluate a training split (split=train, or a manifest with only a train split); "
+                             "refused otherwise, and marked in the table")
+    parser.add_argument("--train-data", "--train_data", nargs="+", metavar="DIR_OR_GLOB",
+                        help="training data (converted folders or shard globs) to check the evaluation images "
+                             "against: exact copies and re-encoded ones are reported per task")
+    parser.add_argument("--train-split", "--train_split", default="train",
+                        help="split of --train-data to check against (default train)")
+    parser.add_argument("--exclude-overlap", "--exclude_overlap", action="store_true",
+                        help="evaluate without the images found in --train-data (results say so)")
+    parser.add_argument("--no-progress", "--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plots", "--no_plots", action="store_true")
+    parser.add_argument("--skip-bad-records", "--skip_bad_records", action="store_true",
+                        help="skip records that cannot be read (damaged shards) and count them in results.json "
+                             "(<task>/skipped/unreadable_records) instead of stopping with an error")
     return parser
 
 
@@ -61,16 +79,12 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
         config, params = load_params(args.checkpoint)
         return config, params, f"checkpoint {args.checkpoint}"
-    if args.open_clip:
-        from geoalign_jax.convert.open_clip import load_open_clip
+    if args.open_clip or args.hf:
+        from geoalign_jax.convert.pretrained import load_pretrained
 
-        config, params = load_open_clip(args.open_clip, quick_gelu=quick)
-        return config, params, f"open_clip {args.open_clip}"
-    if args.hf:
-        from geoalign_jax.convert import hf
-
-        config, params = hf.load_hf(args.hf, quick_gelu=quick)
-        return config, params, f"hf {args.hf}"
+        fmt, src = ("open_clip", args.open_clip) if args.open_clip else ("hf", args.hf)
+        config, params = load_pretrained(src, fmt, quick_gelu=quick)
+        return config, params, f"{fmt} {src}"
     import jax
 
     from geoalign_jax.models import clip
@@ -79,12 +93,19 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return config, clip.init_params(config, jax.random.key(args.seed)), f"random {args.model} (seed {args.seed})"
 
 
+def _one_line(error: BaseException) -> str:
+    """Errors are printed on one line: a user reads the reason, never a traceback."""
+    from geoalign_jax.convert.common import one_line
+
+    return one_line(error, limit=4000)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from geoalign_jax.eval import embed, library, plots, report
+    from geoalign_jax.eval import embed, library, overlap, plots, report
 
     try:
         tasks = [library.parse_task(text) for text in args.tasks]
@@ -94,34 +115,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not pathlib.Path(task.path).exists():
             parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
     if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
-        parser.error("--backend open_clip needs --open_clip pointing at an open_clip folder (local-dir layout)")
+        parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")
     if args.backend == "open_clip" and args.dense != "last":
         parser.error("--dense segearth exists only for the JAX backend")
+    if args.exclude_overlap and not args.train_data:
+        parser.error("--exclude-overlap needs --train-data")
+    try:  # before loading any weights: a refused training split should cost nothing
+        for task in tasks:
+            split, _, splits = library.resolve_split(task)
+            library.split_guard(task, split, splits, args.allow_train_split)
+    except library.TaskError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     started = time.time()
     try:
         if args.backend == "open_clip":
+            from geoalign_jax.convert.pretrained import check_weights_readable
+
+            check_weights_readable(args.open_clip, "open_clip")  # a damaged file: named, not torch's traceback
             embedder = embed.OpenClipEmbedder.from_dir(args.open_clip, batch_size=args.batch_size)
             config, params, source = None, None, f"open_clip (torch) {args.open_clip}"
         else:
             config, params, source = load_weights(args)
             embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: cannot load the weights: {error}", file=sys.stderr)
+        print(f"error: cannot load the weights: {_one_line(error)}", file=sys.stderr)
         return 2
     try:
+        train_images = None
+        if args.train_data:
+            train_images = overlap.TrainImages.from_data(args.train_data, args.train_split)
+            log.info("training data: %d images in %d shards", len(train_images), len(train_images.shard_paths))
         result = library.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
-                                   progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads)
-    except library.TaskError as error:
-        print(f"error: {error}", file=sys.stderr)
+                                   progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads,
+                                   dense=args.dense, allow_train_split=args.allow_train_split,
+                                   train_data=train_images, exclude_overlap=args.exclude_overlap,
+                                   skip_bad_records=args.skip_bad_records)
+    except (library.TaskError, overlap.OverlapError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"weights": source, "backend": args.backend, "tasks": list(args.tasks), "ties": args.ties,
-                "batch_size": args.batch_size, "dense": args.dense, "seconds": round(time.time() - started, 2),
-                "model_config": config.to_dict() if config is not None else None}
-    results_path = report.write_results(out / "results.json", result.metrics, result.details, run_info)
-    print(report.format_table(result.metrics))
+                "batch_size": args.batch_size, "dense": args.dense, "skip_bad_records": args.skip_bad_records, "seconds": round(time.time() - started, 2),
+                "model_config": config.to_dict() if config is not None else None,
+                "allow_train_split": args.allow_train_split, "train_data": args.train_data,
+                "train_split": args.train_split if args.train_data else None,
+                "exclude_overlap": args.exclude_overlap}
+    results_path = report.write_results(out / "results.json", result.metrics, result.details, run_info,
+                                        provenance=result.provenance, notes=result.notes)
+    print(report.format_table(result.metrics, result.notes))
     written = [] if args.no_plots else plots.write_plots(result.details, out)
     log.info("wrote %s and %d plots to %s", results_path.name, len(written), out)
     return 0

@@ -3,7 +3,9 @@
 Each loader makes one metadata pass (labels, captions, boxes; image bytes are not kept) and returns
 random access to the encoded images, so that large sets are decoded lazily, batch by batch, while
 embedding. Inputs that cannot be evaluated (an unlabelled record in a classification set, a region
-without a category) are dropped and counted in ``skipped``, never guessed.
+without a category) are dropped and counted in ``skipped``, never guessed. A record that cannot be read
+(damaged shard bytes, bytes that are not a record) is an EvalDataError naming the shard and the record's
+index, or, with ``skip_bad_records=True``, dropped and counted as ``unreadable_records``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _SPLIT_PREFERENCE = ("test", "val", "validation")
+#: The ``skipped`` reason of records that could not be read (only with ``skip_bad_records=True``).
+UNREADABLE_RECORDS = "unreadable_records"
 
 
 class EvalDataError(ValueError):
@@ -68,7 +72,12 @@ class RecordImages:
         return len(self.record_indices)
 
     def image_bytes(self, index: int) -> bytes:
-        return self.source[self.record_indices[index]]["image"]
+        from geoalign_jax.data import records
+
+        try:
+            return self.source[self.record_indices[index]]["image"]
+        except records.RecordError as error:  # read fine in the metadata pass: the file changed since
+            raise EvalDataError(str(error)) from None
 
     def where(self, index: int) -> str:
         return self.wheres[index]
@@ -104,22 +113,40 @@ def open_records(path: pathlib.Path, split: str | None) -> tuple[dict[str, Any],
     """(manifest, split, random-access source of decoded records, shard paths)."""
     from geoalign_jax.data import sources
 
-    manifest = sources.read_manifest(str(path))
-    chosen = choose_split(manifest, split, path)
-    shard_paths = sources.shard_paths(str(path), chosen)
-    if not shard_paths:
-        raise EvalDataError(f"{path}: split {chosen!r} has no shards")
-    return manifest, chosen, sources.RecordSource(shard_paths), shard_paths
+    try:
+        manifest = sources.read_manifest(str(path))
+        chosen = choose_split(manifest, split, path)
+        shard_paths = sources.shard_paths(str(path), chosen)
+        if not shard_paths:
+            raise EvalDataError(f"{path}: split {chosen!r} has no shards")
+        return manifest, chosen, sources.RecordSource(shard_paths), shard_paths
+    except sources.SourceError as error:  # a missing, truncated or foreign shard: named, never a traceback
+        raise EvalDataError(str(error)) from None
 
 
 def _record_size(record: dict[str, Any]) -> tuple[int, int]:
     return int(record["width"]), int(record["height"])
 
 
-def _iterate_records(source: Any, path: pathlib.Path, split: str, limit: int | None):
+def _iterate_records(source: Any, path: pathlib.Path, split: str, limit: int | None, skip_bad_records: bool,
+                     skipped: dict[str, int]):
+    """(index, decoded record, name) of the first ``limit`` records. A record that cannot be read or decoded
+    raises EvalDataError naming the shard and index, or with ``skip_bad_records`` is counted in
+    ``skipped[UNREADABLE_RECORDS]`` and logged once."""
+    from geoalign_jax.data import records
+
     count = len(source) if limit is None else min(limit, len(source))
     for index in range(count):
-        yield index, source[index], f"{path}[{split}][{index}]"
+        try:
+            record = source[index]
+        except records.RecordError as error:
+            if not skip_bad_records:
+                raise EvalDataError(f"{error} (skip_bad_records / --skip-bad-records skips and counts such "
+                                    "records)") from None
+            skipped[UNREADABLE_RECORDS] = skipped.get(UNREADABLE_RECORDS, 0) + 1
+            log.warning("skipping unreadable record: %s", error)
+            continue
+        yield index, record, f"{path}[{split}][{index}]"
 
 
 def image_key(data: bytes) -> str:
@@ -148,7 +175,7 @@ def _class_folders(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_classification(path: str | pathlib.Path, *, split: str | None = None, dataset: str | None = None,
-                        limit: int | None = None) -> ClassificationSet:
+                        limit: int | None = None, skip_bad_records: bool = False) -> ClassificationSet:
     """A classification set from record shards or from ``path/<ClassFolder>/<images>``.
 
     Prompt names come from the named dataset's class table when it knows the classes
@@ -158,7 +185,7 @@ def load_classification(path: str | pathlib.Path, *, split: str | None = None, d
     if not root.exists():
         raise EvalDataError(f"zero-shot data not found: {root}")
     if is_record_dir(root):
-        return _classification_from_records(root, split, dataset, limit)
+        return _classification_from_records(root, split, dataset, limit, skip_bad_records)
     if root.is_dir() and _class_folders(root):
         if split is not None:
             log.warning("%s is a class-folder tree; split=%r is ignored", root, split)
@@ -204,13 +231,13 @@ def _stratified_head(items: list[Any], labels: list[int], limit: int) -> tuple[l
 
 
 def _classification_from_records(root: pathlib.Path, split: str | None, dataset: str | None,
-                                  limit: int | None) -> ClassificationSet:
+                                  limit: int | None, skip_bad_records: bool) -> ClassificationSet:
     manifest, chosen, source, _ = open_records(root, split)
-    raw_ids = manifest.get("raw_class_names") or manifest.get("class_names")
+    raw_ids = manifest.get("raw_class_names") or manifest.get("class_names") or None  # [] = none listed (JSONL)
     readable = manifest.get("class_names")
     indices, labels, wheres, sizes, skipped = [], [], [], [], {"unlabelled": 0}
     seen_names: dict[int, str] = {}
-    for index, record, where in _iterate_records(source, root, chosen, None):
+    for index, record, where in _iterate_records(source, root, chosen, None, skip_bad_records, skipped):
         label = int(record.get("label", -1))
         if label < 0:
             skipped["unlabelled"] += 1
@@ -259,14 +286,15 @@ class RetrievalSet:
     description: str
 
 
-def load_retrieval(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None) -> RetrievalSet:
+def load_retrieval(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None,
+                   skip_bad_records: bool = False) -> RetrievalSet:
     """A caption set from record shards; records without captions are counted and left out."""
     root = pathlib.Path(path)
     if not is_record_dir(root):
         raise EvalDataError(f"retrieval data must be a record folder with manifest.json: {root}")
     _, chosen, source, _ = open_records(root, split)
     indices, keys, captions, wheres, sizes, skipped = [], [], [], [], [], {"records_without_captions": 0}
-    for index, record, where in _iterate_records(source, root, chosen, limit):
+    for index, record, where in _iterate_records(source, root, chosen, limit, skip_bad_records, skipped):
         if not record.get("captions"):
             skipped["records_without_captions"] += 1
             continue
@@ -301,7 +329,8 @@ class RegionSet:
         return sum(len(r) for r in self.regions)
 
 
-def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None) -> RegionSet:
+def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None,
+                 skip_bad_records: bool = False) -> RegionSet:
     """Object boxes with categories from record shards (detection / referring sets after conversion).
 
     The category vocabulary is the manifest's ``category_names`` when present, else the sorted set of
@@ -313,7 +342,7 @@ def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: i
     manifest, chosen, source, _ = open_records(root, split)
     rows: list[tuple[int, str, tuple[int, int], list[tuple[tuple[float, ...], str]]]] = []
     skipped = {"regions_without_category": 0, "records_without_regions": 0}
-    for index, record, where in _iterate_records(source, root, chosen, limit):
+    for index, record, where in _iterate_records(source, root, chosen, limit, skip_bad_records, skipped):
         kept = []
         for region in record.get("regions", []):
             if not region.get("category"):

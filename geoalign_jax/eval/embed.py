@@ -85,8 +85,14 @@ class JaxEmbedder:
         self.batch_size = batch_size
         self.text_batch_size = text_batch_size
         self._tokenize = Tokenizer(config.text.context_length)
+        self.dense = dense
         self._params = jax.device_put(params)
         self._image_fn, self._text_fn = _compiled_towers(config, dense, matmul_precision)
+
+    @property
+    def params(self) -> Any:
+        """The parameters the towers run with (for the parameter hash in results.json)."""
+        return self._params
 
     def _images(self, images: np.ndarray, with_patches: bool) -> tuple[np.ndarray, np.ndarray | None]:
         images = np.asarray(images, dtype=np.float32)

@@ -4,7 +4,11 @@
 classification tasks and returns flat ``{"kind/name/...": value}`` metrics (percentages), e.g.
 ``zeroshot/aid/top1``, ``retrieval/rsicd/standard/mean_recall``, ``regions/dota/roi/top1``.
 ``run_tasks`` returns the same metrics plus per-task details (per-class accuracies, recall curves)
-for tables and plots. The embedding backend is pluggable (``embed.JaxEmbedder`` by default,
+for tables and plots, the provenance of every number (``provenance``: data hashes, protocol, templates,
+tie rule, model parameter hash, package versions) and notes for the table. Two guards keep numbers
+honest: a training split is evaluated only with ``allow_train_split`` (``split_guard``), and with
+``train_data`` each task's images are checked against the training images (``overlap``), optionally
+leaving the overlapping ones out. The embedding backend is pluggable (``embed.JaxEmbedder`` by default,
 ``embed.OpenClipEmbedder`` for a torch export), so the same metrics code scores both.
 
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
@@ -16,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+import os
+import pathlib
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from geoalign_jax.eval import classnames, datasets, embed, metrics, preprocess, prompts, regions, retrieval, zeroshot
+from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
+                               retrieval, zeroshot)
 
 log = logging.getLogger(__name__)
 
@@ -114,46 +121,183 @@ def parse_task(text: str) -> TaskSpec:
 
 @dataclasses.dataclass
 class EvalReport:
-    """metrics: flat name -> value; details: per task prefix, arrays for tables and plots."""
+    """metrics: flat name -> value; details: per task prefix, arrays for tables and plots; provenance: what
+    the numbers were computed from (model, software, per task data hashes, see ``provenance``); notes: per
+    task prefix, warnings the results table prints (training split evaluated, overlap with training data)."""
 
     metrics: dict[str, float]
     details: dict[str, dict[str, Any]]
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+TrainData = Union[overlap.TrainImages, str, os.PathLike, Sequence[Union[str, os.PathLike]], None]
 
 
 def evaluate(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *,
              embedder: embed.Embedder | None = None, batch_size: int = 64, progress: bool = True,
-             ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last") -> dict[str, float]:
+             ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last",
+             allow_train_split: bool = False, train_data: TrainData = None, train_split: str = "train",
+             exclude_overlap: bool = False, results_path: str | os.PathLike | None = None,
+             run_info: Mapping[str, Any] | None = None,
+             skip_bad_records: bool = False) -> dict[str, float]:
     """Run the tasks on the model's weights (or on ``embedder``) and return the flat metrics dict.
 
     model_config / params: a ``models.clip.CLIPConfig`` and its parameter dict (ignored when an
     ``embedder`` is given). dense: patch tokens for region RoI features ("last" or FarSLIP's
     "segearth"). Compiled towers are cached per config, so calling this every N training steps
-    compiles once.
+    compiles once. With ``results_path``, also writes results.json there (metrics, details,
+    ``run_info`` and the provenance); the other options are those of ``run_tasks``. The parameter hash of
+    the provenance reads every parameter, so it is computed only with ``results_path`` (when parameters
+    are sharded across hosts it gathers them: then every process must pass ``results_path``).
+    skip_bad_records: a record that cannot be read is skipped and counted
+    (``<task>/skipped/unreadable_records``) instead of failing the task with TaskError.
     """
-    return run_tasks(model_config, params, tasks, embedder=embedder, batch_size=batch_size, progress=progress,
-                     ties=ties, num_threads=num_threads, dense=dense).metrics
+    report = run_tasks(model_config, params, tasks, embedder=embedder, batch_size=batch_size, progress=progress,
+                       ties=ties, num_threads=num_threads, dense=dense, allow_train_split=allow_train_split,
+                       train_data=train_data, train_split=train_split, exclude_overlap=exclude_overlap,
+                       skip_bad_records=skip_bad_records, describe_model=results_path is not None)
+    if results_path is not None:
+        from geoalign_jax.eval import report as report_lib
+
+        report_lib.write_results(results_path, report.metrics, report.details, dict(run_info or {}),
+                                 provenance=report.provenance, notes=report.notes)
+    return report.metrics
 
 
 def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *,
               embedder: embed.Embedder | None = None, batch_size: int = 64, progress: bool = True,
-              ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last") -> EvalReport:
-    """``evaluate`` with per-task details. Task strings are parsed with ``parse_task``."""
+              ties: metrics.TieRule = "pessimistic", num_threads: int = 2, dense: str = "last",
+              allow_train_split: bool = False, train_data: TrainData = None, train_split: str = "train",
+              exclude_overlap: bool = False, skip_bad_records: bool = False,
+              describe_model: bool = True) -> EvalReport:
+    """``evaluate`` with per-task details, provenance and notes. Task strings are parsed with ``parse_task``.
+
+    allow_train_split: evaluate a split that is a training split (``is_training_split``: "train",
+    "train*", "restval"; also when it is the only split a manifest has); refused otherwise, so train-split
+    numbers are never reported by accident (the table marks them when allowed).
+    train_data: training images to check every task's images against (``overlap.TrainImages``, or
+    converted folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
+    is reported per task, and ``exclude_overlap`` evaluates without the overlapping images. skip_bad_records: see ``evaluate``.
+    describe_model: record the model config and parameter hash in ``provenance["model"]`` (left out
+    otherwise; hashing reads every parameter).
+    """
     specs = [parse_task(task) if isinstance(task, str) else task for task in tasks]
     names = [spec.prefix for spec in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise TaskError(f"task names must be unique per kind; repeated: {duplicates}")
+    if exclude_overlap and train_data is None:
+        raise TaskError("exclude_overlap needs train_data (--exclude-overlap needs --train-data)")
     if embedder is None:
         if model_config is None or params is None:
             raise ValueError("evaluate needs model_config and params, or an embedder")
         embedder = embed.JaxEmbedder(model_config, params, batch_size=batch_size, dense=dense)
-    runner = _Runner(embedder, batch_size, progress, ties, num_threads)
+    train_images = _train_images(train_data, train_split)
+    runner = _Runner(embedder, batch_size, progress, ties, num_threads, dense, allow_train_split, train_images,
+                     exclude_overlap, skip_bad_records)
     report = EvalReport({}, {})
+    task_provenance = {}
     for spec in specs:
-        task_metrics, details = runner.run(spec)
-        report.metrics.update({f"{spec.prefix}/{key}": float(value) for key, value in task_metrics.items()})
-        report.details[spec.prefix] = details
+        outcome = runner.run(spec)
+        report.metrics.update({f"{spec.prefix}/{key}": float(value) for key, value in outcome.metrics.items()})
+        report.details[spec.prefix] = outcome.details
+        task_provenance[spec.prefix] = outcome.provenance
+        if outcome.notes:
+            report.notes[spec.prefix] = outcome.notes
+    report.provenance = {"software": provenance.software_provenance(), "tasks": task_provenance}
+    if describe_model:
+        report.provenance = {"model": provenance.model_provenance(model_config, params, embedder),
+                             **report.provenance}
     return report
+
+
+def check_overlap(tasks: Sequence[TaskSpec | str], train_data: TrainData, *, train_split: str = "train"
+                  ) -> dict[str, overlap.OverlapResult]:
+    """Which images of each task also occur in the training data (no model needed): per task prefix, an
+    ``overlap.OverlapResult`` (``.matches`` names each image and its training copy). For a trainer: call it
+    with ``overlap.TrainImages.from_shards(<its training shard paths>)`` before the first evaluation."""
+    specs = [parse_task(task) if isinstance(task, str) else task for task in tasks]
+    train_images = _train_images(train_data, train_split)
+    if train_images is None:
+        raise TaskError("check_overlap needs train_data (training folders, shard globs or TrainImages)")
+    results = {}
+    for spec in specs:
+        try:
+            data = _load(spec, skip_bad_records=False)
+        except (datasets.EvalDataError, FileNotFoundError) as error:
+            raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
+        results[spec.prefix] = overlap.check_images(data.images, provenance.image_digests(data.images), train_images)
+    return results
+
+
+def _train_images(train_data: TrainData, train_split: str) -> overlap.TrainImages | None:
+    if train_data is None or isinstance(train_data, overlap.TrainImages):
+        return train_data
+    try:
+        return overlap.TrainImages.from_data(train_data, train_split)
+    except overlap.OverlapError as error:
+        raise TaskError(str(error)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split guard.
+
+
+def is_training_split(split: str) -> bool:
+    """A split name that holds training data: "train", "train*" (trainval, train_2, ...) or Karpathy's
+    "restval" (the part of val the Karpathy splits train on)."""
+    name = split.lower()
+    return name.startswith("train") or name == "restval"
+
+
+def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
+    """(split that will be evaluated, dataset name, the manifest's splits) of a task; (None, folder name,
+    []) for a tree of class folders, which has no splits, unless the folder is named like a training split
+    (``UCM/train``): then that name is its split, so the split guard sees it."""
+    from geoalign_jax.data import sources
+
+    root = pathlib.Path(spec.path)
+    if not datasets.is_record_dir(root):
+        if is_training_split(root.name):
+            return root.name, root.absolute().parent.name, []
+        return None, root.name, []
+    try:
+        manifest = sources.read_manifest(root)
+        split = datasets.choose_split(manifest, spec.split, root)
+    except (sources.SourceError, datasets.EvalDataError) as error:
+        raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from None
+    return split, str(manifest.get("name") or root.name), sorted(manifest["splits"])
+
+
+def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow: bool) -> str | None:
+    """None for a test / val split; for a training split a TaskError, or with ``allow`` the note to print."""
+    if split is None or not is_training_split(split):
+        return None
+    only = " (the only split in its manifest)" if list(splits) == [split] else ""
+    if not allow:
+        raise TaskError(f"task {spec.kind}:{spec.name}: split {split!r}{only} is a training split; numbers on "
+                        "training data are not test numbers. Name a test split (split=...), or pass "
+                        "allow_train_split=True (CLI --allow-train-split) to evaluate it anyway")
+    return f"TRAINING split {split!r}{only} evaluated (allowed by --allow-train-split): not a test result"
+
+
+def _load(spec: TaskSpec, skip_bad_records: bool) -> Any:
+    if spec.kind == "zeroshot":
+        return datasets.load_classification(spec.path, split=spec.split, dataset=spec.dataset or spec.name,
+                                            limit=spec.limit, skip_bad_records=skip_bad_records)
+    if spec.kind == "retrieval":
+        return datasets.load_retrieval(spec.path, split=spec.split, limit=spec.limit,
+                                       skip_bad_records=skip_bad_records)
+    return datasets.load_regions(spec.path, split=spec.split, limit=spec.limit, skip_bad_records=skip_bad_records)
+
+
+@dataclasses.dataclass
+class _TaskOutcome:
+    metrics: dict[str, float]
+    details: dict[str, Any]
+    provenance: dict[str, Any]
+    notes: list[str]
 
 
 @dataclasses.dataclass
@@ -163,16 +307,49 @@ class _Runner:
     progress: bool
     ties: metrics.TieRule
     num_threads: int
+    dense: str
+    allow_train_split: bool
+    train_images: overlap.TrainImages | None
+    exclude_overlap: bool
+    skip_bad_records: bool = False
 
-    def run(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
+    def run(self, spec: TaskSpec) -> _TaskOutcome:
+        split, dataset_name, splits = resolve_split(spec)
+        notes = [note] if (note := split_guard(spec, split, splits, self.allow_train_split)) else []
+        overlap_result: overlap.OverlapResult | None = None
         try:
-            if spec.kind == "zeroshot":
-                return self.zeroshot(spec)
-            if spec.kind == "retrieval":
-                return self.retrieval(spec)
-            return self.regions(spec)
-        except (datasets.EvalDataError, FileNotFoundError) as error:
+            data = _load(spec, self.skip_bad_records)
+            log.info("%s: %s", spec.prefix, data.description)
+            digests = provenance.image_digests(data.images)
+            if self.train_images is not None:
+                overlap_result = overlap.check_images(data.images, digests, self.train_images)
+                overlap_result.excluded = self.exclude_overlap
+                data, digests = self._exclude(spec, data, digests, overlap_result)
+                if (note := overlap_result.note()) is not None:
+                    log.warning("%s: %s", spec.prefix, note)
+                    notes.append(note)
+            task_metrics, details = getattr(self, spec.kind)(spec, data)
+        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
+        if overlap_result is not None:
+            task_metrics.update(overlap_result.metrics())
+        templates = prompts.get_templates(spec.templates) if spec.kind in ("zeroshot", "regions") else None
+        record = provenance.task_provenance(
+            spec, data, digests, dataset=dataset_name, split=split, ties=self.ties, templates=templates,
+            protocol=provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
+        record["training_split_allowed"] = bool(split is not None and is_training_split(split))
+        record["overlap"] = overlap_result.to_json() if overlap_result is not None else None
+        return _TaskOutcome(task_metrics, details, record, notes)
+
+    def _exclude(self, spec: TaskSpec, data: Any, digests: list[bytes], result: overlap.OverlapResult
+                 ) -> tuple[Any, list[bytes]]:
+        if not self.exclude_overlap or not result.matches:
+            return data, digests
+        drop = set(result.indices)
+        if len(drop) == len(digests):
+            raise TaskError(f"task {spec.kind}:{spec.name}: every one of its {len(digests)} images is also in the "
+                            "training data; nothing is left to evaluate")
+        return overlap.without_images(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
 
     def _embed_images(self, images: Any, count: int, desc: str) -> np.ndarray:
         size = self.embedder.image_size
@@ -191,10 +368,7 @@ class _Runner:
             log.warning("%s: skipped %d (%s)", spec.prefix, count, reason)
         return {f"skipped/{reason}": float(count) for reason, count in skipped.items()}
 
-    def zeroshot(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
-        data = datasets.load_classification(spec.path, split=spec.split, dataset=spec.dataset or spec.name,
-                                            limit=spec.limit)
-        log.info("%s: %s", spec.prefix, data.description)
+    def zeroshot(self, spec: TaskSpec, data: Any) -> tuple[dict[str, float], dict[str, Any]]:
         classifier = zeroshot.build_classifier(self.embedder.embed_texts, data.class_names,
                                                prompts.get_templates(spec.templates))
         image_embeddings = self._embed_images(data.images, len(data.labels), f"{spec.prefix} images")
@@ -207,9 +381,7 @@ class _Runner:
                    "per_class_accuracy": per_class.tolist()}
         return result, details
 
-    def retrieval(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
-        data = datasets.load_retrieval(spec.path, split=spec.split, limit=spec.limit)
-        log.info("%s: %s", spec.prefix, data.description)
+    def retrieval(self, spec: TaskSpec, data: Any) -> tuple[dict[str, float], dict[str, Any]]:
         image_embeddings = self._embed_images(data.images, len(data.image_keys), f"{spec.prefix} images")
         result: dict[str, float] = {}
         details: dict[str, Any] = {"kind": "retrieval", "description": data.description, "protocols": {}}
@@ -228,9 +400,7 @@ class _Runner:
             }
         return result, details
 
-    def regions(self, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
-        data = datasets.load_regions(spec.path, split=spec.split, limit=spec.limit)
-        log.info("%s: %s", spec.prefix, data.description)
+    def regions(self, spec: TaskSpec, data: Any) -> tuple[dict[str, float], dict[str, Any]]:
         category_prompts = [classnames.readable_class_name(name) for name in data.category_names]
         classifier = zeroshot.build_classifier(self.embedder.embed_texts, category_prompts,
                                                prompts.get_templates(spec.templates))

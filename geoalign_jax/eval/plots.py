@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -22,7 +23,7 @@ def _file_name(prefix: str, suffix: str) -> str:
 
 def plot_per_class(path: pathlib.Path, title: str, class_ids: list[str], accuracy: list[float]) -> pathlib.Path:
     """Horizontal bars, one per class, sorted from best to worst (NaN classes left out)."""
-    plt = _pyplot()
+    plt = pyplot()
     values = np.asarray(accuracy, dtype=float)
     keep = ~np.isnan(values)
     order = np.argsort(-values[keep], kind="stable")
@@ -47,7 +48,7 @@ def plot_per_class(path: pathlib.Path, title: str, class_ids: list[str], accurac
 
 def plot_recall(path: pathlib.Path, title: str, protocols: dict[str, dict[str, list[float]]]) -> pathlib.Path:
     """Recall@k against k for each direction and protocol."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(5.5, 4))
     for protocol, curves in protocols.items():
         for direction, style in (("i2t", "-o"), ("t2i", "--s")):

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 _HEADLINE = ("top1", "top5", "mean_per_class", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
              "t2i_R@10", "i2t_mean", "t2i_mean", "mean_recall")
 
 
-def format_table(metrics: Mapping[str, float]) -> str:
-    """One row per task (and protocol / method), the headline numbers as columns; per-class values omitted."""
+def format_table(metrics: Mapping[str, float], notes: Mapping[str, Sequence[str]] | None = None) -> str:
+    """One row per task (and protocol / method), the headline numbers as columns; per-class values omitted.
+
+    notes: per task prefix ("retrieval/rsicd"), warnings printed under the table; the task's rows are
+    marked with "!" so a number evaluated on a training split or on images seen in training is not
+    mistaken for a clean test number."""
+    notes = {prefix: list(lines) for prefix, lines in (notes or {}).items() if lines}
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         row, _, name = key.rpartition("/")
@@ -23,15 +28,23 @@ def format_table(metrics: Mapping[str, float]) -> str:
     lines.append("-" * len(lines[0]))
     for row, values in rows.items():
         cells = "".join(f"{values[c]:>{w}.2f}" if c in values else " " * w for c, w in zip(columns, widths))
-        lines.append(row.ljust(width) + cells)
+        flagged = any(row == prefix or row.startswith(prefix + "/") for prefix in notes)
+        lines.append(row.ljust(width) + cells + ("  !" if flagged else ""))
+    for prefix, task_notes in notes.items():
+        lines.extend(f"! {prefix}: {note}" for note in task_notes)
     return "\n".join(lines)
 
 
 def write_results(path: str | pathlib.Path, metrics: Mapping[str, float], details: Mapping[str, Any],
-                  run_info: Mapping[str, Any]) -> pathlib.Path:
-    """results.json: {"run": how it was run, "metrics": flat dict, "details": per-task arrays}."""
+                  run_info: Mapping[str, Any], *, provenance: Mapping[str, Any] | None = None,
+                  notes: Mapping[str, Sequence[str]] | None = None) -> pathlib.Path:
+    """results.json: {"run": how it was run, "metrics": flat dict, "details": per-task arrays, "provenance":
+    model, software and per-task data hashes (``eval.provenance``), "notes": per-task warnings}."""
     path = pathlib.Path(path)
-    payload = _finite_or_none({"run": dict(run_info), "metrics": dict(metrics), "details": dict(details)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = _finite_or_none({"run": dict(run_info), "metrics": dict(metrics), "details": dict(details),
+                               "provenance": dict(provenance or {}),
+                               "notes": {prefix: list(lines) for prefix, lines in (notes or {}).items()}})
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False, default=_json_default) + "\n")
     return path
 

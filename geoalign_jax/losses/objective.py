@@ -22,7 +22,6 @@ the scene term is weighted `weights.scene * (1 - a(t))` and the long term `weigh
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import jax
@@ -46,6 +45,7 @@ from geoalign_jax.losses.contrastive import (
 from geoalign_jax.losses.region import REGION_TEXT_POSITIVES, multi_positive_loss, region_text_loss
 from geoalign_jax.models.roi_align import region_features
 from geoalign_jax.parallel.mesh import AxisContext
+from geoalign_jax.validation import is_int, is_number, require
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -139,19 +139,6 @@ def _check_keys(given: Mapping[str, Any], expected: Mapping[str, Any], where: st
         raise ValueError(f"{where}.{missing[0]}: missing field (start from default_loss_config())")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, field: str, value: Any, expectation: str) -> None:
-    if not condition:
-        raise ValueError(f"{field} = {value!r}: {expectation}")
-
-
 def validate_loss_config(config: Any) -> dict[str, Any]:
     """Checks every field of `config.loss`; returns it as a plain nested dict.
 
@@ -165,31 +152,31 @@ def validate_loss_config(config: Any) -> dict[str, Any]:
         raise ValueError(f"loss.weights = {weights!r}: must be a mapping of term -> weight")
     _check_keys(weights, defaults["weights"], "loss.weights")
     for name, weight in weights.items():
-        _require(_is_number(weight) and weight >= 0, f"loss.weights.{name}", weight, "must be a finite number >= 0")
-    _require(any(weight > 0 for weight in weights.values()), "loss.weights", weights, "every weight is zero; enable a term")
-    _require(data["scene_kind"] in SCENE_KINDS, "loss.scene_kind", data["scene_kind"], f"must be one of {SCENE_KINDS}")
-    _require(_is_int(data["chunk_size"]) and data["chunk_size"] >= 0, "loss.chunk_size", data["chunk_size"], "must be an int >= 0 (0 = plain)")
-    _require(_is_int(data["roi_output_size"]) and data["roi_output_size"] >= 1, "loss.roi_output_size", data["roi_output_size"], "must be an int >= 1")
-    _require(
-        _is_int(data["roi_sampling_ratio"]) and (data["roi_sampling_ratio"] >= 1 or data["roi_sampling_ratio"] == -1),
+        require(is_number(weight) and weight >= 0, f"loss.weights.{name}", weight, "must be a finite number >= 0")
+    require(any(weight > 0 for weight in weights.values()), "loss.weights", weights, "every weight is zero; enable a term")
+    require(data["scene_kind"] in SCENE_KINDS, "loss.scene_kind", data["scene_kind"], f"must be one of {SCENE_KINDS}")
+    require(is_int(data["chunk_size"]) and data["chunk_size"] >= 0, "loss.chunk_size", data["chunk_size"], "must be an int >= 0 (0 = plain)")
+    require(is_int(data["roi_output_size"]) and data["roi_output_size"] >= 1, "loss.roi_output_size", data["roi_output_size"], "must be an int >= 1")
+    require(
+        is_int(data["roi_sampling_ratio"]) and (data["roi_sampling_ratio"] >= 1 or data["roi_sampling_ratio"] == -1),
         "loss.roi_sampling_ratio", data["roi_sampling_ratio"], "must be -1 (adaptive) or an int >= 1",
     )
-    _require(
+    require(
         data["region_text_positives"] in REGION_TEXT_POSITIVES,
         "loss.region_text_positives", data["region_text_positives"], f"must be one of {REGION_TEXT_POSITIVES}",
     )
-    _require(data["dense_features"] in DENSE_FEATURES, "loss.dense_features", data["dense_features"], f"must be one of {DENSE_FEATURES}")
-    _require(data["distill_teacher"] in DISTILL_TEACHERS, "loss.distill_teacher", data["distill_teacher"], f"must be one of {DISTILL_TEACHERS}")
+    require(data["dense_features"] in DENSE_FEATURES, "loss.dense_features", data["dense_features"], f"must be one of {DENSE_FEATURES}")
+    require(data["distill_teacher"] in DISTILL_TEACHERS, "loss.distill_teacher", data["distill_teacher"], f"must be one of {DISTILL_TEACHERS}")
     momentum = data["distill_ema_momentum"]
-    _require(_is_number(momentum) and 0.0 <= momentum < 1.0, "loss.distill_ema_momentum", momentum, "must be in [0, 1)")
-    _require(
-        _is_int(data["distill_output_size"]) and data["distill_output_size"] >= 0,
+    require(is_number(momentum) and 0.0 <= momentum < 1.0, "loss.distill_ema_momentum", momentum, "must be in [0, 1)")
+    require(
+        is_int(data["distill_output_size"]) and data["distill_output_size"] >= 0,
         "loss.distill_output_size", data["distill_output_size"], "must be an int >= 0 (0 = the patch grid)",
     )
     _validate_schedule(data["long_text_schedule"], defaults["long_text_schedule"], "loss.long_text_schedule")
     pca = data["long_text_pca_components"]
-    _require(_is_int(pca) and pca >= 0, "loss.long_text_pca_components", pca, "must be an int >= 0 (0 = off)")
-    _require(
+    require(is_int(pca) and pca >= 0, "loss.long_text_pca_components", pca, "must be an int >= 0 (0 = off)")
+    require(
         pca == 0 or weights["long_text"] > 0,
         "loss.long_text_pca_components", pca, "primary-component matching needs loss.weights.long_text > 0",
     )
@@ -201,14 +188,14 @@ def _validate_schedule(schedule: Any, defaults: Mapping[str, Any], where: str) -
         raise ValueError(f"{where} = {schedule!r}: must be a mapping")
     _check_keys(schedule, defaults, where)
     kind = schedule["kind"]
-    _require(kind in SCHEDULE_KINDS, f"{where}.kind", kind, f"must be one of {SCHEDULE_KINDS}")
+    require(kind in SCHEDULE_KINDS, f"{where}.kind", kind, f"must be one of {SCHEDULE_KINDS}")
     for key in ("start_step", "end_step"):
-        _require(_is_int(schedule[key]) and schedule[key] >= 0, f"{where}.{key}", schedule[key], "must be an int >= 0")
+        require(is_int(schedule[key]) and schedule[key] >= 0, f"{where}.{key}", schedule[key], "must be an int >= 0")
     for key in ("start_weight", "end_weight"):
         value = schedule[key]
-        _require(_is_number(value) and 0.0 <= value <= 1.0, f"{where}.{key}", value, "must be in [0, 1]")
+        require(is_number(value) and 0.0 <= value <= 1.0, f"{where}.{key}", value, "must be in [0, 1]")
     if kind in ("linear", "cosine"):
-        _require(
+        require(
             schedule["end_step"] > schedule["start_step"], f"{where}.end_step", schedule["end_step"],
             f"must be > start_step ({schedule['start_step']}) for a {kind} schedule",
         )

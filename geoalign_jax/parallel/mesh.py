@@ -136,6 +136,27 @@ def param_shardings(
     )
 
 
+def drop_mesh_axis(shardings: Any, axis: str) -> Any:
+    """The same shardings with mesh axis `axis` removed from every PartitionSpec (that dimension replicated).
+
+    FSDP: parameters live split over "fsdp" but each step computes with them gathered over it (the
+    transpose of that all-gather makes the gradients reduce-scattered back), while "tensor" stays split.
+    """
+
+    def drop(sharding: NamedSharding) -> NamedSharding:
+        def keep(entry: Any) -> Any:
+            if entry == axis:
+                return None
+            if isinstance(entry, tuple):
+                rest = tuple(name for name in entry if name != axis)
+                return rest if len(rest) > 1 else (rest[0] if rest else None)
+            return entry
+
+        return NamedSharding(sharding.mesh, PartitionSpec(*(keep(entry) for entry in sharding.spec)))
+
+    return jax.tree.map(drop, shardings)
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisContext:
     """What a loss needs to know about the mesh: which axes split the batch.

@@ -7,7 +7,9 @@ Fields are overridden with `--config.section.field=value` (ml_collections config
 mistyped field is an error naming it. Running the same command again in a DIR with checkpoints resumes from
 the latest one. Multi-host: start one such process per host (see parallel/multihost.py for the environment
 variables); every process runs the same command. Exit status: 0 finished, 0 after a preemption save (the
-scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config.
+scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config or an input that cannot be
+used (a missing, truncated or damaged `init.path`, training shard or evaluation dataset: one line naming it,
+before anything compiles).
 """
 from __future__ import annotations
 
@@ -40,18 +42,35 @@ def main(argv: list[str]) -> int:
     from geoalign_jax.train import loop
 
     try:
-        loop.build(_CONFIG.value)  # validate first: a bad config is exit status 2 with the field named
-    except ValueError as error:
+        config = _CONFIG.value  # config_flags loads the file lazily: a missing/broken file raises here
+        setup = loop.build(config)  # validate first: a bad config is exit status 2 with the field named
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = loop.run(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+    try:
+        result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value, setup=setup)
+    except loop.InputError as error:  # initial weights, training shards or evaluation data unusable
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.info("run %s at step %d", result.status, result.step)
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a mistyped `--config.section.field` (ml_collections raises AttributeError or
+    KeyError naming it) or a bad value is one line and exit status 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
+        text = str(error).replace("\\n", "\n").replace("\\'", "'")
+        message = ": ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\""))
+        print(f"error: bad command-line config: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def entry() -> None:
-    """Runs the CLI; also turns config-flag errors (a mistyped --config.field) into exit status 2."""
-    app.run(main)
+    """Runs the CLI (see the module docstring)."""
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Layout of WORKDIR/checkpoints (one folder per saved step; orbax writes each atomically):
 ```
-model_config.json     the architecture (params_checkpoint's format), written once by process 0
+model_config.json     the architecture (params_checkpoint's format), written by process 0 (rewritten by a
+                      rerun until the first step is saved)
 <step>/params/        the parameters: the same orbax tree as a parameters checkpoint's params/, so a step
                       (or the workdir: its latest step) is read by params_checkpoint.load_params, the convert
                       CLI's export and the evaluate CLI's --checkpoint
@@ -34,6 +35,7 @@ from jax.experimental import multihost_utils
 from geoalign_jax import params_checkpoint
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import multihost
+from geoalign_jax.train import state as state_lib
 from geoalign_jax.train.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -86,20 +88,29 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def write_model_config(self, model_config: clip.CLIPConfig) -> None:
-        """Writes checkpoints/model_config.json once (process 0); a resumed run must have the same model."""
+        """Writes checkpoints/model_config.json (process 0). Once a step is saved, a resumed run must have the
+        same architecture (numerics may change: dtype, param_dtype, remat); before that (a first run that died
+        before its first checkpoint) the file describes no checkpoint and is rewritten for the new config.
+
+        Every process reads and compares, so a mismatch raises everywhere rather than leaving the others
+        waiting at the barrier; process 0 writes atomically (rename), so a reader never sees half a file."""
         path = self.directory / params_checkpoint.CONFIG_FILE
-        text = params_checkpoint.model_config_json(model_config)
-        if jax.process_index() == 0:
-            if path.is_file():
-                stored = params_checkpoint.read_model_config(self.directory.parent)
-                if stored.to_dict() != model_config.to_dict():
-                    raise ValueError(
-                        f"{path}: the checkpoints in this workdir are of model {stored}, the config asks for "
-                        f"{model_config}; use another --workdir"
-                    )
-            else:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
+        has_steps = self.manager.latest_step() is not None
+        if has_steps and path.is_file():
+            stored = params_checkpoint.read_model_config(self.directory)  # this very file, no step needed
+            if not state_lib.same_architecture(model_config, stored):
+                raise ValueError(
+                    f"{path}: the checkpoints in this workdir are of model {stored}, the config asks for "
+                    f"{model_config}; use another --workdir"
+                )
+            if stored != model_config:
+                logger.info("resuming with other numerics than the checkpoints' (dtype, param_dtype, remat): %s",
+                            model_config)
+        elif jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".tmp")
+            partial.write_text(params_checkpoint.model_config_json(model_config))
+            partial.replace(path)
         multihost.sync_barrier("checkpoint:model_config")
 
     def latest_step(self) -> int | None:
@@ -108,10 +119,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, state: TrainState, iterator: grain.DatasetIterator, *, metrics: dict[str, float] | None = None) -> int:
-        """Saves `state` and the iterator's position under the state's step (async when configured; the
-        iterator state is written before this returns, so the caller may advance it)."""
-        step = int(jax.device_get(state.step))
+    def save(self, state: TrainState, iterator: grain.DatasetIterator, *, step: int | None = None,
+             metrics: dict[str, float] | None = None) -> int:
+        """Saves `state` and the iterator's position under `step` (the state's step, which the loop knows
+        without waiting for the device; read from the state when not given). Async when configured; the
+        iterator state is written before this returns, so the caller may advance it."""
+        if step is None:
+            step = int(jax.device_get(state.step))
         args = ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
             STATE_ITEM: ocp.args.StandardSave(_state_item(state)),
@@ -123,6 +137,7 @@ class Checkpointer:
     def restore(self, step: int, target: TrainState, iterator: grain.DatasetIterator) -> TrainState:
         """Reads step `step` into `target`'s shapes and shardings (ShapeDtypeStructs with shardings) and moves
         `iterator` to the saved position."""
+        self._check_process_count(step)
         state_target = _state_item(target)
         args = ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardRestore(target.params),
@@ -140,11 +155,29 @@ class Checkpointer:
             nonfinite_total=item["nonfinite_total"],
         )
 
+    def _check_process_count(self, step: int) -> None:
+        """The data position is per process: a checkpoint restores only with the process count it was saved with
+        (the model state itself restores on any mesh)."""
+        data_dir = self.directory / str(step) / DATA_ITEM
+        saved = sorted(path.name for path in data_dir.glob("process_*-of-*.json"))
+        wanted = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if saved and wanted not in saved:
+            raise ValueError(
+                f"{data_dir} holds the data-iterator positions of another number of processes ({saved[0]} ...); "
+                f"this run has {jax.process_count()} process(es). Resume with the same process count"
+            )
+
     def wait(self) -> None:
         """Blocks until every pending async save is on disk (raises if one failed)."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        # orbax's close() does not wait for the temporary-folder cleanup its constructor starts in a thread: a
+        # run that fails before its first save (a bad init.path) would exit under that thread, which then
+        # prints a traceback at interpreter shutdown. (Private, hence looked up; a save awaits it as well.)
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self.manager.close()
 
 

@@ -5,14 +5,15 @@ with its default, and checked by `validate_trainer_config` (errors name the fiel
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import ml_collections
 
+from geoalign_jax.validation import is_int, is_number, require
+
 INIT_KINDS = ("scratch", "params", "open_clip", "hf")
 BEST_MODES = ("max", "min")
-PRESETS_REMAT = ("none", "block")
+REMAT_POLICIES = ("none", "block")
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -38,18 +39,19 @@ def default_optim_config() -> ml_collections.ConfigDict:
     config.learning_rate = 5e-5  # peak learning rate, reached after warmup_steps
     config.warmup_steps = 500  # linear warm-up from 0 over this many steps
     config.end_learning_rate_factor = 0.0  # cosine decays to learning_rate * this at train.num_steps
-    config.b1 = 0.9
-    config.b2 = 0.98  # open_clip's CLIP setting
-    config.eps = 1e-6
+    config.b1 = 0.9  # AdamW's first-moment decay
+    config.b2 = 0.98  # second-moment decay (open_clip's CLIP setting, as b1 and eps)
+    config.eps = 1e-6  # added to the root of the second moment (open_clip; optax's default is 1e-8)
     config.weight_decay = 0.2  # decoupled (AdamW) decay, only on parameters not matched by no_decay
     # Regular expressions (re.search) on parameter paths like "visual/transformer/resblocks_0/ln_1/scale":
     # matching parameters get no weight decay. Default: norms (scale/bias), all biases, embeddings
     # (token, position, class) and the temperature / SigLIP bias, as open_clip and FarSLIP do.
     config.no_decay = ("/bias$", "/scale$", "embedding", "^logit_scale$", "^logit_bias$")
     config.clip_norm = 1.0  # clip the global gradient norm to this before AdamW; 0 = no clipping
-    # Learning-rate multipliers: regex on the parameter path -> factor (first match wins; unmatched = 1.0),
-    # e.g. {"^text/": 0.1} for a slower text tower. Applied on top of the layer-wise decay.
-    config.lr_multipliers = ml_collections.ConfigDict()
+    # Learning-rate multipliers: (regex on the parameter path, factor) pairs, the first match wins (unmatched:
+    # 1.0), e.g. (("^text/", 0.1),) for a slower text tower, or on the command line
+    # --config.optim.lr_multipliers='(("^text/", 0.1),)'. Applied on top of the layer-wise decay.
+    config.lr_multipliers = ()
     # Frozen sub-trees: regexes on parameter paths; matching parameters are never updated and get no
     # optimizer state (e.g. ("^text/",) freezes the text tower, LiT style).
     config.frozen = ()
@@ -96,11 +98,20 @@ def default_init_config() -> ml_collections.ConfigDict:
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
-    """`config.eval`: evaluation during training through `geoalign_jax.eval.evaluate` (process 0)."""
+    """`config.eval`: evaluation during training through `geoalign_jax.eval.evaluate` (process 0), written to
+    WORKDIR/eval/step_<N>/results.json with the provenance of every number. Before training, the tasks'
+    images are checked against the run's own training shards (data.train_shards, data.train_split): how many
+    and which also occur there is logged, and recorded in every results.json."""
     config = ml_collections.ConfigDict()
     config.tasks = ()  # tasks in the evaluate CLI's syntax, e.g. ("zeroshot:aid=/data/aid,split=test",)
     config.every_steps = 0  # evaluate every this many steps and at the end; 0 = never
     config.batch_size = 64  # evaluation batch
+    # Evaluate without the task images that also occur in the training shards (exact or re-encoded copies);
+    # the results say how many were left out. False: they are evaluated, and the results say how many.
+    config.exclude_overlap = False
+    # A task on a training split ("train*", "restval", or a manifest's only split) is refused when the config
+    # is checked; True evaluates it anyway (results.json and the table mark it: not a test number).
+    config.allow_train_split = False
     return config
 
 
@@ -119,19 +130,6 @@ def add_trainer_sections(config: ml_collections.ConfigDict) -> ml_collections.Co
     for name, make in SECTIONS.items():
         config[name] = make()
     return config
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, field: str, value: Any, expectation: str) -> None:
-    if not condition:
-        raise ValueError(f"{field} = {value!r}: {expectation}")
 
 
 def _check_fields(config: ml_collections.ConfigDict, name: str) -> None:
@@ -163,63 +161,89 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
         _check_fields(config, name)
     train, optim, ckpt, init, evaluation = config.train, config.optim, config.checkpoint, config.init, config.eval
     for field in ("num_steps", "log_every", "micro_batches", "max_consecutive_nonfinite"):
-        _require(_is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
-    _require(_is_int(train.seed), "train.seed", train.seed, "must be an int")
-    _require(train.remat in PRESETS_REMAT, "train.remat", train.remat, f"must be one of {PRESETS_REMAT}")
+        require(is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
+    require(is_int(train.seed), "train.seed", train.seed, "must be an int")
+    require(train.remat in REMAT_POLICIES, "train.remat", train.remat, f"must be one of {REMAT_POLICIES}")
     batch = int(config.data.batch_size)
-    _require(
+    require(
         batch % train.micro_batches == 0, "train.micro_batches", train.micro_batches,
         f"must divide data.batch_size ({batch})",
     )
-    _require(_is_number(optim.learning_rate) and optim.learning_rate >= 0, "optim.learning_rate", optim.learning_rate, "must be >= 0")
-    _require(_is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "must be an int >= 0")
+    require(is_number(optim.learning_rate) and optim.learning_rate >= 0, "optim.learning_rate", optim.learning_rate, "must be >= 0")
+    require(is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "must be an int >= 0")
     for field in ("end_learning_rate_factor", "weight_decay", "clip_norm"):
-        _require(_is_number(optim[field]) and optim[field] >= 0, f"optim.{field}", optim[field], "must be a number >= 0")
+        require(is_number(optim[field]) and optim[field] >= 0, f"optim.{field}", optim[field], "must be a number >= 0")
     for field in ("b1", "b2"):
-        _require(_is_number(optim[field]) and 0 <= optim[field] < 1, f"optim.{field}", optim[field], "must be in [0, 1)")
-    _require(_is_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
-    _require(_is_number(optim.layer_decay) and 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay, "must be in (0, 1]")
+        require(is_number(optim[field]) and 0 <= optim[field] < 1, f"optim.{field}", optim[field], "must be in [0, 1)")
+    require(is_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
+    require(is_number(optim.layer_decay) and 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay, "must be in (0, 1]")
     _check_regexes(optim.no_decay, "optim.no_decay")
     _check_regexes(optim.frozen, "optim.frozen")
-    _check_regexes(list(optim.lr_multipliers.keys()), "optim.lr_multipliers")
-    for pattern, factor in optim.lr_multipliers.items():
-        _require(_is_number(factor) and factor >= 0, f"optim.lr_multipliers[{pattern!r}]", factor, "must be a number >= 0")
+    for pair in optim.lr_multipliers:
+        require(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str), "optim.lr_multipliers",
+            tuple(optim.lr_multipliers), "must be (regex, factor) pairs, e.g. ((\"^text/\", 0.1),)",
+        )
+        require(is_number(pair[1]) and pair[1] >= 0, f"optim.lr_multipliers[{pair[0]!r}]", pair[1], "must be a number >= 0")
+    _check_regexes([pattern for pattern, _ in optim.lr_multipliers], "optim.lr_multipliers")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
-        _require(_is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")
-    _require(
+        require(is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")
+    require(
         sum(config.mesh[axis] == -1 for axis in ("data", "fsdp", "tensor")) <= 1, "mesh", config.mesh.to_dict(),
         "at most one axis may be -1",
     )
-    _require(_is_int(ckpt.every_steps) and ckpt.every_steps >= 1, "checkpoint.every_steps", ckpt.every_steps, "must be an int >= 1")
-    _require(_is_int(ckpt.keep) and ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "must be an int >= 1")
-    _require(_is_int(ckpt.keep_best) and ckpt.keep_best >= 1, "checkpoint.keep_best", ckpt.keep_best, "must be an int >= 1")
-    _require(ckpt.best_mode in BEST_MODES, "checkpoint.best_mode", ckpt.best_mode, f"must be one of {BEST_MODES}")
-    _require(isinstance(ckpt.async_save, bool), "checkpoint.async_save", ckpt.async_save, "must be True or False")
-    _require(init.kind in INIT_KINDS, "init.kind", init.kind, f"must be one of {INIT_KINDS}")
-    _require(
+    require(is_int(ckpt.every_steps) and ckpt.every_steps >= 1, "checkpoint.every_steps", ckpt.every_steps, "must be an int >= 1")
+    require(is_int(ckpt.keep) and ckpt.keep >= 1, "checkpoint.keep", ckpt.keep, "must be an int >= 1")
+    require(is_int(ckpt.keep_best) and ckpt.keep_best >= 1, "checkpoint.keep_best", ckpt.keep_best, "must be an int >= 1")
+    require(ckpt.best_mode in BEST_MODES, "checkpoint.best_mode", ckpt.best_mode, f"must be one of {BEST_MODES}")
+    require(isinstance(ckpt.async_save, bool), "checkpoint.async_save", ckpt.async_save, "must be True or False")
+    require(init.kind in INIT_KINDS, "init.kind", init.kind, f"must be one of {INIT_KINDS}")
+    require(
         (init.kind == "scratch") == (not init.path), "init.path", init.path,
         "must be given for init.kind params/open_clip/hf and empty for scratch",
     )
-    _require(_is_int(evaluation.every_steps) and evaluation.every_steps >= 0, "eval.every_steps", evaluation.every_steps, "must be an int >= 0")
-    _require(_is_int(evaluation.batch_size) and evaluation.batch_size >= 1, "eval.batch_size", evaluation.batch_size, "must be an int >= 1")
+    require(is_int(evaluation.every_steps) and evaluation.every_steps >= 0, "eval.every_steps", evaluation.every_steps, "must be an int >= 0")
+    require(is_int(evaluation.batch_size) and evaluation.batch_size >= 1, "eval.batch_size", evaluation.batch_size, "must be an int >= 1")
     tasks = tuple(evaluation.tasks)
-    _require(
+    require(
         bool(tasks) == (evaluation.every_steps > 0), "eval.every_steps", evaluation.every_steps,
         "must be > 0 exactly when eval.tasks are given",
     )
-    if tasks:
-        from geoalign_jax.eval import library
-
-        for task in tasks:
-            try:
-                library.parse_task(task)
-            except library.TaskError as error:
-                raise ValueError(f"eval.tasks: {error}") from None
-    _require(
+    for field in ("exclude_overlap", "allow_train_split"):
+        require(isinstance(evaluation[field], bool), f"eval.{field}", evaluation[field], "must be True or False")
+    prefixes = _check_eval_tasks(tasks, allow_train_split=evaluation.allow_train_split) if tasks else []
+    require(
         not ckpt.best_metric or bool(tasks), "checkpoint.best_metric", ckpt.best_metric,
         "needs eval.tasks (the metric comes from the evaluation)",
     )
+    # The metric's name within its task is known only after an evaluation (the loop checks it then).
+    require(
+        not ckpt.best_metric or any(str(ckpt.best_metric).startswith(prefix + "/") for prefix in prefixes),
+        "checkpoint.best_metric", ckpt.best_metric,
+        f"must be a metric of one of the eval.tasks, named <task>/<metric> with <task> one of {prefixes}",
+    )
+
+
+def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> list[str]:
+    """Each task parses, and names no training split unless allowed (reads the tasks' manifests, so a task
+    the evaluation would refuse is refused now, not after `eval.every_steps` steps of training). Returns the
+    tasks' metric prefixes ("zeroshot/aid")."""
+    from geoalign_jax.eval import library
+
+    prefixes = []
+    for task in tasks:
+        try:
+            spec = library.parse_task(task)
+            split, _, splits = library.resolve_split(spec)
+        except library.TaskError as error:
+            raise ValueError(f"eval.tasks: {error}") from None
+        try:
+            library.split_guard(spec, split, splits, allow_train_split)
+        except library.TaskError as error:
+            raise ValueError(f"eval.tasks: {error} (in the trainer's config: eval.allow_train_split = True)") from None
+        prefixes.append(spec.prefix)
+    return prefixes
 
 
 def as_plain_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What a run reports: a console progress bar (tqdm), WORKDIR/metrics.jsonl (one JSON object per logged step,
-with a "step" key) and TensorBoard event files in WORKDIR/tb (tensorboardX). Only process 0 writes; the
-other processes get a writer that does nothing, so the loop calls it unconditionally.
+with a "step" key) and TensorBoard event files in WORKDIR/tb (tensorboardX). A fresh run's step-0 record holds
+the fractions of training texts longer than their context (`data/truncated/<kind>`, see train/loop.py). Only
+process 0 writes; the other processes get a writer that does nothing, so the loop calls it unconditionally.
 
 MFU = (FLOPs of the compiled step per device, from XLA's cost analysis) / step time / (the device's peak
 dense bf16 FLOP/s). Peaks are listed for the accelerators we know; elsewhere (CPUs) MFU is not reported and
@@ -61,6 +62,8 @@ class MetricsWriter:
     """Progress bar + metrics.jsonl + TensorBoard on process 0; a no-op elsewhere."""
 
     def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, initial_step: int, progress: bool = True):
+        """`initial_step` > 0 resumes: records of later steps (logged after the checkpoint the run resumes
+        from, before a crash) are dropped from metrics.jsonl and TensorBoard, so each step appears once."""
         self.enabled = jax.process_index() == 0
         self._bar = None
         self._tb = None
@@ -69,10 +72,11 @@ class MetricsWriter:
             return
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(workdir / METRICS_FILE, initial_step)
         self._jsonl = (workdir / METRICS_FILE).open("a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR))
+        self._tb = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
         if progress:
             from tqdm import tqdm
 
@@ -87,8 +91,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         values = {key: _scalar(value) for key, value in metrics.items()}
-        record = {"step": int(step), **values}
-        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        # Strict JSON: a non-finite value (a skipped step's loss) is null.
+        record = {"step": int(step), **{key: value if math.isfinite(value) else None for key, value in values.items()}}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -114,6 +119,29 @@ class MetricsWriter:
             self._jsonl.close()
 
 
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+    """Keeps the records up to `step`. A last line that is not JSON was cut by a kill mid-write and is
+    dropped (logged); a damaged line before it is an error naming the file and line."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                logger.warning("%s: dropped its last line, cut short (%s): %r", path, error, line[:80])
+                continue
+            raise ValueError(f"{path} line {number} is not JSON ({error}); repair or remove it") from None
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 _CONSOLE_KEYS = ("loss", "learning_rate", "grad_norm", "logit_scale", "step_seconds", "examples_per_second", "mfu")
 
 
@@ -128,19 +156,29 @@ def format_line(step: int, values: Mapping[str, Any]) -> str:
     for key in ("nonfinite_total", "decode_errors"):
         if key in values:
             parts.append(f"{key} {values[key]}")
+    parts += [f"{key} {values[key]:.2%}" for key in sorted(values) if key.startswith("data/truncated/")]
+    parts += [f"{key} {values[key]:.4g}" for key in sorted(values) if key.startswith("eval/")]
+    if "eval_seconds" in values:
+        parts.append(f"eval_seconds {values['eval_seconds']:.1f}")
     return "  ".join(parts)
 
 
 class StepTimer:
-    """Wall time between logged steps (the loop blocks on the metrics there, so the span is real work)."""
+    """Training wall time between logged steps (the loop blocks on the metrics there, so the span is real
+    work), less the time spent in evaluations and checkpoint saves, which `exclude` reports."""
 
     def __init__(self) -> None:
         self._start = time.perf_counter()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
 
     def lap(self) -> float:
         now = time.perf_counter()
-        elapsed, self._start = now - self._start, now
-        return elapsed
+        elapsed, self._start = now - self._start - self._excluded, now
+        self._excluded = 0.0
+        return max(elapsed, 0.0)
 
 
 def throughput(

@@ -5,7 +5,7 @@ sub-trees. Parameters are addressed by their path string, e.g. "visual/transform
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ def lr_multipliers(params: Params, optim: ml_collections.ConfigDict) -> Params:
     (1.0 when none matches) times the layer-wise decay factor."""
     paths = list(flatten_params(params))
     blocks = {tower: _num_blocks(paths, tower) for tower in ("visual", "text")}
-    patterns = list(optim.lr_multipliers.items())
+    patterns = [(str(pattern), float(value)) for pattern, value in optim.lr_multipliers]
 
     def factor(path: str) -> float:
         tower_factor = next((float(value) for pattern, value in patterns if re.search(pattern, path)), 1.0)
@@ -148,6 +148,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Params, num_steps: 
     return optax.multi_transform({TRAIN: trainable, FROZEN: optax.set_to_zero()}, labels)
 
 
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The optimizer's own update count, the one its learning-rate schedule reads (it does not advance on a
+    skipped non-finite step, unlike the training step)."""
+    count = optax.tree_utils.tree_get(
+        opt_state, "count",
+        filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == optax.ScaleByScheduleState.__name__,
+    )
+    if count is None:
+        raise ValueError("the optimizer state holds no learning-rate schedule count (optax.ScaleByScheduleState)")
+    return count
+
+
 def frozen_mask(params: Params, optim: ml_collections.ConfigDict) -> Params:
     """True for frozen parameters (their gradients are excluded from the reported gradient norm)."""
     return jax.tree.map(lambda label: label == FROZEN, frozen_labels(params, optim.frozen))
@@ -162,4 +174,5 @@ __all__ = [
     "lr_multipliers",
     "make_optimizer",
     "scale_by_tree",
+    "schedule_count",
 ]

@@ -109,38 +109,60 @@ def per_device_bytes(tree: Any) -> int:
 # Initial parameters
 
 
-def _check_architecture(expected: clip.CLIPConfig, found: clip.CLIPConfig, source: str) -> None:
+class InitError(ValueError):
+    """`config.init` names weights that cannot be used (missing, truncated or damaged file, another
+    architecture); the one-line message names init.path and the file."""
+
+
+def same_architecture(expected: clip.CLIPConfig, found: clip.CLIPConfig) -> bool:
+    """Equal but for numerics (dtype, param_dtype, remat): the same parameters, computed another way."""
     numerics = dict(dtype=expected.dtype, param_dtype=expected.param_dtype, remat=expected.remat)
-    if dataclasses.replace(found, **numerics) != expected:
-        params_checkpoint.check_param_shapes(
-            params_checkpoint.abstract_params(expected), params_checkpoint.abstract_params(found), source=source
-        )
-        raise ValueError(f"{source}: its model {found} differs from the config's model {expected}")
+    return dataclasses.replace(found, **numerics) == expected
+
+
+def _check_architecture(expected: clip.CLIPConfig, found: clip.CLIPConfig, source: str) -> None:
+    if not same_architecture(expected, found):
+        try:
+            params_checkpoint.check_param_shapes(
+                params_checkpoint.abstract_params(expected), params_checkpoint.abstract_params(found), source=source
+            )
+        except ValueError as error:
+            raise InitError(str(error)) from None
+        raise InitError(f"{source}: its model {found} differs from the config's model {expected}")
 
 
 def load_initial_params(init: ml_collections.ConfigDict, model_config: clip.CLIPConfig) -> Params | None:
     """Host (numpy) parameters from `config.init`, or None for "scratch" (initialised on the devices).
 
-    The checkpoint's architecture must be the config's (shapes and activation); a 77-position checkpoint is
-    Long-CLIP-stretched first when the config's text context is 248.
+    open_clip / HF weights are read by `convert.load_pretrained`, the loader every entry point shares. The
+    checkpoint's architecture must be the config's (shapes and activation); a 77-position checkpoint is
+    Long-CLIP-stretched first when the config's text context is 248. Any failure is an InitError.
     """
     kind, path = init.kind, str(init.path)
     if kind == "scratch":
         return None
     source = f"init.path {path!r} (init.kind {kind!r})"
-    if kind == "params":
-        found, params = params_checkpoint.load_params(path)  # a parameters checkpoint, trainer workdir or step
-    else:
-        from geoalign_jax import convert
+    try:
+        if kind == "params":
+            found, params = params_checkpoint.load_params(path)  # a parameters checkpoint, trainer workdir or step
+        else:
+            from geoalign_jax.convert import load_pretrained
 
-        loader = convert.load_open_clip if kind == "open_clip" else convert.load_hf
-        found, params = loader(path, quick_gelu=init.quick_gelu)
-    if found.text.context_length != model_config.text.context_length and model_config.text.context_length == 248:
-        from geoalign_jax.convert import stretch_text_context
+            found, params = load_pretrained(path, kind, quick_gelu=init.quick_gelu)
+        if found.text.context_length != model_config.text.context_length and model_config.text.context_length == 248:
+            from geoalign_jax.convert import stretch_text_context
 
-        logger.info("Long-CLIP stretch of %s: text context %d -> 248", path, found.text.context_length)
-        found, params = stretch_text_context(found, params)
-    _check_architecture(model_config, found, source)
+            logger.info("Long-CLIP stretch of %s: text context %d -> 248", path, found.text.context_length)
+            found, params = stretch_text_context(found, params)
+        _check_architecture(model_config, found, source)
+    except InitError:
+        raise
+    except (ValueError, OSError) as error:
+        from geoalign_jax.convert import WeightsFileError
+
+        if isinstance(error, WeightsFileError):  # its one line names the file and what is wrong
+            source = f"init.path (init.kind {kind!r})"
+        raise InitError(f"{source}: {' '.join(str(error).split())}") from error
     dtype = np.dtype(model_config.param_dtype)
     return jax.tree.map(lambda leaf: np.asarray(leaf, dtype), params)
 

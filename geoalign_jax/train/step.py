@@ -10,8 +10,8 @@ on every host; the optimizer's own count, hence its schedule, does not).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -25,6 +25,7 @@ from geoalign_jax.losses.consistency import ema_update
 from geoalign_jax.losses.contrastive import clamp_logit_scale
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train.state import TrainState, with_shardings
 
 logger = logging.getLogger(__name__)
@@ -76,13 +77,25 @@ def make_train_step(
     schedule: optax.Schedule,
     frozen: Any,
     mesh: Mesh | None,
+    compute_shardings: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure step function (not yet jitted). `frozen`: a bool tree like the parameters (optim.frozen_mask)."""
+    """The pure step function (not yet jitted). `frozen`: a bool tree like the parameters (optim.frozen_mask).
+
+    `compute_shardings` (a NamedSharding per parameter, or None): the layout the forward and backward passes
+    use, e.g. the stored sharding gathered over "fsdp". Without it GSPMD may follow the stored FSDP split into
+    the activations (embed-sharded activations, recomputed work) instead of gathering the weights.
+    """
     objective = objective_lib.make_objective(step_config.loss_config)
     context = mesh_lib.axis_context(mesh)
     count = step_config.micro_batches
 
+    def gathered(tree: Any) -> Any:
+        if compute_shardings is None or tree is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, compute_shardings)
+
     def loss_fn(params, batch, step, teacher):
+        params, teacher = gathered(params), gathered(teacher)
         return objective(
             params, batch, step, model_config=step_config.model_config, axis_context=context, frozen_params=teacher
         )
@@ -127,13 +140,18 @@ def make_train_step(
         metrics = dict(metrics)
         metrics.update(
             grad_norm=grad_norm,
-            learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+            # The rate this update used: the schedule at the optimizer's count (behind state.step by the
+            # skipped steps).
+            learning_rate=jnp.asarray(schedule(optim_lib.schedule_count(state.opt_state)), jnp.float32),
             nonfinite=(~finite).astype(jnp.int32),
             nonfinite_streak=streak,
             nonfinite_total=new_state.nonfinite_total,
         )
         return new_state, metrics
 
+    # What compile_step needs to count the FLOPs of all micro-batches (XLA counts a scan body once).
+    train_step.micro_batches = count
+    train_step.micro_gradients = lambda state, micro_batch: grad_fn(state.params, micro_batch, state.step, state.teacher)
     return train_step
 
 
@@ -151,14 +169,17 @@ class CompiledStep:
     """The compiled step plus what was learnt compiling it."""
 
     run: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-    flops: float | None  # per device and step, from XLA's cost analysis (None when unavailable)
+    # Per device and step, from XLA's cost analysis (None when unavailable), every micro-batch counted; with
+    # remat the backward pass's recomputation is included (hardware FLOPs, not model FLOPs).
+    flops: float | None
     memory: dict[str, int]  # XLA's memory analysis, bytes per device
     compile_seconds: float
 
 
-def _cost_flops(compiled: Any) -> float | None:
+def _cost_flops(stage: Any) -> float | None:
+    """FLOPs from a Compiled (per device, optimised) or Lowered (whole program, unoptimised) stage."""
     try:
-        cost = compiled.cost_analysis()
+        cost = stage.cost_analysis()
     except Exception as error:  # noqa: BLE001 - not every backend implements it
         logger.info("cost analysis unavailable: %s", error)
         return None
@@ -191,8 +212,6 @@ def compile_step(
 ) -> CompiledStep:
     """`jax.jit` with explicit in/out shardings (state donated; batch split over (data, fsdp); metrics
     replicated), lowered and compiled ahead of time for exactly these shapes."""
-    import time
-
     batch_sharding = mesh_lib.batch_sharding(mesh)
     batch_shardings = {key: batch_sharding for key in batch_spec}
     jitted = jax.jit(
@@ -205,7 +224,29 @@ def compile_step(
     lowered = jitted.lower(with_shardings(abstract_state, state_shardings), with_shardings(dict(batch_spec), batch_shardings))
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
-    return CompiledStep(run=compiled, flops=_cost_flops(compiled), memory=_memory(compiled), compile_seconds=seconds)
+    flops = _cost_flops(compiled)
+    count = getattr(train_step, "micro_batches", 1)
+    if flops is not None and count > 1:
+        flops = _count_every_micro_batch(flops, lowered, train_step, abstract_state, state_shardings, batch_spec, mesh)
+    return CompiledStep(run=compiled, flops=flops, memory=_memory(compiled), compile_seconds=seconds)
+
+
+def _count_every_micro_batch(
+    flops: float, lowered: Any, train_step: Callable, abstract_state: TrainState, state_shardings: TrainState,
+    batch_spec: Mapping[str, jax.ShapeDtypeStruct], mesh: Mesh,
+) -> float | None:
+    """XLA's cost analysis counts the body of the micro-batch scan once. The unoptimised cost of one
+    micro-batch's forward + backward (lowered, not compiled) says how much the other count - 1 add; the
+    compiled per-device count is scaled by that ratio."""
+    count = train_step.micro_batches
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    micro_spec = {key: jax.ShapeDtypeStruct((spec.shape[0] // count, *spec.shape[1:]), spec.dtype, sharding=batch_sharding)
+                  for key, spec in batch_spec.items()}
+    micro = jax.jit(train_step.micro_gradients).lower(with_shardings(abstract_state, state_shardings), micro_spec)
+    whole, one = _cost_flops(lowered), _cost_flops(micro)
+    if not whole or one is None:
+        return None
+    return flops * (whole + (count - 1) * one) / whole
 
 
 __all__ = ["CompiledStep", "StepConfig", "compile_step", "global_batch_spec", "make_train_step", "split_micro_batches"]

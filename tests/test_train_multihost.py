@@ -1,0 +1,107 @@
+"""The trainer under jax.distributed with two local processes (2 CPU devices each, one 4-device mesh): both
+train, a SIGTERM to one process makes both save the same step and stop, the rerun resumes there, and the
+resumed run ends bitwise equal to an uninterrupted one. Only process 0 writes the metrics log and the
+evaluation's results.json (whose parameter hash is that of the parameters sharded over both); each process
+checkpoints its own data-iterator position. The processes run tests/train_multihost_worker.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import train_fixtures
+from geoalign_jax.parallel import multihost
+
+REPO_ROOT = train_fixtures.REPO_ROOT
+WORKER = REPO_ROOT / "tests" / "train_multihost_worker.py"
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
+PREEMPT_STEP = 2
+TIMEOUT_S = 500
+ENV_NAMES = (multihost.COORDINATOR_ENV, multihost.NUM_PROCESSES_ENV, multihost.PROCESS_ID_ENV,
+             multihost.LOCAL_DEVICE_IDS_ENV, multihost.MODE_ENV)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(data: str, out: pathlib.Path, cache_dir: pathlib.Path) -> list[dict]:
+    env = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    # The three runs of each process compile the same step: share the executables.
+    env.update({"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    coordinator = f"127.0.0.1:{_free_port()}"
+    logs = [out / f"process_{i}.log" for i in range(NUM_PROCESSES)]
+    processes = []
+    timed_out = False
+    with contextlib.ExitStack() as stack:
+        for process_id, log_path in enumerate(logs):
+            log = stack.enter_context(open(log_path, "w"))
+            command = [sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes",
+                       str(NUM_PROCESSES), "--coordinator", coordinator, "--data", data, "--out", str(out),
+                       "--preempt-step", str(PREEMPT_STEP)]
+            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            for process in processes:
+                try:
+                    process.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    break
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=30)
+    report = "\n".join(f"--- process {i} (exit code {p.returncode}) ---\n{log.read_text()[-5000:]}"
+                       for i, (p, log) in enumerate(zip(processes, logs)))
+    if timed_out or any(p.returncode != 0 for p in processes):
+        pytest.fail(f"the trainer processes {'timed out' if timed_out else 'failed'}\n{report}")
+    return [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+
+
+def test_two_processes_train_save_on_sigterm_together_and_resume_bitwise(tmp_path):
+    data = train_fixtures.make_data(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    results = _run(data, out, tmp_path / "cache")
+    first, second = results
+    assert first["device_count"] == second["device_count"] == NUM_PROCESSES * DEVICES_PER_PROCESS
+
+    # SIGTERM reached only process 1, yet both stopped after saving the same step.
+    assert first["interrupted"] == second["interrupted"]
+    status, stopped_at = first["interrupted"]
+    assert status == "preempted" and PREEMPT_STEP <= stopped_at < 6
+    step_dir = out / "interrupted" / "checkpoints" / "6"  # (the preemption step itself is rotated out: keep = 2)
+    assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == ["process_0-of-2.json",
+                                                                                 "process_1-of-2.json"]
+    # Both resumed from it and finished; the result is bit for bit the uninterrupted run's.
+    for result in results:
+        assert result["resumed"][:3] == ["finished", stopped_at, 6]
+        assert result["straight"][:2] == ["finished", 6]
+        assert result["resumed"][3:] == result["straight"][2:]  # params and optimizer state digests
+    # Only process 0 writes the log: one line per step, none twice.
+    steps = [json.loads(line)["step"] for line in (out / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(0, 7))  # step 0: the truncation statistics, logged by the fresh run only
+    # The evaluation: process 0 wrote results.json, whose parameter hash is that of the sharded parameters.
+    results_files = [p.relative_to(out).as_posix() for p in out.glob("*/eval/*/results.json")]
+    assert results_files == ["straight/eval/step_6/results.json"]
+    written = json.loads((out / "straight" / "eval" / "step_6" / "results.json").read_text())
+    assert written["provenance"]["model"]["parameter_hash"] == first["parameter_hash"] == second["parameter_hash"]
+    assert written["provenance"]["tasks"]["retrieval/seen"]["overlap"]["exact"] == 4
+    evaluated = [json.loads(line) for line in (out / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evaluated if "eval/retrieval/seen/standard/mean_recall" in r] == [6]
