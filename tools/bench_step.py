@@ -11,6 +11,10 @@ open_clip's training loop body (open_clip_train/train.py): `open_clip.CLIP` in t
 logit-scale clamp, loaded with the same weights (`params_to_open_clip`). `--dtype bfloat16` runs our model in
 bf16 compute (fp32 parameters) and open_clip under `torch.autocast(bfloat16)` (its `amp_bf16`).
 
+Allocator: like `python -m geoalign_jax.train`, the command re-executes itself with tcmalloc preloaded when the
+machine has it (geoalign_jax/host_allocator.py), so both sides run on the same allocator; GEOALIGN_ALLOCATOR=system
+measures both on the system malloc. The JSON line names the allocator.
+
 Timing: one untimed warm-up step each, then `--iters` steps of each side interleaved (ours, theirs, ours, ...)
 so that load on a shared machine hits both alike; the medians are reported. Our compile time is reported
 separately. FLOPs of the compiled step come from XLA's cost analysis; MFU = FLOPs / step time / the device's
@@ -35,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ of this checkout
 
+from geoalign_jax import host_allocator
 from geoalign_jax.convert.open_clip import open_clip_model_cfg, params_to_open_clip
 from geoalign_jax.models.clip import CLIPConfig
 from geoalign_jax.tokenizer import tokenize
@@ -277,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="", help="also profile one step of each side into this folder")
     parser.add_argument("--top", type=int, default=25, help="rows of the --profile tables")
     args = parser.parse_args(argv)
+    if argv is None:  # a command line: the allocator the trainer's CLI uses, for both sides
+        host_allocator.use_tcmalloc()
+    allocator = host_allocator.loaded_tcmalloc() or "system malloc"
 
     load_before = load_average()
     config = trainer_config(args.model, args.batch, args.dtype, args.image_size or None)
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "batch": args.batch, "image_size": model_config.vision.image_size, "dtype": args.dtype,
         "iters": args.iters, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "devices": jax.device_count(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "allocator": allocator,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "compile_s": round(ours.compile_s, 2),
@@ -344,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.iters} timed steps per side (median, interleaved)")
     print(f"captions: {caption_source}, the longest {longest_caption} of {config.data.context_length} tokens")
     print(f"jax {jax.__version__} on {result['device']} ({jax.device_count()} device(s)); {os.cpu_count()} CPU cores, "
-          f"{platform.processor() or platform.machine()}; load average {load_before[0]:.2f} before, "
+          f"{platform.processor() or platform.machine()}, {allocator}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; our compile {ours.compile_s:.1f} s")
     print(f"first-step loss: geoalign {first_losses['geoalign']:.6f}"
           + (f", open_clip {first_losses['open_clip']:.6f}" if theirs is not None else ""))

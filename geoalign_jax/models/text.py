@@ -65,11 +65,12 @@ class TextTransformer(nn.Module):
             # The embedding reads the EOT row only, and under the causal mask no row sees a later token,
             # so the first max(eot) + 1 tokens give the same embedding: the shortest bucket that holds
             # them is run (the full-length pass above then feeds only `token_states`, and XLA drops it
-            # when nothing reads them). The branches are rematerialised: differentiating a switch makes
-            # every branch return the residuals of all branches (zeros for the others), which costs more
-            # than recomputing the taken branch's forward pass in the backward one.
+            # when nothing reads them). Differentiating a switch makes every branch return the residuals
+            # of all branches (zeros for the others); with a caching allocator (see allocator.py) writing
+            # those zeros costs less than rematerialising the taken branch (ViT-B/32 step, batch 32:
+            # 4.33 vs 4.46 s with RS captions, 5.78 vs 6.40 s with 77-token ones).
             bucket = jnp.searchsorted(jnp.asarray(buckets), jnp.max(eot) + 1)
-            branches = [nn.checkpoint(functools.partial(_encode_prefix, prefix=prefix)) for prefix in buckets]
+            branches = [functools.partial(_encode_prefix, prefix=prefix) for prefix in buckets]
             pooled = nn.switch(bucket, branches, self, tokens, eot)
         embedding = self.ln_final(pooled) @ self.text_projection.astype(self.dtype)
         return embedding.astype(jnp.float32), token_states
