@@ -20,14 +20,15 @@ import logging
 import os
 import pathlib
 import sys
+import sysconfig
 
 ENV_CHOICE = "GEOALIGN_ALLOCATOR"
 # Set on the re-executed process: never re-execute twice, even if the preload did not take.
 ENV_REEXECUTED = "GEOALIGN_ALLOCATOR_REEXECUTED"
 LIBRARY_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-LIBRARY_DIRS = (
-    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib",
-)
+_MULTIARCH = sysconfig.get_config_var("MULTIARCH")
+# This interpreter's multiarch folder first: a library of another architecture would not load.
+LIBRARY_DIRS = ((f"/usr/lib/{_MULTIARCH}",) if _MULTIARCH else ()) + ("/usr/lib64", "/usr/lib", "/usr/local/lib")
 INSTALL_HINT = "apt-get install libtcmalloc-minimal4 (Debian/Ubuntu) or gperftools-libs (RHEL/Fedora)"
 
 _log = logging.getLogger(__name__)
@@ -44,11 +45,12 @@ def find_tcmalloc(dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
 
 
 def loaded_tcmalloc() -> str | None:
-    """Path of the tcmalloc library mapped into this process, or None (Linux: /proc/self/maps)."""
+    """Path of the tcmalloc library mapped into this process, None when there is none, "" when it cannot be
+    told (no readable /proc/self/maps)."""
     try:
         maps = pathlib.Path("/proc/self/maps").read_text()
     except OSError:
-        return None
+        return ""
     for line in maps.splitlines():
         path = line.split()[-1] if line.split() else ""
         if "tcmalloc" in pathlib.Path(path).name:
@@ -62,13 +64,15 @@ def use_tcmalloc(argv: list[str] | None = None) -> None:
     the interpreter's original one, `sys.orig_argv`). Raises ValueError when GEOALIGN_ALLOCATOR names a
     library that does not exist."""
     choice = os.environ.get(ENV_CHOICE, "tcmalloc").strip()
-    if choice == "system" or loaded_tcmalloc() is not None:
+    if choice.lower() == "system" or not sys.platform.startswith("linux"):
+        return  # LD_PRELOAD is the Linux dynamic loader's
+    if loaded_tcmalloc() is not None:  # loaded, or cannot be told: leave the process alone
         return
     if os.environ.get(ENV_REEXECUTED):
         _log.warning("tcmalloc was preloaded (%s) but is not mapped; running with the system allocator",
                      os.environ.get("LD_PRELOAD", ""))
         return
-    if choice in ("", "tcmalloc"):
+    if choice.lower() in ("", "tcmalloc"):
         library = find_tcmalloc()
         if library is None:
             _log.warning(
@@ -90,4 +94,7 @@ def use_tcmalloc(argv: list[str] | None = None) -> None:
     command = list(argv if argv is not None else sys.orig_argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *command[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *command[1:]], env)
+    except OSError as error:
+        _log.warning("could not re-execute with tcmalloc (%s); running with the system allocator", error)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -22,12 +24,41 @@ print(json.dumps({"tcmalloc": host_allocator.loaded_tcmalloc(), "argv": sys.argv
 
 
 def _probe(env_extra: dict[str, str]) -> tuple[dict, str, int]:
+    """Runs PROBE; the report, stderr and exit status. The process id must survive the re-execution (launchers
+    and schedulers signal the pid they started)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_allocator.ENV_REEXECUTED)}
     env.update(env_extra)
-    done = subprocess.run([sys.executable, "-c", PROBE, "--flag", "a b"], env=env, capture_output=True, text=True,
-                          timeout=120)
-    report = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
-    return report, done.stderr, done.returncode
+    process = subprocess.Popen([sys.executable, "-c", PROBE, "--flag", "a b"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=120)
+    report = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
+    if report:
+        assert report["pid"] == process.pid
+    return report, stderr, process.returncode
+
+
+def _mapped_library(prefix: str) -> pathlib.Path | None:
+    """Path of a shared library with this name prefix mapped into this process."""
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        path = pathlib.Path(line.split()[-1]) if len(line.split()) >= 6 else None
+        if path is not None and path.name.startswith(prefix) and ".so" in path.name:
+            return path
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_reexecutes_with_a_named_library_keeping_pid_and_command_line(tmp_path):
+    """The re-execution path on any Linux machine, tcmalloc installed or not: a harmless library (a copy of the
+    maths library) under a tcmalloc-like name, named by GEOALIGN_ALLOCATOR, ends up mapped in the same process
+    with the same arguments."""
+    libm = _mapped_library("libm.so") or _mapped_library("libm-")
+    assert libm is not None, "the interpreter maps libm"
+    probe = tmp_path / "libtcmalloc_probe.so"
+    shutil.copy(libm, probe)
+    report, stderr, code = _probe({host_allocator.ENV_CHOICE: str(probe)})
+    assert code == 0, stderr
+    assert report["tcmalloc"] is not None and os.path.samefile(report["tcmalloc"], probe)
+    assert report["argv"] == ["--flag", "a b"] and report["reexecuted"] == "1"
 
 
 def test_reexecutes_with_tcmalloc_when_found_and_keeps_the_command_line():

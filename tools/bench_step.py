@@ -17,8 +17,9 @@ measures both on the system malloc. The JSON line names the allocator.
 
 Timing: one untimed warm-up step each, then `--iters` steps of each side interleaved (ours, theirs, ours, ...)
 so that load on a shared machine hits both alike; the medians are reported. Our compile time is reported
-separately. FLOPs of the compiled step come from XLA's cost analysis; MFU = FLOPs / step time / the device's
-peak (the trainer's table, bf16 peaks of known accelerators), "peak unknown" elsewhere (CPUs).
+separately. FLOPs of the compiled step come from XLA's cost analysis (of the step compiled at the text length
+bucket the batch takes: XLA counts the length switch at its full-length branch); MFU = FLOPs / step time / the
+device's peak (the trainer's table, bf16 peaks of known accelerators), "peak unknown" elsewhere (CPUs).
 `--profile DIR` also writes a jax profiler trace of one of our steps and a torch profiler table of one
 open_clip step into DIR and prints the top ops of each. The last printed line is one JSON object.
 """
@@ -98,6 +99,33 @@ def trainer_config(model: str, batch: int, dtype: str, image_size: int | None):
     return config
 
 
+def taken_bucket_flops(config, longest_caption: int) -> tuple[int, float | None]:
+    """(text length bucket this batch takes, FLOPs of the step at that length or None when it is the full
+    context). XLA's cost analysis counts the text tower's length switch at its costliest (full-length) branch,
+    so the FLOPs a batch of short captions executes come from the same step compiled for the bucket it takes
+    (a batch of that length runs the tower without a switch)."""
+    import copy
+
+    from configs import common
+    from geoalign_jax.models import text as text_lib
+    from geoalign_jax.train import loop
+    from geoalign_jax.train import step as step_lib
+
+    context = int(config.data.context_length)
+    width = common.model_config(config).text.width
+    buckets = text_lib.length_buckets(context) if width >= text_lib.MIN_BUCKETED_WIDTH else (context,)
+    bucket = next(length for length in buckets if length >= longest_caption)
+    if bucket == context:
+        return bucket, None
+    short = copy.deepcopy(config)
+    short.data.context_length = bucket
+    setup = loop.build(short)
+    compiled = step_lib.compile_step(
+        setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh
+    )
+    return bucket, compiled.flops
+
+
 class OurStep:
     """The trainer's compiled step over its own state (donated, so each call feeds the previous state back)."""
 
@@ -171,7 +199,9 @@ class OpenClipStep:
         self.last_loss = float(total.detach())
 
 
-def interleaved_times(runs: dict[str, Callable[[], None]], iters: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def interleaved_times(
+    runs: dict[str, Callable[[], None]], iters: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """One untimed call of each, then `iters` rounds calling each once in turn; wall seconds and process CPU
     seconds (all threads) per call. CPU time shows how much of the machine a side got on a loaded host."""
     for run in runs.values():
@@ -215,7 +245,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w-]*)\((.*)$")
 def hlo_instructions(hlo: str) -> dict[str, tuple[str, str]]:
     """Instruction name -> (kind, source op name) for every instruction of an optimised HLO module; kind is
     the fusion's library (`__ynn_fusion`, ...) or XLA fusion kind (`kLoop`, ...) or the opcode."""
-    found = {}
+    found: dict[str, tuple[str, str]] = {}
     for line in hlo.splitlines():
         match = _INSTRUCTION.match(line)
         if not match:
@@ -249,7 +279,7 @@ def print_op_times(durations: dict[str, float], instructions: dict[str, tuple[st
     """Time per (pass, op kind, source op): pass is forward, backward (`transpose(jvp(...))`) or the rest
     (optimizer, loss); source op is the last two parts of the jax op name, blocks merged. Ops that XLA runs
     concurrently both count their whole duration, so the total can exceed the step's wall time."""
-    groups: dict[tuple[str, str, str], list[float]] = {}
+    groups: dict[tuple[str, str, str], list[float | int]] = {}
     for name, ms in durations.items():
         if name not in instructions:
             continue
@@ -284,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None:  # a command line: the allocator the trainer's CLI uses, for both sides
         host_allocator.use_tcmalloc()
-    allocator = host_allocator.loaded_tcmalloc() or "system malloc"
+    loaded = host_allocator.loaded_tcmalloc()
+    allocator = loaded or ("unknown allocator" if loaded == "" else "system malloc")
 
     load_before = load_average()
     config = trainer_config(args.model, args.batch, args.dtype, args.image_size or None)
@@ -311,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     from geoalign_jax.train.metrics import peak_flops
 
-    flops = ours.compiled.flops
+    # Compiled after the timing, so that it does not load the machine during it.
+    text_bucket, bucket_flops = taken_bucket_flops(config, longest_caption)
+    flops = bucket_flops or ours.compiled.flops  # what this batch executes
     peak = peak_flops(device)
     result: dict[str, Any] = {
         "model": args.model, "batch": args.batch, "image_size": model_config.vision.image_size, "dtype": args.dtype,
@@ -326,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "geoalign_cpu_s": float(np.median(cpu_times["geoalign"])),
         "first_loss_geoalign": first_losses["geoalign"],
         "captions": caption_source, "longest_caption_tokens": longest_caption,
-        "step_flops": flops,
+        "text_bucket": text_bucket, "step_flops": flops, "step_flops_full_length": ours.compiled.flops,
     }
     if flops:
         result["geoalign_tflops_per_s"] = flops / result["geoalign_s"] / 1e12
@@ -350,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model {args.model}, batch {args.batch}, {model_config.vision.image_size} px, {args.dtype}, "
           f"{args.iters} timed steps per side (median, interleaved)")
-    print(f"captions: {caption_source}, the longest {longest_caption} of {config.data.context_length} tokens")
+    print(f"captions: {caption_source}, the longest {longest_caption} of {config.data.context_length} tokens "
+          f"(text bucket {text_bucket})")
     print(f"jax {jax.__version__} on {result['device']} ({jax.device_count()} device(s)); {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}, {allocator}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; our compile {ours.compile_s:.1f} s")
@@ -361,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         line += f", open_clip {result['open_clip_s']:.3f} s, ratio {result['ratio']:.2f}"
     if flops:
         line += f"; {flops / 1e9:.4g} GFLOP/step, {result['geoalign_tflops_per_s'] * 1e3:.4g} GFLOP/s"
+        if bucket_flops:
+            line += f" ({ours.compiled.flops / 1e9:.4g} GFLOP at full caption length)"
     line += f"; MFU {result['mfu']:.1%}" if result["mfu"] is not None else "; MFU: peak unknown"
     print(line)
     print(json.dumps(result))

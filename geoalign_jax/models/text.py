@@ -66,7 +66,7 @@ class TextTransformer(nn.Module):
             # so the first max(eot) + 1 tokens give the same embedding: the shortest bucket that holds
             # them is run (the full-length pass above then feeds only `token_states`, and XLA drops it
             # when nothing reads them). Differentiating a switch makes every branch return the residuals
-            # of all branches (zeros for the others); with a caching allocator (see allocator.py) writing
+            # of all branches (zeros for the others); with a caching allocator (see host_allocator.py) writing
             # those zeros costs less than rematerialising the taken branch (ViT-B/32 step, batch 32:
             # 4.33 vs 4.46 s with RS captions, 5.78 vs 6.40 s with 77-token ones).
             bucket = jnp.searchsorted(jnp.asarray(buckets), jnp.max(eot) + 1)

@@ -72,14 +72,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def entry() -> None:
-    """Runs the CLI (see the module docstring), with tcmalloc when the machine has it (host_allocator)."""
+    """Runs the CLI (see the module docstring)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    # Only as `python -m geoalign_jax.train`: re-executing replaces the whole process, which is this CLI's
+    # own here but would be the caller's (a notebook, a test runner) if entry() were called in-process.
     try:
         host_allocator.use_tcmalloc()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    app.run(main, flags_parser=_parse_flags)
-
-
-if __name__ == "__main__":
     entry()
