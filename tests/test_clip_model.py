@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geoalign_jax.models import clip
+from geoalign_jax.models import clip, layers
+from geoalign_jax.models import text as text_lib
 from geoalign_jax import params_checkpoint as checkpoint
 
 TINY = clip.get_model_config("tiny")
@@ -73,6 +74,78 @@ def test_text_pooling_at_eot_ignores_tokens_after_it(tiny_params):
     np.testing.assert_allclose(embedding, embedding_noisy, atol=1e-6)
     with pytest.raises(ValueError, match="exceeds the text tower's context length 77"):
         clip.encode_text(TINY, tiny_params, jnp.zeros((1, 78), jnp.int32))
+
+
+def test_last_block_rows_equal_the_full_block_at_those_rows():
+    """`ResidualAttentionBlock.rows` (the pooled path of the embeddings) is the full block read at one row,
+    in value and in parameter gradients, with a causal mask and per-row positions or one fixed position."""
+    block = layers.ResidualAttentionBlock(width=64, heads=2, mlp_ratio=4.0, quick_gelu=False)
+    x = jax.random.normal(jax.random.key(5), (3, 7, 64))
+    variables = block.init(jax.random.key(6), x)
+    causal = jnp.tril(jnp.ones((7, 7), bool))
+    for rows, mask in ((jnp.array([6, 0, 3]), causal), (0, None)):
+        index = jnp.broadcast_to(jnp.asarray(rows), (3,))
+
+        def full(v):
+            return block.apply(v, x, mask)[jnp.arange(3), index]
+
+        def pooled(v):
+            return block.apply(v, x, rows, mask, method=layers.ResidualAttentionBlock.rows)
+
+        np.testing.assert_allclose(jax.jit(pooled)(variables), jax.jit(full)(variables), atol=1e-5)
+        grad_full = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(full(v)))))(variables)
+        grad_pooled = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(pooled(v)))))(variables)
+        for a, b in zip(jax.tree.leaves(grad_pooled), jax.tree.leaves(grad_full)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_pooled_image_embedding_skips_most_of_the_last_block():
+    """Without patch tokens, the class embedding's gradient costs less than with them (XLA drops the full
+    last block): at least half of one block's share of the image tower's FLOPs."""
+    config = clip.get_model_config("tiny", vision_image_size=64)
+    params = clip.init_params(config, jax.random.key(0))
+    images = jnp.zeros((4, 64, 64, 3))
+
+    def flops(loss) -> float:
+        cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+    embedding_only = flops(lambda p: jnp.sum(clip.encode_image(config, p, images)[0] ** 2))
+    with_patches = flops(lambda p: jnp.sum(clip.encode_image(config, p, images)[0] ** 2)
+                         + jnp.sum(clip.encode_image(config, p, images)[1] ** 2))
+    per_block = with_patches / config.vision.layers
+    assert with_patches - embedding_only > 0.5 * per_block
+
+
+def test_text_tower_runs_the_shortest_length_bucket_with_the_same_result():
+    """The embedding from the shortest bucket holding every EOT equals the full-length one (values and
+    gradients), whichever bucket a batch lands in."""
+    assert text_lib.length_buckets(77) == (32, 77)
+    assert text_lib.length_buckets(248) == (32, 128, 248)
+    assert text_lib.length_buckets(20) == (20,)
+    config = clip.get_model_config("tiny", text_width=text_lib.MIN_BUCKETED_WIDTH, text_heads=4)
+    params = clip.init_params(config, jax.random.key(0))
+
+    def full_length(params, tokens):
+        def embed(module, tokens):
+            _, pooled = module.text._encode(tokens, jnp.argmax(tokens, -1))
+            return module.text.ln_final(pooled) @ module.text.text_projection
+
+        return clip.CLIP(config).apply({"params": params}, tokens, method=embed)
+
+    embed = jax.jit(lambda p, t: clip.encode_text(config, p, t)[0])
+    grad = jax.jit(jax.grad(lambda p, t: jnp.sum(clip.encode_text(config, p, t)[0] ** 3)))
+    embed_full = jax.jit(full_length)
+    grad_full = jax.jit(jax.grad(lambda p, t: jnp.sum(full_length(p, t) ** 3)))
+    assert "stablehlo.case" in embed.lower(params, _tokens(2)).as_text()  # the bucketed path is the one tested
+    for last in (5, 76):  # EOT positions of the longest caption: buckets 32 and 77
+        long_caption = jnp.zeros(77, jnp.int32).at[0].set(49406).at[1:last].set(jnp.arange(1, last) + 100)
+        tokens = _tokens(2).at[1].set(long_caption.at[last].set(49407))
+        np.testing.assert_allclose(embed(params, tokens), embed_full(params, tokens), atol=1e-5)
+        grads, expected = grad(params, tokens)["text"], grad_full(params, tokens)["text"]
+        scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(expected))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, atol=1e-5 * scale)  # float32 reassociation
 
 
 def test_remat_gives_the_same_gradients_and_bf16_is_close(tiny_params):

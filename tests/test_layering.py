@@ -17,6 +17,9 @@ FORBIDDEN = {
     "convert": {"losses", "train", "eval"},
     "params_checkpoint": {"losses", "train", "eval", "convert", "data"},
     "batch_contract": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
+    # runs before anything else in a CLI process (it may re-execute it): imports no room
+    "host_allocator": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint",
+                       "batch_contract", "validation", "tokenizer"},
 }
 
 

@@ -38,6 +38,11 @@ def _worker(data_dir: str, out: pathlib.Path) -> dict:
     from geoalign_jax.train import step as step_lib
 
     assert jax.device_count() == DEVICES, jax.devices()
+    from geoalign_jax.models import text as text_lib
+
+    # The tiny text tower takes the length switch too (77 -> buckets 32, 77), so the switch on the global
+    # batch's longest caption runs on every mesh and must follow the 1-device run like the rest of the step.
+    text_lib.MIN_BUCKETED_WIDTH = 0
     iterator = pipeline.make_train_iterator(train_fixtures.tiny_config(data_dir).data)
     batches = [next(iterator) for _ in range(STEPS)]
     for batch in batches:

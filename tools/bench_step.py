@@ -11,10 +11,15 @@ open_clip's training loop body (open_clip_train/train.py): `open_clip.CLIP` in t
 logit-scale clamp, loaded with the same weights (`params_to_open_clip`). `--dtype bfloat16` runs our model in
 bf16 compute (fp32 parameters) and open_clip under `torch.autocast(bfloat16)` (its `amp_bf16`).
 
+Allocator: like `python -m geoalign_jax.train`, the command re-executes itself with tcmalloc preloaded when the
+machine has it (geoalign_jax/host_allocator.py), so both sides run on the same allocator; GEOALIGN_ALLOCATOR=system
+measures both on the system malloc. The JSON line names the allocator.
+
 Timing: one untimed warm-up step each, then `--iters` steps of each side interleaved (ours, theirs, ours, ...)
 so that load on a shared machine hits both alike; the medians are reported. Our compile time is reported
-separately. FLOPs of the compiled step come from XLA's cost analysis; MFU = FLOPs / step time / the device's
-peak (the trainer's table, bf16 peaks of known accelerators), "peak unknown" elsewhere (CPUs).
+separately. FLOPs of the compiled step come from XLA's cost analysis (of the step compiled at the text length
+bucket the batch takes: XLA counts the length switch at its full-length branch); MFU = FLOPs / step time / the
+device's peak (the trainer's table, bf16 peaks of known accelerators), "peak unknown" elsewhere (CPUs).
 `--profile DIR` also writes a jax profiler trace of one of our steps and a torch profiler table of one
 open_clip step into DIR and prints the top ops of each. The last printed line is one JSON object.
 """
@@ -25,6 +30,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -34,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ of this checkout
 
+from geoalign_jax import host_allocator
 from geoalign_jax.convert.open_clip import open_clip_model_cfg, params_to_open_clip
 from geoalign_jax.models.clip import CLIPConfig
 from geoalign_jax.tokenizer import tokenize
@@ -90,6 +97,33 @@ def trainer_config(model: str, batch: int, dtype: str, image_size: int | None):
     config.train.num_steps = 1_000_000  # the schedule's length only; far from its end
     config.optim.warmup_steps = 0
     return config
+
+
+def taken_bucket_flops(config, longest_caption: int) -> tuple[int, float | None]:
+    """(text length bucket this batch takes, FLOPs of the step at that length or None when it is the full
+    context). XLA's cost analysis counts the text tower's length switch at its costliest (full-length) branch,
+    so the FLOPs a batch of short captions executes come from the same step compiled for the bucket it takes
+    (a batch of that length runs the tower without a switch)."""
+    import copy
+
+    from configs import common
+    from geoalign_jax.models import text as text_lib
+    from geoalign_jax.train import loop
+    from geoalign_jax.train import step as step_lib
+
+    context = int(config.data.context_length)
+    width = common.model_config(config).text.width
+    buckets = text_lib.length_buckets(context) if width >= text_lib.MIN_BUCKETED_WIDTH else (context,)
+    bucket = next(length for length in buckets if length >= longest_caption)
+    if bucket == context:
+        return bucket, None
+    short = copy.deepcopy(config)
+    short.data.context_length = bucket
+    setup = loop.build(short)
+    compiled = step_lib.compile_step(
+        setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh
+    )
+    return bucket, compiled.flops
 
 
 class OurStep:
@@ -165,27 +199,35 @@ class OpenClipStep:
         self.last_loss = float(total.detach())
 
 
-def interleaved_medians(runs: dict[str, Callable[[], None]], iters: int) -> dict[str, list[float]]:
-    """One untimed call of each, then `iters` rounds calling each once in turn; wall seconds per call."""
+def interleaved_times(
+    runs: dict[str, Callable[[], None]], iters: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """One untimed call of each, then `iters` rounds calling each once in turn; wall seconds and process CPU
+    seconds (all threads) per call. CPU time shows how much of the machine a side got on a loaded host."""
     for run in runs.values():
         run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def profile_steps(ours: OurStep, theirs: OpenClipStep | None, out_dir: str, top: int) -> None:
-    """A jax trace of one of our steps (open it in TensorBoard/xprof or Perfetto) and the torch profiler's
-    table of one open_clip step; prints the top ops of both by self time."""
+    """A jax trace of one of our steps (open it in TensorBoard/xprof or Perfetto) with its time per kind of
+    XLA op, and the torch profiler's table of one open_clip step (open_clip_ops.txt); prints both."""
     os.makedirs(out_dir, exist_ok=True)
+    hlo = ours.compiled.run.as_text()
+    with open(os.path.join(out_dir, "step_hlo.txt"), "w", encoding="utf-8") as handle:
+        handle.write(hlo)
     with jax.profiler.trace(out_dir):
         ours()
-    print(f"jax trace of one step written under {out_dir}")
-    print_jax_top_ops(out_dir, top)
+    print(f"jax trace of one step and its optimised HLO (step_hlo.txt) written under {out_dir}")
+    print_op_times(op_durations_ms(out_dir), hlo_instructions(hlo), top)
     if theirs is not None:
         import torch.profiler
 
@@ -197,33 +239,64 @@ def profile_steps(ours: OurStep, theirs: OpenClipStep | None, out_dir: str, top:
         print(table)
 
 
-def print_jax_top_ops(trace_dir: str, top: int) -> None:
-    """Sums the durations of the XLA op events (per HLO fusion/thunk name) in the newest trace under
-    `trace_dir` and prints the `top` largest."""
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w-]*)\((.*)$")
+
+
+def hlo_instructions(hlo: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (kind, source op name) for every instruction of an optimised HLO module; kind is
+    the fusion's library (`__ynn_fusion`, ...) or XLA fusion kind (`kLoop`, ...) or the opcode."""
+    found: dict[str, tuple[str, str]] = {}
+    for line in hlo.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, opcode, rest = match.groups()
+        library = re.search(r'"kind":"(\w+)"', rest)
+        fusion = re.search(r"kind=(\w+)", rest)
+        kind = library.group(1) if library else (fusion.group(1) if opcode == "fusion" and fusion else opcode)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        found[name] = (kind, op_name.group(1) if op_name else "")
+    return found
+
+
+def op_durations_ms(trace_dir: str) -> dict[str, float]:
+    """Summed duration of every trace event of the newest trace under `trace_dir`, by event name (XLA's
+    CPU runtime names each op's event after its HLO instruction)."""
     import glob
 
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not files:
-        print("no xplane file found")
-        return
     from jax.profiler import ProfileData
 
-    data = ProfileData.from_file(files[-1])
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for plane in data.planes:
+    for plane in ProfileData.from_file(files[-1]).planes if files else ():
         for line in plane.lines:
-            if "XLA Ops" not in line.name and "tf_XLA" not in line.name and not plane.name.startswith("/host:CPU"):
-                continue
             for event in line.events:
-                name = event.name
-                totals[name] = totals.get(name, 0.0) + event.duration_ns / 1e6
-                counts[name] = counts.get(name, 0) + 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
-    width = max((len(name) for name, _ in ranked), default=10)
-    print(f"{'jax event':<{width}}  {'total ms':>10}  {'calls':>6}")
-    for name, total in ranked:
-        print(f"{name:<{width}}  {total:>10.1f}  {counts[name]:>6}")
+                totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e6
+    return totals
+
+
+def print_op_times(durations: dict[str, float], instructions: dict[str, tuple[str, str]], top: int) -> None:
+    """Time per (pass, op kind, source op): pass is forward, backward (`transpose(jvp(...))`) or the rest
+    (optimizer, loss); source op is the last two parts of the jax op name, blocks merged. Ops that XLA runs
+    concurrently both count their whole duration, so the total can exceed the step's wall time."""
+    groups: dict[tuple[str, str, str], list[float | int]] = {}
+    for name, ms in durations.items():
+        if name not in instructions:
+            continue
+        kind, op_name = instructions[name]
+        phase = "backward" if "transpose(jvp(" in op_name else "forward" if "jvp(" in op_name else "rest"
+        source = "/".join(re.sub(r"resblocks_\d+", "resblocks_*", op_name).split("/")[-2:])
+        entry = groups.setdefault((phase, kind, source), [0.0, 0])
+        entry[0] += ms
+        entry[1] += 1
+    total = sum(ms for ms, _ in groups.values())
+    by_phase: dict[str, float] = {}
+    for (phase, _, _), (ms, _) in groups.items():
+        by_phase[phase] = by_phase.get(phase, 0.0) + ms
+    print(f"XLA op time {total:.0f} ms: " + ", ".join(f"{phase} {ms:.0f} ms" for phase, ms in sorted(by_phase.items())))
+    print(f"{'ms':>8} {'share':>6} {'ops':>5}  pass / op kind / source op")
+    for (phase, kind, source), (ms, count) in sorted(groups.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"{ms:8.1f} {ms / total:6.1%} {count:5d}  {phase} / {kind} / {source}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="", help="also profile one step of each side into this folder")
     parser.add_argument("--top", type=int, default=25, help="rows of the --profile tables")
     args = parser.parse_args(argv)
+    if argv is None:  # a command line: the allocator the trainer's CLI uses, for both sides
+        host_allocator.use_tcmalloc()
+    loaded = host_allocator.loaded_tcmalloc()
+    allocator = loaded or ("unknown allocator" if loaded == "" else "system malloc")
 
     load_before = load_average()
     config = trainer_config(args.model, args.batch, args.dtype, args.image_size or None)
@@ -257,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         run()
         first_losses[name] = run.last_loss
-    times = interleaved_medians(runs, args.iters)
+    times, cpu_times = interleaved_times(runs, args.iters)
     if args.profile:
         profile_steps(ours, theirs, args.profile, args.top)
     load_after = load_average()
@@ -265,21 +342,24 @@ def main(argv: list[str] | None = None) -> int:
     device = jax.devices()[0]
     from geoalign_jax.train.metrics import peak_flops
 
-    flops = ours.compiled.flops
+    # Compiled after the timing, so that it does not load the machine during it.
+    text_bucket, bucket_flops = taken_bucket_flops(config, longest_caption)
+    flops = bucket_flops or ours.compiled.flops  # what this batch executes
     peak = peak_flops(device)
     result: dict[str, Any] = {
         "model": args.model, "batch": args.batch, "image_size": model_config.vision.image_size, "dtype": args.dtype,
         "iters": args.iters, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "devices": jax.device_count(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "allocator": allocator,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "compile_s": round(ours.compile_s, 2),
         "geoalign_s": float(np.median(times["geoalign"])),
         "geoalign_times": [round(t, 4) for t in times["geoalign"]],
+        "geoalign_cpu_s": float(np.median(cpu_times["geoalign"])),
         "first_loss_geoalign": first_losses["geoalign"],
         "captions": caption_source, "longest_caption_tokens": longest_caption,
-        "step_flops": flops,
+        "text_bucket": text_bucket, "step_flops": flops, "step_flops_full_length": ours.compiled.flops,
     }
     if flops:
         result["geoalign_tflops_per_s"] = flops / result["geoalign_s"] / 1e12
@@ -295,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         result.update(
             open_clip_s=float(np.median(times["open_clip"])),
             open_clip_times=[round(t, 4) for t in times["open_clip"]],
+            open_clip_cpu_s=float(np.median(cpu_times["open_clip"])),
             first_loss_open_clip=first_losses["open_clip"],
             torch=torch.__version__,
         )
@@ -302,9 +383,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model {args.model}, batch {args.batch}, {model_config.vision.image_size} px, {args.dtype}, "
           f"{args.iters} timed steps per side (median, interleaved)")
-    print(f"captions: {caption_source}, the longest {longest_caption} of {config.data.context_length} tokens")
+    print(f"captions: {caption_source}, the longest {longest_caption} of {config.data.context_length} tokens "
+          f"(text bucket {text_bucket})")
     print(f"jax {jax.__version__} on {result['device']} ({jax.device_count()} device(s)); {os.cpu_count()} CPU cores, "
-          f"{platform.processor() or platform.machine()}; load average {load_before[0]:.2f} before, "
+          f"{platform.processor() or platform.machine()}, {allocator}; load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; our compile {ours.compile_s:.1f} s")
     print(f"first-step loss: geoalign {first_losses['geoalign']:.6f}"
           + (f", open_clip {first_losses['open_clip']:.6f}" if theirs is not None else ""))
@@ -312,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if theirs is not None:
         line += f", open_clip {result['open_clip_s']:.3f} s, ratio {result['ratio']:.2f}"
     if flops:
-        line += f"; {flops / 1e9:.0f} GFLOP/step, {result['geoalign_tflops_per_s'] * 1e3:.0f} GFLOP/s"
+        line += f"; {flops / 1e9:.4g} GFLOP/step, {result['geoalign_tflops_per_s'] * 1e3:.4g} GFLOP/s"
+        if bucket_flops:
+            line += f" ({ours.compiled.flops / 1e9:.4g} GFLOP at full caption length)"
     line += f"; MFU {result['mfu']:.1%}" if result["mfu"] is not None else "; MFU: peak unknown"
     print(line)
     print(json.dumps(result))

@@ -45,6 +45,13 @@ def layer_norm(name: str, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nn.LayerN
     )
 
 
+def take_rows(x: Array, rows: int | Array) -> Array:
+    """x [B, L, ...] -> [B, 1, ...]: position `rows` (an int) or `rows[b]` ([B] ints) of each sequence."""
+    if isinstance(rows, int):
+        return x[:, rows : rows + 1]
+    return jnp.take_along_axis(x, rows.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with separate q/k/v projections ([embed, heads, kv] kernels).
 
@@ -85,11 +92,12 @@ class MultiHeadAttention(nn.Module):
         )
 
     def _softmax_weights(self, a: Array, b: Array, mask: Array | None) -> Array:
+        """mask: [q, k] or [B, q, k] bool (True = attend) or None."""
         scale = a.shape[-1] ** -0.5
         # Logits and softmax in float32 whatever the compute dtype: bf16 softmax loses the tail.
         logits = jnp.einsum("bqhd,bkhd->bhqk", a, b, preferred_element_type=jnp.float32) * scale
         if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(mask[:, None] if mask.ndim == 3 else mask, logits, jnp.finfo(jnp.float32).min)
         return jax.nn.softmax(logits, axis=-1)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
@@ -97,6 +105,16 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.query(x), self.key(x), self.value(x)
         weights = self._softmax_weights(q, k, mask).astype(self.dtype)
         return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
+
+    def attend_rows(self, x: Array, rows: int | Array, mask: Array | None = None) -> Array:
+        """The attention output at one query position per sequence: x [B, L, D], rows an int (the same
+        position everywhere) or [B] ints, mask [L, L] or None -> [B, 1, D]; equal to
+        `__call__(x, mask)[b, rows[b]]` (keys and values from every position; the query, its softmax and
+        the output projection for that row only)."""
+        q = self.query(take_rows(x, rows))
+        row_mask = None if mask is None else take_rows(jnp.broadcast_to(mask, x.shape[:1] + mask.shape), rows)
+        weights = self._softmax_weights(q, self.key(x), row_mask).astype(self.dtype)
+        return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights, self.value(x)))
 
     def self_self(self, x: Array) -> Array:
         """FarSLIP/SegEarth's q-q + k-k + v-v attention (dense features; no mask)."""
@@ -154,6 +172,14 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
+    def rows(self, x: Array, rows: int | Array, mask: Array | None = None) -> Array:
+        """The block's output at one position per sequence: x [B, L, D], rows an int or [B] ints -> [B, D];
+        equal to `__call__(x, mask)[b, rows[b]]` at about a sixth of the cost (only keys and values need
+        every position)."""
+        row = take_rows(x, rows)
+        row = row + self.attn.attend_rows(self.ln_1(x), rows, mask)
+        return (row + self.mlp(self.ln_2(row)))[:, 0]
+
     def segearth(self, x: Array) -> Array:
         """FarSLIP's "SegEarth" last layer for patch tokens: self-self attention, no residual, no MLP."""
         return self.attn.self_self(self.ln_1(x))
@@ -181,13 +207,23 @@ class Transformer(nn.Module):
             for i in range(self.layers)
         ]
 
-    def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array]:
-        """Returns (output of the last block, input of the last block)."""
-        penultimate = x
-        for block in self.resblocks:
-            penultimate = x
+    def __call__(
+        self, x: Array, mask: Array | None = None, pool_rows: int | Array | None = None
+    ) -> tuple[Array, Array, Array | None]:
+        """Returns (output of the last block [B, L, D], its input, the last block's output at `pool_rows`
+        [B, D] or None).
+
+        Why the pooled rows are separate: a CLIP embedding reads one position of the last block (class
+        token, EOT token). Computed on its own (`ResidualAttentionBlock.rows`), it does not depend on the
+        full last-block output, so when nothing else reads that output (scene-only training) XLA drops it
+        and the last block costs about a sixth; when dense features are read, the row is computed twice
+        (one row of L).
+        """
+        for block in self.resblocks[:-1]:
             x = block(x, mask)
-        return x, penultimate
+        last = self.resblocks[-1]
+        pooled = None if pool_rows is None else last.rows(x, pool_rows, mask)
+        return last(x, mask), x, pooled
 
     def segearth(self, penultimate: Array) -> Array:
         return self.resblocks[-1].segearth(penultimate)

@@ -9,7 +9,8 @@ the latest one. Multi-host: start one such process per host (see parallel/multih
 variables); every process runs the same command. Exit status: 0 finished, 0 after a preemption save (the
 scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config or an input that cannot be
 used (a missing, truncated or damaged `init.path`, training shard or evaluation dataset: one line naming it,
-before anything compiles).
+before anything compiles). The process re-executes itself once with tcmalloc preloaded when the machine has it
+and it is not loaded (geoalign_jax/host_allocator.py; GEOALIGN_ALLOCATOR=system keeps the system allocator).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from geoalign_jax import host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/NAME.py[:ARG])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config.json, metrics.jsonl, tb/, checkpoints/")
@@ -74,4 +77,11 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
+    # Only as `python -m geoalign_jax.train`: re-executing replaces the whole process, which is this CLI's
+    # own here but would be the caller's (a notebook, a test runner) if entry() were called in-process.
+    try:
+        host_allocator.use_tcmalloc()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     entry()

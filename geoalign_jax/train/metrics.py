@@ -5,7 +5,9 @@ process 0 writes; the other processes get a writer that does nothing, so the loo
 
 MFU = (FLOPs of the compiled step per device, from XLA's cost analysis) / step time / (the device's peak
 dense bf16 FLOP/s). Peaks are listed for the accelerators we know; elsewhere (CPUs) MFU is not reported and
-the log says why.
+the log says why. XLA counts a conditional at its costliest branch, so with the text tower's length buckets
+(models/text.py) the count is that of full-length captions: for batches that take a shorter bucket it is an
+upper bound (tools/bench_step.py also reports the FLOPs of the bucket a batch takes).
 """
 from __future__ import annotations
 
@@ -201,7 +203,8 @@ def mfu_note(device: jax.Device, flops_per_device: float | None) -> str:
     if peak is None:
         return (f"MFU not reported: peak FLOP/s of {device.platform} device {getattr(device, 'device_kind', '?')!r} "
                 f"is not known (step: {flops_per_device / 1e9:.2f} GFLOP per device)")
-    return f"MFU = {flops_per_device / 1e9:.2f} GFLOP per device and step / step time / {peak / 1e12:.0f} TFLOP/s peak"
+    return (f"MFU = {flops_per_device / 1e9:.2f} GFLOP per device and step / step time / {peak / 1e12:.0f} TFLOP/s peak "
+            "(FLOPs of full-length captions: an upper bound for batches in a shorter text bucket)")
 
 
 __all__ = ["METRICS_FILE", "MetricsWriter", "PEAK_FLOPS", "StepTimer", "TENSORBOARD_DIR", "format_line",
