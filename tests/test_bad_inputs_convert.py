@@ -30,7 +30,11 @@ pause_at, jsonl, out, overwrite = sys.argv[1], sys.argv[2], sys.argv[3], sys.arg
 
 def pause():
     print("paused", flush=True)
-    time.sleep(120)
+    # Short sleeps: the kernel may hand the signal to another thread of the process (array_record's writer
+    # threads), and then only the main thread's next bytecode runs the Python handler; one long sleep would
+    # not end for 120 s (a CI run waited 60 s for it and failed).
+    for _ in range(1200):
+        time.sleep(0.1)
 
 if pause_at == "write":  # after the 6th record: shard 0 closed, shard 1 half written
     real_write = writers._SplitWriter.write

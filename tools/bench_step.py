@@ -15,6 +15,10 @@ Allocator: like `python -m geoalign_jax.train`, the command re-executes itself w
 machine has it (geoalign_jax/host_allocator.py), so both sides run on the same allocator; GEOALIGN_ALLOCATOR=system
 measures both on the system malloc. The JSON line names the allocator.
 
+Device: both sides run on the device jax uses (torch on `cuda` when jax's backend is a GPU; jax then allocates
+GPU memory as needed instead of taking 75% of it up front). The first-step losses must agree (relative 1e-4 in
+float32, 5e-2 in bf16), or the command exits 1 without timing.
+
 Timing: one untimed warm-up step each, then `--iters` steps of each side interleaved (ours, theirs, ours, ...)
 so that load on a shared machine hits both alike; the medians are reported. Our compile time is reported
 separately. FLOPs of the compiled step come from XLA's cost analysis (of the step compiled at the text length
@@ -34,6 +38,9 @@ import re
 import sys
 import time
 from typing import Any, Callable
+
+# Before jax starts a GPU client: by default it takes 75% of the device, and open_clip shares it here.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import numpy as np
@@ -162,10 +169,12 @@ class OpenClipStep:
 
         torch.set_num_threads(os.cpu_count() or 1)
         self.torch = torch
+        # The device our step runs on, so that the two sides share the hardware.
+        self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
         self.model = open_clip.CLIP(**open_clip_model_cfg(model_config), output_dict=True)
         state = {key: torch.from_numpy(np.asarray(value, np.float32)) for key, value in params_to_open_clip(model_config, params).items()}
         self.model.load_state_dict(state)
-        self.model.train()
+        self.model.to(self.device).train()
         self.loss = open_clip.loss.ClipLoss()
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = list(self.model.named_parameters())
@@ -178,9 +187,9 @@ class OpenClipStep:
         )
         self.clip_norm = float(optim.clip_norm)
         self.max_logit_scale = math.log(100)
-        self.images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
-        self.tokens = torch.from_numpy(batch["text"].astype(np.int64))
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        self.images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(self.device)
+        self.tokens = torch.from_numpy(batch["text"].astype(np.int64)).to(self.device)
+        self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
         self.last_loss = float("nan")
 
     def __call__(self) -> None:
@@ -196,7 +205,7 @@ class OpenClipStep:
         self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, self.max_logit_scale)
-        self.last_loss = float(total.detach())
+        self.last_loss = float(total.detach())  # also waits for the step to finish (CPU or GPU)
 
 
 def interleaved_times(
@@ -334,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         run()
         first_losses[name] = run.last_loss
+    if theirs is not None:
+        tolerance = 1e-4 if args.dtype == "float32" else 5e-2
+        gap = abs(first_losses["geoalign"] - first_losses["open_clip"]) / abs(first_losses["open_clip"])
+        if not gap <= tolerance:
+            print(f"error: first-step losses differ: geoalign {first_losses['geoalign']:.6f}, open_clip "
+                  f"{first_losses['open_clip']:.6f} (relative {gap:.2e} > {tolerance:g}): the two steps do not "
+                  "compute the same thing, so their times do not compare", file=sys.stderr)
+            return 1
     times, cpu_times = interleaved_times(runs, args.iters)
     if args.profile:
         profile_steps(ours, theirs, args.profile, args.top)
