@@ -23,16 +23,19 @@ COUNT = 12
 PER_SHARD = 4  # 3 shards
 
 CHILD = '''
-import os, sys, time
+import os, signal, sys, time
 from geoalign_jax.data import converters, writers
+
+# A test runner started in the background by a non-interactive shell ignores SIGINT, and its children inherit
+# that (the converter rightly keeps an ignored signal ignored): give this child the SIGINT of a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pause_at, jsonl, out, overwrite = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 
 def pause():
     print("paused", flush=True)
-    # Short sleeps: the kernel may hand the signal to another thread of the process (array_record's writer
-    # threads), and then only the main thread's next bytecode runs the Python handler; one long sleep would
-    # not end for 120 s (a CI run waited 60 s for it and failed).
+    # Short sleeps: a signal the kernel hands to another thread of the process runs its Python handler at
+    # the main thread's next bytecode, which one long sleep would put off.
     for _ in range(1200):
         time.sleep(0.1)
 
