@@ -22,9 +22,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.num_steps = 10_000  # optimizer steps to run (each one global batch); the run ends at this step
     config.seed = 0  # parameter-init seed (the data order has its own seed, data.seed)
     config.log_every = 50  # metrics to console / metrics.jsonl / TensorBoard every this many steps
-    # Gradient accumulation: the global batch is cut into this many micro-batches whose gradients are
-    # averaged before one optimizer update (same memory as a batch of batch_size / micro_batches). The
-    # contrastive terms then see in-batch negatives of one micro-batch, not of the whole batch.
+    # Gradient accumulation with the whole batch's objective (GradCache, train/grad_cache.py): the towers
+    # encode this many micro-batches one at a time, every term is computed on the global batch (all its
+    # negatives), then each micro-batch is re-encoded to pull its output gradient back. Activation memory
+    # of one micro-batch, one more forward pass; gradients equal micro_batches = 1. Must divide the
+    # per-process batch (data.batch_size / processes).
     config.micro_batches = 1
     config.remat = "none"  # "none" | "block": rematerialise each transformer block in the backward pass
     # A step whose loss or gradient norm is not finite is not applied (and counted); this many such steps
