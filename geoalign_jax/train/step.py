@@ -24,6 +24,7 @@ from geoalign_jax.losses.consistency import ema_update
 from geoalign_jax.losses.contrastive import clamp_logit_scale
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.train import ema as ema_lib
 from geoalign_jax.train import grad_cache
 from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train.grad_cache import split_micro_batches
@@ -42,6 +43,7 @@ class StepConfig:
     loss_config: dict[str, Any]
     micro_batches: int = 1
     ema_momentum: float | None = None  # set when the teacher is an EMA of the parameters
+    ema_decay: float = 0.0  # train.ema_decay: the evaluation/export EMA (train/ema.py); 0 = none
 
 
 def trainable_norm(grads: Any, frozen: Any) -> jax.Array:
@@ -79,17 +81,20 @@ def make_train_step(
         (loss, metrics), grads = grad_fn(state.params, batch, state.step, state.teacher)
         return loss, metrics, grads
 
-    def update(operands: tuple[Any, Any, Any, Any]) -> tuple[Any, Any, Any]:
-        grads, params, opt_state, teacher = operands
+    def update(operands: tuple[Any, ...]) -> tuple[Any, ...]:
+        grads, params, opt_state, teacher, ema = operands
+        applied = optim_lib.schedule_count(opt_state)  # updates applied before this one
         updates, opt_state = tx.update(grads, opt_state, params)
         params = clamp_logit_scale(optax.apply_updates(params, updates))
         if teacher is not None and step_config.ema_momentum is not None:
             teacher = ema_update(teacher, params, step_config.ema_momentum)
-        return params, opt_state, teacher
+        if ema is not None:
+            ema = ema_lib.update_ema(ema, params, step_config.ema_decay, applied)
+        return params, opt_state, teacher, ema
 
-    def keep(operands: tuple[Any, Any, Any, Any]) -> tuple[Any, Any, Any]:
-        _, params, opt_state, teacher = operands
-        return params, opt_state, teacher
+    def keep(operands: tuple[Any, ...]) -> tuple[Any, ...]:
+        _, params, opt_state, teacher, ema = operands
+        return params, opt_state, teacher, ema
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss, metrics, grads = gradients(state, batch)
@@ -98,8 +103,8 @@ def make_train_step(
         # A branch rather than a select between old and new after the update: the select is one more pass
         # over parameters and both Adam moments, and makes XLA copy the moments (ViT-B/32: optimizer 0.37 ->
         # 0.26 s, whole step -3%; tools/bench_step.py).
-        params, opt_state, teacher = jax.lax.cond(
-            finite, update, keep, (grads, state.params, state.opt_state, state.teacher)
+        params, opt_state, teacher, ema = jax.lax.cond(
+            finite, update, keep, (grads, state.params, state.opt_state, state.teacher, state.ema)
         )
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
         new_state = TrainState(
@@ -109,6 +114,7 @@ def make_train_step(
             teacher=teacher,
             nonfinite_streak=streak,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            ema=ema,
         )
         metrics = dict(metrics)
         metrics.update(
