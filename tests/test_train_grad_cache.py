@@ -19,31 +19,39 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 BATCH, MICRO, NEGATIVES, REGIONS, CROPS, TOKENS, VOCAB = 32, 4, 2, 3, 2, 12, 50
-# Each term alone, and variants that read other parameters or paths (SigLIP's bias, PCA, teachers).
-CASES = {
-    "scene": ({"scene": 1.0}, {}),
-    "scene_siglip": ({"scene": 1.0}, {"scene_kind": "siglip"}),
-    "hard_negative": ({"hard_negative": 1.0}, {}),
-    "region_text": ({"region_text": 1.0}, {"region_text_positives": "category"}),
-    "region_cls": ({"region_cls": 1.0}, {}),
-    "long_text": ({"long_text": 1.0}, {}),
-    "long_text_pca": ({"scene": 1.0, "long_text": 1.0}, {"long_text_pca_components": 3}),
-    "patch_distill_active": ({"patch_distill": 1.0}, {}),
-    "patch_distill_ema": ({"patch_distill": 1.0}, {"distill_teacher": "ema"}),
-    "global_region_consistency": ({"global_region_consistency": 1.0}, {}),
-    "short_long_consistency": ({"short_long_consistency": 1.0}, {}),
-    "all_terms": ({**{name: 1.0 for name in (
-        "scene", "hard_negative", "region_text", "region_cls", "long_text", "patch_distill",
-        "global_region_consistency", "short_long_consistency")}}, {"distill_teacher": "ema", "long_text_pca_components": 3}),
+# Two configurations with every term on (8 terms; options that change what a term reads or how); each term's
+# weight is a runtime value (`runtime_weights`), so one compile per configuration and K checks every term alone
+# and all together.
+VARIANTS = {
+    "infonce_pca_category_ema": {"long_text_pca_components": 3, "region_text_positives": "category", "distill_teacher": "ema"},
+    "siglip_segearth_active": {"scene_kind": "siglip", "dense_features": "segearth", "distill_teacher": "active"},
 }
 
 
-def loss_config(weights: dict, **options):
+def runtime_weights(monkeypatch) -> None:
+    """The objective's term weights become the `step` argument: a vector with one weight per enabled term
+    (TERM_NAMES order), so the same compiled gradient function gives each term alone (one-hot) or all."""
+    from geoalign_jax.losses import objective as objective_lib
+
+    monkeypatch.setattr(objective_lib, "term_weights", lambda config, step: {
+        name: step[i] for i, name in enumerate(objective_lib.enabled_terms(config))})
+
+
+def weight_vectors() -> dict[str, np.ndarray]:
+    from geoalign_jax.losses.objective import TERM_NAMES
+
+    eye = np.eye(len(TERM_NAMES), dtype=np.float32)
+    return {**{name: eye[i] for i, name in enumerate(TERM_NAMES)},
+            "all": np.linspace(1.0, 0.3, len(TERM_NAMES)).astype(np.float32)}
+
+
+def loss_config(weights: dict | None = None, **options):
+    """Every term on (weights None) or the given ones."""
     from geoalign_jax.losses.objective import TERM_NAMES, default_loss_config
 
     config = default_loss_config()
     for name in TERM_NAMES:
-        config.weights[name] = weights.get(name, 0.0)
+        config.weights[name] = 1.0 if weights is None else weights.get(name, 0.0)
     for key, value in options.items():
         config[key] = value
     return config
@@ -123,9 +131,9 @@ def relative_errors(got, expected) -> dict[str, float]:
     return {name: float(np.linalg.norm(g - e) / max(np.linalg.norm(e), floor)) for name, g, e in pairs}
 
 
-def gradients(config, model_config, micro, params, batch, teacher, *, mesh=None, towers=None, param_shardings=None):
-    """((loss, metrics), grads) of train/grad_cache.py's gradient function, jitted (on `mesh` when given:
-    the batch split over data x fsdp, parameters in `param_shardings` or replicated)."""
+def gradient_fn(config, model_config, micro, params, batch, teacher, *, mesh=None, towers=None, param_shardings=None):
+    """step -> ((loss, metrics), grads) of train/grad_cache.py's gradient function, jitted once (on `mesh` when
+    given: the batch split over data x fsdp, parameters in `param_shardings` or replicated)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -142,8 +150,14 @@ def gradients(config, model_config, micro, params, batch, teacher, *, mesh=None,
         params = jax.device_put(params, param_shardings)
         teacher = None if teacher is None else jax.device_put(teacher, param_shardings)
         batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
-    fn = grad_cache.make_gradient_fn(config, model_config, micro, mesh=mesh, gathered=gathered, **encoders)
-    return jax.jit(fn)(params, batch, 3, teacher)
+    fn = jax.jit(grad_cache.make_gradient_fn(config, model_config, micro, mesh=mesh, gathered=gathered, **encoders))
+    return lambda step: fn(params, batch, step, teacher)
+
+
+def worst_errors(got_fn, expected_fn) -> dict[str, float]:
+    """For each weight vector (each term alone, all together): the largest relative error over the loss, the
+    metrics and the gradient leaves."""
+    return {name: max(compare(got_fn(weights), expected_fn(weights)).values()) for name, weights in weight_vectors().items()}
 
 
 def compare(got, expected) -> dict[str, float]:
@@ -165,7 +179,7 @@ def perturbed(params):
 
 def tiny_clip_case():
     """The real tiny CLIP with terms that use both towers, RoI features and the EMA teacher's crop branch, text
-    length buckets on (each tower instance costs compile time, so not every term: CASES has them all)."""
+    length buckets on (each tower instance costs compile time, so not every term: VARIANTS has them all)."""
     import jax
 
     from geoalign_jax.models import clip, text as text_lib
@@ -185,40 +199,41 @@ def _worker(out: pathlib.Path) -> None:
     from geoalign_jax.parallel import mesh as mesh_lib
 
     assert jax.device_count() == 8, jax.devices()
-    meshes = {"data2_fsdp4": (2, 4, 1), "fsdp4_tensor2": (1, 4, 2)}
+    runtime_weights(pytest.MonkeyPatch())
+    meshes = {name: mesh_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes)))
+              for name, sizes in {"data2_fsdp4": (2, 4, 1), "fsdp4_tensor2": (1, 4, 2)}.items()}
     report: dict = {}
     towers = StandInTowers()
     params, batch = towers.params(), make_batch(8, TOKENS)
-    for name, (weights, options) in CASES.items():
-        config = loss_config(weights, **options)
-        teacher = perturbed(params) if options.get("distill_teacher") == "ema" else None
-        reference = gradients(config, None, 1, params, batch, teacher, towers=towers)
-        for mesh_name, sizes in meshes.items():
-            mesh = mesh_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes)))
-            report[f"{name} {mesh_name}"] = max(compare(gradients(config, None, MICRO, params, batch, teacher, mesh=mesh, towers=towers), reference).values())
+    name, options = next(iter(VARIANTS.items()))
+    config, teacher = loss_config(**options), perturbed(params)
+    reference = gradient_fn(config, None, 1, params, batch, teacher, towers=towers)
+    for mesh_name, mesh in meshes.items():
+        got = gradient_fn(config, None, MICRO, params, batch, teacher, mesh=mesh, towers=towers)
+        report.update({f"{mesh_name} {term}": error for term, error in worst_errors(got, reference).items()})
     config, model_config, clip_params, clip_batch = tiny_clip_case()
     teacher = perturbed(clip_params)
-    reference = gradients(config, model_config, 1, clip_params, clip_batch, teacher)
-    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    mesh = meshes["fsdp4_tensor2"]
     shardings = mesh_lib.param_shardings(clip.param_logical_axes(model_config), clip_params, mesh)
-    got = gradients(config, model_config, MICRO, clip_params, clip_batch, teacher, mesh=mesh, param_shardings=shardings)
-    report["tiny_clip fsdp4_tensor2"] = max(compare(got, reference).values())
+    got = gradient_fn(config, model_config, MICRO, clip_params, clip_batch, teacher, mesh=mesh, param_shardings=shardings)
+    reference = gradient_fn(config, model_config, 1, clip_params, clip_batch, teacher)
+    step = np.float32([1.0, 0.7, 0.1, 0.4])
+    report["tiny_clip fsdp4_tensor2"] = max(compare(got(step), reference(step)).values())
     (out / "report.json").write_text(json.dumps(report))
 
 
 TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_each_term_with_four_micro_batches_equals_the_whole_batch(case):
-    weights, options = CASES[case]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_term_and_all_with_four_micro_batches_equal_the_whole_batch(variant, monkeypatch):
+    runtime_weights(monkeypatch)
     towers = StandInTowers()
     params, batch = towers.params(), make_batch(8, TOKENS)
-    config = loss_config(weights, **options)
-    teacher = perturbed(params) if options.get("distill_teacher") == "ema" else None
-    whole = gradients(config, None, 1, params, batch, teacher, towers=towers)
-    errors = compare(gradients(config, None, MICRO, params, batch, teacher, towers=towers), whole)
-    assert max(errors.values()) <= TOLERANCE, {k: v for k, v in errors.items() if v > TOLERANCE}
+    config, teacher = loss_config(**VARIANTS[variant]), perturbed(params)
+    errors = worst_errors(gradient_fn(config, None, MICRO, params, batch, teacher, towers=towers),
+                          gradient_fn(config, None, 1, params, batch, teacher, towers=towers))
+    assert max(errors.values()) <= TOLERANCE, errors
 
 
 def test_global_batch_metrics_and_the_old_micro_batch_average_differs():
@@ -228,12 +243,10 @@ def test_global_batch_metrics_and_the_old_micro_batch_average_differs():
 
     from geoalign_jax.losses.objective import make_objective
 
-    weights, options = CASES["all_terms"]
     towers = StandInTowers()
     params, batch = towers.params(), make_batch(8, TOKENS)
-    config = loss_config(weights, **options)
-    teacher = perturbed(params)
-    (_, metrics), grads = gradients(config, None, MICRO, params, batch, teacher, towers=towers)
+    config, teacher = loss_config(**next(iter(VARIANTS.values()))), perturbed(params)
+    (_, metrics), grads = gradient_fn(config, None, MICRO, params, batch, teacher, towers=towers)(3)
     assert float(metrics["global_region_consistency/count"]) == batch["region_mask"].sum()
     objective = make_objective(config, encode_image=towers.encode_image, encode_text=towers.encode_text)
     micro_grad = jax.jit(jax.grad(lambda p, b: objective(p, b, 3, model_config=None, frozen_params=teacher)[0]))
@@ -249,7 +262,7 @@ def test_meshes_with_four_micro_batches_equal_one_device(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert len(report) == 2 * len(CASES) + 1, report
+    assert len(report) == 2 * len(weight_vectors()) + 1, report
     bad = {name: error for name, error in report.items() if error > TOLERANCE}
     assert not bad, bad
 
