@@ -263,7 +263,9 @@ def test_meshes_with_four_micro_batches_equal_one_device(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report) == 2 * len(weight_vectors()) + 1, report
-    bad = {name: error for name, error in report.items() if error > TOLERANCE}
+    # The real tiny CLIP sharded over fsdp x tensor against one device adds the reassociation of the sharded
+    # reductions (K = 1 on the mesh differs from one device too): measured 2.2e-5.
+    bad = {name: error for name, error in report.items() if error > (5e-5 if name.startswith("tiny_clip") else TOLERANCE)}
     assert not bad, bad
 
 
