@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 CSV_SUFFIXES = (".csv", ".tsv")
 _SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|val|validation|test)(?:[_\-.]|$)", re.IGNORECASE)
 MISSING_IMAGE_FILES = "missing_image_files"
+_LOGGED_MISSING = 3  # missing images named in the log per file; all are counted
+
+
+def _log_missing(count: int, where: str, image: pathlib.Path) -> None:
+    if count <= _LOGGED_MISSING:
+        log.warning("%s: image file not found, left out: %s%s", where, image,
+                    " (further missing images are counted, not logged)" if count == _LOGGED_MISSING else "")
 
 
 def is_csv_file(path: str | pathlib.Path) -> bool:
@@ -123,7 +130,7 @@ def load_label_csv(csv_path: str | pathlib.Path, *, class_names: Sequence[str] |
         image = root / relative
         if not image.is_file():
             skipped[MISSING_IMAGE_FILES] += 1
-            log.warning("%s: image file not found, left out: %s", where, image)
+            _log_missing(skipped[MISSING_IMAGE_FILES], where, image)
             continue
         paths.append(image)
         labels.append(label)
@@ -158,7 +165,7 @@ def load_caption_csv(csv_path: str | pathlib.Path, *, image_root: str | pathlib.
             if not (root / relative).is_file():
                 missing.add(relative)
                 skipped[MISSING_IMAGE_FILES] += 1
-                log.warning("%s:%d: image file not found, left out: %s", path, line, root / relative)
+                _log_missing(skipped[MISSING_IMAGE_FILES], f"{path}:{line}", root / relative)
                 continue
             grouped[relative] = []
         grouped[relative].append(row[caption_column])
