@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +28,6 @@ from geoalign_jax.eval import datasets
 log = logging.getLogger(__name__)
 
 CSV_SUFFIXES = (".csv", ".tsv")
-_SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|val|validation|test)(?:[_\-.]|$)", re.IGNORECASE)
 MISSING_IMAGE_FILES = "missing_image_files"
 _LOGGED_MISSING = 3  # missing images named in the log per file; all are counted
 
@@ -46,35 +44,20 @@ def is_csv_file(path: str | pathlib.Path) -> bool:
 
 
 def split_of_file(path: str | pathlib.Path) -> str | None:
-    """The split a benchmark CSV's name says it holds: ``aid_img_txt_pairs_test.csv`` -> "test",
-    ``img_txt_pairs_train.csv`` -> "train"; None when the name says none."""
-    found = _SPLIT_IN_NAME.findall(pathlib.Path(path).stem)
-    return found[-1].lower() if found else None
+    """The split a benchmark CSV's name says it holds (``data.prepare_csv.split_of_file``)."""
+    from geoalign_jax.data import prepare_csv
+
+    return prepare_csv.split_of_file(path)
 
 
 def read_class_names(path: str | pathlib.Path) -> list[str]:
-    """``classnames.txt``: one class per line, stripped, in label order. Trailing blank lines are ignored;
-    a blank line between names or a repeated name is an error naming the line (labels would shift)."""
-    path = pathlib.Path(path)
+    """``classnames.txt`` read by ``data.prepare_csv.read_class_lines``; its errors as EvalDataErrors."""
+    from geoalign_jax.data import prepare_csv, writers
+
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise datasets.EvalDataError(f"class list not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise datasets.EvalDataError(f"class list {path} is unreadable: {error}") from None
-    names = [line.strip() for line in lines]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise datasets.EvalDataError(f"{path}: no class names")
-    seen: dict[str, int] = {}
-    for number, name in enumerate(names, start=1):
-        if not name:
-            raise datasets.EvalDataError(f"{path}:{number}: blank line between class names (labels index lines)")
-        if name in seen:
-            raise datasets.EvalDataError(f"{path}:{number}: class {name!r} repeats line {seen[name]}")
-        seen[name] = number
-    return names
+        return prepare_csv.read_class_lines(path)
+    except writers.ConversionError as error:
+        raise datasets.EvalDataError(str(error)) from None
 
 
 def _rows(path: pathlib.Path, separator: str, columns: Sequence[str]):
@@ -91,18 +74,13 @@ def _rows(path: pathlib.Path, separator: str, columns: Sequence[str]):
         raise datasets.EvalDataError(str(error)) from None
 
 
-def _label_index(value: str, class_names: Sequence[str], position: dict[str, int], where: str) -> int:
-    text = value.strip()
-    if re.fullmatch(r"[+-]?\d+(\.0*)?", text):
-        index = int(float(text))
-        if not 0 <= index < len(class_names):
-            raise datasets.EvalDataError(f"{where}: label {index} is outside the {len(class_names)} classes "
-                                         "of the class list")
-        return index
-    if text not in position:
-        raise datasets.EvalDataError(f"{where}: label {text!r} is neither a class index nor a name in the class "
-                                     "list")
-    return position[text]
+def _label_index(value: str, class_names: Sequence[str], where: str) -> int:
+    from geoalign_jax.data import prepare_csv
+
+    try:
+        return prepare_csv.parse_label(value, class_names)
+    except ValueError as error:
+        raise datasets.EvalDataError(f"{where}: {error}") from None
 
 
 def load_label_csv(csv_path: str | pathlib.Path, *, class_names: Sequence[str] | str | pathlib.Path,
@@ -116,14 +94,13 @@ def load_label_csv(csv_path: str | pathlib.Path, *, class_names: Sequence[str] |
     path = pathlib.Path(csv_path)
     root = pathlib.Path(image_root) if image_root is not None else path.parent
     names = read_class_names(class_names) if isinstance(class_names, (str, pathlib.Path)) else list(class_names)
-    position = {name: index for index, name in enumerate(names)}
     paths, labels, skipped = [], [], {"unlabelled": 0, MISSING_IMAGE_FILES: 0}
     for line, row in _rows(path, separator, (image_column, label_column)):
         where = f"{path}:{line}"
         if not row[label_column].strip():
             skipped["unlabelled"] += 1
             continue
-        label = _label_index(row[label_column], names, position, where)
+        label = _label_index(row[label_column], names, where)
         relative = row[image_column].strip()
         if not relative:
             raise datasets.EvalDataError(f"{where}: empty {image_column!r}")
