@@ -16,10 +16,13 @@ benchmark root they are expected at ``retrieval/`` and ``skyscript/`` (``RETRIEV
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
 from geoalign_jax.eval import label_csv
+
+log = logging.getLogger(__name__)
 
 FARSLIP_SOURCE = "FarSLIP open_clip_train/benchmark_dataset_info.py (github.com/NJU-LHRS/FarSLIP @ d32ef2c)"
 
@@ -76,6 +79,29 @@ RETRIEVAL_SETS: tuple[CaptionSet, ...] = (
 )
 
 
+#: FarSLIP dataset key -> the class table shipped in ``eval.classnames`` (MillionAID, RSI-CB256 and
+#: SkyScript_cls have none: their lists come from the benchmark's own classnames.txt).
+SHIPPED_CLASS_TABLES = {"aid": "aid", "eurosat": "eurosat", "fmow": "fmow", "nwpu": "resisc45",
+                        "patternnet": "patternnet"}
+
+
+def class_list_mismatch(dataset: str, names: list[str]) -> str | None:
+    """Why a benchmark's class list does not match the class table shipped for that dataset (compared as sets
+    of identifiers or of readable names, case and separators ignored), or None (also when none is shipped)."""
+    from geoalign_jax.eval import classnames
+
+    table = classnames.DATASET_CLASSES.get(SHIPPED_CLASS_TABLES.get(dataset, ""))
+    if table is None:
+        return None
+    given = {classnames._fold(name) for name in names}
+    if given in ({classnames._fold(k) for k in table}, {classnames._fold(v) for v in table.values()}):
+        return None
+    known = {classnames._fold(k) for k in table} | {classnames._fold(v) for v in table.values()}
+    unknown = sorted(name for name in names if classnames._fold(name) not in known)
+    return (f"its {len(names)} classes differ from the {len(table)} of the shipped {dataset} table"
+            + (f" (not in it: {unknown[:5]})" if unknown else ""))
+
+
 def authors_split_note(split_by: str, split: str) -> str:
     """The table note of a training split evaluated because the paper's authors evaluate it."""
     return (f"split {split!r} is a training split, evaluated because the authors do ({SPLIT_CHOICES[split_by]}): "
@@ -98,7 +124,11 @@ def load_csv_task(spec: Any) -> Any:
         names = spec.classnames or path.parent / "classnames.txt"
         if not pathlib.Path(names).is_file():
             raise datasets.EvalDataError(f"{path}: no class list: {names} not found (task option classnames=FILE)")
-        return label_csv.load_label_csv(path, class_names=names, image_root=spec.image_root, limit=spec.limit)
+        class_names = label_csv.read_class_names(names)
+        if (mismatch := class_list_mismatch(spec.name, class_names)) is not None:
+            log.warning("%s: %s: %s", spec.name, names, mismatch)
+        return label_csv.load_label_csv(path, class_names=class_names, image_root=spec.image_root,
+                                        limit=spec.limit)
     if spec.kind == "retrieval":
         if spec.text != "short":
             raise datasets.EvalDataError(f"{path}: text={spec.text} needs records with long_caption; a caption "
