@@ -14,7 +14,10 @@ leaving the overlapping ones out. The embedding backend is pluggable (``embed.Ja
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
 retrieval, regions; keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
 ``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
-skyscript | both), ``methods`` (regions: crop+roi, crop, roi).
+skyscript | skyscript-raw | both), ``methods`` (regions: crop+roi, crop, roi), ``text`` (retrieval: short |
+long, see ``long_text``), ``split_by`` (a training split evaluated because a paper's authors do, see
+``benchmark_root``); a PATH that is a CSV file (FarSLIP / SkyScript layout, ``label_csv``) also takes
+``classnames``, ``image_root`` and ``caption_column``.
 """
 from __future__ import annotations
 
