@@ -1,14 +1,15 @@
 """Whole-process time of a zero-shot evaluation: JAX towers vs the open_clip (torch) backend, interleaved.
 
     python tools/bench_eval_zeroshot.py --open-clip EXPORT_DIR --data CLASS_FOLDER_TREE [--rounds 2]
-        [--cache-dir DIR]
+        [--cache-dir DIR] [--baseline-code DIR]
 
 Runs ``python -m geoalign_jax.evaluate --open-clip EXPORT_DIR --tasks zeroshot:aid=DATA`` with
 ``--backend jax`` and ``--backend open_clip`` alternately (jax, open_clip, jax, ...), so both see the same
 machine load, and prints each run's wall time, the median per backend and the ratio jax / open_clip, with
 the load average before and after (on a shared machine the ratio is the number to read). With
 ``--cache-dir`` the JAX runs also go once more with JAX's persistent compilation cache in DIR
-(``JAX_COMPILATION_CACHE_DIR``; the first of them fills it, the rest read it).
+(``JAX_COMPILATION_CACHE_DIR``; the first of them fills it, the rest read it). With ``--baseline-code DIR``
+(another checkout of geoalign-jax, e.g. before a change) its JAX path runs too, as ``jax@baseline``.
 Both backends must give the same top-1 (checked: a faster wrong answer is no result).
 """
 from __future__ import annotations
@@ -28,11 +29,14 @@ def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def run_once(backend: str, args: argparse.Namespace, out: pathlib.Path, cache: str | None) -> tuple[float, float]:
+def run_once(backend: str, args: argparse.Namespace, out: pathlib.Path, cache: str | None,
+             code: str | None = None) -> tuple[float, float]:
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if cache:
         env["JAX_COMPILATION_CACHE_DIR"] = cache
+    if code:
+        env["PYTHONPATH"] = code
     command = [sys.executable, "-m", "geoalign_jax.evaluate", "--open-clip", args.open_clip, "--backend", backend,
                "--tasks", f"zeroshot:aid={args.data}", "--out", str(out), "--no-progress", "--no-plots",
                "--batch-size", str(args.batch_size)]
@@ -50,8 +54,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cache-dir", default=None, help="also time JAX with this persistent compilation cache")
+    parser.add_argument("--baseline-code", default=None, help="also time the JAX path of this checkout")
     args = parser.parse_args()
-    modes = [("jax", None), ("open_clip", None)] + ([("jax+cache", args.cache_dir)] if args.cache_dir else [])
+    modes = [("jax", None), ("open_clip", None)] + ([("jax+cache", args.cache_dir)] if args.cache_dir else []) \
+        + ([("jax@baseline", None)] if args.baseline_code else [])
     times: dict[str, list[float]] = {mode: [] for mode, _ in modes}
     answers: dict[str, set[float]] = {mode: set() for mode, _ in modes}
     print(f"load before: {load()}  (cpus: {os.cpu_count()})", flush=True)
@@ -59,7 +65,8 @@ def main() -> int:
         for round_index in range(args.rounds):
             for mode, cache in modes:
                 backend = mode.split("+")[0]
-                seconds, top1 = run_once(backend, args, pathlib.Path(scratch) / mode, cache)
+                code = args.baseline_code if mode == "jax@baseline" else None
+                seconds, top1 = run_once(backend, args, pathlib.Path(scratch) / mode, cache, code)
                 times[mode].append(seconds)
                 answers[mode].add(round(top1, 6))
                 print(f"round {round_index + 1} {mode:10s} {seconds:7.1f} s  top1 {top1:.2f}  load {load()}",
