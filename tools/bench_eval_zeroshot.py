@@ -41,7 +41,8 @@ def run_once(backend: str, args: argparse.Namespace, out: pathlib.Path, cache: s
                "--tasks", f"zeroshot:aid={args.data}", "--out", str(out), "--no-progress", "--no-plots",
                "--batch-size", str(args.batch_size)]
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # `python -m` puts the working directory first on sys.path: run the baseline from its own checkout.
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code)
     seconds = time.perf_counter() - started
     top1 = json.loads((out / "results.json").read_text())["metrics"]["zeroshot/aid/top1"]
     return seconds, top1
