@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def load() -> str:
 
 
 def run_once(backend: str, args: argparse.Namespace, out: pathlib.Path, cache: str | None,
-             code: str | None = None) -> tuple[float, float]:
+             code: str | None = None) -> tuple[float, float, float]:
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if cache:
@@ -40,12 +41,19 @@ def run_once(backend: str, args: argparse.Namespace, out: pathlib.Path, cache: s
     command = [sys.executable, "-m", "geoalign_jax.evaluate", "--open-clip", args.open_clip, "--backend", backend,
                "--tasks", f"zeroshot:aid={args.data}", "--out", str(out), "--no-progress", "--no-plots",
                "--batch-size", str(args.batch_size)]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _children_cpu()
     # `python -m` puts the working directory first on sys.path: run the baseline from its own checkout.
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
     top1 = json.loads((out / "results.json").read_text())["metrics"]["zeroshot/aid/top1"]
-    return seconds, top1
+    return seconds, cpu, top1
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished children (less sensitive to other processes' load than wall
+    time, though a backend whose threads spin while waiting is charged for the spinning)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -60,6 +68,7 @@ def main() -> int:
     modes = [("jax", None), ("open_clip", None)] + ([("jax+cache", args.cache_dir)] if args.cache_dir else []) \
         + ([("jax@baseline", None)] if args.baseline_code else [])
     times: dict[str, list[float]] = {mode: [] for mode, _ in modes}
+    cpus: dict[str, list[float]] = {mode: [] for mode, _ in modes}
     answers: dict[str, set[float]] = {mode: set() for mode, _ in modes}
     print(f"load before: {load()}  (cpus: {os.cpu_count()})", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -67,18 +76,21 @@ def main() -> int:
             for mode, cache in modes:
                 backend = mode.split("+")[0]
                 code = args.baseline_code if mode == "jax@baseline" else None
-                seconds, top1 = run_once(backend, args, pathlib.Path(scratch) / mode, cache, code)
+                seconds, cpu, top1 = run_once(backend, args, pathlib.Path(scratch) / mode, cache, code)
                 times[mode].append(seconds)
+                cpus[mode].append(cpu)
                 answers[mode].add(round(top1, 6))
-                print(f"round {round_index + 1} {mode:10s} {seconds:7.1f} s  top1 {top1:.2f}  load {load()}",
+                print(f"round {round_index + 1} {mode:12s} {seconds:7.1f} s wall {cpu:7.1f} s cpu  top1 {top1:.2f}  "
+                      f"load {load()}",
                       flush=True)
     if len({value for values in answers.values() for value in values}) != 1:
         print(f"error: the backends disagree on top-1: {answers}", file=sys.stderr)
         return 1
-    baseline = statistics.median(times["open_clip"])
+    baseline, cpu_baseline = statistics.median(times["open_clip"]), statistics.median(cpus["open_clip"])
     for mode, _ in modes:
-        median = statistics.median(times[mode])
-        print(f"{mode:10s} median {median:7.1f} s  ratio to open_clip {median / baseline:.2f}x")
+        median, cpu = statistics.median(times[mode]), statistics.median(cpus[mode])
+        print(f"{mode:12s} median {median:7.1f} s wall ({median / baseline:.2f}x open_clip), {cpu:7.1f} s cpu "
+              f"({cpu / cpu_baseline:.2f}x)")
     print(f"load after: {load()}")
     return 0
 
