@@ -74,7 +74,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             for mode, cache in modes:
-                backend = mode.split("+")[0]
+                backend = mode.split("+")[0].split("@")[0]
                 code = args.baseline_code if mode == "jax@baseline" else None
                 seconds, cpu, top1 = run_once(backend, args, pathlib.Path(scratch) / mode, cache, code)
                 times[mode].append(seconds)
