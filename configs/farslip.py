@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from geoalign_jax.train import experiment
 
 STAGES = ("s1", "s2")
 RS5M_SAMPLES = 5_070_186  # RS5M pub11 + rs3 training shards (FarSLIP README)
@@ -44,7 +44,7 @@ def _stage(arg: str | None) -> str:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = _stage(arg)
-    config = common.get_config()
+    config = experiment.get_config()
     config.model.name = "ViT-B-16-quickgelu"
     config.data.batch_size = GLOBAL_BATCH
     config.data.random_resized_crop = False  # the global view is squashed to 224 px, no crop, no flip

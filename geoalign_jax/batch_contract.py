@@ -7,7 +7,7 @@ Neutral ground: `data/` and `losses/` never import each other; both import this 
 - `losses.objective` hands every loss term only the keys `TERM_BATCH_KEYS` (and `OPTION_BATCH_KEYS`) declare
   for it, so a term that reads anything else fails when traced, and an enabled term whose key is absent is
   an error naming term and key.
-- `configs.common.check_config` refuses a config whose enabled terms read a key its data config does not
+- `train.experiment.check_config` refuses a config whose enabled terms read a key its data config does not
   produce, naming the data setting that turns it on (`BatchKey.produced_when`).
 
 Shapes below are per host: B = data.batch_size // process_count, L = data.context_length, L_long =

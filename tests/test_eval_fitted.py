@@ -8,7 +8,7 @@ import pytest
 
 import data_fixtures
 import train_fixtures
-from configs import common
+from geoalign_jax.train import experiment
 from geoalign_jax.eval import library
 from geoalign_jax.models import clip
 from geoalign_jax.params_checkpoint import load_params
@@ -33,7 +33,7 @@ def test_fitted_model_beats_untrained_and_chance(demo, tmp_path):
     result = loop.run(config, tmp_path / "run", progress=False)
     assert (result.status, result.step) == ("finished", STEPS)
     model_config, fitted = load_params(tmp_path / "run")
-    assert model_config == common.model_config(config)
+    assert model_config == experiment.model_config(config)
     untrained = clip.init_params(model_config, jax.random.key(int(config.train.seed)))
     tasks = [f"zeroshot:landcover={demo['landcover']}", f"retrieval:scenes={demo['scenes']},split=val,protocol=both"]
     before = library.evaluate(model_config, untrained, tasks, batch_size=16, progress=False)

@@ -1,7 +1,7 @@
 """The trainer's config sections (train, optim, mesh, checkpoint, init, eval): every field documented once here,
 with its default, and checked by `validate_trainer_config` (errors name the field).
 
-`configs/common.py` adds these sections to every experiment config; `check_config` calls the validator.
+`train/experiment.py` adds these sections to every experiment config; its `check_config` calls the validator.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def _check_fields(config: ml_collections.ConfigDict, name: str) -> None:
         raise ValueError(f"unknown config field {name}.{unknown[0]} (known: {sorted(expected)})")
     missing = sorted(expected - given)
     if missing:
-        raise ValueError(f"config field {name}.{missing[0]} is missing (start from configs/common.py)")
+        raise ValueError(f"config field {name}.{missing[0]} is missing (start from geoalign_jax.train.experiment.get_config())")
 
 
 def _check_regexes(patterns: Any, field: str) -> None:
@@ -157,7 +157,7 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
     """Checks every trainer field; raises ValueError naming the first bad one (e.g. "optim.warmup_steps")."""
     for name in SECTIONS:
         if name not in config:
-            raise ValueError(f"config section {name!r} is missing (start from configs/common.py)")
+            raise ValueError(f"config section {name!r} is missing (start from geoalign_jax.train.experiment.get_config())")
         _check_fields(config, name)
     train, optim, ckpt, init, evaluation = config.train, config.optim, config.checkpoint, config.init, config.eval
     for field in ("num_steps", "log_every", "micro_batches", "max_consecutive_nonfinite"):

@@ -1,6 +1,8 @@
-"""The shared experiment config and the cross-section checks every config goes through.
+"""The experiment schema: the base config every recipe starts from, the cross-section checks every config
+goes through, and the comparison a resumed run makes against the config it was started with.
 
-A config is a plain `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style) with these
+The recipes in `configs/` are data: each starts from `get_config()` here and changes what differs. A config
+is a plain `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style) with these
 sections, each documented once where its defaults are defined:
 - `model`: `name` (a `models.clip.get_model_config` name, e.g. "ViT-B-16-quickgelu") and `overrides`
   (`vision_*` / `text_*` / top-level CLIPConfig fields; remat is `train.remat`);
@@ -14,7 +16,10 @@ offending field.
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+import logging
+import pathlib
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -23,6 +28,8 @@ from geoalign_jax.data import pipeline
 from geoalign_jax.losses import objective
 from geoalign_jax.models import clip
 from geoalign_jax.train import config as trainer_config
+
+logger = logging.getLogger(__name__)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -93,12 +100,13 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 
-def flat_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Every leaf field as "section.field[.sub]" -> value (tuples and lists are leaves)."""
+def flat_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """Every leaf field of a config (or of its plain-dict form, e.g. a config.json) as "section.field[.sub]"
+    -> value (tuples and lists are leaves, as tuples)."""
     flat: dict[str, Any] = {}
 
     def visit(prefix: str, value: Any) -> None:
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, (ml_collections.ConfigDict, Mapping)):
             for key in value.keys():
                 visit(f"{prefix}.{key}" if prefix else str(key), value[key])
         else:
@@ -118,3 +126,29 @@ def changed_fields(config: ml_collections.ConfigDict, base: ml_collections.Confi
 
 
 _REPLACED_AS_A_WHOLE = {"loss.long_text_schedule"}
+
+
+
+#: data fields that decide which examples the restored iterator position points at (worker_count: the
+#: position is saved per worker): a resumed run may not change them.
+DATA_ORDER_FIELDS = ("train_shards", "train_split", "batch_size", "seed", "shuffle", "num_epochs", "worker_count")
+
+
+def compare_resumed_config(path: pathlib.Path, config: dict[str, Any]) -> None:
+    """A resumed run logs how its config differs from the one in `path`, and refuses changes to the data
+    order (DATA_ORDER_FIELDS): the restored iterator position would point into another stream. Every
+    process reads and raises alike."""
+    if not path.is_file():
+        return
+    before, after = flat_fields(json.loads(path.read_text())), flat_fields(json.loads(json.dumps(config)))
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    if not changed:
+        return
+    shown = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
+    order = [key for key in changed if key in {f"data.{field}" for field in DATA_ORDER_FIELDS}]
+    if order:
+        raise ValueError(
+            f"{', '.join(order)} changed since the checkpoints in {path.parent} were written ({shown}); the "
+            f"restored data position would point into another stream: keep them, or use another --workdir"
+        )
+    logger.warning("resuming with a changed config (%s will hold the new one): %s", path, shown)

@@ -37,6 +37,7 @@ from geoalign_jax.parallel import mesh as mesh_lib
 from geoalign_jax.parallel import multihost
 from geoalign_jax.train import checkpoint as checkpoint_lib
 from geoalign_jax.train import config as config_lib
+from geoalign_jax.train import experiment
 from geoalign_jax.train import metrics as metrics_lib
 from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train import state as state_lib
@@ -101,10 +102,8 @@ def _check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
 def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None = None) -> Setup:
     """Validates the config (errors name the field) and builds the mesh, optimizer, abstract state and its
     shardings, and the step function; allocates nothing."""
-    from configs import common  # the experiment-config schema (repository root, like the config files)
-
-    loss_config = common.check_config(config)
-    model_config = common.model_config(config)
+    loss_config = experiment.check_config(config)
+    model_config = experiment.model_config(config)
     mesh = mesh_lib.make_mesh(
         {axis: int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor")}, devices=devices
     )
@@ -149,41 +148,10 @@ def state_from_params(setup: Setup, host_params: state_lib.Params | None) -> sta
     return jax.jit(create, out_shardings=setup.shardings)(params)
 
 
-#: data fields that decide which examples the restored iterator position points at (worker_count: the
-#: position is saved per worker): a resumed run may not change them.
-DATA_ORDER_FIELDS = ("train_shards", "train_split", "batch_size", "seed", "shuffle", "num_epochs", "worker_count")
-
-
-def _flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {key: value for name, item in tree.items() for key, value in _flat_fields(item, f"{prefix}{name}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def _compare_resumed_config(path: pathlib.Path, config: dict[str, Any]) -> None:
-    """A resumed run logs how its config differs from the one in `path`, and refuses changes to the data
-    order (DATA_ORDER_FIELDS): the restored iterator position would point into another stream. Every
-    process reads and raises alike."""
-    if not path.is_file():
-        return
-    before, after = _flat_fields(json.loads(path.read_text())), _flat_fields(json.loads(json.dumps(config)))
-    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
-    if not changed:
-        return
-    shown = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
-    order = [key for key in changed if key in {f"data.{field}" for field in DATA_ORDER_FIELDS}]
-    if order:
-        raise ValueError(
-            f"{', '.join(order)} changed since the checkpoints in {path.parent} were written ({shown}); the "
-            f"restored data position would point into another stream: keep them, or use another --workdir"
-        )
-    logger.warning("resuming with a changed config (%s will hold the new one): %s", path, shown)
-
-
 def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
     plain = config_lib.as_plain_dict(config)
     if resuming:
-        _compare_resumed_config(workdir / CONFIG_FILE, plain)
+        experiment.compare_resumed_config(workdir / CONFIG_FILE, plain)
         multihost.sync_barrier("config:compared")  # every process has read the old file before it is replaced
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
