@@ -165,9 +165,9 @@ def test_conversion_workers_leave_sigint_and_sigterm_to_the_parent():
     result would leave half a message in the pool's pipe, and the parent would wait for the rest forever
     instead of cleaning up; so workers ignore both and the parent stops them (measured before this: 5 of 8
     conversions with --workers 2 hung on a process-group SIGTERM)."""
-    from geoalign_jax.data import writers
+    from geoalign_jax.data import parallel_map
 
-    handlers = list(writers.ordered_parallel_map(signal.getsignal, [signal.SIGINT, signal.SIGTERM], workers=2))
+    handlers = list(parallel_map.ordered_parallel_map(signal.getsignal, [signal.SIGINT, signal.SIGTERM], workers=2))
     assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
 
 

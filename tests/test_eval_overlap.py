@@ -220,7 +220,7 @@ def _shard_with_a_cut_off_image(records, path) -> None:
 
 def test_shards_without_sidecars_are_decoded_in_parallel_and_an_unreadable_one_is_named(records, leaked,
                                                                                         tmp_path, monkeypatch):
-    from geoalign_jax.data import writers
+    from geoalign_jax.data import parallel_map
 
     shards = sources.shard_paths(leaked["train"], "train")
     expected = [fingerprints.read_sidecar(fingerprints.sidecar_path(p)) for p in shards]
@@ -228,9 +228,9 @@ def test_shards_without_sidecars_are_decoded_in_parallel_and_an_unreadable_one_i
     broken = str(tmp_path / "other-train-00000-of-00001.array_record")
     _shard_with_a_cut_off_image(records, broken)
     pools = []
-    parallel_map = writers.ordered_parallel_map
-    monkeypatch.setattr(writers, "ordered_parallel_map",
-                        lambda function, items, workers, **kw: pools.append(workers) or parallel_map(
+    real_map = parallel_map.ordered_parallel_map
+    monkeypatch.setattr(parallel_map, "ordered_parallel_map",
+                        lambda function, items, workers, **kw: pools.append(workers) or real_map(
                             function, items, workers, **kw))
     found = list(fingerprints.compute_fingerprints([*copies, broken], workers=2, min_images_per_worker=1))
     assert pools == [2]  # two worker processes decoded the 10 images

@@ -239,13 +239,13 @@ def compute_fingerprints(shard_paths: Sequence[str | os.PathLike], *, workers: i
                          min_images_per_worker: int = MIN_IMAGES_PER_WORKER
                          ) -> Iterator[tuple[str, np.ndarray | ShardReadError]]:
     """(shard path, fingerprint rows) of each shard, in the given order, by decoding every image: this
-    process reads the records, ``workers`` processes decode and hash them (``writers.ordered_parallel_map``;
+    process reads the records, ``workers`` processes decode and hash them (``parallel_map.ordered_parallel_map``;
     fewer, down to none, when there are fewer than ``min_images_per_worker`` images each). A shard that
     cannot be opened, or holds a record or an image that cannot be read, comes back as (path,
     ShardReadError naming the shard and record) and the others go on."""
     from tqdm import tqdm
 
-    from geoalign_jax.data import sources, writers
+    from geoalign_jax.data import parallel_map, sources
 
     shards: list[_ShardWork] = []
     for path in map(os.fspath, shard_paths):
@@ -289,7 +289,7 @@ def compute_fingerprints(shard_paths: Sequence[str | os.PathLike], *, workers: i
             done += 1
 
     with tqdm(total=total, desc="fingerprinting", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for number, start, results in writers.ordered_parallel_map(fingerprint_chunk, chunks(), workers,
+        for number, start, results in parallel_map.ordered_parallel_map(fingerprint_chunk, chunks(), workers,
                                                                    window=2 * workers):
             shard = shards[number]
             shard.in_flight -= 1
