@@ -1,8 +1,8 @@
 """Dataset converters: from the layouts RS datasets ship in to geoalign record shards (docs/data_format.md).
 
 Each `convert_*` function only reads annotation files and turns every image into an `ImageTask`; the shared
-machinery in `writers.py`, `record_builder.py` and `skips.py` loads and checks the images in worker processes, drops what does not fit (counted
-and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLI
+machinery (`record_builder.py`, `skips.py`, `writers.py`) loads and checks the images in worker processes,
+drops what does not fit (counted and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLI
 (`python -m geoalign_jax.prepare`) is a thin wrapper over these functions and those of `corpora.py` (the
 seed papers' corpora), so tests and `tools/make_demo_data.py` call the same code.
 
