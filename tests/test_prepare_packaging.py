@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from geoalign_jax.convert import common
+from geoalign_jax.convert import weight_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
@@ -58,5 +58,5 @@ def test_missing_torch_names_the_extra_to_install(tmp_path, monkeypatch):
     checkpoint.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
     with pytest.raises(ImportError, match=re.escape("pip install 'geoalign-jax[torch]'")):
-        common.read_state_dict(checkpoint)
+        weight_files.read_state_dict(checkpoint)
     assert "torch" in PYPROJECT["optional-dependencies"]

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, SupportsIndex
 
 from geoalign_jax.data import records
+from geoalign_jax.error_text import one_line
 
 MANIFEST_NAME = "manifest.json"
 #: A shard file's base name: `<name>-<split>-NNNNN-of-NNNNN.array_record`. The split is the last "-" field
@@ -71,11 +72,6 @@ def rebuild_hint(shard: str | os.PathLike) -> str:
             f"{converter} ... --out {folder} --overwrite")
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
 def check_shard(path: str | os.PathLike) -> int:
     """Records in one shard, read from its index (footer); SourceError naming the shard, what is wrong and
     how to rebuild it when the file is missing, truncated or not an ArrayRecord file."""
@@ -88,14 +84,14 @@ def check_shard(path: str | os.PathLike) -> int:
     try:
         reader = ArrayRecordReader(path)
     except Exception as error:  # noqa: BLE001 - riegeli raises RuntimeError / OSError / ValueError
-        problem = _one_line(error)
+        problem = one_line(error, limit=None)
     else:
         ok = reader.ok()
         count = int(reader.num_records()) if ok else 0
         try:
             reader.close()  # a reader that failed to open reports why only when closed
         except Exception as error:  # noqa: BLE001
-            problem = _one_line(error)
+            problem = one_line(error, limit=None)
         if ok and problem is None:
             return count
     raise SourceError(f"shard {path} cannot be opened (truncated, damaged or not an ArrayRecord file: "
@@ -222,7 +218,7 @@ class RecordSource:
             for path in self._paths:
                 check_shard(path)  # raises naming the first bad shard
             raise SourceError(f"cannot open the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}: "
-                              f"{_one_line(error)}") from None
+                              f"{one_line(error, limit=None)}") from None
         self._prefix_sums: list[int] | None = None
         self._locate_failed = False
 
@@ -281,7 +277,7 @@ class RecordSource:
             return self._source[index]
         except Exception as error:  # noqa: BLE001 - every way a read of damaged bytes fails
             path, where = self._where(index)
-            reason = f"cannot be read ({_one_line(error)})"
+            reason = f"cannot be read ({one_line(error, limit=None)})"
             if self._unreadable == "mark":
                 return UnreadableRecord(where=where, reason=reason)
             raise RecordReadError(f"{where}: {reason}; {rebuild_hint(path or self._paths[0])}") from None

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from geoalign_jax.error_text import one_line
+
 log = logging.getLogger("geoalign_jax.eval")
 
 
@@ -93,13 +95,6 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return config, clip.init_params(config, jax.random.key(args.seed)), f"random {args.model} (seed {args.seed})"
 
 
-def _one_line(error: BaseException) -> str:
-    """Errors are printed on one line: a user reads the reason, never a traceback."""
-    from geoalign_jax.convert.common import one_line
-
-    return one_line(error, limit=4000)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -140,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, params, source = load_weights(args)
             embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: cannot load the weights: {_one_line(error)}", file=sys.stderr)
+        print(f"error: cannot load the weights: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     try:
         train_images = None
@@ -153,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    train_data=train_images, exclude_overlap=args.exclude_overlap,
                                    skip_bad_records=args.skip_bad_records)
     except (library.TaskError, overlap.OverlapError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

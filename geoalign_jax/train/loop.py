@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from geoalign_jax import params_checkpoint
+from geoalign_jax.error_text import one_line
 from geoalign_jax.data import pipeline
 from geoalign_jax.losses import objective as objective_lib
 from geoalign_jax.models import clip
@@ -181,10 +182,6 @@ def _raise_unless_all_started(message: str) -> None:
         raise InputError(message)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _train_images(config: ml_collections.ConfigDict) -> TrainImages:
     """The training shards' image fingerprints (read once; every evaluation checks its tasks against them),
     after logging how many and which evaluation images also occur in them."""
@@ -221,7 +218,7 @@ def _truncation(config: ml_collections.ConfigDict) -> dict[str, float]:
     try:
         return text_stats.pipeline_truncation_metrics(config.data)
     except (ValueError, OSError, RuntimeError) as error:
-        logger.warning("truncation statistics of %s not computed: %s", config.data.train_shards, _one_line(error))
+        logger.warning("truncation statistics of %s not computed: %s", config.data.train_shards, one_line(error, limit=None))
         return {}
 
 
@@ -253,7 +250,7 @@ def _open_inputs(setup: Setup, *, fresh: bool) -> _Inputs:
                 inputs.truncation = _truncation(config)
     except (ValueError, OSError) as error:  # InitError, SourceError, TaskError, OverlapError, InputError
         logger.debug("input error", exc_info=True)
-        message = _one_line(error)
+        message = one_line(error, limit=None)
     try:
         _raise_unless_all_started(message)
     except InputError:
