@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoalign_jax.data import converters, record_builder, records, skips, sources
-from geoalign_jax.data.skips import ConversionError
+from geoalign_jax.data import converters, record_builder, records, skip_accounting, sources
+from geoalign_jax.data.skip_accounting import ConversionError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUIET = {"progress": False}
@@ -51,12 +51,12 @@ def test_clip_box_rule():
     assert record_builder.clip_box([2, 3, 8, 9], 10, 10, 0.5) == ([2.0, 3.0, 8.0, 9.0], None)
     assert record_builder.clip_box([-2, 0, 8, 10], 10, 10, 0.5) == ([0.0, 0.0, 8.0, 10.0], None)  # 80% inside: clipped
     assert record_builder.clip_box([6, 0, 14, 10], 10, 10, 0.5) == ([6.0, 0.0, 10.0, 10.0], None)  # exactly 50%: kept
-    assert record_builder.clip_box([6, 0, 16, 10], 10, 10, 0.5) == (None, skips.BOX_OUTSIDE_IMAGE)  # 40%: dropped
+    assert record_builder.clip_box([6, 0, 16, 10], 10, 10, 0.5) == (None, skip_accounting.BOX_OUTSIDE_IMAGE)  # 40%: dropped
     assert record_builder.clip_box([6, 0, 16, 10], 10, 10, 0.4)[1] is None
-    assert record_builder.clip_box([11, 0, 14, 10], 10, 10, 0.5) == (None, skips.BOX_OUTSIDE_IMAGE)
-    assert record_builder.clip_box([5, 5, 5, 8], 10, 10, 0.5) == (None, skips.DEGENERATE_BOX)
-    assert record_builder.clip_box([5, 5, 3, 8], 10, 10, 0.5) == (None, skips.DEGENERATE_BOX)
-    assert record_builder.clip_box([0, 0, float("inf"), 8], 10, 10, 0.5) == (None, skips.DEGENERATE_BOX)
+    assert record_builder.clip_box([11, 0, 14, 10], 10, 10, 0.5) == (None, skip_accounting.BOX_OUTSIDE_IMAGE)
+    assert record_builder.clip_box([5, 5, 5, 8], 10, 10, 0.5) == (None, skip_accounting.DEGENERATE_BOX)
+    assert record_builder.clip_box([5, 5, 3, 8], 10, 10, 0.5) == (None, skip_accounting.DEGENERATE_BOX)
+    assert record_builder.clip_box([0, 0, float("inf"), 8], 10, 10, 0.5) == (None, skip_accounting.DEGENERATE_BOX)
 
 
 @pytest.mark.parametrize("folder, readable", [
@@ -599,7 +599,7 @@ def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
                                     image_path=str(image), captions=(f"caption {index}",))
 
     stream = tasks()
-    summary = converters._write(stream, tmp_path / "out", name="lazy", created_by="test", log=skips.SkipLog(),
+    summary = converters._write(stream, tmp_path / "out", name="lazy", created_by="test", log=skip_accounting.SkipLog(),
                                 manifest_extra={}, expected_counts={"train": 3}, records_per_shard=2, **QUIET)
     assert consumed == [0, 1, 2] and summary.written == {"train": 3}
     assert summary.shards == {"train": ["lazy-train-00000-of-00002.array_record",

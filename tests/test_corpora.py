@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoalign_jax.data import corpora, records, skips, sources
-from geoalign_jax.data.skips import ConversionError
+from geoalign_jax.data import corpora, records, skip_accounting, sources
+from geoalign_jax.data.skip_accounting import ConversionError
 
 QUIET = {"progress": False, "workers": 1}
 
@@ -97,21 +97,21 @@ def test_mgrs_records_boxes_and_every_skip(tmp_path):
 
     assert summary.written == {"train": 3}
     assert summary.skipped == {
-        skips.MALFORMED_ANNOTATION: 3, corpora.CATEGORY_ID_CONFLICT: 1, skips.BOX_OUTSIDE_IMAGE: 1,
-        skips.BROKEN_IMAGE: 1, skips.UNKNOWN_FILE: 1, skips.EMPTY_CAPTION: 2, skips.NO_TEXT: 1,
-        skips.DUPLICATE_ID: 1,
+        skip_accounting.MALFORMED_ANNOTATION: 3, corpora.CATEGORY_ID_CONFLICT: 1, skip_accounting.BOX_OUTSIDE_IMAGE: 1,
+        skip_accounting.BROKEN_IMAGE: 1, skip_accounting.UNKNOWN_FILE: 1, skip_accounting.EMPTY_CAPTION: 2, skip_accounting.NO_TEXT: 1,
+        skip_accounting.DUPLICATE_ID: 1,
     }
     examples = summary.skipped_examples
-    assert examples[skips.MALFORMED_ANNOTATION] == [
+    assert examples[skip_accounting.MALFORMED_ANNOTATION] == [
         "text_info.json[0].segment[4]",
         "text_info.json[1].segment[2] (needs 'cap', or 'category' and an int 'category_id')",
         "text_info.json[5]"]
     assert examples[corpora.CATEGORY_ID_CONFLICT] == ["text_info.json[1].segment[1] (3: 'boat', earlier 'ship')"]
-    assert examples[skips.BOX_OUTSIDE_IMAGE] == ["text_info.json[0].segment[2]"]
-    assert examples[skips.BROKEN_IMAGE] == ["text_info.json[2] (broken.jpg)"]
-    assert examples[skips.UNKNOWN_FILE] == ["text_info.json[3] (missing.jpg)"]
-    assert examples[skips.NO_TEXT] == ["text_info.json[6] (d.jpg)"]
-    assert examples[skips.DUPLICATE_ID] == ["text_info.json[7] (a.jpg)"]
+    assert examples[skip_accounting.BOX_OUTSIDE_IMAGE] == ["text_info.json[0].segment[2]"]
+    assert examples[skip_accounting.BROKEN_IMAGE] == ["text_info.json[2] (broken.jpg)"]
+    assert examples[skip_accounting.UNKNOWN_FILE] == ["text_info.json[3] (missing.jpg)"]
+    assert examples[skip_accounting.NO_TEXT] == ["text_info.json[6] (d.jpg)"]
+    assert examples[skip_accounting.DUPLICATE_ID] == ["text_info.json[7] (a.jpg)"]
     assert (summary.records_seen, summary.records_skipped) == (8, 5)
 
     manifest = sources.read_manifest(out)
@@ -224,12 +224,12 @@ def test_webdataset_shards_with_braces_every_record_and_skip(tmp_path):
     assert got["rs3-train-0001/200"]["captions"] == ["a beach"]
     assert all(record["source"] == "rs5m" and record["regions"] == [] for record in got.values())
 
-    assert summary.skipped == {skips.EMPTY_CAPTION: 1, skips.NO_CAPTIONS: 2, corpora.NO_IMAGE_IN_SAMPLE: 1,
-                               skips.BROKEN_IMAGE: 1, corpora.CAPTION_NOT_UTF8: 1, corpora.UNREADABLE_SHARD: 1}
+    assert summary.skipped == {skip_accounting.EMPTY_CAPTION: 1, skip_accounting.NO_CAPTIONS: 2, corpora.NO_IMAGE_IN_SAMPLE: 1,
+                               skip_accounting.BROKEN_IMAGE: 1, corpora.CAPTION_NOT_UTF8: 1, corpora.UNREADABLE_SHARD: 1}
     examples = summary.skipped_examples
-    assert examples[skips.NO_CAPTIONS] == ["pub11-train-0000.tar:000001", "pub11-train-0000.tar:000005"]
+    assert examples[skip_accounting.NO_CAPTIONS] == ["pub11-train-0000.tar:000001", "pub11-train-0000.tar:000005"]
     assert examples[corpora.NO_IMAGE_IN_SAMPLE] == ["pub11-train-0000.tar:000002 (members: txt)"]
-    assert examples[skips.BROKEN_IMAGE] == ["pub11-train-0000.tar:000004"]
+    assert examples[skip_accounting.BROKEN_IMAGE] == ["pub11-train-0000.tar:000004"]
     assert examples[corpora.CAPTION_NOT_UTF8] == ["rs3-train-0000.tar:101"]
     assert examples[corpora.UNREADABLE_SHARD][0].startswith("rs3-train-0001.tar (ReadError")
     assert (summary.records_seen, summary.records_skipped) == (11, 6)  # 10 samples + the damaged shard
@@ -319,13 +319,13 @@ def test_csv_train_and_retrieval_split_every_record_and_skip(tmp_path):
     assert list(val_records) == ["images/d.png"]
     assert val_records["images/d.png"]["captions"] == ["a bridge over a river"]
     assert val_records["images/d.png"]["image"] == (tmp_path / "images" / "d.png").read_bytes()
-    assert summary.skipped == {skips.EMPTY_CAPTION: 1, skips.NO_CAPTIONS: 1, skips.UNKNOWN_FILE: 1,
-                               skips.MALFORMED_LINE: 2, skips.BROKEN_IMAGE: 1, skips.DUPLICATE_ID: 1}
-    assert summary.skipped_examples[skips.MALFORMED_LINE] == ["train.csv:6 (empty image path)",
+    assert summary.skipped == {skip_accounting.EMPTY_CAPTION: 1, skip_accounting.NO_CAPTIONS: 1, skip_accounting.UNKNOWN_FILE: 1,
+                               skip_accounting.MALFORMED_LINE: 2, skip_accounting.BROKEN_IMAGE: 1, skip_accounting.DUPLICATE_ID: 1}
+    assert summary.skipped_examples[skip_accounting.MALFORMED_LINE] == ["train.csv:6 (empty image path)",
                                                                "train.csv:7 (fields differ from the header)"]
-    assert summary.skipped_examples[skips.NO_CAPTIONS] == ["train.csv:3 (images/b.png)"]
-    assert summary.skipped_examples[skips.UNKNOWN_FILE] == ["train.csv:5 (images/missing.jpg)"]
-    assert summary.skipped_examples[skips.DUPLICATE_ID] == ["val.tsv:3 (images/a.jpg)"]
+    assert summary.skipped_examples[skip_accounting.NO_CAPTIONS] == ["train.csv:3 (images/b.png)"]
+    assert summary.skipped_examples[skip_accounting.UNKNOWN_FILE] == ["train.csv:5 (images/missing.jpg)"]
+    assert summary.skipped_examples[skip_accounting.DUPLICATE_ID] == ["val.tsv:3 (images/a.jpg)"]
     assert sources.read_manifest(out)["csv_columns"] == {"image": "filepath", "caption": "title"}
 
 

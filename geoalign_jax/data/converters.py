@@ -1,7 +1,7 @@
 """Dataset converters: from the layouts RS datasets ship in to geoalign record shards (docs/data_format.md).
 
 Each `convert_*` function only reads annotation files and turns every image into an `ImageTask`; the shared
-machinery (`record_builder.py`, `skips.py`, `writers.py`) loads and checks the images in worker processes,
+machinery (`record_builder.py`, `skip_accounting.py`, `writers.py`) loads and checks the images in worker processes,
 drops what does not fit (counted and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLI
 (`python -m geoalign_jax.prepare`) is a thin wrapper over these functions and those of `corpora.py` (the
 seed papers' corpora), so tests and `tools/make_demo_data.py` call the same code.
@@ -27,9 +27,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
-from geoalign_jax.data import record_builder, skips, writers
+from geoalign_jax.data import record_builder, skip_accounting, writers
 from geoalign_jax.data.record_builder import BuildOptions, ImageTask, RawRegion
-from geoalign_jax.data.skips import ANNOTATION, ConversionError, Skip, SkipLog
+from geoalign_jax.data.skip_accounting import ANNOTATION, ConversionError, Skip, SkipLog
 from geoalign_jax.data.writers import ConversionSummary, ShardingOptions
 
 PathLike = str | os.PathLike
@@ -104,7 +104,7 @@ def readable_class_name(folder_name: str) -> str:
 def _claim_id(seen_ids: set[str], record_id: str, name: str, log: SkipLog) -> bool:
     """False (and a counted skip) when the id was already used: ids identify images in retrieval metrics."""
     if record_id in seen_ids:
-        log.add_input(Skip(skips.DUPLICATE_ID, name))
+        log.add_input(Skip(skip_accounting.DUPLICATE_ID, name))
         return False
     seen_ids.add(record_id)
     return True
@@ -157,7 +157,7 @@ def convert_karpathy(
         where = f"{json_name}:images[{index}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("filename"), str) \
                 or not isinstance(entry.get("split"), str) or not isinstance(entry.get("sentences"), list):
-            log.add_input(Skip(skips.MALFORMED_ANNOTATION, where))
+            log.add_input(Skip(skip_accounting.MALFORMED_ANNOTATION, where))
             continue
         split = split_map.get(entry["split"], entry["split"])
         if splits is not None and split not in splits:
@@ -234,7 +234,7 @@ def convert_coco(
         images = []
         for index, image in enumerate(data["images"]):
             if not isinstance(image, Mapping) or not isinstance(image.get("file_name"), str) or "id" not in image:
-                log.add_input(Skip(skips.MALFORMED_ANNOTATION, f"{json_name}:images[{index}]"))
+                log.add_input(Skip(skip_accounting.MALFORMED_ANNOTATION, f"{json_name}:images[{index}]"))
                 continue
             images.append(image)
             per_image[image["id"]] = {"regions": [], "captions": []}
@@ -242,12 +242,12 @@ def convert_coco(
             where = f"{json_name}:annotations[{index}]"
             if not isinstance(annotation, Mapping):
                 log.annotations_seen += 1
-                log.add(Skip(skips.MALFORMED_ANNOTATION, where, ANNOTATION))
+                log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, where, ANNOTATION))
                 continue
             target = per_image.get(annotation.get("image_id"))
             if target is None:
                 log.annotations_seen += 1
-                log.add(Skip(skips.UNKNOWN_IMAGE_ID, where, ANNOTATION))
+                log.add(Skip(skip_accounting.UNKNOWN_IMAGE_ID, where, ANNOTATION))
                 continue
             if "caption" in annotation:
                 target["captions"].append(annotation["caption"])
@@ -257,10 +257,10 @@ def convert_coco(
             category_id = annotation.get("category_id")
             if box is None:
                 log.annotations_seen += 1
-                log.add(Skip(skips.MALFORMED_ANNOTATION, where, ANNOTATION))
+                log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, where, ANNOTATION))
             elif category_id not in categories:
                 log.annotations_seen += 1
-                log.add(Skip(skips.UNKNOWN_CATEGORY, where, ANNOTATION))
+                log.add(Skip(skip_accounting.UNKNOWN_CATEGORY, where, ANNOTATION))
             else:
                 target["regions"].append(RawRegion(box=box, category=categories[category_id],
                                                    category_id=category_index[category_id], name=where))
@@ -302,15 +302,15 @@ def parse_dota_labels(text: str, file_name: str, *, skip_difficult: bool = False
         fields = stripped.split()
         where = f"{file_name}:{line_number}"
         if len(fields) not in (9, 10):
-            skips.append(Skip(skips.MALFORMED_LINE, where, ANNOTATION))
+            skips.append(Skip(skip_accounting.MALFORMED_LINE, where, ANNOTATION))
             continue
         try:
             coordinates = [float(v) for v in fields[:8]]
         except ValueError:
-            skips.append(Skip(skips.MALFORMED_LINE, where, ANNOTATION))
+            skips.append(Skip(skip_accounting.MALFORMED_LINE, where, ANNOTATION))
             continue
         if not all(math.isfinite(v) for v in coordinates):
-            skips.append(Skip(skips.MALFORMED_LINE, where, ANNOTATION))
+            skips.append(Skip(skip_accounting.MALFORMED_LINE, where, ANNOTATION))
             continue
         if skip_difficult and len(fields) == 10 and fields[9] == "1":
             seen -= 1
@@ -367,7 +367,7 @@ def convert_dota(
         for number, (box, category) in enumerate(objects):
             if category not in category_index:
                 log.annotations_seen += 1
-                log.add(Skip(skips.UNKNOWN_CATEGORY, f"{label_file.name} ({category})", ANNOTATION))
+                log.add(Skip(skip_accounting.UNKNOWN_CATEGORY, f"{label_file.name} ({category})", ANNOTATION))
                 continue
             regions.append(RawRegion(box=box, category=category, category_id=category_index[category],
                                      name=f"{label_file.name} (object {number})"))
@@ -380,7 +380,7 @@ def convert_dota(
     labelled = {label_file.stem for label_file in label_files}
     for stem, path in sorted(images.items()):
         if stem not in labelled:
-            log.add_input(Skip(skips.NO_LABEL_FILE, path.name))
+            log.add_input(Skip(skip_accounting.NO_LABEL_FILE, path.name))
     extra = {"category_names": category_names}
     return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare dota", log=log, manifest_extra=extra,
                   **options)
@@ -487,7 +487,7 @@ def convert_jsonl(
             try:
                 obj = _parse_jsonl_line(line)
             except _LineError as error:
-                log.add_input(Skip(f"{skips.MALFORMED_LINE}", f"{where} ({error})"))
+                log.add_input(Skip(f"{skip_accounting.MALFORMED_LINE}", f"{where} ({error})"))
                 continue
             entries.append((where, root, obj))
     # Names are stripped here exactly as the record builder strips them, so the manifest's category_names, the
@@ -551,7 +551,7 @@ def convert_folders(
                 continue
             record_id = f"{folder.name}/{path.name}"
             if path.suffix.lower() not in record_builder.IMAGE_SUFFIXES:
-                log.add_input(Skip(skips.NOT_AN_IMAGE_FILE, record_id))
+                log.add_input(Skip(skip_accounting.NOT_AN_IMAGE_FILE, record_id))
                 continue
             tasks.append(ImageTask(split=split, id=record_id, source=name, name=record_id, image_path=str(path),
                                    label=label, class_name=readable[label]))

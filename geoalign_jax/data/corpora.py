@@ -20,13 +20,13 @@ import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Unpack
 
-from geoalign_jax.data import skips, writers
+from geoalign_jax.data import skip_accounting, writers
 from geoalign_jax.data.converters import ConvertOptions, PathLike, _claim_id, _load_json, _write
 from geoalign_jax.data.record_builder import ImageTask, RawRegion
-from geoalign_jax.data.skips import ANNOTATION, ConversionError, Skip, SkipLog
+from geoalign_jax.data.skip_accounting import ANNOTATION, ConversionError, Skip, SkipLog
 from geoalign_jax.data.writers import ConversionSummary
 
-# Skip reasons of these formats (the shared ones are in skips.py).
+# Skip reasons of these formats (the shared ones are in skip_accounting.py).
 CATEGORY_ID_CONFLICT = "category id names two categories"
 NO_IMAGE_IN_SAMPLE = "sample without image"
 CAPTION_NOT_UTF8 = "caption is not UTF-8"
@@ -118,7 +118,7 @@ def convert_mgrs(
         segments = (item.get("segment") or []) if isinstance(item, Mapping) else None
         if not isinstance(item, Mapping) or not isinstance(item.get("global_filepath"), str) \
                 or not item["global_filepath"].strip() or not isinstance(segments, list):
-            log.add_input(Skip(skips.MALFORMED_ANNOTATION, where))
+            log.add_input(Skip(skip_accounting.MALFORMED_ANNOTATION, where))
             continue
         regions = []
         for number, segment in enumerate(segments):
@@ -126,7 +126,7 @@ def convert_mgrs(
             parsed = mgrs_box(segment.get("bbox")) if isinstance(segment, Mapping) else None
             if parsed is None:
                 log.annotations_seen += 1
-                log.add(Skip(skips.MALFORMED_ANNOTATION, region_name, ANNOTATION))
+                log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, region_name, ANNOTATION))
                 continue
             box, frame = parsed
             if "cap" in segment and segment["cap"] is not None:
@@ -136,7 +136,7 @@ def convert_mgrs(
             if not isinstance(category, str) or not category.strip() \
                     or not isinstance(category_id, int) or isinstance(category_id, bool):
                 log.annotations_seen += 1
-                log.add(Skip(skips.MALFORMED_ANNOTATION, f"{region_name} (needs 'cap', or 'category' and an "
+                log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, f"{region_name} (needs 'cap', or 'category' and an "
                                                            "int 'category_id')", ANNOTATION))
                 continue
             known = id_names.setdefault(category_id, category.strip())
@@ -411,7 +411,7 @@ def convert_csv(
             image = row[image_column].strip() if row is not None else ""
             if not image:
                 reason = "empty image path" if row is not None else "fields differ from the header"
-                log.add_input(Skip(skips.MALFORMED_LINE, f"{where} ({reason})"))
+                log.add_input(Skip(skip_accounting.MALFORMED_LINE, f"{where} ({reason})"))
                 continue
             if image in grouped:
                 grouped[image][1].append(row[caption_column])

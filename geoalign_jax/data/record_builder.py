@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from geoalign_jax.data import fingerprints, records, text_stats
-from geoalign_jax.data.skips import (
+from geoalign_jax.data.skip_accounting import (
     ANNOTATION,
     BOX_OUTSIDE_IMAGE,
     BROKEN_IMAGE,

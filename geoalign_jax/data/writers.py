@@ -1,5 +1,5 @@
 """The shard writer of dataset preparation: records built in parallel (`record_builder`, `parallel_map`) are
-written to shards with their fingerprint sidecars, then the manifest and the summary (skips: `skips`).
+written to shards with their fingerprint sidecars, then the manifest and the summary (skip accounting: `skip_accounting`).
 
 Why one place: every converter must behave the same way on bad input (skip, count, name the file, fail past
 a bad fraction), write byte-identical shards whatever the worker count, and leave either a complete output
@@ -32,7 +32,7 @@ from typing import Any
 from geoalign_jax.data import fingerprints, records, text_stats
 from geoalign_jax.data.parallel_map import ordered_parallel_map
 from geoalign_jax.data.record_builder import BuildOptions, ImageTask, RecordBuilder
-from geoalign_jax.data.skips import ConversionError, SkipLog
+from geoalign_jax.data.skip_accounting import ConversionError, SkipLog
 
 
 
