@@ -14,7 +14,7 @@ from PIL import Image
 
 import data_fixtures
 from geoalign_jax.data import converters, fingerprints, sources
-from geoalign_jax.eval import datasets, library, overlap, provenance
+from geoalign_jax.eval import datasets, runner, overlap, provenance
 from geoalign_jax.evaluate import main
 
 records = data_fixtures.records  # the real AID (split test) / RSICD (train, val) / DOTA (train) samples
@@ -171,7 +171,7 @@ def test_copies_and_re_encodes_of_training_images_are_named(shared_data, records
     train = overlap.TrainImages.from_data(leaked["train"].name)  # a relative path is recorded absolute
     assert len(train) == 8 and train.from_sidecars == 2
     assert train.summary()["locations"] == [str(leaked["train"])]
-    results = library.check_overlap([f"retrieval:rsicd={records['rsicd']},split=val",
+    results = runner.check_overlap([f"retrieval:rsicd={records['rsicd']},split=val",
                                      f"retrieval:rsicdtrain={records['rsicd']},split=train",
                                      f"zeroshot:aid={shared_data / 'aid_sample'}"], train)
     val = results["retrieval/rsicd"]
@@ -256,13 +256,13 @@ def test_an_undecodable_training_image_is_an_error_naming_its_shard_and_record(r
 
 def test_exclude_overlap_evaluates_without_the_copies_and_says_so(records, leaked):
     task = f"retrieval:rsicd={records['rsicd']},split=val"
-    kept = library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
+    kept = runner.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                              train_data=str(leaked["train"]))
     assert kept.metrics["retrieval/rsicd/standard/num_images"] == 21
     assert (kept.metrics["retrieval/rsicd/overlap/exact"], kept.metrics["retrieval/rsicd/overlap/near_duplicates"]) \
         == (1, 1)
     assert "INCLUDED" in kept.notes["retrieval/rsicd"][0]
-    left_out = library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
+    left_out = runner.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                                  train_data=str(leaked["train"]), exclude_overlap=True)
     assert left_out.metrics["retrieval/rsicd/standard/num_images"] == 19
     assert left_out.metrics["retrieval/rsicd/overlap/excluded"] == 2

@@ -12,7 +12,7 @@ from PIL import Image
 
 from geoalign_jax.data import converters
 from geoalign_jax.data.transforms import normalise
-from geoalign_jax.eval import datasets, library, regions
+from geoalign_jax.eval import datasets, runner, regions
 from geoalign_jax.models import clip
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -68,7 +68,7 @@ def quadrant_records(tmp_path_factory) -> pathlib.Path:
 
 def test_crop_and_roi_classify_every_box_of_every_image(quadrant_records):
     # batch_size 2 over 3 images: the RoI path crosses a batch boundary and pads the map batch.
-    report = library.run_tasks(None, None, [f"regions:scenes={quadrant_records},templates=single"],
+    report = runner.run_tasks(None, None, [f"regions:scenes={quadrant_records},templates=single"],
                                embedder=ColourEmbedder(), batch_size=2, progress=False)
     metrics = report.metrics
     for method in ("crop", "roi"):
@@ -140,7 +140,7 @@ def test_dota_crops_are_the_boxes_of_the_original_image(shared_data, dota_record
 def test_dota_region_classification_with_the_tiny_model(shared_data, dota_records):
     config = clip.get_model_config("tiny")
     params = clip.init_params(config, jax.random.key(0))
-    report = library.run_tasks(config, params, [f"regions:dota={dota_records}"], batch_size=8, progress=False,
+    report = runner.run_tasks(config, params, [f"regions:dota={dota_records}"], batch_size=8, progress=False,
                                allow_train_split=True)  # the DOTA sample is converted as its only split, train
     objects = _dota_objects(shared_data)
     counts = {c: sum(1 for _, cat, _ in objects if cat == c) for c in {cat for _, cat, _ in objects}}

@@ -100,11 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from geoalign_jax.eval import embed, library, overlap, plots, report
+    from geoalign_jax.eval import embed, runner, overlap, plots, report
 
     try:
-        tasks = [library.parse_task(text) for text in args.tasks]
-    except library.TaskError as error:
+        tasks = [runner.parse_task(text) for text in args.tasks]
+    except runner.TaskError as error:
         parser.error(str(error))
     for task in tasks:
         if not pathlib.Path(task.path).exists():
@@ -117,9 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--exclude-overlap needs --train-data")
     try:  # before loading any weights: a refused training split should cost nothing
         for task in tasks:
-            split, _, splits = library.resolve_split(task)
-            library.split_guard(task, split, splits, args.allow_train_split)
-    except library.TaskError as error:
+            split, _, splits = runner.resolve_split(task)
+            runner.split_guard(task, split, splits, args.allow_train_split)
+    except runner.TaskError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -142,12 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.train_data:
             train_images = overlap.TrainImages.from_data(args.train_data, args.train_split)
             log.info("training data: %d images in %d shards", len(train_images), len(train_images.shard_paths))
-        result = library.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
+        result = runner.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
                                    progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads,
                                    dense=args.dense, allow_train_split=args.allow_train_split,
                                    train_data=train_images, exclude_overlap=args.exclude_overlap,
                                    skip_bad_records=args.skip_bad_records)
-    except (library.TaskError, overlap.OverlapError) as error:
+    except (runner.TaskError, overlap.OverlapError) as error:
         print(f"error: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)

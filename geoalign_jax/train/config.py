@@ -229,18 +229,18 @@ def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> lis
     """Each task parses, and names no training split unless allowed (reads the tasks' manifests, so a task
     the evaluation would refuse is refused now, not after `eval.every_steps` steps of training). Returns the
     tasks' metric prefixes ("zeroshot/aid")."""
-    from geoalign_jax.eval import library
+    from geoalign_jax.eval import runner
 
     prefixes = []
     for task in tasks:
         try:
-            spec = library.parse_task(task)
-            split, _, splits = library.resolve_split(spec)
-        except library.TaskError as error:
+            spec = runner.parse_task(task)
+            split, _, splits = runner.resolve_split(spec)
+        except runner.TaskError as error:
             raise ValueError(f"eval.tasks: {error}") from None
         try:
-            library.split_guard(spec, split, splits, allow_train_split)
-        except library.TaskError as error:
+            runner.split_guard(spec, split, splits, allow_train_split)
+        except runner.TaskError as error:
             raise ValueError(f"eval.tasks: {error} (in the trainer's config: eval.allow_train_split = True)") from None
         prefixes.append(spec.prefix)
     return prefixes
