@@ -199,7 +199,7 @@ def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_
     config.eval.allow_train_split = True
     config.eval.every_steps = 8
     workdir = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger=loop.logger.name):
+    with caplog.at_level(logging.INFO, logger="geoalign_jax"):  # the loop's and the evaluation's loggers
         result = loop.run(config, workdir, progress=False)
     assert result.status == "finished" and result.step == 24
     overlap_logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval overlap")]
