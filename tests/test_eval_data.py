@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from geoalign_jax.data import converters
+from geoalign_jax.data import prepare_formats
 from geoalign_jax.eval import classnames, datasets, runner, preprocess, prompts
 
 records = data_fixtures.records  # the module-scoped fixture (real AID + RSICD samples as records)
@@ -38,7 +38,7 @@ def test_crop_box_widens_to_pixels_and_rejects_outside_boxes():
 
 def test_eval_names_classes_with_the_converters_rule():
     """One naming rule for manifests (converters) and prompts (eval tables), not two copies that can drift."""
-    assert classnames.readable_class_name is converters.readable_class_name
+    assert classnames.readable_class_name is prepare_formats.readable_class_name
     assert classnames.prompt_names_for(["storage-tanks", "BareLand"]) == ["storage tanks", "bare land"]
 
 

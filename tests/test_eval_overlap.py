@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from geoalign_jax.data import converters, fingerprints, sources
+from geoalign_jax.data import prepare_formats, fingerprints, sources
 from geoalign_jax.eval import datasets, runner, overlap, provenance
 from geoalign_jax.evaluate import main
 
@@ -115,7 +115,7 @@ def test_distinct_low_texture_images_with_close_hashes_and_thumbnails_are_not_ov
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "meadow.png").write_bytes(_encode(meadow))
     (tmp_path / "train.jsonl").write_text(json.dumps({"image": "images/meadow.png", "caption": "a meadow"}))
-    converters.convert_jsonl(tmp_path / "train.jsonl", tmp_path / "train", name="crops", **QUIET)
+    prepare_formats.prepare_jsonl(tmp_path / "train.jsonl", tmp_path / "train", name="crops", **QUIET)
     train = overlap.TrainImages.from_data(tmp_path / "train")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "pond.png").write_bytes(_encode(pond))
@@ -162,7 +162,7 @@ def leaked(shared_data, records, tmp_path_factory):
         shutil.copy(path, root / "images" / path.name)
         lines.append({"image": f"images/{path.name}", "caption": f"a scene {path.stem}"})
     (root / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    converters.convert_jsonl(root / "train.jsonl", root / "train", name="corpus", num_shards=2, **QUIET)
+    prepare_formats.prepare_jsonl(root / "train.jsonl", root / "train", name="corpus", num_shards=2, **QUIET)
     return {"train": root / "train", "val_positions": (2, 9), "root": root}
 
 

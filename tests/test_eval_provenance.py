@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from geoalign_jax.data import converters, sources
+from geoalign_jax.data import prepare_formats, sources
 from geoalign_jax.eval import datasets, runner, provenance, report
 from geoalign_jax.evaluate import main
 from geoalign_jax.models import clip
@@ -34,7 +34,7 @@ def rsicd_variants(shared_data, tmp_path_factory):
     raw = json.loads((folder / "dataset_rsicd.json").read_text())
     out = {}
     for name, shards in (("one", 1), ("three", 3)):
-        converters.convert_karpathy(folder / "dataset_rsicd.json", folder / "images", root / name, name="rsicd",
+        prepare_formats.prepare_karpathy(folder / "dataset_rsicd.json", folder / "images", root / name, name="rsicd",
                                     num_shards=shards, **QUIET)
         out[name] = root / name
     val = [entry for entry in raw["images"] if entry["split"] == "val"]
@@ -43,14 +43,14 @@ def rsicd_variants(shared_data, tmp_path_factory):
     caption = target["sentences"][2]["raw"]
     target["sentences"][2]["raw"] = caption[:-1] + ("x" if caption[-1] != "x" else "y")
     (root / "edited.json").write_text(json.dumps(edited))
-    converters.convert_karpathy(root / "edited.json", folder / "images", root / "edited", name="rsicd", **QUIET)
+    prepare_formats.prepare_karpathy(root / "edited.json", folder / "images", root / "edited", name="rsicd", **QUIET)
     out["edited"] = root / "edited"
     images = root / "images"
     shutil.copytree(folder / "images", images)
     buffer = io.BytesIO()
     Image.open(images / val[5]["filename"]).save(buffer, "JPEG", quality=60)
     (images / val[5]["filename"]).write_bytes(buffer.getvalue())
-    converters.convert_karpathy(folder / "dataset_rsicd.json", images, root / "new_image", name="rsicd", **QUIET)
+    prepare_formats.prepare_karpathy(folder / "dataset_rsicd.json", images, root / "new_image", name="rsicd", **QUIET)
     out["new_image"] = root / "new_image"
     return out
 

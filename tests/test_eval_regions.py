@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoalign_jax.data import converters
+from geoalign_jax.data import prepare_detection, prepare_formats
 from geoalign_jax.data.transforms import normalise
 from geoalign_jax.eval import datasets, runner, regions
 from geoalign_jax.models import clip
@@ -62,7 +62,7 @@ def quadrant_records(tmp_path_factory) -> pathlib.Path:
         regions_.append({"box": [0, 0, 120, 60], "caption": "the whole scene"})  # no category: skipped
         lines.append(json.dumps({"image": f"scene{index}.png", "split": "test", "regions": regions_}))
     (root / "scenes.jsonl").write_text("\n".join(lines) + "\n")
-    converters.convert_jsonl(root / "scenes.jsonl", root / "records", name="scenes", progress=False)
+    prepare_formats.prepare_jsonl(root / "scenes.jsonl", root / "records", name="scenes", progress=False)
     return root / "records"
 
 
@@ -103,7 +103,7 @@ def test_a_box_normalised_by_the_wrong_side_would_be_caught():
 @pytest.fixture(scope="module")
 def dota_records(shared_data, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("eval_dota") / "dota"
-    converters.convert_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt", out,
+    prepare_detection.prepare_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt", out,
                             progress=False)
     return out
 

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from geoalign_jax.data import converters, pipeline  # noqa: E402
+from geoalign_jax.data import prepare_formats, pipeline  # noqa: E402
 
 # The real RS samples: $GEOALIGN_SHARED_DATA, as for the tests (default: shared/data beside the checkout).
 SAMPLES = pathlib.Path(
@@ -69,7 +69,7 @@ def build_rsicd_benchmark_set(out_dir: pathlib.Path, sample_dir: pathlib.Path = 
     jsonl = out_dir / "rsicd_bench.jsonl"
     jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
     records_dir = out_dir / "records"
-    converters.convert_jsonl(jsonl, records_dir, name="rsicd_bench", image_root=sample_dir, num_shards=4,
+    prepare_formats.prepare_jsonl(jsonl, records_dir, name="rsicd_bench", image_root=sample_dir, num_shards=4,
                              progress=False)
     return str(records_dir)
 

@@ -4,9 +4,9 @@
 * RS5M-style webdataset shards (FarSLIP stage 1 and most RS pretraining corpora): `.tar` files of samples;
 * SkyScript-style CSV/TSV files: an image-path column and a caption column.
 
-Like `converters.py`, these only read the corpus files and turn every image into an `ImageTask`; loading and
+Like `prepare_formats.py`, these only read the corpus files and turn every image into an `ImageTask`; loading and
 checking images, skip accounting, sharding, the manifest and the bad-fraction check are the shared machinery
-(`converters._write` -> `writers.write_dataset`), so every format behaves the same on bad input.
+(`prepare_formats._write` -> `writers.write_dataset`), so every format behaves the same on bad input.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Unpack
 
 from geoalign_jax.data import skip_accounting, writers
-from geoalign_jax.data.converters import ConvertOptions, PathLike, _claim_id, _load_json, _write
+from geoalign_jax.data.prepare_formats import PathLike, PrepareOptions, _claim_id, _load_json, _write
 from geoalign_jax.data.record_builder import ImageTask, RawRegion
 from geoalign_jax.data.skip_accounting import ANNOTATION, ConversionError, Skip, SkipLog
 from geoalign_jax.data.writers import ConversionSummary
@@ -86,14 +86,14 @@ def _rescale(region: RawRegion, frame: tuple[float, float] | None, size: tuple[i
     return dataclasses.replace(region, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
 
 
-def convert_mgrs(
+def prepare_mgrs(
     json_path: PathLike,
     image_dir: PathLike,
     out_dir: PathLike,
     *,
     name: str = "mgrs",
     split: str = "train",
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert an MGRS-200k-style JSON (FarSLIP stage 2) with its image folder.
 
@@ -283,7 +283,7 @@ def _tar_samples(shard: pathlib.Path, read: bool, log: SkipLog | None) -> Iterat
             log.add_input(Skip(UNREADABLE_SHARD, f"{shard.name} ({error.__class__.__name__}: {error})"))
 
 
-def convert_webdataset(
+def prepare_webdataset(
     shards: str | Sequence[str],
     out_dir: PathLike,
     *,
@@ -291,7 +291,7 @@ def convert_webdataset(
     split: str = "train",
     image_exts: Sequence[str] = WEBDATASET_IMAGE_EXTS,
     caption_exts: Sequence[str] = WEBDATASET_CAPTION_EXTS,
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert webdataset `.tar` shards (RS5M style): samples keyed by file name, each with an image member
     (the first of `image_exts` present) and a caption member (the first of `caption_exts`, UTF-8); other
@@ -374,7 +374,7 @@ def _csv_rows(path: pathlib.Path, separator: str, columns: Sequence[str]) -> Ite
             raise ConversionError(f"{path}:{reader.line_num}: unreadable CSV ({error})") from None
 
 
-def convert_csv(
+def prepare_csv(
     csv_files: PathLike | Sequence[PathLike] | Mapping[str, PathLike],
     out_dir: PathLike,
     *,
@@ -384,7 +384,7 @@ def convert_csv(
     separator: str | None = None,
     image_root: PathLike | None = None,
     split: str = "train",
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert SkyScript-style CSV/TSV files: one row per (image, caption) pair, with a header naming the
     columns. `csv_files` is one file or a list (all in `split`), or {split: file} (e.g. the training CSV and
