@@ -20,9 +20,9 @@ from geoalign_jax.losses.contrastive import (
     logit_scale_value,
     multi_positive_contrastive_loss,
     principal_component_reconstruction,
-    row_statistics,
     siglip_loss,
 )
+from geoalign_jax.losses.row_stats import row_statistics
 from geoalign_jax.losses.objective import (
     TERM_NAMES,
     compute_outputs,
