@@ -19,6 +19,12 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+# What "normalised" means for every image array of a batch (`image` and the crops): OpenAI CLIP's per-channel
+# pixel mean and std on [0, 1] values. One definition for the data pipeline and the models (the converters'
+# exported preprocessing configs), which may not import each other.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchKey:

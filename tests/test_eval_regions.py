@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from geoalign_jax.data import prepare_detection, prepare_formats
-from geoalign_jax.data.transforms import normalise
+from geoalign_jax.data.image_ops import normalise
 from geoalign_jax.eval import datasets, runner, regions
 from geoalign_jax.models import clip
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import load_demo_module
-from geoalign_jax import tokenizer
+from geoalign_jax import batch_contract, tokenizer
 from geoalign_jax.data import pipeline, records, sources, transforms
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,14 +101,14 @@ def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
         local = batch["local_crop_boxes"]
         assert (local >= 0).all() and (local <= 1).all() and (local[..., 2:] > local[..., :2]).all()
         # CLIP-normalised pixels: within the range that uint8 inputs map to
-        low = (0 - np.array(transforms.OPENAI_MEAN)) / np.array(transforms.OPENAI_STD)
-        high = (1 - np.array(transforms.OPENAI_MEAN)) / np.array(transforms.OPENAI_STD)
+        low = (0 - np.array(batch_contract.OPENAI_MEAN)) / np.array(batch_contract.OPENAI_STD)
+        high = (1 - np.array(batch_contract.OPENAI_MEAN)) / np.array(batch_contract.OPENAI_STD)
         assert (batch["image"] >= low - 1e-4).all() and (batch["image"] <= high + 1e-4).all()
     iterator.close()
 
 
 def _unnormalise(image: np.ndarray) -> np.ndarray:
-    return (image * np.array(transforms.OPENAI_STD) + np.array(transforms.OPENAI_MEAN)) * 255.0
+    return (image * np.array(batch_contract.OPENAI_STD) + np.array(batch_contract.OPENAI_MEAN)) * 255.0
 
 
 def _colour_fraction(pixels: np.ndarray, colour: str) -> float:
