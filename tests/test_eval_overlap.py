@@ -213,7 +213,7 @@ def _shard_with_a_cut_off_image(records, path) -> None:
     good = datasets.load_retrieval(records["rsicd"], split="val").images.image_bytes(0)
     writer = ArrayRecordWriter(str(path), "group_size:1")
     for index, image in enumerate((good, good[: len(good) // 3])):
-        writer.write(records_lib.encode_record(records_lib.make_example(
+        writer.write(records_lib.encode_record(records_lib.make_record(
             id=f"r{index}", source="other", split="train", image=image, width=224, height=224, captions=["c"])))
     writer.close()
 

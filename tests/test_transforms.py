@@ -187,7 +187,7 @@ def _png(width: int, height: int) -> bytes:
 
 
 def _record(**overrides):
-    example = records.make_example(
+    example = records.make_record(
         id="r0", source="test", split="train", image=_png(100, 80), width=100, height=80,
         captions=["a caption", "another caption"], long_caption="a long description " * 100,
         hard_negatives=["negative one", "negative two", "negative three"],
@@ -387,7 +387,7 @@ def test_region_view_crop_is_the_box_as_the_global_view_shows_it():
         cls_errors.append(np.abs(got - _pixels(example["region_crops"][0])).mean())
         # the CLS crop is the original image at the whole box, whatever the view
         np.testing.assert_allclose(_pixels(example["region_crops"][0]), cls_expected, atol=0.01)
-        # the view's own draws, replayed: crop first, then the flip (make_example's order)
+        # the view's own draws, replayed: crop first, then the flip (make_train_example's order)
         replay = np.random.default_rng(seed)
         image_ops.sample_resized_crop(replay, width, height, config.random_resized_crop_scale,
                                        config.random_resized_crop_ratio)

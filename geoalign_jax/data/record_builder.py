@@ -202,7 +202,7 @@ def build_record(task: ImageTask, options: BuildOptions) -> BuildResult:
         return dropped(NO_CAPTIONS)
     if task.require == "text" and not (captions or long_caption or regions):
         return dropped(NO_TEXT)
-    example = records.make_example(
+    example = records.make_record(
         id=task.id, source=task.source, split=task.split, image=image, width=width, height=height,
         captions=captions, long_caption=long_caption, hard_negatives=hard_negatives, regions=regions,
         label=task.label, class_name=task.class_name,

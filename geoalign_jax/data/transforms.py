@@ -205,10 +205,10 @@ class TrainTransform(grain.transforms.RandomMap):
         self._category_ids = dict(config.category_ids)
 
     def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return make_example(element, rng, self.config, self._tokenize, self._tokenize_long, self._category_ids)
+        return make_train_example(element, rng, self.config, self._tokenize, self._tokenize_long, self._category_ids)
 
 
-def make_example(
+def make_train_example(
     record: Mapping[str, Any],
     rng: np.random.Generator,
     config: TransformConfig,
