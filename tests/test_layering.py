@@ -18,9 +18,12 @@ FORBIDDEN = {
     "convert": {"losses", "train", "eval"},
     "params_checkpoint": {"losses", "train", "eval", "convert", "data"},
     "batch_contract": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
+    # leaves every room may use (plain Python): they import no room
+    **{leaf: {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint", "batch_contract",
+              "tokenizer"} for leaf in ("config_checks", "error_text")},
     # runs before anything else in a CLI process (it may re-execute it): imports no room
     "host_allocator": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint",
-                       "batch_contract", "validation", "tokenizer"},
+                       "batch_contract", "config_checks", "error_text", "tokenizer"},
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from geoalign_jax.losses.region import REGION_TEXT_POSITIVES
-from geoalign_jax.validation import is_int, is_number, require
+from geoalign_jax.config_checks import is_int, is_number, require
 
 
 TERM_NAMES = (

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from geoalign_jax.validation import is_int, is_number, require
+from geoalign_jax.config_checks import is_int, is_number, require
 
 INIT_KINDS = ("scratch", "params", "open_clip", "hf")
 BEST_MODES = ("max", "min")
