@@ -428,7 +428,7 @@ def _load_tool(name: str):
 
 def test_cli_exit_codes_and_summary(tmp_path, capsys):
     json_path, images = _karpathy_fixture(tmp_path)
-    cli = _load_tool("prepare_karpathy")
+    cli = _load_tool("convert_karpathy")
     argv = ["--json", str(json_path), "--images", str(images), "--out", str(tmp_path / "o"), "--workers", "1",
             "--no-progress"]
     assert cli.main(argv) == 1
@@ -443,12 +443,12 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
 
 # Each tool's input options as the README's command lines use them; every tool also takes the shared options.
 TOOL_OPTIONS = {
-    "prepare_karpathy": ("--json", "--images", "--split-map"),
-    "prepare_coco": ("--ann", "--images", "--name"),
-    "prepare_dota": ("--images", "--labels", "--split", "--skip-difficult"),
-    "prepare_jsonl": ("--jsonl", "--name"),
-    "prepare_folders": ("--root", "--name"),
-    "prepare_tfds": ("--dataset", "--splits", "--data-dir"),
+    "convert_karpathy": ("--json", "--images", "--split-map"),
+    "convert_coco": ("--ann", "--images", "--name"),
+    "convert_dota": ("--images", "--labels", "--split", "--skip-difficult"),
+    "convert_jsonl": ("--jsonl", "--name"),
+    "convert_folders": ("--root", "--name"),
+    "convert_tfds": ("--dataset", "--splits", "--data-dir"),
 }
 SHARED_TOOL_OPTIONS = ("--out", "--max-bad-fraction", "--min-box-visible", "--workers", "--num-shards",
                        "--records-per-shard", "--overwrite", "--no-progress")
