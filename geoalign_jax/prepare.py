@@ -127,7 +127,7 @@ def _coco(args: argparse.Namespace) -> ConversionSummary:
     image_dir = args.images[0] if len(args.images) == 1 and "=" not in args.images[0] \
         else parse_key_values(args.images, "--images")
     return prepare_detection.prepare_coco(parse_key_values(args.ann, "--ann"), image_dir, args.out,
-                                   name=args.name, **common_kwargs(args))
+                                          name=args.name, **common_kwargs(args))
 
 
 def _dota_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +167,7 @@ def _folders_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _folders(args: argparse.Namespace) -> ConversionSummary:
     return prepare_formats.prepare_folders(args.root, args.out, name=args.name, split=args.split,
-                                      **common_kwargs(args))
+                                           **common_kwargs(args))
 
 
 def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +184,7 @@ def _tfds(args: argparse.Namespace) -> ConversionSummary:
     mapping = {key: (None if value.lower() == "none" else value)
                for key, value in parse_key_values(args.map, "--map").items()}
     return prepare_formats.prepare_tfds(args.dataset, args.splits, args.out, data_dir=args.data_dir, name=args.name,
-                                   mapping=mapping, **common_kwargs(args))
+                                        mapping=mapping, **common_kwargs(args))
 
 
 def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +196,7 @@ def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _mgrs(args: argparse.Namespace) -> ConversionSummary:
     return prepare_corpora.prepare_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
-                                **common_kwargs(args))
+                                        **common_kwargs(args))
 
 
 def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,8 +212,8 @@ def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _webdataset(args: argparse.Namespace) -> ConversionSummary:
     return prepare_corpora.prepare_webdataset(args.shards, args.out, name=args.name, split=args.split,
-                                      image_exts=args.image_ext, caption_exts=args.caption_ext,
-                                      **common_kwargs(args))
+                                              image_exts=args.image_ext, caption_exts=args.caption_ext,
+                                              **common_kwargs(args))
 
 
 def _csv_arguments(parser: argparse.ArgumentParser) -> None:
@@ -232,11 +232,11 @@ def _csv_arguments(parser: argparse.ArgumentParser) -> None:
 def _csv(args: argparse.Namespace) -> ConversionSummary:
     with_split = [item for item in args.csv if "=" in item]
     if with_split and len(with_split) != len(args.csv):
-        raise prepare_formats.ConversionError("--csv: give every file as SPLIT=FILE, or none")
+        raise ConversionError("--csv: give every file as SPLIT=FILE, or none")
     files = parse_key_values(with_split, "--csv") if with_split else args.csv
     return prepare_corpora.prepare_csv(files, args.out, name=args.name, image_column=args.image_column,
-                               caption_column=args.caption_column, separator=args.separator,
-                               image_root=args.image_root, split=args.split, **common_kwargs(args))
+                                       caption_column=args.caption_column, separator=args.separator,
+                                       image_root=args.image_root, split=args.split, **common_kwargs(args))
 
 
 FORMATS: dict[str, Format] = {

@@ -35,7 +35,6 @@ and unpickle the whole pipeline; this module has no import-time side effects for
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -49,8 +48,6 @@ from geoalign_jax.data import records, sources, transforms
 from geoalign_jax.data.pipeline_stages import (
     DECODE_ERRORS_KEY, AttachIndex, DecodeAndTransform, DecodeErrorTotalIterDataset, SkipAndCountIterDataset,
 )
-
-logger = logging.getLogger(__name__)
 
 
 
