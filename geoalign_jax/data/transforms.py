@@ -174,6 +174,20 @@ def transform_boxes(
     return np.clip(normalised, 0.0, 1.0).astype(np.float32), keep
 
 
+def source_size_keep(boxes: np.ndarray, width: int, height: int, min_size: float, max_size: float) -> np.ndarray:
+    """Which boxes ([N, 4] source pixels) FarSLIP's area filter keeps: the box clipped to the image, area in
+    [min_size ** 2, max_size ** 2] source pixels (max_size 0 = no upper bound), as its data.py does before
+    taking the crop."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    clipped_w = np.clip(boxes[:, 2], 0, width) - np.clip(boxes[:, 0], 0, width)
+    clipped_h = np.clip(boxes[:, 3], 0, height) - np.clip(boxes[:, 1], 0, height)
+    area = clipped_w * clipped_h
+    keep = area >= min_size**2
+    if max_size > 0:
+        keep &= area <= max_size**2
+    return keep
+
+
 def visible_part(box: tuple[float, float, float, float] | np.ndarray, view: Crop) -> Crop:
     """The part of source box ``(x1, y1, x2, y2)`` inside the view's crop, in source pixels (may be empty).
 
@@ -304,6 +318,8 @@ class TransformConfig:
     hflip_prob: float = 0.5
     min_box_visible_fraction: float = 0.25
     min_box_size_px: float = 2.0
+    region_min_source_size: float = 0.0
+    region_max_source_size: float = 0.0
     category_prompt: str = DEFAULT_CATEGORY_PROMPT
     category_ids: tuple[tuple[str, int], ...] = ()
     interpolation: str = "bicubic"
@@ -331,6 +347,14 @@ class TransformConfig:
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"data config: {name} must satisfy 0 < min <= max, got {(low, high)}")
+        for name in ("region_min_source_size", "region_max_source_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data config: {name} must be >= 0 (0 = no bound), got {getattr(self, name)}")
+        if 0 < self.region_max_source_size < self.region_min_source_size:
+            raise ValueError(
+                f"data config: region_max_source_size {self.region_max_source_size} is below region_min_source_size "
+                f"{self.region_min_source_size}"
+            )
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"data config: hflip_prob must be in [0, 1], got {self.hflip_prob}")
         if self.interpolation not in RESAMPLING:
@@ -494,6 +518,8 @@ def make_example(
             min_visible_fraction=config.min_box_visible_fraction,
             min_size_px=config.min_box_size_px,
         )
+        if config.region_min_source_size or config.region_max_source_size:
+            keep &= source_size_keep(boxes, width, height, config.region_min_source_size, config.region_max_source_size)
         survivors = np.flatnonzero(keep)
         if len(survivors) > config.max_regions:
             survivors = np.sort(rng.choice(survivors, size=config.max_regions, replace=False))
