@@ -43,6 +43,7 @@ from geoalign_jax.losses.contrastive import (
     siglip_loss,
 )
 from geoalign_jax.losses.region import REGION_TEXT_POSITIVES, multi_positive_loss, region_text_loss
+from geoalign_jax.losses.smoothed import label_smoothed_clip_loss
 from geoalign_jax.models.roi_align import region_features
 from geoalign_jax.parallel.mesh import AxisContext
 from geoalign_jax.validation import is_int, is_number, require
@@ -68,6 +69,7 @@ SCENE_KINDS = ("infonce", "siglip")
 DENSE_FEATURES = ("last", "segearth")
 DISTILL_TEACHERS = ("active", "frozen", "ema")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+PCA_SCOPES = ("device", "global")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -97,7 +99,12 @@ def default_loss_config() -> ml_collections.ConfigDict:
                             (start_weight before start_step, end_weight from it on); weights in [0, 1].
     long_text_pca_components  0 = off; k > 0 = Long-CLIP primary-component matching: the short caption
                             is contrasted with the image embeddings rebuilt from their top-k principal
-                            components (needs weights.long_text > 0).
+                            components, as Long-CLIP computes them (gradient through the SVD, not
+                            re-normalised; needs weights.long_text > 0). Long-CLIP: 32.
+    long_text_pca_scope     rows one PCA sees: "device" (each batch shard's rows, as Long-CLIP runs it on
+                            each GPU's batch before the all-gather) | "global" (the whole global batch).
+    label_smoothing         eps in [0, 1) of the InfoNCE cross-entropies of scene and long_text (torch's
+                            `label_smoothing`: eps spread over the batch's columns). Long-CLIP 0.1; 0 = off.
     """
     config = ml_collections.ConfigDict()
     config.weights = ml_collections.ConfigDict({name: 0.0 for name in TERM_NAMES})
@@ -115,6 +122,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
         {"kind": "constant", "start_step": 0, "end_step": 0, "start_weight": 0.5, "end_weight": 0.5}
     )
     config.long_text_pca_components = 0
+    config.long_text_pca_scope = "device"
+    config.label_smoothing = 0.0
     return config
 
 
@@ -172,6 +181,16 @@ def validate_loss_config(config: Any) -> dict[str, Any]:
     require(
         is_int(data["distill_output_size"]) and data["distill_output_size"] >= 0,
         "loss.distill_output_size", data["distill_output_size"], "must be an int >= 0 (0 = the patch grid)",
+    )
+    require(
+        data["long_text_pca_scope"] in PCA_SCOPES, "loss.long_text_pca_scope", data["long_text_pca_scope"],
+        f"must be one of {PCA_SCOPES}",
+    )
+    smoothing = data["label_smoothing"]
+    require(is_number(smoothing) and 0.0 <= smoothing < 1.0, "loss.label_smoothing", smoothing, "must be in [0, 1)")
+    require(
+        smoothing == 0 or data["scene_kind"] == "infonce", "loss.label_smoothing", smoothing,
+        "applies to the InfoNCE cross-entropy only (loss.scene_kind 'infonce')",
     )
     _validate_schedule(data["long_text_schedule"], defaults["long_text_schedule"], "loss.long_text_schedule")
     pca = data["long_text_pca_components"]
@@ -356,19 +375,34 @@ def _logit_bias(params: Mapping[str, Any]) -> Array:
     return params["logit_bias"]
 
 
-def _image_text_loss(image_emb, text_emb, mask, params, axis_context, config) -> tuple[Array, Metrics]:
+def _image_text_loss(image_emb, text_emb, mask, params, axis_context, config, normalize_images=True) -> tuple[Array, Metrics]:
     common = dict(mask=mask, chunk_size=config["chunk_size"], axis_context=axis_context)
     if config["scene_kind"] == "siglip":
         return siglip_loss(image_emb, text_emb, params["logit_scale"], _logit_bias(params), **common)
+    if config["label_smoothing"] > 0 or not normalize_images:
+        return label_smoothed_clip_loss(
+            image_emb, text_emb, params["logit_scale"], label_smoothing=config["label_smoothing"],
+            normalize_images=normalize_images, **common,
+        )
     return clip_loss(image_emb, text_emb, params["logit_scale"], **common)
 
 
+def _pca_groups(config: Mapping[str, Any], axis_context: AxisContext | None) -> int:
+    """How many PCA groups `long_text_pca_scope` asks for: the batch shards ("device") or one ("global")."""
+    if config["long_text_pca_scope"] == "global" or axis_context is None:
+        return 1
+    return axis_context.batch_shards
+
+
 def scene_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
-    """Image vs short caption; with Long-CLIP PCM on, the image side is its primary-component rebuild."""
+    """Image vs short caption; with Long-CLIP PCM on, the image side is the primary-component rebuild of the
+    normalised image embeddings, contrasted as it is (Long-CLIP's forward does not re-normalise it)."""
     image_emb = outputs["image_emb"]
     components = config["long_text_pca_components"]
     if components > 0:
-        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components)
+        groups = _pca_groups(config, axis_context)
+        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components, groups=groups)
+        return _image_text_loss(image_emb, outputs["text_emb"], None, params, axis_context, config, normalize_images=False)
     return _image_text_loss(image_emb, outputs["text_emb"], None, params, axis_context, config)
 
 
