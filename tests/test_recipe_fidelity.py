@@ -292,3 +292,28 @@ def test_mgrs_scene_caption_region_text_and_category_as_farslips_loader(tmp_path
     tokenize = transform._tokenize
     expected = {tuple(tokenize(["a satellite image of airplane"])[0]), tuple(tokenize(["a white plane at the gate"])[0])}
     assert {tuple(row) for row in example["region_text"][:2]} == expected  # data.py:127, 130: no period
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning-rate schedule: open_clip's cosine_lr
+
+
+def _open_clip_cosine_lr(base_lr, warmup_length, steps, step):
+    """FarSLIP open_clip_train/scheduler.py:9-11, 45-53 (Long-CLIP train/scheduler.py is the same)."""
+    import math
+
+    if step < warmup_length:
+        return base_lr * (step + 1) / warmup_length
+    e = step - warmup_length
+    es = steps - warmup_length
+    return 0.5 * (1 + math.cos(math.pi * e / es)) * base_lr
+
+
+@pytest.mark.parametrize("warmup,steps", [(200, 5860), (3, 10), (0, 7)])
+def test_learning_rate_schedule_is_open_clips_cosine_lr(warmup, steps):
+    config = trainer_config.default_optim_config()
+    config.learning_rate, config.warmup_steps = 1e-6, warmup
+    schedule = optim.learning_rate_schedule(config, steps)
+    counts = np.arange(steps)
+    expected = [_open_clip_cosine_lr(1e-6, warmup, steps, int(k)) for k in counts]
+    np.testing.assert_allclose(np.asarray(jax.vmap(schedule)(counts)), expected, rtol=1e-5, atol=1e-13)  # float32

@@ -25,18 +25,24 @@ _TOWER_INPUTS = {
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warm-up to `learning_rate` over `warmup_steps`, then cosine decay to `learning_rate *
-    end_learning_rate_factor` at `num_steps`. As in open_clip, update k (from 0) uses the value at k + 1, so
-    the first update already moves (peak / warmup_steps) and the last one uses the end value."""
+    """open_clip's `cosine_lr` (open_clip_train/scheduler.py; FarSLIP's and Long-CLIP's train/scheduler.py are
+    the same code) as a function of the update count k (from 0): `peak * (k + 1) / warmup_steps` while
+    k < warmup_steps, then `end + (peak - end) * (1 + cos(pi * (k - warmup_steps) / (num_steps -
+    warmup_steps))) / 2` with end = `peak * end_learning_rate_factor` (open_clip: end 0). So the first update
+    already moves (peak / warmup_steps) and the first one after the warm-up uses the peak."""
     peak = float(optim.learning_rate)
-    base = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=int(optim.warmup_steps),
-        decay_steps=max(int(num_steps), int(optim.warmup_steps) + 1),
-        end_value=peak * float(optim.end_learning_rate_factor),
-    )
-    return lambda count: base(count + 1)
+    end = peak * float(optim.end_learning_rate_factor)
+    warmup = int(optim.warmup_steps)
+    decay_steps = max(int(num_steps) - warmup, 1)
+
+    def schedule(count: Any) -> jax.Array:
+        count = jnp.asarray(count, jnp.float32)
+        warming = peak * (count + 1.0) / max(warmup, 1)
+        progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+        cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(count < warmup, warming, cosine)
+
+    return schedule
 
 
 def _path_tree(params: Params) -> Params:
