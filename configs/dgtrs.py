@@ -28,6 +28,8 @@ Differences from the authors' code, and why:
 - Gradient of the gathered features: DGTRS's forward gathers without gradient (torch.distributed.all_gather,
   model_longclip.py:462-465), so on W GPUs DDP gives each term 1/W of its gradient; here every term gets its
   true all-device gradient (only the effective learning rate differs, by W, for both terms alike).
+- Temperature: clamped to [0, ln 100] after each update (open_clip's rule, every recipe); Long-CLIP's train.py
+  leaves it unclamped (it starts at 4.6052, ln 100 + 3e-5, so the clamp moves it by 3e-5 once).
 - The short/long combination a(t) is inferred (above): the code returns the two losses, not their weights.
 - DGTRSD's size (2 million pairs, README) is approximate; set `train.num_steps` from your converted count.
 """
