@@ -317,3 +317,14 @@ def test_learning_rate_schedule_is_open_clips_cosine_lr(warmup, steps):
     counts = np.arange(steps)
     expected = [_open_clip_cosine_lr(1e-6, warmup, steps, int(k)) for k in counts]
     np.testing.assert_allclose(np.asarray(jax.vmap(schedule)(counts)), expected, rtol=1e-5, atol=1e-13)  # float32
+
+
+def test_bad_box_bounds_and_fixed_rows_are_refused_naming_the_field():
+    data = pipeline.default_data_config()
+    data.region_min_source_size, data.region_max_source_size = 64.0, 32.0
+    with pytest.raises(ValueError, match="region_max_source_size 32.0 is below region_min_source_size"):
+        pipeline.transform_config(data)
+    config = common.get_config()
+    config.optim.fixed_rows = (("^text/positional_embedding$", 0),)
+    with pytest.raises(ValueError, match="optim.fixed_rows"):
+        common.check_config(config)
