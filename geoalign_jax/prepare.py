@@ -192,11 +192,14 @@ def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder the global_filepath entries are relative to")
     parser.add_argument("--name", default="mgrs", help="dataset name (shard file prefix)")
     parser.add_argument("--split", default="train", help="split name of these images")
+    parser.add_argument("--captions", choices=prepare_corpora.MGRS_CAPTION_RULES, default="all",
+                        help="short captions: 'all' = global_caption and brief_caption; 'farslip' = FarSLIP's "
+                             "scene text, global_caption else detailed_caption (configs/farslip.py s2)")
 
 
 def _mgrs(args: argparse.Namespace) -> ConversionSummary:
     return prepare_corpora.prepare_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
-                                        **common_kwargs(args))
+                                        captions=args.captions, **common_kwargs(args))
 
 
 def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:

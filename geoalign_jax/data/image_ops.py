@@ -153,6 +153,20 @@ def transform_boxes(
     return np.clip(normalised, 0.0, 1.0).astype(np.float32), keep
 
 
+def source_size_keep(boxes: np.ndarray, width: int, height: int, min_size: float, max_size: float) -> np.ndarray:
+    """Which boxes ([N, 4] source pixels) FarSLIP's area filter keeps: the box clipped to the image, area in
+    [min_size ** 2, max_size ** 2] source pixels (max_size 0 = no upper bound), as its data.py does before
+    taking the crop."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    clipped_w = np.clip(boxes[:, 2], 0, width) - np.clip(boxes[:, 0], 0, width)
+    clipped_h = np.clip(boxes[:, 3], 0, height) - np.clip(boxes[:, 1], 0, height)
+    area = clipped_w * clipped_h
+    keep = area >= min_size**2
+    if max_size > 0:
+        keep &= area <= max_size**2
+    return keep
+
+
 def visible_part(box: tuple[float, float, float, float] | np.ndarray, view: Crop) -> Crop:
     """The part of source box ``(x1, y1, x2, y2)`` inside the view's crop, in source pixels (may be empty).
 

@@ -74,6 +74,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_regions = 0  # R: boxes per image after augmentation, padded + `region_mask`; 0 = off
     config.min_box_visible_fraction = 0.25  # a box keeps >= this fraction of its area inside the crop, else dropped
     config.min_box_size_px = 2.0  # ... and at least this many output pixels wide and high
+    # Source-pixel bounds on a box's area, checked before any crop (FarSLIP data.py: `--min-size 64
+    # --max-size 1024` keep boxes of area in [64^2, 1024^2] pixels of the original image): a box is used
+    # only when area >= region_min_source_size ** 2 and, if region_max_source_size > 0, <= its square.
+    config.region_min_source_size = 0.0
+    config.region_max_source_size = 0.0
     config.region_crop_size = 0  # side of `region_crops`: each whole box of the ORIGINAL image, unflipped (region_cls)
     # side of `region_view_crops`: the part of each box inside the augmented global view, flipped with it: the
     # pixels RoI-Align pools at `region_boxes` (global_region_consistency); 0 = off
@@ -139,6 +144,8 @@ def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformC
         hflip_prob=float(config.hflip_prob),
         min_box_visible_fraction=float(config.min_box_visible_fraction),
         min_box_size_px=float(config.min_box_size_px),
+        region_min_source_size=float(config.region_min_source_size),
+        region_max_source_size=float(config.region_max_source_size),
         category_prompt=str(config.category_prompt),
         category_ids=tuple(sorted((str(k), int(v)) for k, v in category_ids.items())),
         interpolation=str(config.interpolation),

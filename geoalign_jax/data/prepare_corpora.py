@@ -38,6 +38,16 @@ UNREADABLE_SHARD = "unreadable shard"
 MGRS_SHORT_CAPTION_FIELDS = ("global_caption", "brief_caption")
 MGRS_LONG_CAPTION_FIELD = "detailed_caption"
 _BOX_KEYS = ("x1", "y1", "x2", "y2")
+MGRS_CAPTION_RULES = ("all", "farslip")
+
+
+def mgrs_scene_captions(item: Mapping[str, Any], rule: str) -> tuple[str, ...]:
+    """The short captions of an MGRS item: "all" = its global and brief captions; "farslip" = FarSLIP's one
+    scene text, `item.get("global_caption") or item.get("detailed_caption")` (open_clip_train/data.py:93)."""
+    if rule == "farslip":
+        text = item.get("global_caption") or item.get(MGRS_LONG_CAPTION_FIELD)
+        return (text,) if text is not None else ()
+    return tuple(item[field] for field in MGRS_SHORT_CAPTION_FIELDS if item.get(field) is not None)
 
 
 def _number(value: Any) -> float | None:
@@ -93,18 +103,24 @@ def prepare_mgrs(
     *,
     name: str = "mgrs",
     split: str = "train",
+    captions: str = "all",
     **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert an MGRS-200k-style JSON (FarSLIP stage 2) with its image folder.
 
-    Each item: `global_filepath` (relative to `image_dir`); `global_caption` and `brief_caption` become short
-    captions, `detailed_caption` the long caption; `segment` is a list of `{bbox: {x1, y1, x2, y2, W, H},
-    category, category_id}` (a category region) or `{bbox, cap}` (a region caption: FarSLIP leaves these out of
-    its category loss, so they get no category). Boxes are pixels of a W x H image: they are rescaled to the
+    Each item: `global_filepath` (relative to `image_dir`); with `captions="all"` `global_caption` and
+    `brief_caption` become short captions (one is drawn per step), with `captions="farslip"` the one short
+    caption is FarSLIP's scene text, `global_caption` else `detailed_caption` (data.py:93; its `brief_caption`
+    line is commented out); `detailed_caption` is the long caption either way. `segment` is a list of
+    `{bbox: {x1, y1, x2, y2, W, H}, category, category_id}` (a category region) and/or `cap` (a region caption;
+    a segment with both keeps both: FarSLIP's loader uses the caption as its text and leaves it out of the
+    category loss, which the transforms reproduce by giving captioned regions category id -1). Boxes are pixels of a W x H image: they are rescaled to the
     stored image's size when it differs, then clipped like every converter's. Region `category_id` is the index
     of the published id in the sorted ids (manifest: `category_names` in that order, `mgrs_category_ids`); a
     segment whose id was already seen with another name is dropped ('category id names two categories').
     """
+    if captions not in MGRS_CAPTION_RULES:
+        raise ConversionError(f"captions must be one of {MGRS_CAPTION_RULES}, got {captions!r}")
     data = _load_json(json_path)
     if not isinstance(data, list):
         raise ConversionError(f"{json_path}: expected an MGRS JSON list of items (global_filepath, segment, ...)")
@@ -129,23 +145,28 @@ def prepare_mgrs(
                 log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, region_name, ANNOTATION))
                 continue
             box, frame = parsed
-            if "cap" in segment and segment["cap"] is not None:
-                regions.append((RawRegion(box=box, caption=segment["cap"], name=region_name), frame))
-                continue
+            caption = segment.get("cap")
             category, category_id = segment.get("category"), segment.get("category_id")
-            if not isinstance(category, str) or not category.strip() \
-                    or not isinstance(category_id, int) or isinstance(category_id, bool):
+            has_category = isinstance(category, str) and bool(category.strip()) \
+                and isinstance(category_id, int) and not isinstance(category_id, bool)
+            if caption is None and not has_category:
                 log.annotations_seen += 1
                 log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, f"{region_name} (needs 'cap', or 'category' and an "
                                                            "int 'category_id')", ANNOTATION))
                 continue
-            known = id_names.setdefault(category_id, category.strip())
-            if known != category.strip():
-                log.annotations_seen += 1
-                log.add(Skip(CATEGORY_ID_CONFLICT, f"{region_name} ({category_id}: {category.strip()!r}, "
-                                                   f"earlier {known!r})", ANNOTATION))
-                continue
-            regions.append((RawRegion(box=box, category=category, category_id=category_id, name=region_name), frame))
+            if has_category:
+                known = id_names.setdefault(category_id, category.strip())
+                if known != category.strip():
+                    log.annotations_seen += 1
+                    log.add(Skip(CATEGORY_ID_CONFLICT, f"{region_name} ({category_id}: {category.strip()!r}, "
+                                                       f"earlier {known!r})", ANNOTATION))
+                    if caption is None:
+                        continue
+                    has_category = False  # the caption still makes a region
+            # A segment with both keeps both (the data are not thinned); the category term leaves it out
+            # (transforms: a captioned region's category id is -1), as FarSLIP's data.py:126-128 does.
+            regions.append((RawRegion(box=box, caption=caption, category=category if has_category else None,
+                                      category_id=category_id if has_category else -1, name=region_name), frame))
         entries.append((where, item, regions))
     published_ids = sorted(id_names)
     id_index = {category_id: index for index, category_id in enumerate(published_ids)}
@@ -167,7 +188,7 @@ def prepare_mgrs(
             yield ImageTask(
                 split=split, id=item["global_filepath"], source=name, name=f"{where} ({item['global_filepath']})",
                 image_path=str(image_path),
-                captions=tuple(item[field] for field in MGRS_SHORT_CAPTION_FIELDS if item.get(field) is not None),
+                captions=mgrs_scene_captions(item, captions),
                 long_caption=item.get(MGRS_LONG_CAPTION_FIELD),
                 regions=tuple(_rescale(region, frame, size) for region, frame in regions), require="text",
             )

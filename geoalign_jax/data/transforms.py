@@ -24,7 +24,7 @@ import grain
 from geoalign_jax import tokenizer as tokenizer_lib
 from geoalign_jax.data.image_ops import (
     RESAMPLING, Crop, crop_box_in_view, crop_resize, decode_image, draft_scale_needed, full_crop, normalise,
-    sample_crop_within, sample_resized_crop, transform_boxes, visible_part,
+    sample_crop_within, sample_resized_crop, source_size_keep, transform_boxes, visible_part,
 )
 
 DEFAULT_CATEGORY_PROMPT = "a satellite image of {}."
@@ -58,6 +58,8 @@ class TransformConfig:
     hflip_prob: float = 0.5
     min_box_visible_fraction: float = 0.25
     min_box_size_px: float = 2.0
+    region_min_source_size: float = 0.0
+    region_max_source_size: float = 0.0
     category_prompt: str = DEFAULT_CATEGORY_PROMPT
     category_ids: tuple[tuple[str, int], ...] = ()
     interpolation: str = "bicubic"
@@ -85,6 +87,14 @@ class TransformConfig:
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"data config: {name} must satisfy 0 < min <= max, got {(low, high)}")
+        for name in ("region_min_source_size", "region_max_source_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data config: {name} must be >= 0 (0 = no bound), got {getattr(self, name)}")
+        if 0 < self.region_max_source_size < self.region_min_source_size:
+            raise ValueError(
+                f"data config: region_max_source_size {self.region_max_source_size} is below region_min_source_size "
+                f"{self.region_min_source_size}"
+            )
         if not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"data config: hflip_prob must be in [0, 1], got {self.hflip_prob}")
         if self.interpolation not in RESAMPLING:
@@ -248,6 +258,8 @@ def make_train_example(
             min_visible_fraction=config.min_box_visible_fraction,
             min_size_px=config.min_box_size_px,
         )
+        if config.region_min_source_size or config.region_max_source_size:
+            keep &= source_size_keep(boxes, width, height, config.region_min_source_size, config.region_max_source_size)
         survivors = np.flatnonzero(keep)
         if len(survivors) > config.max_regions:
             survivors = np.sort(rng.choice(survivors, size=config.max_regions, replace=False))

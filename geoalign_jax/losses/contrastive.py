@@ -265,29 +265,43 @@ def hard_negative_loss(
     return loss, {"loss": loss, "i2t_accuracy": accuracy, "hard_negative_accuracy": hard_accuracy}
 
 
-def principal_component_reconstruction(features: Array, num_components: int, *, mask: Array | None = None) -> Array:
+def principal_component_reconstruction(
+    features: Array, num_components: int, *, mask: Array | None = None, groups: int = 1
+) -> Array:
     """Long-CLIP's primary-component matching: features rebuilt from their top principal components.
 
-    features [N, E] (Long-CLIP passes the normalised image embeddings); the mean and covariance are taken
-    over the valid rows of the (global) batch, the basis = the `num_components` eigenvectors of
-    Xc^T Xc with the largest eigenvalues, and each row becomes mean + (x - mean) B B^T. The short caption
-    is then contrasted with these "coarse" image features. Unlike Long-CLIP (which backpropagates
-    through `torch.linalg.eig`), the basis is a constant for the gradient: the eigenvector derivative has
-    1 / (lambda_i - lambda_j) factors that blow up for the (many, when N < E) repeated eigenvalues; the
-    gradient still flows through the centring and the projection.
+    As Long-CLIP's `CLIP.PCA` computes it (model/model_longclip.py:389-403 of beichenzbc/Long-CLIP): per
+    group, mean over the (valid) rows, `U, S, Vt = svd(X - mean)`, basis B = the first `num_components` rows
+    of Vt, and each row becomes (x - mean) B B^T + mean. The gradient flows through the SVD (as torch's does
+    there), and the result is NOT re-normalised (Long-CLIP contrasts it as it is).
+
+    features [N, E] (Long-CLIP passes the normalised image embeddings). `groups` splits the rows into that
+    many consecutive equal blocks, each with its own PCA: Long-CLIP runs it on each GPU's batch before the
+    all-gather, which is `groups` = the number of batch shards. Masked rows neither enter a group's mean nor
+    its SVD (they are rebuilt with the group's basis but read by no loss).
     """
     x = jnp.asarray(features, jnp.float32)
     count, dim = x.shape
     if not 0 < num_components <= dim:
         raise ValueError(f"num_components must be in [1, {dim}], got {num_components}")
-    valid = _valid_or_all(mask, count)[:, None]
-    mean = jnp.sum(jnp.where(valid, x, 0.0), axis=0) / jnp.maximum(jnp.sum(valid), 1)
-    centred = jnp.where(valid, x - mean, 0.0)
-    covariance = jax.lax.stop_gradient(jnp.matmul(centred.T, centred, precision=HIGHEST))
-    _, eigenvectors = jnp.linalg.eigh(covariance)  # ascending eigenvalues
-    basis = eigenvectors[:, ::-1][:, :num_components]
-    coordinates = jnp.matmul(x - mean, basis, precision=HIGHEST)
-    return jnp.matmul(coordinates, basis.T, precision=HIGHEST) + mean
+    if groups < 1 or count % groups:
+        raise ValueError(f"the {count} rows cannot be split into {groups} equal PCA groups")
+    valid = _valid_or_all(mask, count)
+
+    def one_group(rows: Array, rows_valid: Array) -> Array:
+        rows_valid = rows_valid[:, None]
+        mean = jnp.sum(jnp.where(rows_valid, rows, 0.0), axis=0) / jnp.maximum(jnp.sum(rows_valid), 1)
+        centred = rows - mean
+        # The SVD's derivative is formed by matmuls of its own: HIGHEST, like every similarity here.
+        with jax.default_matmul_precision("highest"):
+            _, _, vt = jnp.linalg.svd(jnp.where(rows_valid, centred, 0.0), full_matrices=False)
+        basis = vt[:num_components].T
+        coordinates = jnp.matmul(centred, basis, precision=HIGHEST)
+        return jnp.matmul(coordinates, basis.T, precision=HIGHEST) + mean
+
+    size = count // groups
+    rebuilt = jax.vmap(one_group)(x.reshape(groups, size, dim), valid.reshape(groups, size))
+    return rebuilt.reshape(count, dim)
 
 
 __all__ = [

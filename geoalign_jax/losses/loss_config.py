@@ -25,6 +25,7 @@ SCENE_KINDS = ("infonce", "siglip")
 DENSE_FEATURES = ("last", "segearth")
 DISTILL_TEACHERS = ("active", "frozen", "ema")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "step")
+PCA_SCOPES = ("device", "global")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -54,7 +55,12 @@ def default_loss_config() -> ml_collections.ConfigDict:
                             (start_weight before start_step, end_weight from it on); weights in [0, 1].
     long_text_pca_components  0 = off; k > 0 = Long-CLIP primary-component matching: the short caption
                             is contrasted with the image embeddings rebuilt from their top-k principal
-                            components (needs weights.long_text > 0).
+                            components, as Long-CLIP computes them (gradient through the SVD, not
+                            re-normalised; needs weights.long_text > 0). Long-CLIP: 32.
+    long_text_pca_scope     rows one PCA sees: "device" (each batch shard's rows, as Long-CLIP runs it on
+                            each GPU's batch before the all-gather) | "global" (the whole global batch).
+    label_smoothing         eps in [0, 1) of the InfoNCE cross-entropies of scene and long_text (torch's
+                            `label_smoothing`: eps spread over the batch's columns). Long-CLIP 0.1; 0 = off.
     """
     config = ml_collections.ConfigDict()
     config.weights = ml_collections.ConfigDict({name: 0.0 for name in TERM_NAMES})
@@ -72,6 +78,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
         {"kind": "constant", "start_step": 0, "end_step": 0, "start_weight": 0.5, "end_weight": 0.5}
     )
     config.long_text_pca_components = 0
+    config.long_text_pca_scope = "device"
+    config.label_smoothing = 0.0
     return config
 
 
@@ -129,6 +137,16 @@ def validate_loss_config(config: Any) -> dict[str, Any]:
     require(
         is_int(data["distill_output_size"]) and data["distill_output_size"] >= 0,
         "loss.distill_output_size", data["distill_output_size"], "must be an int >= 0 (0 = the patch grid)",
+    )
+    require(
+        data["long_text_pca_scope"] in PCA_SCOPES, "loss.long_text_pca_scope", data["long_text_pca_scope"],
+        f"must be one of {PCA_SCOPES}",
+    )
+    smoothing = data["label_smoothing"]
+    require(is_number(smoothing) and 0.0 <= smoothing < 1.0, "loss.label_smoothing", smoothing, "must be in [0, 1)")
+    require(
+        smoothing == 0 or data["scene_kind"] == "infonce", "loss.label_smoothing", smoothing,
+        "applies to the InfoNCE cross-entropy only (loss.scene_kind 'infonce')",
     )
     _validate_schedule(data["long_text_schedule"], defaults["long_text_schedule"], "loss.long_text_schedule")
     pca = data["long_text_pca_components"]

@@ -47,6 +47,7 @@ from geoalign_jax.losses.contrastive import (
     siglip_loss,
 )
 from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
+from geoalign_jax.losses.smoothed import label_smoothed_clip_loss
 from geoalign_jax.models.roi_align import region_features
 from geoalign_jax.parallel.mesh import AxisContext
 
@@ -212,19 +213,34 @@ def _logit_bias(params: Mapping[str, Any]) -> Array:
     return params["logit_bias"]
 
 
-def _image_text_loss(image_emb, text_emb, mask, params, axis_context, config) -> tuple[Array, Metrics]:
+def _image_text_loss(image_emb, text_emb, mask, params, axis_context, config, normalize_images=True) -> tuple[Array, Metrics]:
     common = dict(mask=mask, chunk_size=config["chunk_size"], axis_context=axis_context)
     if config["scene_kind"] == "siglip":
         return siglip_loss(image_emb, text_emb, params["logit_scale"], _logit_bias(params), **common)
+    if config["label_smoothing"] > 0 or not normalize_images:
+        return label_smoothed_clip_loss(
+            image_emb, text_emb, params["logit_scale"], label_smoothing=config["label_smoothing"],
+            normalize_images=normalize_images, **common,
+        )
     return clip_loss(image_emb, text_emb, params["logit_scale"], **common)
 
 
+def _pca_groups(config: Mapping[str, Any], axis_context: AxisContext | None) -> int:
+    """How many PCA groups `long_text_pca_scope` asks for: the batch shards ("device") or one ("global")."""
+    if config["long_text_pca_scope"] == "global" or axis_context is None:
+        return 1
+    return axis_context.batch_shards
+
+
 def scene_term(outputs: Outputs, batch: Batch, params: Mapping[str, Any], *, axis_context: AxisContext | None, config: Mapping[str, Any]) -> tuple[Array, Metrics]:
-    """Image vs short caption; with Long-CLIP PCM on, the image side is its primary-component rebuild."""
+    """Image vs short caption; with Long-CLIP PCM on, the image side is the primary-component rebuild of the
+    normalised image embeddings, contrasted as it is (Long-CLIP's forward does not re-normalise it)."""
     image_emb = outputs["image_emb"]
     components = config["long_text_pca_components"]
     if components > 0:
-        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components)
+        groups = _pca_groups(config, axis_context)
+        image_emb = principal_component_reconstruction(l2_normalize(image_emb), components, groups=groups)
+        return _image_text_loss(image_emb, outputs["text_emb"], None, params, axis_context, config, normalize_images=False)
     return _image_text_loss(image_emb, outputs["text_emb"], None, params, axis_context, config)
 
 
