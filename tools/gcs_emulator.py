@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import json
 import os
 import re
 import socket
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http import server as http_server
 
@@ -120,6 +122,7 @@ class FaultProxy:
         self._cut_after = 0
         self._fail_status = 503
         self.cuts = self.failures = self.media_requests = 0
+        self._denied: set[str] = set()
         proxy = self
 
         class Handler(http_server.BaseHTTPRequestHandler):
@@ -133,9 +136,12 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else None
                 media = "alt=media" in self.path or self.path.startswith("/download/")
                 action = proxy._take_action(media) if self.command == "GET" else None
+                status = proxy._fail_status
+                if any(part in urllib.parse.unquote(self.path) for part in proxy._denied):
+                    action, status = "fail", 403
                 if action == "fail":
-                    payload = b'{"error": {"code": 503, "message": "injected"}}'
-                    self.send_response(proxy._fail_status)
+                    payload = json.dumps({"error": {"code": status, "message": "injected"}}).encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -173,6 +179,9 @@ class FaultProxy:
         class Server(http_server.ThreadingHTTPServer):
             daemon_threads = True
 
+            def handle_error(self, request, client_address):  # a client that hung up on a cut: expected
+                pass
+
         self._server = Server((LOOPBACK, 0), Handler)
         self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -200,6 +209,16 @@ class FaultProxy:
     def fail_downloads(self, count: int, status: int = 503) -> None:
         with self._lock:
             self._fail_left, self._fail_status = int(count), int(status)
+
+    def deny(self, object_name: str) -> None:
+        """Answer 403 to every request naming ``object_name`` (as a bucket whose IAM refuses it would)."""
+        with self._lock:
+            self._denied.add(object_name)
+
+    def allow_all(self) -> None:
+        with self._lock:
+            self._denied.clear()
+            self._cut_left = self._fail_left = 0
 
     def close(self) -> None:
         self._server.shutdown()
