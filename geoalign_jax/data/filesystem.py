@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import pathlib
 import re
 import threading
 import time
@@ -94,11 +95,12 @@ def configure() -> None:
 
 
 def path(location: str | os.PathLike) -> Any:
-    """``etils.epath.Path`` of a local path or a ``gs://`` location (pathlib's API for both)."""
+    """pathlib's API for a location: ``pathlib.Path`` for a local path, ``etils.epath.Path`` for ``gs://``."""
+    if not is_gcs(location):
+        return pathlib.Path(location)
     from etils import epath
 
-    if is_gcs(location):
-        configure()
+    configure()
     return epath.Path(os.fspath(location))
 
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
 from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
                                retrieval, zeroshot)
 
@@ -257,7 +258,7 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     (``UCM/train``): then that name is its split, so the split guard sees it."""
     from geoalign_jax.data import sources
 
-    root = pathlib.Path(spec.path)
+    root = filesystem.path(spec.path)
     if not datasets.is_record_dir(root):
         if is_training_split(root.name):
             return root.name, root.absolute().parent.name, []

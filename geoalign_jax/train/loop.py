@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from geoalign_jax import params_checkpoint
-from geoalign_jax.data import pipeline
+from geoalign_jax.data import filesystem, pipeline
 from geoalign_jax.losses import objective as objective_lib
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
@@ -225,7 +225,7 @@ def _train_images(config: ml_collections.ConfigDict) -> TrainImages:
 
     data = config.data
     paths = sources.shard_paths(data.train_shards, data.train_split)
-    train_images = TrainImages.from_shards(paths, locations=[os.path.abspath(data.train_shards)],
+    train_images = TrainImages.from_shards(paths, locations=[filesystem.absolute(data.train_shards)],
                                            split=data.train_split)
     exclude = bool(config.eval.exclude_overlap)
     for prefix, result in check_overlap(list(config.eval.tasks), train_images).items():
@@ -315,7 +315,7 @@ def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pat
                                                             "config": str(workdir / CONFIG_FILE)},
             "tasks": list(config.eval.tasks), "batch_size": int(config.eval.batch_size),
             "model_config": setup.model_config.to_dict(), "allow_train_split": bool(config.eval.allow_train_split),
-            "train_data": [os.path.abspath(config.data.train_shards)], "train_split": str(config.data.train_split),
+            "train_data": [filesystem.absolute(config.data.train_shards)], "train_split": str(config.data.train_split),
             "exclude_overlap": bool(config.eval.exclude_overlap),
         }
         results = evaluate(
