@@ -29,7 +29,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
-from geoalign_jax.data import converters, corpora, fingerprints
+from geoalign_jax.data import converters, corpora, filesystem, fingerprints
 from geoalign_jax.data.writers import ConversionSummary
 
 Runner = Callable[[argparse.Namespace], ConversionSummary]
@@ -244,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
+    if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
+        from geoalign_jax.data import bucket_output
+
+        return bucket_output.run_to_bucket(args.out, args.overwrite, lambda staging: converters.run_cli(
+            lambda: FORMATS[args.format].run(argparse.Namespace(**{**vars(args), 'out': staging}))))
     return converters.run_cli(lambda: FORMATS[args.format].run(args))
 
 

@@ -128,3 +128,63 @@ def test_pipeline_from_a_bucket_resumes_exactly_like_the_local_run(healthy, demo
     resumed = pipeline.make_train_iterator(_config(remote), process_index=0, process_count=1, state=state)
     _assert_batches_equal(local[2:], pipeline.take(resumed, 3))
     resumed.close()
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory) -> pathlib.Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng(0)
+    for label in ("beach", "forest"):
+        (root / label).mkdir()
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / label / f"{index}.png")
+    return root
+
+
+def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, class_folders, tmp_path,
+                                                                       monkeypatch, capsys):
+    from geoalign_jax import prepare
+    from geoalign_jax.data import bucket_output
+
+    command = ["folders", "--root", str(class_folders), "--name", "aid", "--split", "train", "--no-progress",
+               "--workers", "1"]
+    assert prepare.main([*command, "--out", str(tmp_path / "local")]) == 0
+    out = healthy.url("prepared", "aid")
+    assert prepare.main([*command, "--out", out]) == 0
+    local_files = sorted(p.name for p in (tmp_path / "local").iterdir())
+    remote_files = sorted(p.rsplit("/", 1)[1] for p in healthy.fs.ls(out[len("gs://"):]))
+    assert remote_files == local_files
+    for name in local_files:
+        if name != "manifest.json":
+            assert healthy.fs.cat(f"{out[len('gs://'):]}/{name}") == (tmp_path / "local" / name).read_bytes()
+    assert sources.read_manifest(out)["splits"] == sources.read_manifest(tmp_path / "local")["splits"]
+    assert sources.RecordSource.from_dir(out, "train")[5]["image"] == \
+        sources.RecordSource.from_dir(tmp_path / "local", "train")[5]["image"]
+    assert capsys.readouterr().out.rstrip().endswith("(manifest.json last)")
+
+    assert prepare.main([*command, "--out", out]) == 1  # a dataset is there: refused before converting
+    assert f"{out} already holds a dataset" in capsys.readouterr().err
+
+    uploads = []
+    real_fs = bucket_output._bucket_fs()
+
+    class FailingSecondUpload:
+        def __getattr__(self, name):
+            return getattr(real_fs, name)
+
+        def put_file(self, local, remote):
+            uploads.append(remote)
+            if len(uploads) == 2:
+                raise OSError(f"Forbidden: {remote}")
+            return real_fs.put_file(local, remote)
+
+    monkeypatch.setattr(bucket_output, "_bucket_fs", lambda: FailingSecondUpload())
+    assert prepare.main([*command, "--out", out, "--overwrite"]) == 1
+    assert "holds no manifest.json, so no trainer reads it" in capsys.readouterr().err
+    with pytest.raises(sources.SourceError, match="no manifest.json"):  # the old one went before the shards
+        sources.shard_paths(out, "train")
+    monkeypatch.undo()
+    assert prepare.main([*command, "--out", out, "--overwrite"]) == 0
+    assert len(sources.RecordSource.from_dir(out, "train")) == 6

@@ -82,11 +82,16 @@ def configure() -> None:
     with _configured_lock:
         if _configured_for == key:
             return
+        import fsspec
+
+        for protocol in ("gs", "gcs"):
+            # No cached listings: a bucket folder changes under a long-lived process (prepare --overwrite, a
+            # shard deleted); an existence check must ask the bucket, not a listing taken minutes ago.
+            fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
         if endpoint:
             if not endpoint.startswith(("http://", "https://")):
                 endpoint = f"http://{endpoint}"
             os.environ.setdefault(NATIVE_EMULATOR_ENV, endpoint)
-            import fsspec
             import gcsfs.core
 
             for protocol in ("gs", "gcs"):
