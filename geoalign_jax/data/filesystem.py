@@ -103,6 +103,11 @@ def path(location: str | os.PathLike) -> Any:
     """pathlib's API for a location: ``pathlib.Path`` for a local path, ``etils.epath.Path`` for ``gs://``."""
     if not is_gcs(location):
         return pathlib.Path(location)
+    try:
+        import gcsfs  # noqa: F401 - epath reaches gs:// through fsspec's gcsfs
+    except ImportError:
+        raise ImportError(f"{os.fspath(location)}: reading or writing gs:// needs gcsfs: "
+                          "pip install 'geoalign-jax[gcs]' (or gcsfs==2026.10.1)") from None
     from etils import epath
 
     configure()
