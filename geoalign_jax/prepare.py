@@ -211,6 +211,11 @@ def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fingerprints(args: argparse.Namespace) -> int:
     """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
+    remote = [location for location in args.locations if filesystem.is_gcs(location)]
+    if remote:
+        print(f"error: {remote[0]}: sidecars are written to local folders only; prepare the dataset with "
+              "--out gs://... (it uploads them), or add them locally and upload the folder", file=sys.stderr)
+        return 1
     try:
         report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
     except fingerprints.ShardReadError as error:

@@ -188,3 +188,5 @@ def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, 
     monkeypatch.undo()
     assert prepare.main([*command, "--out", out, "--overwrite"]) == 0
     assert len(sources.RecordSource.from_dir(out, "train")) == 6
+    assert prepare.main(["fingerprints", out, "--no-progress"]) == 1
+    assert f"error: {out}: sidecars are written to local folders only" in capsys.readouterr().err
