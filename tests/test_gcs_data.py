@@ -190,3 +190,20 @@ def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, 
     assert len(sources.RecordSource.from_dir(out, "train")) == 6
     assert prepare.main(["fingerprints", out, "--no-progress"]) == 1
     assert f"error: {out}: sidecars are written to local folders only" in capsys.readouterr().err
+
+
+def test_storage_errors_are_told_apart():
+    from gcsfs.retry import HttpError
+
+    kinds = {
+        "missing": [FileNotFoundError("gs://b/x"), RuntimeError("NOT_FOUND: No such object: b/x")],
+        "denied": [OSError("Forbidden: b/x\nno access"), RuntimeError("PERMISSION_DENIED: caller lacks access"),
+                   HttpError({"code": 403, "message": "nope"})],
+        "transient": [RuntimeError("UNAVAILABLE: Retry policy exhausted"), HttpError({"code": 503, "message": "x"}),
+                      TimeoutError("read"), RuntimeError("DEADLINE_EXCEEDED")],
+        "other": [RuntimeError("Invalid Riegeli/records file: chunk hash mismatch at byte 5003"),
+                  ValueError("bad")],
+    }
+    for kind, errors in kinds.items():
+        for error in errors:
+            assert filesystem.error_kind(error) == kind, error

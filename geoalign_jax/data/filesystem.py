@@ -147,6 +147,14 @@ def error_kind(error: BaseException) -> str:
     GCS status in its message."""
     if isinstance(error, FileNotFoundError):
         return "missing"
+    code = getattr(error, "code", None)  # gcsfs's HttpError carries the HTTP status here, not in its text
+    if isinstance(code, int):
+        if code in (401, 403):
+            return "denied"
+        if code == 404:
+            return "missing"
+        if code in (408, 429) or 500 <= code < 600:
+            return "transient"
     if isinstance(error, PermissionError):
         return "denied"
     text = str(error)
