@@ -9,6 +9,7 @@ ArrayRecord file, missing) is refused when the source is built, naming the shard
 rebuilds it. A single record whose bytes cannot be read (a chunk hash mismatch from a zeroed or flipped
 block) raises `RecordReadError`, or, with `unreadable="mark"` (the training pipeline), comes back as an
 `UnreadableRecord` for the caller to skip and count: one bad block must not stop a week-long run.
+Every location may also be `gs://` (data/filesystem.py); a storage failure there is never taken for a bad record.
 """
 from __future__ import annotations
 
@@ -77,14 +78,12 @@ def _one_line(error: BaseException) -> str:
 def check_shard(path: str | os.PathLike) -> int:
     """Records in one shard, read from its index (footer); SourceError naming the shard, what is wrong and
     how to rebuild it when the file is missing, truncated or not an ArrayRecord file."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     path = os.fspath(path)
     if not _isfile(path):
         raise SourceError(f"shard {path} is missing; {rebuild_hint(path)}")
     problem = None
     try:
-        reader = filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+        reader = _open_reader(path)
     except Exception as error:  # noqa: BLE001 - riegeli raises RuntimeError / OSError / ValueError
         problem = _one_line(error)
     else:
@@ -146,6 +145,16 @@ def _contained_shard(entry: Any, manifest_path: str) -> str:
     return entry
 
 
+def _open_reader(path: str) -> Any:
+    """An ArrayRecordReader; in a bucket, opening is retried on transient errors (`filesystem.retry`)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not filesystem.is_gcs(path):
+        return ArrayRecordReader(path)
+    filesystem.configure()
+    return filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+
+
 def _isfile(location: str) -> bool:
     """`filesystem.isfile`, a refused permission or an outage as a SourceError naming the object."""
     try:
@@ -199,9 +208,7 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
 
 def _shard_record_count(path: str) -> int:
     """Records in one shard, from its index (the reader is closed again at once)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+    reader = _open_reader(path)
     try:
         return int(reader.num_records())
     finally:
