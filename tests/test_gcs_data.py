@@ -207,3 +207,33 @@ def test_storage_errors_are_told_apart():
     for kind, errors in kinds.items():
         for error in errors:
             assert filesystem.error_kind(error) == kind, error
+
+
+def test_a_record_read_failing_transiently_is_retried_counted_then_stops_the_run_naming_it(healthy, remote,
+                                                                                            monkeypatch):
+    """What ArrayRecord's own retries give up on: retried here and counted; when it keeps failing, an error naming
+    the record, never an `UnreadableRecord` that the pipeline would skip."""
+    source = sources.RecordSource.from_dir(remote, "train", raw=True, unreadable="mark")
+    good = source[3]
+    failures = {"left": 2}
+    inner = source._source
+
+    class Flaky:
+        def __len__(self):
+            return len(inner)
+
+        def __getitem__(self, index):
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError("UNAVAILABLE: Retry policy exhausted in Read(): injected")
+            return inner[index]
+
+    monkeypatch.setattr(filesystem, "FIRST_BACKOFF_S", 0.0)
+    monkeypatch.setattr(source, "_source", Flaky())
+    before = filesystem.RETRIES["record"]
+    assert source[3] == good and filesystem.RETRIES["record"] - before == 2
+    failures["left"] = 10 ** 6
+    with pytest.raises(sources.RecordReadError, match=r"/demo-train-\d{5}-of-\d{5}\.array_record record 3: cannot "
+                                                      r"be read .*the storage failed after 4 attempts"):
+        source[3]
+    assert filesystem.RETRIES["record"] - before == 2 + filesystem.MAX_ATTEMPTS - 1
