@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from geoalign_jax.data import fingerprints, prepare_corpora, prepare_detection, prepare_formats
+from geoalign_jax.data import filesystem, fingerprints, prepare_corpora, prepare_detection, prepare_formats
 from geoalign_jax.data.skip_accounting import ConversionError
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
@@ -272,6 +272,11 @@ def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fingerprints(args: argparse.Namespace) -> int:
     """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
+    remote = [location for location in args.locations if filesystem.is_gcs(location)]
+    if remote:
+        print(f"error: {remote[0]}: sidecars are written to local folders only; prepare the dataset with "
+              "--out gs://... (it uploads them), or add them locally and upload the folder", file=sys.stderr)
+        return 1
     try:
         report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
     except fingerprints.ShardReadError as error:
@@ -305,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
+    if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
+        from geoalign_jax.data import bucket_output
+
+        return bucket_output.run_to_bucket(args.out, args.overwrite, lambda staging: run_cli(
+            lambda: FORMATS[args.format].run(argparse.Namespace(**{**vars(args), 'out': staging}))))
     return run_cli(lambda: FORMATS[args.format].run(args))
 
 

@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from geoalign_jax.data import filesystem
     from geoalign_jax.eval import embed, runner, overlap, plots, report
 
     try:
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except runner.TaskError as error:
         parser.error(str(error))
     for task in tasks:
-        if not pathlib.Path(task.path).exists():
+        if not filesystem.path(task.path).exists():
             parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
     if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
         parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
+
 CONTENT_HASH_SCHEME = "geoalign-eval-content/1"
 PARAMETER_HASH_SCHEME = "geoalign-params-sha256/1"
 #: Distributions whose versions can change an evaluation's numbers or its reading of the data.
@@ -255,7 +257,7 @@ def trainer_run_info(workdir: Path, step: int, config_file: Path, eval_config: A
         "weights": f"{workdir} step {step}", "trainer": {"workdir": str(workdir), "step": step, "config": str(config_file)},
         "tasks": list(eval_config.tasks), "batch_size": int(eval_config.batch_size),
         "model_config": model_config.to_dict(), "allow_train_split": bool(eval_config.allow_train_split),
-        "train_data": [os.path.abspath(train_shards)], "train_split": str(train_split),
+        "train_data": [filesystem.absolute(train_shards)], "train_split": str(train_split),
         "exclude_overlap": bool(eval_config.exclude_overlap),
     }
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
 from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
                                retrieval, zeroshot)
 
@@ -252,7 +252,7 @@ def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, 
     from geoalign_jax.data import sources
 
     paths = sources.shard_paths(train_shards, train_split)
-    train_images = overlap.TrainImages.from_shards(paths, locations=[os.path.abspath(train_shards)], split=train_split)
+    train_images = overlap.TrainImages.from_shards(paths, locations=[filesystem.absolute(train_shards)], split=train_split)
     for prefix, result in check_overlap(list(tasks), train_images).items():
         if not result.matches:
             log.info("eval overlap: %s: none of its %d images occurs in the training shards", prefix, result.checked)
@@ -285,7 +285,7 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     (``UCM/train``): then that name is its split, so the split guard sees it."""
     from geoalign_jax.data import sources
 
-    root = pathlib.Path(spec.path)
+    root = filesystem.path(spec.path)
     if not datasets.is_record_dir(root):
         if is_training_split(root.name):
             return root.name, root.absolute().parent.name, []
