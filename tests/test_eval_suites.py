@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from geoalign_jax import tokenizer
-from geoalign_jax.data import converters, prepare_csv, writers
-from geoalign_jax.eval import benchmark_root, datasets, embed, label_csv, library, paper_tables, suites
+from geoalign_jax.data import prepare_csv, prepare_formats, skip_accounting
+from geoalign_jax.eval import benchmark_root, datasets, embed, label_csv, runner, paper_tables, suites
 from geoalign_jax.models import clip
 
 CONFIG = clip.get_model_config("tiny")
@@ -54,10 +54,10 @@ def bench(shared_data, tmp_path_factory) -> pathlib.Path:
 
 
 def test_csv_zero_shot_equals_the_class_folder_reading_of_the_same_images(shared_data, bench, params, embedder):
-    csv_task = library.TaskSpec(kind="zeroshot", name="aid", path=str(bench / "aid" / "aid_img_txt_pairs_test.csv"),
+    csv_task = runner.TaskSpec(kind="zeroshot", name="aid", path=str(bench / "aid" / "aid_img_txt_pairs_test.csv"),
                                 image_root=str(bench))
     folder_task = f"zeroshot:aidfolders={shared_data / 'aid_sample'},dataset=aid"
-    report = library.run_tasks(CONFIG, params, [csv_task, folder_task], embedder=embedder, progress=False,
+    report = runner.run_tasks(CONFIG, params, [csv_task, folder_task], embedder=embedder, progress=False,
                                describe_model=False)
     metrics = report.metrics
     assert metrics["zeroshot/aid/num_samples"] == 120
@@ -74,10 +74,10 @@ def test_farslip_suite_reads_the_layout_records_the_authors_split_and_writes_the
     specs, skipped = suites.discover("farslip", bench)
     assert [spec.prefix for spec in specs] == ["zeroshot/aid", "zeroshot/nwpu"]
     assert set(skipped) >= {"zeroshot/SkyScript_cls", "zeroshot/fmow", "retrieval/rsicd", "segmentation/loveda"}
-    if "segmentation" not in library.TASK_KINDS:
+    if "segmentation" not in runner.TASK_KINDS:
         assert skipped["segmentation/loveda"] == suites.SEGMENTATION_UNAVAILABLE
-    with pytest.raises(library.TaskError, match=r"split 'train' is a training split.*split_by"):
-        library.run_tasks(CONFIG, params, [library.TaskSpec(**{**specs[1].__dict__, "split_by": None})],
+    with pytest.raises(runner.TaskError, match=r"split 'train' is a training split.*split_by"):
+        runner.run_tasks(CONFIG, params, [runner.TaskSpec(**{**specs[1].__dict__, "split_by": None})],
                           embedder=embedder, progress=False, describe_model=False)
     result = suites.run_suite(specs, skipped, model_config=CONFIG, params=params, embedder=embedder, progress=False)
     metrics, tasks = result.report.metrics, result.report.provenance["tasks"]
@@ -140,12 +140,12 @@ def long_records(shared_data, tmp_path_factory) -> pathlib.Path:
             obj["long_caption"] = long.strip()
         lines.append(json.dumps(obj))
     (out / "long.jsonl").write_text("\n".join(lines) + "\n")
-    converters.convert_jsonl(out / "long.jsonl", out / "records", name="long", progress=False)
+    prepare_formats.prepare_jsonl(out / "long.jsonl", out / "records", name="long", progress=False)
     return out / "records"
 
 
 def test_long_text_retrieval_scores_long_captions_and_counts_truncation(long_records, params, embedder):
-    report = library.run_tasks(
+    report = runner.run_tasks(
         CONFIG, params, [f"retrieval:dg={long_records},text=long", f"retrieval:short={long_records}"],
         embedder=embedder, progress=False, describe_model=False)
     metrics = report.metrics
@@ -211,18 +211,18 @@ def test_bad_caption_csv_and_task_options_are_refused(shared_data, tmp_path):
     (tmp_path / "ret.csv").write_text("filepath,caption\nimg.jpg,a\n")
     with pytest.raises(datasets.EvalDataError, match=r"no column 'title'"):
         label_csv.load_caption_csv(tmp_path / "ret.csv")
-    with pytest.raises(library.TaskError, match=r"split_by must be one of \['farslip'\]"):
-        library.parse_task(f"zeroshot:x={tmp_path / 'ret.csv'},split_by=someone")
-    with pytest.raises(library.TaskError, match=r"text must be one of"):
-        library.parse_task(f"retrieval:x={tmp_path / 'ret.csv'},text=medium")
-    spec = library.parse_task(f"retrieval:x={tmp_path / 'ret.csv'},text=long")
+    with pytest.raises(runner.TaskError, match=r"split_by must be one of \['farslip'\]"):
+        runner.parse_task(f"zeroshot:x={tmp_path / 'ret.csv'},split_by=someone")
+    with pytest.raises(runner.TaskError, match=r"text must be one of"):
+        runner.parse_task(f"retrieval:x={tmp_path / 'ret.csv'},text=medium")
+    spec = runner.parse_task(f"retrieval:x={tmp_path / 'ret.csv'},text=long")
     with pytest.raises(datasets.EvalDataError, match=r"text=long needs records with long_caption"):
         benchmark_root.load_csv_task(spec)
     with pytest.raises(datasets.EvalDataError, match=r"no class list: .*classnames.txt not found"):
-        benchmark_root.load_csv_task(library.parse_task(f"zeroshot:x={tmp_path / 'ret.csv'}"))
-    with pytest.raises(library.TaskError, match=r"benchmark root not found"):
+        benchmark_root.load_csv_task(runner.parse_task(f"zeroshot:x={tmp_path / 'ret.csv'}"))
+    with pytest.raises(runner.TaskError, match=r"benchmark root not found"):
         suites.discover("farslip", tmp_path / "absent")
-    with pytest.raises(library.TaskError, match=r"unknown suite"):
+    with pytest.raises(runner.TaskError, match=r"unknown suite"):
         suites.discover("clip", tmp_path)
 
 
@@ -244,16 +244,16 @@ def test_prepare_labels_csv_writes_records_and_counts_bad_rows(bench, tmp_path):
     rows = (bench / "aid" / "aid_img_txt_pairs_test.csv").read_text().splitlines()
     csv.write_text("\n".join(rows[:5] + [rows[1], "images/Airport/airport_5.jpg,77,x",
                                          "images/Beach/x.jpg,zebra,x"]) + "\n")
-    summary = prepare_csv.convert_label_csv(csv, bench / "aid" / "classnames.txt", tmp_path / "out", name="aid",
+    summary = prepare_csv.prepare_label_csv(csv, bench / "aid" / "classnames.txt", tmp_path / "out", name="aid",
                                             image_root=bench, progress=False, max_bad_fraction=0.5)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert list(manifest["splits"]) == ["val"] and manifest["splits"]["val"]["count"] == 4
     assert manifest["raw_class_names"][1] == "bare land" and len(manifest["class_names"]) == 30
-    assert summary.skipped == {writers.DUPLICATE_ID: 1, writers.MALFORMED_LINE: 2}
-    examples = " ".join(summary.skipped_examples[writers.MALFORMED_LINE])
+    assert summary.skipped == {skip_accounting.DUPLICATE_ID: 1, skip_accounting.MALFORMED_LINE: 2}
+    examples = " ".join(summary.skipped_examples[skip_accounting.MALFORMED_LINE])
     assert "set_img_txt_pairs_val.csv:7 (label 77 is outside the 30 classes" in examples
     assert "set_img_txt_pairs_val.csv:8 (label 'zebra' is neither" in examples
     assert prepare.main(["labels-csv", "--csv", str(csv), "--classnames", str(tmp_path / "absent.txt"),
                          "--name", "x", "--out", str(tmp_path / "bad"), "--no-progress"]) == 1
-    with pytest.raises(writers.ConversionError, match=r"class list not found"):
+    with pytest.raises(skip_accounting.ConversionError, match=r"class list not found"):
         prepare_csv.read_class_lines(tmp_path / "absent.txt")

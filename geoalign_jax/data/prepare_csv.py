@@ -3,7 +3,7 @@
 A benchmark CSV has an image-path column (``filepath``) and a label column (``label``), one row per image,
 with a ``classnames.txt`` listing the classes one per line in label order. A label is an index into that
 list or one of its names (FarSLIP's reader accepts both). ``read_class_lines`` and ``parse_label`` are the
-one reading of these files: ``eval.label_csv`` evaluates the CSV as it is, ``convert_label_csv`` writes
+one reading of these files: ``eval.label_csv`` evaluates the CSV as it is, ``prepare_label_csv`` writes
 records (``python -m geoalign_jax.prepare labels-csv``) for users who want shards.
 """
 from __future__ import annotations
@@ -13,9 +13,11 @@ import re
 from collections.abc import Sequence
 from typing import Unpack
 
-from geoalign_jax.data import writers
-from geoalign_jax.data.converters import ConvertOptions, PathLike, _claim_id, _write, readable_class_name
-from geoalign_jax.data.writers import ConversionError, ConversionSummary, ImageTask, Skip, SkipLog
+from geoalign_jax.data import skip_accounting
+from geoalign_jax.data.prepare_formats import PathLike, PrepareOptions, _claim_id, _write, readable_class_name
+from geoalign_jax.data.record_builder import ImageTask
+from geoalign_jax.data.skip_accounting import ConversionError, Skip, SkipLog
+from geoalign_jax.data.writers import ConversionSummary
 
 _INTEGER = re.compile(r"[+-]?\d+(\.0*)?")
 _SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|val|validation|test)(?:[_\-.]|$)", re.IGNORECASE)
@@ -67,7 +69,7 @@ def parse_label(value: str, class_names: Sequence[str]) -> int:
         raise ValueError(f"label {text!r} is neither a class index nor a name in the class list") from None
 
 
-def convert_label_csv(
+def prepare_label_csv(
     csv_file: PathLike,
     classnames: PathLike,
     out_dir: PathLike,
@@ -78,7 +80,7 @@ def convert_label_csv(
     separator: str | None = None,
     image_column: str = "filepath",
     label_column: str = "label",
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert a label-column CSV with its class list into one split of classification records.
 
@@ -89,7 +91,7 @@ def convert_label_csv(
     outside the list, a row whose fields differ from the header, or an empty image path is a counted
     'malformed line' naming ``file.csv:LINE``; the same image twice is a 'duplicate id'.
     """
-    from geoalign_jax.data import corpora
+    from geoalign_jax.data import prepare_corpora as corpora
 
     path = pathlib.Path(csv_file)
     names = read_class_lines(classnames)
@@ -102,12 +104,12 @@ def convert_label_csv(
         image = row[image_column].strip() if row is not None else ""
         if row is None or not image:
             why = "fields differ from the header" if row is None else f"empty {image_column!r}"
-            log.add_input(Skip(writers.MALFORMED_LINE, f"{where} ({why})"))
+            log.add_input(Skip(skip_accounting.MALFORMED_LINE, f"{where} ({why})"))
             continue
         try:
             label = parse_label(row[label_column], names)
         except ValueError as error:
-            log.add_input(Skip(writers.MALFORMED_LINE, f"{where} ({error})"))
+            log.add_input(Skip(skip_accounting.MALFORMED_LINE, f"{where} ({error})"))
             continue
         if not _claim_id(seen_ids, image, f"{where} ({image})", log):
             continue

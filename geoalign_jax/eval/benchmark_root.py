@@ -4,7 +4,7 @@ FarSLIP (NJU-LHRS/FarSLIP @ d32ef2c) evaluates zero-shot classification on SkySc
 (``open_clip_train/benchmark_dataset_info.py``): per dataset a CSV with ``filepath`` and integer ``label``
 columns (separator ``,``) and a ``classnames.txt``, image paths relative to the benchmark root. Four of the
 eight sets are read on their *train* CSV; that is the authors' choice, and a number reproduced from it is
-recorded as such (``SPLIT_CHOICES``, ``authors_split_note``): the train-split guard of ``library.split_guard``
+recorded as such (``SPLIT_CHOICES``, ``authors_split_note``): the train-split guard of ``runner.split_guard``
 accepts it because the task names whose choice it is (``split_by=farslip``), not because the guard is off.
 
 Retrieval (``tests/test_retrieval.py``): CSVs with ``filepath`` and ``title`` under one retrieval image
@@ -116,7 +116,7 @@ def split_choice_record(split_by: str | None, split: str | None) -> dict[str, An
 
 
 def load_csv_task(spec: Any) -> Any:
-    """The evaluation set of a task whose path is a CSV file (``library._load``)."""
+    """The evaluation set of a task whose path is a CSV file (``runner._load``)."""
     from geoalign_jax.eval import datasets
 
     path = pathlib.Path(spec.path)

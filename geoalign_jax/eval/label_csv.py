@@ -52,25 +52,25 @@ def split_of_file(path: str | pathlib.Path) -> str | None:
 
 def read_class_names(path: str | pathlib.Path) -> list[str]:
     """``classnames.txt`` read by ``data.prepare_csv.read_class_lines``; its errors as EvalDataErrors."""
-    from geoalign_jax.data import prepare_csv, writers
+    from geoalign_jax.data import prepare_csv, skip_accounting
 
     try:
         return prepare_csv.read_class_lines(path)
-    except writers.ConversionError as error:
+    except skip_accounting.ConversionError as error:
         raise datasets.EvalDataError(str(error)) from None
 
 
 def _rows(path: pathlib.Path, separator: str, columns: Sequence[str]):
     """(line, row) per data row, with the CSV reader the converters use (``data.corpora``); its errors
     become EvalDataErrors. A row whose field count differs from the header is an error naming the line."""
-    from geoalign_jax.data import corpora, writers
+    from geoalign_jax.data import prepare_corpora as corpora, skip_accounting
 
     try:
         for line, row in corpora._csv_rows(path, separator, columns):
             if row is None:
                 raise datasets.EvalDataError(f"{path}:{line}: the row's fields differ from the header")
             yield line, row
-    except writers.ConversionError as error:
+    except skip_accounting.ConversionError as error:
         raise datasets.EvalDataError(str(error)) from None
 
 

@@ -23,12 +23,12 @@ import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
-from geoalign_jax.eval import benchmark_root, datasets, library, paper_tables
+from geoalign_jax.eval import benchmark_root, datasets, runner, paper_tables
 
 log = logging.getLogger(__name__)
 
 SEGMENTATION_UNAVAILABLE = "segmentation task not available"
-Discovery = tuple[list[library.TaskSpec], dict[str, str]]
+Discovery = tuple[list[runner.TaskSpec], dict[str, str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +41,14 @@ class Suite:
 
 
 def _record_task(root: pathlib.Path, folder: str, kind: str, name: str, **options: Any
-                 ) -> tuple[library.TaskSpec | None, str | None]:
+                 ) -> tuple[runner.TaskSpec | None, str | None]:
     path = root / folder
     if not datasets.is_record_dir(path):
         return None, f"not in the benchmark root ({folder}/manifest.json not found)"
-    return library.TaskSpec(kind=kind, name=name, path=str(path), **options), None
+    return runner.TaskSpec(kind=kind, name=name, path=str(path), **options), None
 
 
-def _standard_retrieval(root: pathlib.Path, key: str) -> tuple[library.TaskSpec | None, str | None]:
+def _standard_retrieval(root: pathlib.Path, key: str) -> tuple[runner.TaskSpec | None, str | None]:
     """RSITMD / RSICD under the standard protocol: a record folder ``root/<key>`` (test split), else
     FarSLIP's test CSV of the same set."""
     spec, why = _record_task(root, key, "retrieval", key, split="test", protocol="standard")
@@ -57,13 +57,13 @@ def _standard_retrieval(root: pathlib.Path, key: str) -> tuple[library.TaskSpec 
     caption_set = next(s for s in benchmark_root.RETRIEVAL_SETS if s.key == key)
     csv = root / caption_set.csv
     if csv.is_file():
-        return library.TaskSpec(kind="retrieval", name=key, path=str(csv), protocol="standard",
+        return runner.TaskSpec(kind="retrieval", name=key, path=str(csv), protocol="standard",
                                 image_root=str(root / caption_set.image_root),
                                 caption_column=caption_set.caption_column), None
     return None, f"{why}; nor {caption_set.csv}"
 
 
-def _add(specs: list[library.TaskSpec], skipped: dict[str, str], prefix: str, spec: library.TaskSpec | None,
+def _add(specs: list[runner.TaskSpec], skipped: dict[str, str], prefix: str, spec: runner.TaskSpec | None,
          why: str | None) -> None:
     if spec is not None:
         specs.append(spec)
@@ -73,15 +73,15 @@ def _add(specs: list[library.TaskSpec], skipped: dict[str, str], prefix: str, sp
 
 def _segmentation_tasks(root: pathlib.Path) -> Discovery:
     """OVSS tasks from ``root/segmentation/<preset>``; all skipped while the task kind does not exist.
-    Hook: once ``segmentation`` is in ``library.TASK_KINDS`` its tasks are parsed like CLI tasks."""
+    Hook: once ``segmentation`` is in ``runner.TASK_KINDS`` its tasks are parsed like CLI tasks."""
     names = [column.metric.split("/")[1] for column in paper_tables.OVSS_COLUMNS]
-    if "segmentation" not in library.TASK_KINDS:
+    if "segmentation" not in runner.TASK_KINDS:
         return [], {f"segmentation/{name}": SEGMENTATION_UNAVAILABLE for name in names}
     specs, skipped = [], {}
     for name in names:
         path = root / "segmentation" / name
         if path.is_dir():
-            specs.append(library.parse_task(f"segmentation:{name}={path}"))
+            specs.append(runner.parse_task(f"segmentation:{name}={path}"))
         else:
             skipped[f"segmentation/{name}"] = f"not in the benchmark root (segmentation/{name} not found)"
     return specs, skipped
@@ -89,7 +89,7 @@ def _segmentation_tasks(root: pathlib.Path) -> Discovery:
 
 def _farslip(root: pathlib.Path) -> Discovery:
     fields, skipped = benchmark_root.farslip_tasks(root)
-    specs = [library.TaskSpec(**task) for task in fields]
+    specs = [runner.TaskSpec(**task) for task in fields]
     seg_specs, seg_skipped = _segmentation_tasks(root)
     return specs + seg_specs, {**skipped, **seg_skipped}
 
@@ -114,7 +114,7 @@ def _dgtrs(root: pathlib.Path) -> Discovery:
         spec, why = _standard_retrieval(root, key)
         _add(specs, skipped, f"retrieval/{key}", spec, why)
     fields, zs_skipped = benchmark_root.farslip_tasks(root)
-    specs += [library.TaskSpec(**task) for task in fields if task["kind"] == "zeroshot"]
+    specs += [runner.TaskSpec(**task) for task in fields if task["kind"] == "zeroshot"]
     skipped.update({key: why for key, why in zs_skipped.items() if key.startswith("zeroshot/")})
     return specs, skipped
 
@@ -135,7 +135,7 @@ SUITES: dict[str, Suite] = {
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise library.TaskError(f"unknown suite {name!r} (known: {', '.join(SUITES)})")
+        raise runner.TaskError(f"unknown suite {name!r} (known: {', '.join(SUITES)})")
     return SUITES[name]
 
 
@@ -143,26 +143,26 @@ def discover(name: str, root: str | pathlib.Path) -> Discovery:
     """(tasks to run, {task prefix: why it is skipped}) of a suite on a benchmark root."""
     root = pathlib.Path(root)
     if not root.is_dir():
-        raise library.TaskError(f"benchmark root not found: {root}")
+        raise runner.TaskError(f"benchmark root not found: {root}")
     return get_suite(name).discover(root)
 
 
 @dataclasses.dataclass
 class SuiteResult:
-    report: library.EvalReport
+    report: runner.EvalReport
     skipped: dict[str, str]  # task prefix -> why it was not run (absent data, unknown kind, failed)
 
 
-def run_suite(specs: Sequence[library.TaskSpec], skipped: Mapping[str, str], *, model_config: Any = None,
+def run_suite(specs: Sequence[runner.TaskSpec], skipped: Mapping[str, str], *, model_config: Any = None,
               params: Any = None, **run_options: Any) -> SuiteResult:
-    """Run each task on its own with ``library.run_tasks`` (the embedder's compiled functions are shared),
+    """Run each task on its own with ``runner.run_tasks`` (the embedder's compiled functions are shared),
     so a set that cannot be read is reported as skipped with its error rather than stopping the suite."""
-    merged = library.EvalReport({}, {}, {"tasks": {}}, {})
+    merged = runner.EvalReport({}, {}, {"tasks": {}}, {})
     skipped = dict(skipped)
     for spec in specs:
         try:
-            report = library.run_tasks(model_config, params, [spec], describe_model=False, **run_options)
-        except library.TaskError as error:
+            report = runner.run_tasks(model_config, params, [spec], describe_model=False, **run_options)
+        except runner.TaskError as error:
             log.error("%s: %s", spec.prefix, error)
             skipped[spec.prefix] = f"failed: {error}"
             continue
