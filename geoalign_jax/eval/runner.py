@@ -240,10 +240,6 @@ def _train_images(train_data: TrainData, train_split: str) -> overlap.TrainImage
         raise TaskError(str(error)) from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Split guard.
-
-
 def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, *,
                      exclude: bool) -> overlap.TrainImages:
     """The training shards' image fingerprints (read once; every evaluation of a training run checks its tasks
@@ -270,6 +266,10 @@ def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, 
             "left out of" if exclude else "INCLUDED in", exclude, shown, more,
         )
     return train_images
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split guard.
 
 
 def is_training_split(split: str) -> bool:
