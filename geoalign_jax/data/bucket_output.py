@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 
 from geoalign_jax.data import filesystem
+from geoalign_jax.error_text import one_line
 
 MANIFEST_NAME = "manifest.json"
 
@@ -72,7 +73,7 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
         try:
             filesystem.retry(lambda: fs.put_file(os.path.join(staging, name), _key(destination)), what=destination)
         except Exception as error:  # noqa: BLE001 - one line naming the object; no manifest was uploaded
-            raise BucketOutputError(f"uploading {destination} failed ({filesystem.describe_error(error)}); "
+            raise BucketOutputError(f"uploading {destination} failed ({one_line(error, limit=None)}); "
                                     f"{target} holds no {MANIFEST_NAME}, so no trainer reads it; rerun with "
                                     "--overwrite") from None
     stale = sorted(set(old_files or []) - set(names))
