@@ -72,12 +72,12 @@ def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]
     return result
 
 
-def run_cli(convert: Callable[[], ConversionSummary]) -> int:
+def run_cli(prepare_dataset: Callable[[], ConversionSummary]) -> int:
     """Run one preparation, print its summary; exit status 1 with the summary on ConversionError (or a bad
     option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
     one line and the shell's 128 + signal number; no manifest was written, so nothing looks prepared."""
     try:
-        summary = convert()
+        summary = prepare_dataset()
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -172,7 +172,7 @@ def _folders(args: argparse.Namespace) -> ConversionSummary:
 
 def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="TFDS name, e.g. 'resisc45' or 'my_set:1.0.0'")
-    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to convert")
+    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to prepare")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's default)")
     parser.add_argument("--name", default=None, help="dataset name (default: the TFDS name)")
     parser.add_argument("--map", nargs="*", default=None, metavar="FIELD=FEATURE",
@@ -259,12 +259,12 @@ FORMATS: dict[str, Format] = {
 }
 
 
-FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of converted shards (for the overlap check)"
+FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of prepared shards (for the overlap check)"
 
 
 def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("locations", nargs="+", metavar="DIR_OR_GLOB",
-                        help="converted folders (every split), shard files or shard globs (quote them)")
+                        help="prepared folders (every split), shard files or shard globs (quote them)")
     parser.add_argument("--workers", type=int, default=fingerprints.default_workers(),
                         help="processes that decode images (1 = none; the sidecars are the same for any value)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

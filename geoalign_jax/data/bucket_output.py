@@ -86,15 +86,15 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
     return [*names, MANIFEST_NAME]
 
 
-def run_to_bucket(out: str, overwrite: bool, convert: Callable[[str], int]) -> int:
-    """``convert(staging_dir)`` (the prepare CLI's exit status), then `publish` to ``out`` when it is 0."""
+def run_to_bucket(out: str, overwrite: bool, prepare_into: Callable[[str], int]) -> int:
+    """``prepare_into(staging_dir)`` (the prepare CLI's exit status), then `publish` to ``out`` when it is 0."""
     try:
         old_files = check_target(out, overwrite)
     except (BucketOutputError, filesystem.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="geoalign-prepare-") as staging:
-        status = convert(staging)
+        status = prepare_into(staging)
         if status != 0:
             print(f"nothing uploaded to {out}", file=sys.stderr)
             return status
