@@ -177,7 +177,7 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
     "train*", "restval"; also when it is the only split a manifest has); refused otherwise, so train-split
     numbers are never reported by accident (the table marks them when allowed).
     train_data: training images to check every task's images against (``overlap.TrainImages``, or
-    converted folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
+    prepared folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
     is reported per task, and ``exclude_overlap`` evaluates without the overlapping images. skip_bad_records: see ``evaluate``.
     describe_model: record the model config and parameter hash in ``provenance["model"]`` (left out
     otherwise; hashing reads every parameter).
