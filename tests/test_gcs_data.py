@@ -237,3 +237,22 @@ def test_a_record_read_failing_transiently_is_retried_counted_then_stops_the_run
                                                       r"be read .*the storage failed after 4 attempts"):
         source[3]
     assert filesystem.RETRIES["record"] - before == 2 + filesystem.MAX_ATTEMPTS - 1
+
+
+def test_a_fresh_bucket_client_connects_only_to_the_loopback_emulator(healthy, monkeypatch):
+    """No credential lookup on the GCE metadata server (169.254.169.254) or anywhere else: the emulator is all."""
+    import socket
+
+    import fsspec
+
+    seen = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        seen.append(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    client = fsspec.filesystem("gs", skip_instance_cache=True)  # credentials are looked up for a new client
+    assert client.ls(healthy.name, refresh=True)
+    assert seen and {address[0] for address in seen} == {"127.0.0.1"}, seen
