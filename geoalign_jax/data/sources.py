@@ -103,6 +103,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by python -m geoalign_jax.prepare?)") \
             from None
+    except filesystem.StorageError as error:  # refused or still failing: the storage's fault, not the JSON's
+        raise SourceError(str(error)) from None
     except (OSError, ValueError) as error:
         raise SourceError(f"{path} is not readable JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != records.FORMAT_NAME:
