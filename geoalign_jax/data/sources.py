@@ -149,8 +149,15 @@ def _open_reader(path: str) -> Any:
 
     if not filesystem.is_gcs(path):
         return ArrayRecordReader(path)
+
+    def open_once() -> Any:
+        reader = ArrayRecordReader(path)
+        if not reader.ok():  # a failed open does not raise: close() raises why, which `retry` can classify
+            reader.close()
+        return reader
+
     filesystem.configure()
-    return filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+    return filesystem.retry(open_once, what=path)
 
 
 def _isfile(location: str) -> bool:
