@@ -256,3 +256,35 @@ def test_a_fresh_bucket_client_connects_only_to_the_loopback_emulator(healthy, m
     client = fsspec.filesystem("gs", skip_instance_cache=True)  # credentials are looked up for a new client
     assert client.ls(healthy.name, refresh=True)
     assert seen and {address[0] for address in seen} == {"127.0.0.1"}, seen
+
+
+def test_opening_a_shard_that_fails_transiently_is_retried_and_counted(healthy, remote, monkeypatch):
+    """A failed gs:// open does not raise (the reader is not ok and close() says why); it must still be retried."""
+    from array_record.python import array_record_module
+
+    real_reader = array_record_module.ArrayRecordReader
+    opens = []
+
+    class OutageThenReal:
+        def __init__(self, path, *args):
+            opens.append(path)
+            self._real = None if len(opens) <= 2 else real_reader(path, *args)
+
+        def ok(self):
+            return self._real is not None and self._real.ok()
+
+        def close(self):
+            if self._real is None:
+                raise RuntimeError("UNAVAILABLE: injected outage")
+            self._real.close()
+
+        def num_records(self):
+            return self._real.num_records()
+
+    shard = sources.shard_paths(remote, "train")[0]
+    expected = sources.check_shard(shard)
+    monkeypatch.setattr(filesystem, "FIRST_BACKOFF_S", 0.0)
+    monkeypatch.setattr(array_record_module, "ArrayRecordReader", OutageThenReal)
+    before = filesystem.RETRIES["metadata"]
+    assert sources.check_shard(shard) == expected and len(opens) == 3
+    assert filesystem.RETRIES["metadata"] - before == 2
