@@ -98,6 +98,9 @@ def configure() -> None:
 
             for protocol in ("gs", "gcs"):
                 fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+                # An emulator takes no credentials; gcsfs's default (token=None) would look for them on the
+                # GCE metadata server (169.254.169.254, seconds of timeouts): network the emulator must not need.
+                fsspec.config.conf[protocol]["token"] = "anon"
         _configured_for = key
 
 

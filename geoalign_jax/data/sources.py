@@ -103,6 +103,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by python -m geoalign_jax.prepare?)") \
             from None
+    except filesystem.StorageError as error:  # refused or still failing: the storage's fault, not the JSON's
+        raise SourceError(str(error)) from None
     except (OSError, ValueError) as error:
         raise SourceError(f"{path} is not readable JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != records.FORMAT_NAME:
@@ -147,8 +149,15 @@ def _open_reader(path: str) -> Any:
 
     if not filesystem.is_gcs(path):
         return ArrayRecordReader(path)
+
+    def open_once() -> Any:
+        reader = ArrayRecordReader(path)
+        if not reader.ok():  # a failed open does not raise: close() raises why, which `retry` can classify
+            reader.close()
+        return reader
+
     filesystem.configure()
-    return filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+    return filesystem.retry(open_once, what=path)
 
 
 def _isfile(location: str) -> bool:
