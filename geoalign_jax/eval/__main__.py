@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate a training split (split=train, or a manifest with only a train split); "
                              "refused otherwise, and marked in the table")
     parser.add_argument("--train-data", "--train_data", nargs="+", metavar="DIR_OR_GLOB",
-                        help="training data (converted folders or shard globs) to check the evaluation images "
+                        help="training data (prepared folders or shard globs) to check the evaluation images "
                              "against: exact copies and re-encoded ones are reported per task")
     parser.add_argument("--train-split", "--train_split", default="train",
                         help="split of --train-data to check against (default train)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-# One rule for readable names, shared with the converters (which write `class_names` into manifests), so a
+# One rule for readable names, shared with `prepare` (which writes `class_names` into manifests), so a
 # class is prompted by the same words whether it comes from a manifest or from this table.
 from geoalign_jax.data.prepare_formats import readable_class_name  # also this module's public name
 

@@ -1,4 +1,4 @@
-"""Evaluation sets read from geoalign record shards (the converters' output) or class-per-folder trees.
+"""Evaluation sets read from geoalign record shards (`prepare`'s output) or class-per-folder trees.
 
 Each loader makes one metadata pass (labels, captions, boxes; image bytes are not kept) and returns
 random access to the encoded images, so that large sets are decoded lazily, batch by batch, while

@@ -190,7 +190,7 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
     "train*", "restval"; also when it is the only split a manifest has); refused otherwise, so train-split
     numbers are never reported by accident (the table marks them when allowed).
     train_data: training images to check every task's images against (``overlap.TrainImages``, or
-    converted folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
+    prepared folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
     is reported per task, and ``exclude_overlap`` evaluates without the overlapping images. skip_bad_records: see ``evaluate``.
     describe_model: record the model config and parameter hash in ``provenance["model"]`` (left out
     otherwise; hashing reads every parameter).
@@ -253,10 +253,6 @@ def _train_images(train_data: TrainData, train_split: str) -> overlap.TrainImage
         raise TaskError(str(error)) from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Split guard.
-
-
 def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, *,
                      exclude: bool) -> overlap.TrainImages:
     """The training shards' image fingerprints (read once; every evaluation of a training run checks its tasks
@@ -283,6 +279,10 @@ def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, 
             "left out of" if exclude else "INCLUDED in", exclude, shown, more,
         )
     return train_images
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split guard.
 
 
 def is_training_split(split: str) -> bool:
