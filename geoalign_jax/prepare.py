@@ -10,6 +10,7 @@ python -m geoalign_jax.prepare tfds       --dataset resisc45 --splits train --ou
 python -m geoalign_jax.prepare mgrs       --json text_info.json --images MGRS/global_imgs --out data/mgrs
 python -m geoalign_jax.prepare webdataset --shards 'RS5M/{pub11,rs3}-train-{0000..0031}.tar' --out data/rs5m --name rs5m
 python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv val=SkyScript_val.csv --out data/skyscript --name skyscript
+python -m geoalign_jax.prepare labels-csv --csv bench/aid/aid_img_txt_pairs_test.csv --classnames bench/aid/classnames.txt --image-root bench --out data/aid --name aid
 ```
 Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
 --overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
@@ -32,7 +33,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from geoalign_jax.data import filesystem, fingerprints, prepare_corpora, prepare_detection, prepare_formats
+from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
+                               prepare_formats)
 from geoalign_jax.data.skip_accounting import ConversionError
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
@@ -242,6 +244,25 @@ def _csv(args: argparse.Namespace) -> ConversionSummary:
                                        image_root=args.image_root, split=args.split, **common_kwargs(args))
 
 
+def _labels_csv_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csv", required=True, help="CSV with an image-path and a label column (SkyScript / FarSLIP)")
+    parser.add_argument("--classnames", required=True, help="class list, one name per line in label order")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--image-root", default=None, help="image paths are relative to this (default: CSV's folder)")
+    parser.add_argument("--split", default=None, help="split name (default: from the file name, e.g. *_test.csv, "
+                                                      "else test)")
+    parser.add_argument("--image-column", default="filepath")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--separator", default=None, help="field separator (default: tab for .tsv, else comma)")
+
+
+def _labels_csv(args: argparse.Namespace) -> ConversionSummary:
+    return prepare_csv.prepare_label_csv(
+        args.csv, args.classnames, args.out, name=args.name, image_root=args.image_root, split=args.split,
+        separator=args.separator, image_column=args.image_column, label_column=args.label_column,
+        **common_kwargs(args))
+
+
 FORMATS: dict[str, Format] = {
     "karpathy": Format("Karpathy caption JSON (RSICD, RSITMD, UCM-captions, Sydney-captions)", _karpathy_arguments,
                        _karpathy),
@@ -256,6 +277,8 @@ FORMATS: dict[str, Format] = {
     "webdataset": Format("webdataset .tar shards (RS5M, FarSLIP stage 1): image + txt caption per sample",
                          _webdataset_arguments, _webdataset),
     "csv": Format("SkyScript-style CSV/TSV: image-path and caption columns", _csv_arguments, _csv),
+    "labels-csv": Format("label-column CSV + classnames.txt (SkyScript / FarSLIP zero-shot benchmarks)",
+                         _labels_csv_arguments, _labels_csv),
 }
 
 
