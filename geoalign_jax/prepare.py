@@ -1,4 +1,4 @@
-"""``python -m geoalign_jax.prepare FORMAT ...``: convert a dataset to geoalign record shards (docs/data_format.md).
+"""``python -m geoalign_jax.prepare FORMAT ...``: prepare a dataset as geoalign record shards (docs/data_format.md).
 
 ```
 python -m geoalign_jax.prepare karpathy   --json dataset_rsicd.json --images RSICD/images --out data/rsicd
@@ -10,6 +10,7 @@ python -m geoalign_jax.prepare tfds       --dataset resisc45 --splits train --ou
 python -m geoalign_jax.prepare mgrs       --json text_info.json --images MGRS/global_imgs --out data/mgrs
 python -m geoalign_jax.prepare webdataset --shards 'RS5M/{pub11,rs3}-train-{0000..0031}.tar' --out data/rs5m --name rs5m
 python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv val=SkyScript_val.csv --out data/skyscript --name skyscript
+python -m geoalign_jax.prepare labels-csv --csv bench/aid/aid_img_txt_pairs_test.csv --classnames bench/aid/classnames.txt --image-root bench --out data/aid --name aid
 ```
 Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
 --overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
@@ -18,7 +19,7 @@ configuration that cannot be used, 2 on bad command-line usage.
 ```
 python -m geoalign_jax.prepare fingerprints data/rsicd 'data/extra/*.array_record' [--workers 8]
 ```
-writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards converted by older versions, or
+writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards prepared by older versions, or
 copied without them, lack, so the train/test overlap check stops decoding every training image on each
 run; it lists them in the manifest's `image_hashes`. Exit status 1 naming each shard it cannot read.
 """
@@ -26,18 +27,77 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from geoalign_jax.data import converters, corpora, fingerprints
-from geoalign_jax.data.writers import ConversionSummary
+from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
+                               prepare_formats)
+from geoalign_jax.data.skip_accounting import ConversionError
+from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
+
+# Command-line plumbing every format shares
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every prepare format has (output, workers, sharding, bad-input policy)."""
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that decode and check images (1 = none; output is the same for any value)")
+    shards = parser.add_mutually_exclusive_group()
+    shards.add_argument("--num-shards", type=int, default=None, help="shards per split (default 1)")
+    shards.add_argument("--records-per-shard", type=int, default=None, help="records per shard instead")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="fail (nothing written) when more than this fraction of inputs or annotations is bad")
+    parser.add_argument("--min-box-visible", type=float, default=0.5,
+                        help="keep a box partly outside the image (clipped) when this fraction of it is inside")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of every `prepare_<format>` from the options of `add_common_arguments`."""
+    return {"workers": args.workers, "num_shards": args.num_shards, "records_per_shard": args.records_per_shard,
+            "max_bad_fraction": args.max_bad_fraction, "min_box_visible": args.min_box_visible,
+            "overwrite": args.overwrite, "progress": not args.no_progress}
+
+
+def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]:
+    """`["train=a.json", "test=b.json"]` -> {"train": "a.json", "test": "b.json"}; clear error otherwise."""
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConversionError(f"{option} expects KEY=VALUE, got {item!r}")
+        result[key] = value
+    return result
+
+
+def run_cli(prepare_dataset: Callable[[], ConversionSummary]) -> int:
+    """Run one preparation, print its summary; exit status 1 with the summary on ConversionError (or a bad
+    option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
+    one line and the shell's 128 + signal number; no manifest was written, so nothing looks prepared."""
+    try:
+        summary = prepare_dataset()
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"error: conversion interrupted ({signal.Signals(signum).name}); the new dataset was not written "
+              f"(no {MANIFEST_NAME} for it); run the same command again", file=sys.stderr)
+        return 128 + signum
+    print(summary.format())
+    return 0
+
 
 Runner = Callable[[argparse.Namespace], ConversionSummary]
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """One input layout: what it is for, its own options, and the converter call."""
+    """One input layout: what it is for, its own options, and the `prepare_<format>` call."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -53,9 +113,9 @@ def _karpathy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _karpathy(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_karpathy(
+    return prepare_formats.prepare_karpathy(
         args.json, args.images, args.out, name=args.name, splits=args.splits,
-        split_map=converters.parse_key_values(args.split_map, "--split-map"), **converters.common_kwargs(args))
+        split_map=parse_key_values(args.split_map, "--split-map"), **common_kwargs(args))
 
 
 def _coco_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +127,9 @@ def _coco_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _coco(args: argparse.Namespace) -> ConversionSummary:
     image_dir = args.images[0] if len(args.images) == 1 and "=" not in args.images[0] \
-        else converters.parse_key_values(args.images, "--images")
-    return converters.convert_coco(converters.parse_key_values(args.ann, "--ann"), image_dir, args.out,
-                                   name=args.name, **converters.common_kwargs(args))
+        else parse_key_values(args.images, "--images")
+    return prepare_detection.prepare_coco(parse_key_values(args.ann, "--ann"), image_dir, args.out,
+                                          name=args.name, **common_kwargs(args))
 
 
 def _dota_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +143,9 @@ def _dota_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dota(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_dota(
+    return prepare_detection.prepare_dota(
         args.images, args.labels, args.out, name=args.name, split=args.split, categories=args.categories,
-        skip_difficult=args.skip_difficult, **converters.common_kwargs(args))
+        skip_difficult=args.skip_difficult, **common_kwargs(args))
 
 
 def _jsonl_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +156,9 @@ def _jsonl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _jsonl(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_jsonl(
+    return prepare_formats.prepare_jsonl(
         args.jsonl, args.out, name=args.name, image_root=args.image_root, default_split=args.default_split,
-        **converters.common_kwargs(args))
+        **common_kwargs(args))
 
 
 def _folders_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,13 +168,13 @@ def _folders_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _folders(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_folders(args.root, args.out, name=args.name, split=args.split,
-                                      **converters.common_kwargs(args))
+    return prepare_formats.prepare_folders(args.root, args.out, name=args.name, split=args.split,
+                                           **common_kwargs(args))
 
 
 def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="TFDS name, e.g. 'resisc45' or 'my_set:1.0.0'")
-    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to convert")
+    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to prepare")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's default)")
     parser.add_argument("--name", default=None, help="dataset name (default: the TFDS name)")
     parser.add_argument("--map", nargs="*", default=None, metavar="FIELD=FEATURE",
@@ -124,9 +184,9 @@ def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _tfds(args: argparse.Namespace) -> ConversionSummary:
     mapping = {key: (None if value.lower() == "none" else value)
-               for key, value in converters.parse_key_values(args.map, "--map").items()}
-    return converters.convert_tfds(args.dataset, args.splits, args.out, data_dir=args.data_dir, name=args.name,
-                                   mapping=mapping, **converters.common_kwargs(args))
+               for key, value in parse_key_values(args.map, "--map").items()}
+    return prepare_formats.prepare_tfds(args.dataset, args.splits, args.out, data_dir=args.data_dir, name=args.name,
+                                        mapping=mapping, **common_kwargs(args))
 
 
 def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,11 +194,14 @@ def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder the global_filepath entries are relative to")
     parser.add_argument("--name", default="mgrs", help="dataset name (shard file prefix)")
     parser.add_argument("--split", default="train", help="split name of these images")
+    parser.add_argument("--captions", choices=prepare_corpora.MGRS_CAPTION_RULES, default="all",
+                        help="short captions: 'all' = global_caption and brief_caption; 'farslip' = FarSLIP's "
+                             "scene text, global_caption else detailed_caption (configs/farslip.py s2)")
 
 
 def _mgrs(args: argparse.Namespace) -> ConversionSummary:
-    return corpora.convert_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
-                                **converters.common_kwargs(args))
+    return prepare_corpora.prepare_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
+                                        captions=args.captions, **common_kwargs(args))
 
 
 def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,16 +209,16 @@ def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shard files or patterns: {a,b} and {0000..0031} braces, then * ? wildcards (quote them)")
     parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
     parser.add_argument("--split", default="train", help="split name of these samples")
-    parser.add_argument("--image-ext", nargs="+", default=list(corpora.WEBDATASET_IMAGE_EXTS),
+    parser.add_argument("--image-ext", nargs="+", default=list(prepare_corpora.WEBDATASET_IMAGE_EXTS),
                         help="member extensions holding the image, in order of preference")
-    parser.add_argument("--caption-ext", nargs="+", default=list(corpora.WEBDATASET_CAPTION_EXTS),
+    parser.add_argument("--caption-ext", nargs="+", default=list(prepare_corpora.WEBDATASET_CAPTION_EXTS),
                         help="member extensions holding the caption (UTF-8), in order of preference")
 
 
 def _webdataset(args: argparse.Namespace) -> ConversionSummary:
-    return corpora.convert_webdataset(args.shards, args.out, name=args.name, split=args.split,
-                                      image_exts=args.image_ext, caption_exts=args.caption_ext,
-                                      **converters.common_kwargs(args))
+    return prepare_corpora.prepare_webdataset(args.shards, args.out, name=args.name, split=args.split,
+                                              image_exts=args.image_ext, caption_exts=args.caption_ext,
+                                              **common_kwargs(args))
 
 
 def _csv_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,11 +237,30 @@ def _csv_arguments(parser: argparse.ArgumentParser) -> None:
 def _csv(args: argparse.Namespace) -> ConversionSummary:
     with_split = [item for item in args.csv if "=" in item]
     if with_split and len(with_split) != len(args.csv):
-        raise converters.ConversionError("--csv: give every file as SPLIT=FILE, or none")
-    files = converters.parse_key_values(with_split, "--csv") if with_split else args.csv
-    return corpora.convert_csv(files, args.out, name=args.name, image_column=args.image_column,
-                               caption_column=args.caption_column, separator=args.separator,
-                               image_root=args.image_root, split=args.split, **converters.common_kwargs(args))
+        raise ConversionError("--csv: give every file as SPLIT=FILE, or none")
+    files = parse_key_values(with_split, "--csv") if with_split else args.csv
+    return prepare_corpora.prepare_csv(files, args.out, name=args.name, image_column=args.image_column,
+                                       caption_column=args.caption_column, separator=args.separator,
+                                       image_root=args.image_root, split=args.split, **common_kwargs(args))
+
+
+def _labels_csv_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csv", required=True, help="CSV with an image-path and a label column (SkyScript / FarSLIP)")
+    parser.add_argument("--classnames", required=True, help="class list, one name per line in label order")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--image-root", default=None, help="image paths are relative to this (default: CSV's folder)")
+    parser.add_argument("--split", default=None, help="split name (default: from the file name, e.g. *_test.csv, "
+                                                      "else test)")
+    parser.add_argument("--image-column", default="filepath")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--separator", default=None, help="field separator (default: tab for .tsv, else comma)")
+
+
+def _labels_csv(args: argparse.Namespace) -> ConversionSummary:
+    return prepare_csv.prepare_label_csv(
+        args.csv, args.classnames, args.out, name=args.name, image_root=args.image_root, split=args.split,
+        separator=args.separator, image_column=args.image_column, label_column=args.label_column,
+        **common_kwargs(args))
 
 
 FORMATS: dict[str, Format] = {
@@ -195,15 +277,17 @@ FORMATS: dict[str, Format] = {
     "webdataset": Format("webdataset .tar shards (RS5M, FarSLIP stage 1): image + txt caption per sample",
                          _webdataset_arguments, _webdataset),
     "csv": Format("SkyScript-style CSV/TSV: image-path and caption columns", _csv_arguments, _csv),
+    "labels-csv": Format("label-column CSV + classnames.txt (SkyScript / FarSLIP zero-shot benchmarks)",
+                         _labels_csv_arguments, _labels_csv),
 }
 
 
-FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of converted shards (for the overlap check)"
+FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of prepared shards (for the overlap check)"
 
 
 def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("locations", nargs="+", metavar="DIR_OR_GLOB",
-                        help="converted folders (every split), shard files or shard globs (quote them)")
+                        help="prepared folders (every split), shard files or shard globs (quote them)")
     parser.add_argument("--workers", type=int, default=fingerprints.default_workers(),
                         help="processes that decode images (1 = none; the sidecars are the same for any value)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -211,6 +295,11 @@ def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fingerprints(args: argparse.Namespace) -> int:
     """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
+    remote = [location for location in args.locations if filesystem.is_gcs(location)]
+    if remote:
+        print(f"error: {remote[0]}: sidecars are written to local folders only; prepare the dataset with "
+              "--out gs://... (it uploads them), or add them locally and upload the folder", file=sys.stderr)
+        return 1
     try:
         report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
     except fingerprints.ShardReadError as error:
@@ -235,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fmt in FORMATS.items():
         command = commands.add_parser(name, help=fmt.help, description=fmt.help)
         fmt.add_arguments(command)
-        converters.add_common_arguments(command)
+        add_common_arguments(command)
     _fingerprints_arguments(commands.add_parser("fingerprints", help=FINGERPRINTS_HELP, description=FINGERPRINTS_HELP))
     return parser
 
@@ -244,7 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
-    return converters.run_cli(lambda: FORMATS[args.format].run(args))
+    if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
+        from geoalign_jax.data import bucket_output
+
+        return bucket_output.run_to_bucket(args.out, args.overwrite, lambda staging: run_cli(
+            lambda: FORMATS[args.format].run(argparse.Namespace(**{**vars(args), 'out': staging}))))
+    return run_cli(lambda: FORMATS[args.format].run(args))
 
 
 if __name__ == "__main__":

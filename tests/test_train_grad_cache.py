@@ -249,7 +249,7 @@ def test_global_batch_metrics_and_the_old_micro_batch_average_differs():
     (_, metrics), grads = gradient_fn(config, None, MICRO, params, batch, teacher, towers=towers)(3)
     assert float(metrics["global_region_consistency/count"]) == batch["region_mask"].sum()
     objective = make_objective(config, encode_image=towers.encode_image, encode_text=towers.encode_text)
-    micro_grad = jax.jit(jax.grad(lambda p, b: objective(p, b, 3, model_config=None, frozen_params=teacher)[0]))
+    micro_grad = jax.jit(jax.grad(lambda p, b: objective(p, b, 3, model_config=None, teacher_params=teacher)[0]))
     parts = [micro_grad(params, {k: v[i::MICRO] for k, v in batch.items()}) for i in range(MICRO)]
     averaged = jax.tree.map(lambda *g: sum(g) / MICRO, *parts)
     assert max(relative_errors(averaged, grads).values()) > 1e-2

@@ -2,7 +2,7 @@
 
 Why two: the exact hash (SHA-256 of the stored bytes) finds a training image copied byte for byte into an
 evaluation set; the perceptual hash finds the same picture re-encoded (another JPEG quality, PNG <-> JPEG),
-which byte hashes miss. Both are computed by the converters while they decode each image anyway, and kept
+which byte hashes miss. Both are computed by `prepare` while it decodes each image anyway, and kept
 in a sidecar file beside each shard (``<shard stem>.hashes.npy``, see docs/data_format.md), so an overlap
 check over millions of training records reads 40 bytes per record instead of decoding every image again.
 
@@ -13,11 +13,11 @@ lies above their median. A re-encoded copy differs in a few bits (up to 8 at JPE
 RS samples), distinct images in many (16 or more on the same samples); ``THUMBNAIL_SIZE`` thumbnails
 confirm a candidate match (see ``geoalign_jax.eval.overlap``).
 
-Shards converted without sidecars (older versions, other tools, or copied without their .npy files) get
+Shards prepared without sidecars (older versions, other tools, or copied without their .npy files) get
 them once with ``python -m geoalign_jax.prepare fingerprints DIR_OR_GLOB`` (``add_sidecars``), which decodes
 their images in parallel (``compute_fingerprints``).
 
-Importing this module never imports jax, and what the converters' and the fingerprinting workers run
+Importing this module never imports jax, and what the preparation and the fingerprinting workers run
 (spawned processes) never does; reading shards (``open_shard``) goes through grain, which does.
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from geoalign_jax.data import filesystem
 
 THUMBNAIL_SIZE = 32
 _DCT_SIZE = 8
@@ -108,7 +110,7 @@ def fingerprint_rows(fingerprints: Sequence[tuple[bytes, int]]) -> np.ndarray:
 
 def sidecar_path(shard_path: str | os.PathLike) -> pathlib.Path:
     """``.../rsicd-train-00000-of-00002.hashes.npy`` for ``.../rsicd-train-00000-of-00002.array_record``."""
-    path = pathlib.Path(shard_path)
+    path = filesystem.path(shard_path)  # a pathlib.Path, or an epath.Path for gs://
     stem = path.name[: -len(SHARD_SUFFIX)] if path.name.endswith(SHARD_SUFFIX) else path.name
     return path.with_name(stem + SIDECAR_SUFFIX)
 
@@ -136,7 +138,8 @@ def replace_file(path: str | os.PathLike, data: bytes) -> None:
 def read_sidecar(path: str | os.PathLike, expected_count: int | None = None) -> np.ndarray:
     """Fingerprint rows of a sidecar; FingerprintError when its layout or its row count does not fit."""
     try:
-        rows = np.load(path, allow_pickle=False)
+        rows = np.load(io.BytesIO(filesystem.read_bytes(path)) if filesystem.is_gcs(path) else path,
+                       allow_pickle=False)
     except (OSError, ValueError) as error:
         raise FingerprintError(f"{path}: not a fingerprint sidecar ({error})") from None
     if rows.dtype != FINGERPRINT_DTYPE or rows.ndim != 1:
@@ -171,7 +174,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 def default_workers() -> int:
-    """Processes that decode images to fingerprint them (as many as the converters use by default)."""
+    """Processes that decode images to fingerprint them (as many as `prepare` uses by default)."""
     return min(8, os.cpu_count() or 1)
 
 
@@ -239,13 +242,13 @@ def compute_fingerprints(shard_paths: Sequence[str | os.PathLike], *, workers: i
                          min_images_per_worker: int = MIN_IMAGES_PER_WORKER
                          ) -> Iterator[tuple[str, np.ndarray | ShardReadError]]:
     """(shard path, fingerprint rows) of each shard, in the given order, by decoding every image: this
-    process reads the records, ``workers`` processes decode and hash them (``writers.ordered_parallel_map``;
+    process reads the records, ``workers`` processes decode and hash them (``parallel_map.ordered_parallel_map``;
     fewer, down to none, when there are fewer than ``min_images_per_worker`` images each). A shard that
     cannot be opened, or holds a record or an image that cannot be read, comes back as (path,
     ShardReadError naming the shard and record) and the others go on."""
     from tqdm import tqdm
 
-    from geoalign_jax.data import sources, writers
+    from geoalign_jax.data import parallel_map, sources
 
     shards: list[_ShardWork] = []
     for path in map(os.fspath, shard_paths):
@@ -289,7 +292,7 @@ def compute_fingerprints(shard_paths: Sequence[str | os.PathLike], *, workers: i
             done += 1
 
     with tqdm(total=total, desc="fingerprinting", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for number, start, results in writers.ordered_parallel_map(fingerprint_chunk, chunks(), workers,
+        for number, start, results in parallel_map.ordered_parallel_map(fingerprint_chunk, chunks(), workers,
                                                                    window=2 * workers):
             shard = shards[number]
             shard.in_flight -= 1
@@ -336,7 +339,7 @@ class SidecarReport:
 
 
 def _location_shards(location: str) -> tuple[list[str], list[str]]:
-    """(shard paths, folders whose manifest may list them) of a converted folder (every split), a shard file
+    """(shard paths, folders whose manifest may list them) of a prepared folder (every split), a shard file
     or a glob of shard files (``.array_record``); ShardReadError naming the location when there are none."""
     import glob as globbing
 
@@ -397,7 +400,7 @@ def _list_in_manifests(folders: Sequence[str], shard_paths: Sequence[str], repor
 
 def add_sidecars(locations: Sequence[str | os.PathLike], *, workers: int = 1, progress: bool = False
                  ) -> SidecarReport:
-    """Give every shard of ``locations`` (converted folders, shard files or globs) a fitting sidecar, once:
+    """Give every shard of ``locations`` (prepared folders, shard files or globs) a fitting sidecar, once:
     shards with one are kept, the others are fingerprinted by decoding (``compute_fingerprints``) and their
     sidecars written atomically beside them; manifests beside the shards then list them in ``image_hashes``.
     A shard that cannot be read is named in the report (``failed``) and gets no sidecar; a location that

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from geoalign_jax.data import filesystem
 
 CONTENT_HASH_SCHEME = "geoalign-eval-content/1"
 PARAMETER_HASH_SCHEME = "geoalign-params-sha256/1"
@@ -246,6 +249,19 @@ def software_provenance() -> dict[str, Any]:
             "packages": package_versions(), "geoalign_jax": dict(code_version())}
 
 
+def trainer_run_info(workdir: Path, step: int, config_file: Path, eval_config: Any, model_config: Any,
+                     train_shards: str, train_split: str) -> dict[str, Any]:
+    """The `run` block of a results.json written during training: which weights (workdir and step), which
+    tasks and options, and which training data the overlap was checked against."""
+    return {
+        "weights": f"{workdir} step {step}", "trainer": {"workdir": str(workdir), "step": step, "config": str(config_file)},
+        "tasks": list(eval_config.tasks), "batch_size": int(eval_config.batch_size),
+        "model_config": model_config.to_dict(), "allow_train_split": bool(eval_config.allow_train_split),
+        "train_data": [filesystem.absolute(train_shards)], "train_split": str(train_split),
+        "exclude_overlap": bool(eval_config.exclude_overlap),
+    }
+
+
 def protocol_description(spec: Any, *, ties: str, dense: str | None = None) -> dict[str, Any]:
     """How the task scores: metric definitions and options that change the numbers."""
     from geoalign_jax.eval import retrieval
@@ -254,7 +270,7 @@ def protocol_description(spec: Any, *, ties: str, dense: str | None = None) -> d
         return {"name": "zero-shot classification", "metrics": ["top1", "top5", "mean_per_class"],
                 "prompt_ensemble": "mean of L2-normalised prompt embeddings, normalised again", "ties": ties}
     if spec.kind == "retrieval":
-        return {"name": "image-text retrieval", "ties": ties,
+        return {"name": "image-text retrieval", "ties": ties, "text": getattr(spec, "text", "short"),
                 "protocols": [dataclasses.asdict(retrieval.get_protocol(name)) for name in spec.protocols]}
     return {"name": "region classification", "methods": list(spec.methods), "ties": ties,
             "roi_patch_tokens": dense, "prompt_ensemble": "as zero-shot, over category names"}

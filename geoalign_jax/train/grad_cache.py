@@ -85,7 +85,7 @@ def make_gradient_fn(
     def encode(params: Any, batch: Batch, teacher: Any) -> dict[str, jax.Array]:
         return objective_lib.compute_outputs(
             model_config, gathered(params), batch, config, encode_image=encode_image, encode_text=encode_text,
-            frozen_params=gathered(teacher),
+            teacher_params=gathered(teacher),
         )
 
     def objective(outputs: Any, params: Any, batch: Batch, step: Any) -> tuple[jax.Array, Metrics]:
@@ -127,7 +127,7 @@ def micro_batch_cost_fn(loss_config: Any, model_config: Any, gathered: Callable[
     config = objective_lib.validate_loss_config(loss_config)
 
     def encode(params, batch, teacher):
-        return objective_lib.compute_outputs(model_config, gathered(params), batch, config, frozen_params=gathered(teacher))
+        return objective_lib.compute_outputs(model_config, gathered(params), batch, config, teacher_params=gathered(teacher))
 
     def cost(params, batch, teacher):
         outputs = encode(params, batch, teacher)
