@@ -10,7 +10,10 @@ python -m geoalign_jax.prepare tfds       --dataset resisc45 --splits train --ou
 python -m geoalign_jax.prepare mgrs       --json text_info.json --images MGRS/global_imgs --out data/mgrs
 python -m geoalign_jax.prepare webdataset --shards 'RS5M/{pub11,rs3}-train-{0000..0031}.tar' --out data/rs5m --name rs5m
 python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv val=SkyScript_val.csv --out data/skyscript --name skyscript
+python -m geoalign_jax.prepare segmentation --preset loveda --images LoveDA/img_dir/val --masks LoveDA/ann_dir/val --out data/loveda
 ```
+`segmentation` (image + label-map mask folders, for `evaluate --tasks segmentation:...`) writes a folder of its own
+(data/prepare_segmentation.py) and takes only its own options.
 Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
 --overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
 configuration that cannot be used, 2 on bad command-line usage.
@@ -29,7 +32,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
-from geoalign_jax.data import converters, corpora, fingerprints
+from geoalign_jax.data import converters, corpora, fingerprints, prepare_segmentation
 from geoalign_jax.data.writers import ConversionSummary
 
 Runner = Callable[[argparse.Namespace], ConversionSummary]
@@ -198,6 +201,8 @@ FORMATS: dict[str, Format] = {
 }
 
 
+SEGMENTATION_HELP = ("images + single-channel label-map masks matched by file stem (open-vocabulary segmentation; "
+                     "--preset for FarSLIP's 8 benchmarks)")
 FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of converted shards (for the overlap check)"
 
 
@@ -237,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         fmt.add_arguments(command)
         converters.add_common_arguments(command)
     _fingerprints_arguments(commands.add_parser("fingerprints", help=FINGERPRINTS_HELP, description=FINGERPRINTS_HELP))
+    prepare_segmentation.add_arguments(commands.add_parser("segmentation", help=SEGMENTATION_HELP,
+                                                           description=SEGMENTATION_HELP))
     return parser
 
 
@@ -244,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
+    if args.format == "segmentation":
+        return prepare_segmentation.run_cli(args)
     return converters.run_cli(lambda: FORMATS[args.format].run(args))
 
 
