@@ -12,7 +12,8 @@ leaving the overlapping ones out. The embedding backend is pluggable (``embed.Ja
 ``embed.OpenClipEmbedder`` for a torch export), so the same metrics code scores both.
 
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
-retrieval, regions; keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
+retrieval, regions, segmentation (open-vocabulary segmentation of a ``prepare segmentation`` folder,
+SegEarth-OV's protocol; its options are ``segmentation.OPTION_NAMES``, see ``seg_task``); keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
 ``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
 skyscript | both), ``methods`` (regions: crop+roi, crop, roi).
 """
@@ -27,15 +28,16 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
-                               retrieval, zeroshot)
+                               retrieval, seg_data, seg_task, segmentation, zeroshot)
 
 log = logging.getLogger(__name__)
 
-TASK_KINDS = ("zeroshot", "retrieval", "regions")
+TASK_KINDS = ("zeroshot", "retrieval", "regions", "segmentation")
 _TASK_KEYS = {
     "zeroshot": {"split", "limit", "templates", "dataset"},
     "retrieval": {"split", "limit", "protocol"},
     "regions": {"split", "limit", "templates", "methods"},
+    "segmentation": {"split", "limit", *segmentation.OPTION_NAMES},
 }
 
 
@@ -56,6 +58,8 @@ class TaskSpec:
     dataset: str | None = None
     protocol: str = "standard"
     methods: tuple[str, ...] = regions.REGION_METHODS
+    # segmentation: its protocol options as given (key, value strings), defaults from the data's preset
+    options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         task = f"task {self.kind}:{self.name}"
@@ -74,6 +78,11 @@ class TaskSpec:
                     retrieval.get_protocol(protocol)
                 except ValueError as error:
                     raise TaskError(f"{task}: {error}") from None
+        if self.kind == "segmentation" or self.options:
+            try:
+                segmentation.make_options(dict(self.options))
+            except (segmentation.SegmentationOptionError, ValueError) as error:
+                raise TaskError(f"{task}: {error}") from None
         bad_methods = [m for m in self.methods if m not in regions.REGION_METHODS]
         if bad_methods or not self.methods:
             raise TaskError(f"{task}: methods must be among {regions.REGION_METHODS}, got {self.methods}")
@@ -100,6 +109,7 @@ def parse_task(text: str) -> TaskSpec:
         raise TaskError(f"task {text!r}: missing '=PATH' after the task name")
     path, *options = rest.split(",")
     kwargs: dict[str, Any] = {}
+    kind_options: list[tuple[str, str]] = []
     for option in options:
         key, sep, value = option.partition("=")
         key = key.strip()
@@ -107,7 +117,9 @@ def parse_task(text: str) -> TaskSpec:
             raise TaskError(f"task {text!r}: option {option!r} is not key=value")
         if key not in _TASK_KEYS[kind]:
             raise TaskError(f"task {text!r}: unknown option {key!r} for {kind} (known: {sorted(_TASK_KEYS[kind])})")
-        if key == "limit":
+        if kind == "segmentation" and key not in ("split", "limit"):
+            kind_options.append((key, value.strip()))
+        elif key == "limit":
             try:
                 kwargs[key] = int(value)
             except ValueError:
@@ -116,6 +128,8 @@ def parse_task(text: str) -> TaskSpec:
             kwargs[key] = tuple(m for m in value.replace("+", " ").split() if m)
         else:
             kwargs[key] = value
+    if kind_options:
+        kwargs["options"] = tuple(kind_options)
     return TaskSpec(kind=kind, name=name.strip(), path=path.strip(), **kwargs)
 
 
@@ -258,6 +272,13 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     from geoalign_jax.data import sources
 
     root = pathlib.Path(spec.path)
+    if spec.kind == "segmentation":
+        try:
+            manifest = seg_data.read_manifest(root)
+            split = seg_data.choose_split(manifest, spec.split, root)
+        except datasets.EvalDataError as error:
+            raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from None
+        return split, str(manifest.get("name") or root.name), sorted(manifest["splits"])
     if not datasets.is_record_dir(root):
         if is_training_split(root.name):
             return root.name, root.absolute().parent.name, []
@@ -283,6 +304,8 @@ def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow:
 
 
 def _load(spec: TaskSpec, skip_bad_records: bool) -> Any:
+    if spec.kind == "segmentation":
+        return seg_data.load_segmentation(spec.path, split=spec.split, limit=spec.limit)
     if spec.kind == "zeroshot":
         return datasets.load_classification(spec.path, split=spec.split, dataset=spec.dataset or spec.name,
                                             limit=spec.limit, skip_bad_records=skip_bad_records)
@@ -329,14 +352,17 @@ class _Runner:
                     log.warning("%s: %s", spec.prefix, note)
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
-        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
+        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError,
+                segmentation.SegmentationOptionError) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
             task_metrics.update(overlap_result.metrics())
         templates = prompts.get_templates(spec.templates) if spec.kind in ("zeroshot", "regions") else None
+        protocol = (details.pop("protocol") if spec.kind == "segmentation"
+                    else provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
         record = provenance.task_provenance(
             spec, data, digests, dataset=dataset_name, split=split, ties=self.ties, templates=templates,
-            protocol=provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
+            protocol=protocol)
         record["training_split_allowed"] = bool(split is not None and is_training_split(split))
         record["overlap"] = overlap_result.to_json() if overlap_result is not None else None
         return _TaskOutcome(task_metrics, details, record, notes)
@@ -349,7 +375,10 @@ class _Runner:
         if len(drop) == len(digests):
             raise TaskError(f"task {spec.kind}:{spec.name}: every one of its {len(digests)} images is also in the "
                             "training data; nothing is left to evaluate")
-        return overlap.without_images(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
+        kept = [d for i, d in enumerate(digests) if i not in drop]
+        if spec.kind == "segmentation":
+            return seg_task.without_images(data, sorted(drop)), kept
+        return overlap.without_images(data, sorted(drop)), kept
 
     def _embed_images(self, images: Any, count: int, desc: str) -> np.ndarray:
         size = self.embedder.image_size
@@ -423,6 +452,21 @@ class _Runner:
             result.update({f"{method}/{key}": value for key, value in method_metrics.items()})
             details["methods"][method] = metrics.per_class_accuracy(logits, labels, ties=self.ties).tolist()
         return result, details
+
+    def segmentation(self, spec: TaskSpec, data: seg_data.SegmentationSet) -> tuple[dict[str, float], dict[str, Any]]:
+        """SegEarth-OV's protocol with the JAX towers (its dense last layer has no open_clip counterpart)."""
+        if not isinstance(self.embedder, embed.JaxEmbedder):
+            raise TaskError(f"task segmentation:{spec.name}: needs the JAX backend (model weights), not "
+                            f"{type(self.embedder).__name__}")
+        result = seg_task.evaluate_segmentation(
+            self.embedder.config, self.embedder.params, data, options=dict(spec.options),
+            embed_texts=self.embedder.embed_texts, progress=self.progress, desc=f"{spec.prefix} images",
+            matmul_precision=self.embedder.matmul_precision)
+        metrics_out = dict(result.metrics)
+        metrics_out.update(self._skips(spec, data.skipped))
+        details = dict(result.details)
+        details["protocol"] = seg_task.protocol_description(result.options, data)
+        return metrics_out, details
 
     def _roi_features(self, data: datasets.RegionSet, spec: TaskSpec) -> np.ndarray:
         pooler = regions.RoiPooler(map_batch=self.batch_size)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from geoalign_jax.data import transforms
+from geoalign_jax.eval import prompts
 
 #: Task options and SegEarth-OV's value of each (``segearth_segmentor.py`` arguments, ``configs/base_config.py``,
 #: the dataset configs for resize); threshold / background / resize default to the dataset's preset.
@@ -82,6 +83,9 @@ class SegEarthOptions:
             raise SegmentationOptionError(f"dense must be segearth or last, got {self.dense!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise SegmentationOptionError(f"threshold is a probability in [0, 1], got {self.threshold}")
+        if self.templates not in prompts.TEMPLATE_SETS:
+            raise SegmentationOptionError(f"unknown templates {self.templates!r} (known: "
+                                          f"{', '.join(sorted(prompts.TEMPLATE_SETS))})")
         if self.resize is not None and min(self.resize) < 1:
             raise SegmentationOptionError(f"resize sides must be positive, got {self.resize}")
 
