@@ -131,6 +131,8 @@ def make_options(values: Mapping[str, str], dataset_defaults: Mapping[str, Any] 
                 chosen[key] = float(text)
             else:
                 chosen[key] = text
+        except SegmentationOptionError:
+            raise
         except ValueError:
             raise SegmentationOptionError(f"option {key}: expected {kind.__name__}, got {text!r}") from None
     return SegEarthOptions(**chosen)
