@@ -411,7 +411,7 @@ class SegEarthSegmenter:
                 raise ValueError(f"image {index}: expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
             height, width = image.shape[:2]
             size = rescaled_size(height, width, opts.resize)
-            pixels = transforms.normalise(resize_image(image, *size))
+            pixels = resize_image(image, *size)  # uint8; each window is normalised when cut (memory)
             window = (min(opts.crop, size[0]), min(opts.crop, size[1]))
             ys = window_starts(size[0], opts.crop, opts.stride)
             xs = window_starts(size[1], opts.crop, opts.stride)
@@ -424,7 +424,7 @@ class SegEarthSegmenter:
             averager = _RowAverager(size[0], size[1], len(self.query_class), ys, xs, window, resampler.add)
             for row, y in enumerate(ys):
                 for column, x in enumerate(xs):
-                    crop = pixels[y:y + window[0], x:x + window[1]]
+                    crop = transforms.normalise(pixels[y:y + window[0], x:x + window[1]])
                     pending.setdefault(window, []).append((averager, row, column, crop))
                     if len(pending[window]) == opts.window_batch:
                         flush(window)
