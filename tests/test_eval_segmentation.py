@@ -261,3 +261,16 @@ def test_cli_refuses_segmentation_on_the_open_clip_backend(model, tmp_path, caps
         main(["--open-clip", str(folder), "--backend", "open_clip", "--tasks", f"segmentation:x={tmp_path}",
               "--out", str(tmp_path / "o")])
     assert "segmentation tasks need the JAX backend" in capsys.readouterr().err
+
+
+def test_trainer_config_accepts_segmentation_tasks_and_guards_their_split(tmp_path):
+    from geoalign_jax.train import config as train_config
+
+    _write_pairs(tmp_path / "raw", [np.full((12, 16, 3), 9, np.uint8)], [np.ones((12, 16))])
+    for split in ("val", "train"):
+        prep.prepare_segmentation(tmp_path / "raw" / "img", tmp_path / "raw" / "ann", tmp_path / "seg",
+                                  classes=[["a"], ["b"]], split=split)
+    task = f"segmentation:toy={tmp_path / 'seg'},threshold=0.2"
+    assert train_config._check_eval_tasks((task,), allow_train_split=False) == ["segmentation/toy"]
+    with pytest.raises(ValueError, match="split 'train' is a training split"):
+        train_config._check_eval_tasks((task + ",split=train",), allow_train_split=False)
