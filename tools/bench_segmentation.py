@@ -84,8 +84,9 @@ def speed(args: argparse.Namespace) -> None:
     print(f"{args.model}, {args.size}x{args.size}, resize {args.resize}: {windows} windows of {options.crop}, "
           f"{len(query_class)} queries; jax {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), load {os.getloadavg()[0]:.2f}")
-    print(f"  torch reference (window by window): {torch_seconds:7.2f} s  {windows / torch_seconds:6.2f} windows/s")
-    print(f"  ours, first call (with compile)   : {first_seconds:7.2f} s  {windows / first_seconds:6.2f} windows/s")
+    for label, seconds in (("torch reference (window by window)", torch_seconds),
+                           ("ours, first call (with compile)   ", first_seconds)):
+        print(f"  {label}: {seconds:7.2f} s  {windows / seconds:6.2f} windows/s")
     print(f"  ours, compiled (batch {args.window_batch:2d})         : {jax_seconds:7.2f} s  "
           f"{windows / jax_seconds:6.2f} windows/s")
     print(f"  time ratio ours / torch: {jax_seconds / torch_seconds:.2f} (with compile "
@@ -113,10 +114,11 @@ def memory(args: argparse.Namespace) -> None:
     segmenter.predict_stream(iter([image]), count)
     seconds = time.perf_counter() - start
     size = args.memory_tile
-    print(f"tile {size}x{size}, tiny model, {len(query_class)} queries, {segmenter.windows_run - compiled_windows} windows in "
-          f"{seconds:.1f} s, {rows} label rows")
-    print(f"  peak RSS {peak_rss_mb():.0f} MB (with the tile loaded, before segmenting: {before:.0f} MB); the uint8 tile is "
-          f"{image.nbytes / 2**20:.0f} MB, its full-size float32 logits would be "
+    windows = segmenter.windows_run - compiled_windows
+    print(f"tile {size}x{size}, tiny model, {len(query_class)} queries, {windows} windows in {seconds:.1f} s, "
+          f"{rows} label rows")
+    print(f"  peak RSS {peak_rss_mb():.0f} MB (with the tile loaded, before segmenting: {before:.0f} MB); the uint8 "
+          f"tile is {image.nbytes / 2**20:.0f} MB, its full-size float32 logits would be "
           f"{size * size * len(query_class) * 4 / 2**20:.0f} MB")
 
 

@@ -13,7 +13,8 @@ leaving the overlapping ones out. The embedding backend is pluggable (``embed.Ja
 
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
 retrieval, regions, segmentation (open-vocabulary segmentation of a ``prepare segmentation`` folder,
-SegEarth-OV's protocol; its options are ``segmentation.OPTION_NAMES``, see ``seg_task``); keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
+SegEarth-OV's protocol; its options are ``segmentation.OPTION_NAMES``, see ``seg_task``); keys:
+``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
 ``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
 skyscript | both), ``methods`` (regions: crop+roi, crop, roi).
 """
