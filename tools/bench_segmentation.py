@@ -3,6 +3,7 @@ compiled function) against a straightforward PyTorch implementation of the same 
 (tools/segearth_torch.py, window by window as SegEarth-OV runs it) on the same weights, exported to open_clip.
 
     .venv/bin/python tools/bench_segmentation.py --model ViT-B-16 --size 1024            # speed, one run
+    .venv/bin/python tools/bench_segmentation.py --model ViT-B-16 --size 512 --threads 1  # both single-threaded
     .venv/bin/python tools/bench_segmentation.py --memory-tile 6000                      # peak memory
 
 Speed: one image of --size x --size (smooth synthetic colours), LoveDA's 7 classes, random weights (no
@@ -57,7 +58,7 @@ def speed(args: argparse.Namespace) -> None:
     from geoalign_jax.convert.open_clip import export_open_clip
     from segearth_torch import TorchSegEarth
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     config = clip.get_model_config(args.model)
     params = clip.init_params(config, jax.random.key(0))
     classes = segmentation_presets.get_preset("loveda").classes
@@ -128,8 +129,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--resize", default="none", help="N, NxM or none (SegEarth-OV's presets: 448)")
     parser.add_argument("--window-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="1: both sides single-threaded (torch threads, XLA without its Eigen pool), which a "
+                             "loaded machine distorts less; default: all cores")
     parser.add_argument("--memory-tile", type=int, default=0, help="measure peak memory on a tile of this size")
     args = parser.parse_args()
+    if args.threads == 1:  # read when JAX starts its CPU backend (the first computation), after this
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    elif args.threads:
+        parser.error("--threads takes 1 (single-threaded) or 0 (all cores)")
     memory(args) if args.memory_tile else speed(args)
 
 
