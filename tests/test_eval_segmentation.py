@@ -14,7 +14,7 @@ from PIL import Image
 
 from geoalign_jax.data import prepare_segmentation as prep
 from geoalign_jax.data import segmentation_presets as presets
-from geoalign_jax.eval import datasets, library, prompts, seg_data, seg_metrics, segmentation
+from geoalign_jax.eval import datasets, prompts, runner, seg_data, seg_metrics, segmentation
 from geoalign_jax.models import clip
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
@@ -116,7 +116,7 @@ def test_task_miou_equals_the_reference_miou(model, torch_predictions, tmp_path,
     from geoalign_jax.eval import embed
 
     embedder = embed.JaxEmbedder(CONFIG, params, batch_size=8, matmul_precision="highest")
-    results = library.evaluate(CONFIG, params, [f"segmentation:toy={tmp_path / 'seg'},{options}"],
+    results = runner.evaluate(CONFIG, params, [f"segmentation:toy={tmp_path / 'seg'},{options}"],
                                embedder=embedder, progress=False, results_path=tmp_path / "out" / "results.json")
     intersections, unions = np.zeros(5), np.zeros(5)
     for prediction, raw in zip(torch_predictions, masks):
@@ -244,13 +244,13 @@ def test_reader_rejects_bad_folders_with_one_clear_line(tmp_path):
 
 
 def test_task_options_are_checked_when_parsed(tmp_path):
-    spec = library.parse_task(f"segmentation:loveda={tmp_path},split=val,threshold=0.3,resize=none")
+    spec = runner.parse_task(f"segmentation:loveda={tmp_path},split=val,threshold=0.3,resize=none")
     assert dict(spec.options) == {"threshold": "0.3", "resize": "none"} and spec.split == "val"
     for bad, message in (("crop=abc", "option crop: expected int"), ("stride=300", "need 1 <= stride <= crop"),
                          ("colour=red", "unknown option 'colour'"), ("dense=first", "dense must be"),
                          ("templates=none", "unknown templates"), ("resize=1x2x3", "resize must be")):
-        with pytest.raises(library.TaskError, match=message):
-            library.parse_task(f"segmentation:x={tmp_path},{bad}")
+        with pytest.raises(runner.TaskError, match=message):
+            runner.parse_task(f"segmentation:x={tmp_path},{bad}")
 
 
 def test_cli_refuses_segmentation_on_the_open_clip_backend(model, tmp_path, capsys):

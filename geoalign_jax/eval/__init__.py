@@ -8,7 +8,7 @@ SegEarth-OV's protocol (also the task kind ``segmentation:NAME=PATH``). The CLI 
 """
 from __future__ import annotations
 
-from geoalign_jax.eval.library import (EvalReport, TaskError, TaskSpec, check_overlap, evaluate, is_training_split,
+from geoalign_jax.eval.runner import (EvalReport, TaskError, TaskSpec, check_overlap, evaluate, is_training_split,
                                        parse_task, run_tasks)
 from geoalign_jax.eval.overlap import OverlapError, OverlapResult, TrainImages
 from geoalign_jax.eval.seg_task import evaluate_segmentation

@@ -72,6 +72,13 @@ def choose_split(manifest: dict[str, Any], split: str | None, root: pathlib.Path
     raise EvalDataError(f"{root}: several splits ({', '.join(splits)}) and none is test/val: name one (split=...)")
 
 
+def resolve_split(root: str | pathlib.Path, split: str | None) -> tuple[str, str, list[str]]:
+    """(split that will be evaluated, dataset name, the folder's splits), for the runner's split guard."""
+    manifest = read_manifest(root)
+    chosen = choose_split(manifest, split, pathlib.Path(root))
+    return chosen, str(manifest.get("name") or pathlib.Path(root).name), sorted(manifest["splits"])
+
+
 class SegmentationImages:
     """The split's image files (``provenance.image_digests`` reads them)."""
 

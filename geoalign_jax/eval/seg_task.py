@@ -1,7 +1,7 @@
 """The ``segmentation`` evaluation task: a segmentation folder scored with SegEarth-OV's protocol.
 
 ``evaluate_segmentation`` is the library entry point (model + folder + options in, metrics out); the task
-kind ``segmentation:NAME=PATH[,split=...,limit=...,<option>=...]`` of ``eval.library`` (CLI, trainer) calls
+kind ``segmentation:NAME=PATH[,split=...,limit=...,<option>=...]`` of ``eval.runner`` (CLI, trainer) calls
 it. Options (``segmentation.OPTION_NAMES``): crop, stride, logit_scale, cls_token_lambda, threshold,
 background, resize (N | NxM | none), dense (segearth | last), templates, window_batch; each defaults to
 the folder's preset setting (threshold, background, resize), else SegEarth-OV's value. Metrics (percent):
@@ -114,6 +114,21 @@ def evaluate_segmentation(model_config: Any, params: Any, data: str | pathlib.Pa
         "window_shapes": sorted(list(shape) for shape in segmenter.compiled_shapes),
     }
     return SegmentationResult(metrics, details, options, data)
+
+
+def run_task(embedder: Any, data: seg_data.SegmentationSet, options: Mapping[str, str], progress: bool,
+             prefix: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The task kind's body in ``runner``: metrics and details (with ``protocol`` for the provenance) on the
+    towers of a ``embed.JaxEmbedder`` (its compiled text tower encodes the queries)."""
+    from geoalign_jax.eval import embed
+
+    if not isinstance(embedder, embed.JaxEmbedder):  # SegEarth's dense last layer: JAX towers only
+        raise segmentation.SegmentationOptionError(f"needs the JAX backend (model weights), not "
+                                                   f"{type(embedder).__name__}")
+    result = evaluate_segmentation(embedder.config, embedder.params, data, options=options,
+                                   embed_texts=embedder.embed_texts, progress=progress, desc=f"{prefix} images",
+                                   matmul_precision=embedder.matmul_precision)
+    return dict(result.metrics), {**result.details, "protocol": protocol_description(result.options, data)}
 
 
 def protocol_description(options: segmentation.SegEarthOptions, data: seg_data.SegmentationSet) -> dict[str, Any]:

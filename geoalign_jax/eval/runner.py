@@ -12,9 +12,8 @@ leaving the overlapping ones out. The embedding backend is pluggable (``embed.Ja
 ``embed.OpenClipEmbedder`` for a torch export), so the same metrics code scores both.
 
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
-retrieval, regions, segmentation (open-vocabulary segmentation of a ``prepare segmentation`` folder,
-SegEarth-OV's protocol; its options are ``segmentation.OPTION_NAMES``, see ``seg_task``); keys:
-``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
+retrieval, regions, segmentation (SegEarth-OV's protocol on a ``prepare segmentation`` folder, options: see
+``seg_task``); keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
 ``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
 skyscript | both), ``methods`` (regions: crop+roi, crop, roi).
 """
@@ -23,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
 from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
                                retrieval, seg_data, seg_task, segmentation, zeroshot)
 
@@ -79,11 +78,10 @@ class TaskSpec:
                     retrieval.get_protocol(protocol)
                 except ValueError as error:
                     raise TaskError(f"{task}: {error}") from None
-        if self.kind == "segmentation" or self.options:
-            try:
-                segmentation.make_options(dict(self.options))
-            except (segmentation.SegmentationOptionError, ValueError) as error:
-                raise TaskError(f"{task}: {error}") from None
+        try:  # segmentation options are read when the task runs (the data's preset fills defaults): check now
+            segmentation.make_options(dict(self.options)) if self.kind == "segmentation" else None
+        except ValueError as error:
+            raise TaskError(f"{task}: {error}") from None
         bad_methods = [m for m in self.methods if m not in regions.REGION_METHODS]
         if bad_methods or not self.methods:
             raise TaskError(f"{task}: methods must be among {regions.REGION_METHODS}, got {self.methods}")
@@ -110,7 +108,6 @@ def parse_task(text: str) -> TaskSpec:
         raise TaskError(f"task {text!r}: missing '=PATH' after the task name")
     path, *options = rest.split(",")
     kwargs: dict[str, Any] = {}
-    kind_options: list[tuple[str, str]] = []
     for option in options:
         key, sep, value = option.partition("=")
         key = key.strip()
@@ -119,7 +116,7 @@ def parse_task(text: str) -> TaskSpec:
         if key not in _TASK_KEYS[kind]:
             raise TaskError(f"task {text!r}: unknown option {key!r} for {kind} (known: {sorted(_TASK_KEYS[kind])})")
         if kind == "segmentation" and key not in ("split", "limit"):
-            kind_options.append((key, value.strip()))
+            kwargs["options"] = kwargs.get("options", ()) + ((key, value.strip()),)
         elif key == "limit":
             try:
                 kwargs[key] = int(value)
@@ -129,8 +126,6 @@ def parse_task(text: str) -> TaskSpec:
             kwargs[key] = tuple(m for m in value.replace("+", " ").split() if m)
         else:
             kwargs[key] = value
-    if kind_options:
-        kwargs["options"] = tuple(kind_options)
     return TaskSpec(kind=kind, name=name.strip(), path=path.strip(), **kwargs)
 
 
@@ -259,6 +254,34 @@ def _train_images(train_data: TrainData, train_split: str) -> overlap.TrainImage
 # Split guard.
 
 
+def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, *,
+                     exclude: bool) -> overlap.TrainImages:
+    """The training shards' image fingerprints (read once; every evaluation of a training run checks its tasks
+    against them), after logging how many and which images of each task also occur in them. OverlapError when
+    `exclude` would leave a task with no image."""
+    from geoalign_jax.data import sources
+
+    paths = sources.shard_paths(train_shards, train_split)
+    train_images = overlap.TrainImages.from_shards(paths, locations=[filesystem.absolute(train_shards)], split=train_split)
+    for prefix, result in check_overlap(list(tasks), train_images).items():
+        if not result.matches:
+            log.info("eval overlap: %s: none of its %d images occurs in the training shards", prefix, result.checked)
+            continue
+        if exclude and len(result.matches) == result.checked:
+            raise overlap.OverlapError(
+                f"eval.exclude_overlap: every one of the {result.checked} images of eval task {prefix} is also in "
+                f"the training shards {train_shards}; nothing would be left to evaluate")
+        shown = "; ".join(f"{m['eval']} = {m['train']} ({m['match']})" for m in result.matches[:5])
+        more = f"; and {len(result.matches) - 5} more" if len(result.matches) > 5 else ""
+        log.warning(
+            "eval overlap: %s: %d of its %d images also occur in the training shards (%d exact, %d re-encoded), "
+            "%s every evaluation (eval.exclude_overlap = %s; each results.json lists them): %s%s", prefix,
+            len(result.matches), result.checked, result.exact, result.near_duplicates,
+            "left out of" if exclude else "INCLUDED in", exclude, shown, more,
+        )
+    return train_images
+
+
 def is_training_split(split: str) -> bool:
     """A split name that holds training data: "train", "train*" (trainval, train_2, ...) or Karpathy's
     "restval" (the part of val the Karpathy splits train on)."""
@@ -272,14 +295,12 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     (``UCM/train``): then that name is its split, so the split guard sees it."""
     from geoalign_jax.data import sources
 
-    root = pathlib.Path(spec.path)
+    root = filesystem.path(spec.path)
     if spec.kind == "segmentation":
         try:
-            manifest = seg_data.read_manifest(root)
-            split = seg_data.choose_split(manifest, spec.split, root)
+            return seg_data.resolve_split(root, spec.split)
         except datasets.EvalDataError as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from None
-        return split, str(manifest.get("name") or root.name), sorted(manifest["splits"])
     if not datasets.is_record_dir(root):
         if is_training_split(root.name):
             return root.name, root.absolute().parent.name, []
@@ -353,8 +374,8 @@ class _Runner:
                     log.warning("%s: %s", spec.prefix, note)
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
-        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError,
-                segmentation.SegmentationOptionError) as error:
+        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError, segmentation.SegmentationOptionError
+                ) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
             task_metrics.update(overlap_result.metrics())
@@ -376,10 +397,8 @@ class _Runner:
         if len(drop) == len(digests):
             raise TaskError(f"task {spec.kind}:{spec.name}: every one of its {len(digests)} images is also in the "
                             "training data; nothing is left to evaluate")
-        kept = [d for i, d in enumerate(digests) if i not in drop]
-        if spec.kind == "segmentation":
-            return seg_task.without_images(data, sorted(drop)), kept
-        return overlap.without_images(data, sorted(drop)), kept
+        without = seg_task.without_images if spec.kind == "segmentation" else overlap.without_images
+        return without(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
 
     def _embed_images(self, images: Any, count: int, desc: str) -> np.ndarray:
         size = self.embedder.image_size
@@ -455,19 +474,8 @@ class _Runner:
         return result, details
 
     def segmentation(self, spec: TaskSpec, data: seg_data.SegmentationSet) -> tuple[dict[str, float], dict[str, Any]]:
-        """SegEarth-OV's protocol with the JAX towers (its dense last layer has no open_clip counterpart)."""
-        if not isinstance(self.embedder, embed.JaxEmbedder):
-            raise TaskError(f"task segmentation:{spec.name}: needs the JAX backend (model weights), not "
-                            f"{type(self.embedder).__name__}")
-        result = seg_task.evaluate_segmentation(
-            self.embedder.config, self.embedder.params, data, options=dict(spec.options),
-            embed_texts=self.embedder.embed_texts, progress=self.progress, desc=f"{spec.prefix} images",
-            matmul_precision=self.embedder.matmul_precision)
-        metrics_out = dict(result.metrics)
-        metrics_out.update(self._skips(spec, data.skipped))
-        details = dict(result.details)
-        details["protocol"] = seg_task.protocol_description(result.options, data)
-        return metrics_out, details
+        result, details = seg_task.run_task(self.embedder, data, dict(spec.options), self.progress, spec.prefix)
+        return {**result, **self._skips(spec, data.skipped)}, details
 
     def _roi_features(self, data: datasets.RegionSet, spec: TaskSpec) -> np.ndarray:
         pooler = regions.RoiPooler(map_batch=self.batch_size)
