@@ -346,6 +346,8 @@ def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow:
 
 
 def _load(spec: TaskSpec, skip_bad_records: bool) -> Any:
+    if spec.kind == "segmentation":
+        return seg_data.load_segmentation(spec.path, split=spec.split, limit=spec.limit)
     if label_csv.is_csv_file(spec.path):
         return benchmark_root.load_csv_task(spec)
     if spec.kind == "zeroshot":
@@ -394,10 +396,9 @@ class _Runner:
                     log.warning("%s: %s", spec.prefix, note)
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
+            notes.extend(long_text.truncation_notes(task_metrics))
         except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError, segmentation.SegmentationOptionError
                 ) as error:
-            notes.extend(long_text.truncation_notes(task_metrics))
-        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
             task_metrics.update(overlap_result.metrics())
