@@ -34,6 +34,7 @@ PARAMS_FORMAT = "geoalign-params"
 PARAMS_VERSION = 1
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+EMA_DIR = "ema"  # a trainer step's EMA of the parameters (train.ema_decay > 0), the same tree as params/
 TRAINER_CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -124,9 +125,11 @@ def read_model_config(path: str | pathlib.Path) -> CLIPConfig:
 
 
 def load_params(
-    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None
+    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, ema: bool = False
 ) -> tuple[CLIPConfig, Params]:
     """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params).
+
+    `ema`: the step's EMA of the parameters instead (a trainer workdir or step trained with train.ema_decay).
 
     With `expected_config`, a checkpoint of another architecture is refused before reading weights;
     numerics (dtype, param_dtype, remat) are not architecture: the expected config's are returned.
@@ -134,6 +137,13 @@ def load_params(
     path = pathlib.Path(path).absolute()
     config = read_model_config(path)
     _, params_dir = locate(path)
+    if ema:
+        params_dir = params_dir.parent / EMA_DIR
+        if not params_dir.is_dir():
+            raise FileNotFoundError(
+                f"{path}: no EMA weights ({params_dir} is absent: only trainer checkpoints of a run with "
+                "train.ema_decay > 0 have them)"
+            )
     target = abstract_params(config)
     if expected_config is not None:
         same_numerics = dataclasses.replace(

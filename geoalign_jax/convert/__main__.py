@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     export.add_argument("--format", required=True, choices=FORMATS)
     export.add_argument("--out", required=True, type=pathlib.Path, help="output folder (must be absent or empty)")
+    export.add_argument("--ema", action="store_true",
+                        help="export the EMA of the parameters (a trainer checkpoint of a run with train.ema_decay > 0)")
 
     imp = commands.add_parser("import", help="open_clip state dict / folder or HF folder -> parameters checkpoint")
     imp.add_argument("--src", required=True, type=pathlib.Path,
@@ -55,12 +57,13 @@ def _check_out_dir(out: pathlib.Path) -> None:
         raise ValueError(f"--out {out} exists and is not an empty folder")
 
 
-def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path) -> list[pathlib.Path]:
-    """Loads a parameters checkpoint and writes it in `fmt`; returns the files written."""
+def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path, *, ema: bool = False) -> list[pathlib.Path]:
+    """Loads a parameters checkpoint (`ema`: a trainer checkpoint's EMA weights) and writes it in `fmt`; returns
+    the files written."""
     from geoalign_jax.params_checkpoint import load_params
 
     _check_out_dir(out)
-    config, params = load_params(params_path)
+    config, params = load_params(params_path, ema=ema)
     print(f"read {params_path}: {layout.summarize(config, params)}")
     exporter = open_clip.export_open_clip if fmt == "open_clip" else hf.export_hf
     return exporter(config, params, out)
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
-            written = run_export(args.params, args.format, args.out)
+            written = run_export(args.params, args.format, args.out, ema=args.ema)
             for path in written:
                 print(f"wrote {path}")
         else:
