@@ -38,13 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m geoalign_jax.evaluate",
         description="Zero-shot classification, image-text retrieval and region classification of a CLIP model.",
-        epilog="Task syntax: KIND:NAME=PATH[,key=value...]; KIND in zeroshot, retrieval, regions. Keys: split, "
-               "limit, templates (farslip|rs|single), dataset (zero-shot class table), protocol (standard|"
-               "skyscript|skyscript-raw|both), methods (crop+roi), text (retrieval: short|long, long = long_caption), "
-               "split_by (farslip: a training split the paper's authors evaluate), and for CSV files classnames, "
-               "image_root, caption_column. PATH: a record folder (manifest.json), for zeroshot a tree of class "
-               "folders, or a FarSLIP/SkyScript CSV (zeroshot: filepath,label + classnames.txt; retrieval: "
-               "filepath,title).")
+        epilog="Task syntax: KIND:NAME=PATH[,key=value...]; KIND in zeroshot, retrieval, regions, segmentation. Keys: "
+               "split, limit, templates (farslip|rs|single|openai_imagenet), dataset (zero-shot class table), protocol "
+               "(standard|skyscript|skyscript-raw|both), methods (crop+roi), text (retrieval: short|long, long = "
+               "long_caption), split_by (farslip: a training split the paper's authors evaluate), and for CSV files "
+               "classnames, image_root, caption_column; segmentation (SegEarth-OV protocol): crop, stride, logit_scale, "
+               "cls_token_lambda, threshold, background, resize (N|NxM|none), dense (segearth|last), templates, "
+               "window_batch. PATH: a record folder (manifest.json), for zeroshot a tree of class folders, or a "
+               "FarSLIP/SkyScript CSV (zeroshot: filepath,label + classnames.txt; retrieval: filepath,title), for "
+               "segmentation a folder of 'prepare segmentation'.")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
@@ -133,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
     if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
         parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")
+    if args.backend == "open_clip" and any(task.kind == "segmentation" for task in tasks):
+        parser.error("segmentation tasks need the JAX backend (SegEarth-OV's dense last layer)")
     if args.backend == "open_clip" and args.dense != "last":
         parser.error("--dense segearth exists only for the JAX backend")
     if args.exclude_overlap and not args.train_data:

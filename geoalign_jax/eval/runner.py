@@ -12,7 +12,8 @@ leaving the overlapping ones out. The embedding backend is pluggable (``embed.Ja
 ``embed.OpenClipEmbedder`` for a torch export), so the same metrics code scores both.
 
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
-retrieval, regions; keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
+retrieval, regions, segmentation (SegEarth-OV's protocol on a ``prepare segmentation`` folder, options: see
+``seg_task``); keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
 ``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
 skyscript | skyscript-raw | both), ``methods`` (regions: crop+roi, crop, roi), ``text`` (retrieval: short |
 long, see ``long_text``), ``split_by`` (a training split evaluated because a paper's authors do, see
@@ -30,15 +31,17 @@ import numpy as np
 
 from geoalign_jax.data import filesystem
 from geoalign_jax.eval import (benchmark_root, classnames, datasets, embed, label_csv, long_text, metrics, overlap,
-                               preprocess, prompts, provenance, regions, retrieval, zeroshot)
+                               preprocess, prompts, provenance, regions, retrieval, seg_data, seg_task, segmentation,
+                               zeroshot)
 
 log = logging.getLogger(__name__)
 
-TASK_KINDS = ("zeroshot", "retrieval", "regions")
+TASK_KINDS = ("zeroshot", "retrieval", "regions", "segmentation")
 _TASK_KEYS = {
     "zeroshot": {"split", "limit", "templates", "dataset", "classnames", "image_root", "split_by"},
     "retrieval": {"split", "limit", "protocol", "text", "caption_column", "image_root", "split_by"},
     "regions": {"split", "limit", "templates", "methods"},
+    "segmentation": {"split", "limit", *segmentation.OPTION_NAMES},
 }
 
 
@@ -59,6 +62,8 @@ class TaskSpec:
     dataset: str | None = None
     protocol: str = "standard"
     methods: tuple[str, ...] = regions.REGION_METHODS
+    # segmentation: its protocol options as given (key, value strings), defaults from the data's preset
+    options: tuple[tuple[str, str], ...] = ()
     classnames: str | None = None  # label-column CSV: its classnames.txt (label_csv)
     image_root: str | None = None  # CSV: folder the image paths are relative to (default: the CSV's folder)
     caption_column: str | None = None  # caption CSV: the caption column (default "title")
@@ -82,6 +87,10 @@ class TaskSpec:
                     retrieval.get_protocol(protocol)
                 except ValueError as error:
                     raise TaskError(f"{task}: {error}") from None
+        try:  # segmentation options are read when the task runs (the data's preset fills defaults): check now
+            segmentation.make_options(dict(self.options)) if self.kind == "segmentation" else None
+        except ValueError as error:
+            raise TaskError(f"{task}: {error}") from None
         if self.split_by is not None and self.split_by not in benchmark_root.SPLIT_CHOICES:
             raise TaskError(f"{task}: split_by must be one of {sorted(benchmark_root.SPLIT_CHOICES)}, "
                             f"got {self.split_by!r}")
@@ -120,7 +129,9 @@ def parse_task(text: str) -> TaskSpec:
             raise TaskError(f"task {text!r}: option {option!r} is not key=value")
         if key not in _TASK_KEYS[kind]:
             raise TaskError(f"task {text!r}: unknown option {key!r} for {kind} (known: {sorted(_TASK_KEYS[kind])})")
-        if key == "limit":
+        if kind == "segmentation" and key not in ("split", "limit"):
+            kwargs["options"] = kwargs.get("options", ()) + ((key, value.strip()),)
+        elif key == "limit":
             try:
                 kwargs[key] = int(value)
             except ValueError:
@@ -299,6 +310,11 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     from geoalign_jax.data import sources
 
     root = filesystem.path(spec.path)
+    if spec.kind == "segmentation":
+        try:
+            return seg_data.resolve_split(root, spec.split)
+        except datasets.EvalDataError as error:
+            raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from None
     if label_csv.is_csv_file(root):  # a benchmark CSV: its name says the split (aid_img_txt_pairs_test.csv)
         split = spec.split or label_csv.split_of_file(root)
         return split, root.absolute().parent.name, []
@@ -330,6 +346,8 @@ def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow:
 
 
 def _load(spec: TaskSpec, skip_bad_records: bool) -> Any:
+    if spec.kind == "segmentation":
+        return seg_data.load_segmentation(spec.path, split=spec.split, limit=spec.limit)
     if label_csv.is_csv_file(spec.path):
         return benchmark_root.load_csv_task(spec)
     if spec.kind == "zeroshot":
@@ -379,14 +397,17 @@ class _Runner:
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
             notes.extend(long_text.truncation_notes(task_metrics))
-        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
+        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError, segmentation.SegmentationOptionError
+                ) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
             task_metrics.update(overlap_result.metrics())
         templates = prompts.get_templates(spec.templates) if spec.kind in ("zeroshot", "regions") else None
+        protocol = (details.pop("protocol") if spec.kind == "segmentation"
+                    else provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
         record = provenance.task_provenance(
             spec, data, digests, dataset=dataset_name, split=split, ties=self.ties, templates=templates,
-            protocol=provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
+            protocol=protocol)
         record["training_split_allowed"] = bool(split is not None and is_training_split(split))
         record["split_choice"] = benchmark_root.split_choice_record(spec.split_by, split)
         record["overlap"] = overlap_result.to_json() if overlap_result is not None else None
@@ -400,7 +421,8 @@ class _Runner:
         if len(drop) == len(digests):
             raise TaskError(f"task {spec.kind}:{spec.name}: every one of its {len(digests)} images is also in the "
                             "training data; nothing is left to evaluate")
-        return overlap.without_images(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
+        without = seg_task.without_images if spec.kind == "segmentation" else overlap.without_images
+        return without(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
 
     def _embed_images(self, images: Any, count: int, desc: str) -> np.ndarray:
         size = self.embedder.image_size
@@ -476,6 +498,10 @@ class _Runner:
             result.update({f"{method}/{key}": value for key, value in method_metrics.items()})
             details["methods"][method] = metrics.per_class_accuracy(logits, labels, ties=self.ties).tolist()
         return result, details
+
+    def segmentation(self, spec: TaskSpec, data: seg_data.SegmentationSet) -> tuple[dict[str, float], dict[str, Any]]:
+        result, details = seg_task.run_task(self.embedder, data, dict(spec.options), self.progress, spec.prefix)
+        return {**result, **self._skips(spec, data.skipped)}, details
 
     def _roi_features(self, data: datasets.RegionSet, spec: TaskSpec) -> np.ndarray:
         pooler = regions.RoiPooler(map_batch=self.batch_size)

@@ -171,6 +171,9 @@ class CLIP(nn.Module):
     def encode_image(self, image: Array, dense: DenseFeatures = "last") -> tuple[Array, Array]:
         return self.visual(image, dense)
 
+    def encode_image_dense(self, image: Array, dense: DenseFeatures = "segearth") -> tuple[Array, Array]:
+        return self.visual.dense_tokens(image, dense)
+
     def encode_text(self, tokens: Array) -> tuple[Array, Array]:
         return self.text(tokens)
 
@@ -212,6 +215,14 @@ def encode_image(
     flat = image.reshape((-1,) + image.shape[-3:])
     embedding, patches = CLIP(config).apply({"params": params}, flat, dense, method=CLIP.encode_image)
     return embedding.reshape(lead + embedding.shape[1:]), patches.reshape(lead + patches.shape[1:])
+
+
+def encode_image_dense(
+    config: CLIPConfig, params: Params, image: Array, *, dense: DenseFeatures = "segearth"
+) -> tuple[Array, Array]:
+    """image [B, H, W, 3] normalised -> (class row [B, E], patch tokens [B, gh, gw, E]) of the dense output
+    (`VisionTransformer.dense_tokens`): what open-vocabulary segmentation scores. Unnormalised."""
+    return CLIP(config).apply({"params": params}, image, dense, method=CLIP.encode_image_dense)
 
 
 def encode_text(config: CLIPConfig, params: Params, tokens: Array) -> tuple[Array, Array]:
