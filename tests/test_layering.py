@@ -16,6 +16,7 @@ FORBIDDEN = {
     "eval": {"losses", "train"},  # RoI-Align comes from models/, parameters from params_checkpoint
     "convert": {"losses", "train", "eval"},
     "params_checkpoint": {"losses", "train", "eval", "convert", "data"},
+    "checkpoint_steps": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
     "batch_contract": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
     # runs before anything else in a CLI process (it may re-execute it): imports no room
     "host_allocator": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint",

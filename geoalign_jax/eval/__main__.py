@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                "a tree of class folders.")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with --checkpoint WORKDIR: read this step (default: the newest step that reads back whole)")
     weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
@@ -77,8 +79,8 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if args.checkpoint:
         from geoalign_jax.params_checkpoint import load_params
 
-        config, params = load_params(args.checkpoint)
-        return config, params, f"checkpoint {args.checkpoint}"
+        config, params = load_params(args.checkpoint, step=args.step)  # logs the step it read
+        return config, params, f"checkpoint {args.checkpoint}" + (f" step {args.step}" if args.step is not None else "")
     if args.open_clip or args.hf:
         from geoalign_jax.convert.pretrained import load_pretrained
 
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")
     if args.backend == "open_clip" and args.dense != "last":
         parser.error("--dense segearth exists only for the JAX backend")
+    if args.step is not None and not args.checkpoint:
+        parser.error("--step needs --checkpoint (a trainer workdir)")
     if args.exclude_overlap and not args.train_data:
         parser.error("--exclude-overlap needs --train-data")
     try:  # before loading any weights: a refused training split should cost nothing

@@ -9,6 +9,8 @@ model_config.json     the architecture (params_checkpoint's format), written by 
                       CLI's export and the evaluate CLI's --checkpoint
 <step>/state/         {step, opt_state, teacher (when there is one), nonfinite_streak, nonfinite_total}
 <step>/data/          the grain iterator position, one process_<i>-of-<n>.json per process (grain's handler)
+<step>/digest.json    size and CRC-32 of every file of the step, written by process 0 after orbax commits it
+<step>.damaged/       a step that did not read back, set aside by a resuming run (checkpoint_steps.py)
 ```
 Every process calls `save` / `restore` (orbax writes and reads each process's shards). Restoring reads the
 arrays straight into the shardings of the given target, so a checkpoint written on one mesh restores on any
@@ -29,10 +31,11 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from geoalign_jax import params_checkpoint
+from geoalign_jax import checkpoint_steps, params_checkpoint
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import multihost
 from geoalign_jax.train import state as state_lib
@@ -86,6 +89,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._async = async_save
+        self._undigested: list[int] = []  # committed (or being committed) steps without digest.json yet
 
     def write_model_config(self, model_config: clip.CLIPConfig) -> None:
         """Writes checkpoints/model_config.json (process 0). Once a step is saved, a resumed run must have the
@@ -126,13 +131,62 @@ class Checkpointer:
         iterator state is written before this returns, so the caller may advance it."""
         if step is None:
             step = int(jax.device_get(state.step))
+        if self._undigested:  # orbax waits for the previous save before it starts this one anyway
+            self.wait()
         args = ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
             STATE_ITEM: ocp.args.StandardSave(_state_item(state)),
             DATA_ITEM: grain.checkpoint.CheckpointSave(iterator),
         })
         self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._undigested.append(step)
+        if not self._async:
+            self._write_digests()
         return step
+
+    def _write_digests(self) -> None:
+        """digest.json of every committed step that lacks one (process 0; the others wait at the barrier)."""
+        steps, self._undigested = self._undigested, []
+        if jax.process_index() == 0:
+            for step in steps:
+                if (self.directory / str(step)).is_dir():  # not removed meanwhile by the keep policy
+                    checkpoint_steps.write_digest(self.directory / str(step))
+        multihost.sync_barrier("checkpoint:digest")
+
+    def restore_newest_intact(self, target: TrainState, iterator: grain.DatasetIterator) -> tuple[int, TrainState]:
+        """Restores the newest step that reads back whole (digest and orbax restore, see `restore`); each
+        damaged step newer than it is moved aside to `<step>.damaged` by process 0 and reported in one line.
+        Every process decides alike (the reasons are agreed by a collective). NoIntactStepError when no
+        step reads back."""
+        def read(step: int) -> TrainState:
+            if jax.process_index() == 0:
+                checkpoint_steps.verify_digest(self.directory / str(step))
+            return self.restore(step, target, iterator)
+
+        def agree(own: str) -> str:
+            if jax.process_count() == 1:
+                return own
+            failed = np.asarray(multihost.gather_host_values(np.int32(bool(own)))).ravel()
+            return checkpoint_steps.agreed_reason(own, [bool(flag) for flag in failed])
+
+        def set_aside(step: int, why: str) -> None:
+            if jax.process_index() == 0:
+                moved = checkpoint_steps.set_aside(self.directory / str(step))
+                logger.warning(checkpoint_steps.damaged_line(self.directory, step, why, f"moved to {moved.name}"))
+            multihost.sync_barrier("checkpoint:set_aside")
+            self.manager.reload()
+
+        steps = self.all_steps()
+        for step in steps:
+            self._check_process_count(step)  # a refusal about this run, not damage: raised as it is
+        found = checkpoint_steps.newest_intact(steps, read, on_damaged=set_aside, agree=agree)
+        if found is None:
+            raise checkpoint_steps.NoIntactStepError(
+                f"{self.directory}: no checkpoint step reads back (moved aside: "
+                f"{', '.join(f'{step}{checkpoint_steps.DAMAGED_SUFFIX}' for step in sorted(steps))}); run again to "
+                "start from step 0, or move a step folder back"
+            )
+        return found
 
     def restore(self, step: int, target: TrainState, iterator: grain.DatasetIterator) -> TrainState:
         """Reads step `step` into `target`'s shapes and shardings (ShapeDtypeStructs with shardings) and moves
@@ -168,8 +222,10 @@ class Checkpointer:
             )
 
     def wait(self) -> None:
-        """Blocks until every pending async save is on disk (raises if one failed)."""
+        """Blocks until every pending async save is on disk (raises if one failed) and has its digest."""
         self.manager.wait_until_finished()
+        if self._undigested:
+            self._write_digests()
 
     def close(self) -> None:
         # orbax's close() does not wait for the temporary-folder cleanup its constructor starts in a thread: a

@@ -405,7 +405,7 @@ def run(
         resources.callback(iterator.close)
         if resumed_from is not None:
             target = state_lib.with_shardings(setup.abstract_state, setup.shardings)
-            state = checkpointer.restore(resumed_from, target, iterator)
+            resumed_from, state = checkpointer.restore_newest_intact(target, iterator)  # damaged steps set aside
             logger.info("resumed from step %d of %s", resumed_from, checkpointer.directory)
         else:
             state = state_from_params(setup, inputs.host_params)

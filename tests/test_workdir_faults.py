@@ -1,0 +1,96 @@
+"""What a run's workdir survives (README "What a run survives"): a damaged checkpoint step is set aside and the
+run resumes from the newest intact one; evaluate / export read the same step and take --step."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+import bad_files
+import train_fixtures
+from train_fixtures import tiny_config
+from geoalign_jax import checkpoint_steps
+from geoalign_jax.params_checkpoint import load_params
+from geoalign_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    return train_fixtures.use_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> str:
+    return train_fixtures.make_data(tmp_path_factory.mktemp("train_data"), num_train=16)
+
+
+def _largest_file(step_dir):
+    return max((path for path in (step_dir / "params").rglob("*") if path.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(cache_env, scenes, tmp_path, caplog, capsys):
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    config = tiny_config(scenes, **{"train.num_steps": 2, "checkpoint.every_steps": 1})
+    loop.run(config, workdir, progress=False)
+    assert (checkpoints / "2" / checkpoint_steps.DIGEST_FILE).is_file()
+    # Silent corruption: same size, other bytes (orbax alone might read zeros back as weights).
+    bad_files.zero_block(_largest_file(checkpoints / "2"), size=64)
+    with pytest.raises(checkpoint_steps.DamagedStepError, match=r"content digest mismatch"):
+        checkpoint_steps.verify_digest(checkpoints / "2")
+
+    caplog.set_level(logging.INFO)
+    resumed = loop.run(tiny_config(scenes, **{"train.num_steps": 3, "checkpoint.every_steps": 1}), workdir, progress=False)
+    assert (resumed.resumed_from, resumed.step) == (1, 3)
+    assert (checkpoints / "2.damaged").is_dir() and sorted(checkpoint_steps.finished_steps(checkpoints)) == [2, 3]
+    lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint step 2" in lines[0] and "moved to 2.damaged" in lines[0]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # each step once; the old step 2 set aside
+    assert json.loads((workdir / "metrics.jsonl.after_1").read_text())["step"] == 2
+
+    # Read-only readers: a truncated step without digest (orbax's own error) is skipped, left in place.
+    (checkpoints / "3" / checkpoint_steps.DIGEST_FILE).unlink()
+    bad_files.truncate(_largest_file(checkpoints / "3"))
+    caplog.clear()
+    load_params(workdir)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint step 3" in m and "skipped (left in place)" in m for m in messages)
+    assert any(m.startswith("reading checkpoint step 2 of ") for m in messages) and (checkpoints / "3").is_dir()
+    from geoalign_jax.convert import __main__ as convert_cli
+
+    capsys.readouterr()
+    code = convert_cli.main(["export", "--params", str(workdir), "--step", "3", "--format", "open_clip",
+                             "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "3 does not read back" in err, err
+    with pytest.raises(FileNotFoundError, match=r"no finished step 7 \(steps: \[2, 3\]\)"):
+        load_params(workdir, step=7)
+    checkpoint_steps.set_aside(checkpoints / "2")
+    checkpoint_steps.set_aside(checkpoints / "3")
+    assert sorted(p.name for p in checkpoints.glob("2.damaged*")) == ["2.damaged", "2.damaged.2"]
+    with pytest.raises(FileNotFoundError, match="without any finished checkpoint"):
+        load_params(workdir)
+
+
+def test_every_process_skips_a_step_that_one_process_cannot_read():
+    # process 1 failed to read: process 0 (read fine) and 1 both skip the step, each with a reason
+    assert checkpoint_steps.agreed_reason("", [False, True]) == "could not be read on process(es) [1] (see their logs)"
+    assert checkpoint_steps.agreed_reason("OSError: truncated", [False, True]) == "OSError: truncated"
+    assert checkpoint_steps.agreed_reason("", [False, False]) == ""
+    tried, damaged = [], []
+
+    def read(step):
+        tried.append(step)
+        if step > 4:
+            raise OSError(f"step {step}\nmany\nlines")
+        return f"state {step}"
+
+    found = checkpoint_steps.newest_intact([2, 6, 4, 8], read, on_damaged=lambda step, why: damaged.append((step, why)))
+    assert found == (4, "state 4") and tried == [8, 6, 4]
+    assert damaged == [(8, "OSError: step 8 many lines"), (6, "OSError: step 6 many lines")]
+    # one process's failure decides for all: the agreed reason makes every process skip step 4 too
+    found = checkpoint_steps.newest_intact([4, 2], lambda step: step, on_damaged=lambda *_: None,
+                                           agree=lambda own: "failed on process 1" if not tried.append(0) and len(tried) == 4 else own)
+    assert found == (2, 2)
