@@ -4,7 +4,7 @@ The trainer (train/checkpoint.py), `evaluate --checkpoint` and `convert export -
 the newest step that reads back whole. orbax commits a step atomically (a kill while writing leaves a temporary
 folder, never a half step), but a file damaged after the commit (a truncated or zeroed copy, a disk that
 returns other bytes) is only noticed when it is read. So after orbax commits a step, process 0 writes
-`checkpoints/<step>/digest.json`: the size and CRC-32 of every file of the step. Before a step is read its
+`checkpoints/<step>/digest.json`: the size of every file of the step and the CRC-32 of each 64 MiB segment. Before a step is read its
 files are checked against it; a step that fails the check or fails to restore is damaged.
 
 The trainer moves a damaged step aside to `checkpoints/<step>.damaged` (never deletes it: `mv` it back to
@@ -18,8 +18,11 @@ CRC-32 hashes several GB/s on one core (README "What a run survives" has the mea
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+import mmap
+import os
 import pathlib
 import zlib
 from typing import Callable, Sequence, TypeVar
@@ -28,10 +31,11 @@ import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINTS_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/
 DIGEST_FILE = "digest.json"
 DIGEST_FORMAT = "geoalign-step-digest"
 DAMAGED_SUFFIX = ".damaged"
-_CHUNK = 16 << 20
+SEGMENT_BYTES = 64 << 20  # each file's CRC-32 is kept per segment, so that segments are hashed in parallel
 
 T = TypeVar("T")
 
@@ -60,28 +64,40 @@ def reason(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _crc32(path: pathlib.Path) -> str:
-    value = 0
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            value = zlib.crc32(chunk, value)
-    return f"{value:08x}"
+def _segment_crc32(path: pathlib.Path, start: int, length: int) -> str:
+    with path.open("rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return f"{zlib.crc32(memoryview(view)[start:start + length]):08x}"  # no copy; zlib releases the GIL
+
+
+def _segments(path: pathlib.Path, size: int) -> list[tuple[pathlib.Path, int, int]]:
+    return [(path, start, min(SEGMENT_BYTES, size - start)) for start in range(0, size, SEGMENT_BYTES)]
 
 
 def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
     return sorted(path for path in step_dir.rglob("*") if path.is_file() and path.name != DIGEST_FILE)
 
 
+def _crcs(jobs: list[tuple[pathlib.Path, int, int]]) -> list[str]:
+    """CRC-32 of each (file, start, length) segment, several at once (the saves are large, the cores many)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda job: _segment_crc32(*job), jobs))
+
+
 def compute_digest(step_dir: str | pathlib.Path) -> dict[str, list]:
-    """{path relative to the step folder: [size in bytes, CRC-32 hex]} of every file of the step."""
+    """{path relative to the step folder: [size in bytes, [CRC-32 hex of each SEGMENT_BYTES segment]]}."""
     step_dir = pathlib.Path(step_dir)
-    return {path.relative_to(step_dir).as_posix(): [path.stat().st_size, _crc32(path)] for path in _step_files(step_dir)}
+    sizes = {path: path.stat().st_size for path in _step_files(step_dir)}
+    jobs = [job for path, size in sizes.items() for job in _segments(path, size)]
+    crcs = iter(_crcs(jobs))
+    return {path.relative_to(step_dir).as_posix(): [size, [next(crcs) for _ in _segments(path, size)]]
+            for path, size in sizes.items()}
 
 
 def write_digest(step_dir: str | pathlib.Path) -> None:
     """Writes `step_dir`/digest.json (process 0, after orbax committed the step), atomically."""
     step_dir = pathlib.Path(step_dir)
-    text = json.dumps({"format": DIGEST_FORMAT, "version": 1, "files": compute_digest(step_dir)}, indent=0)
+    text = json.dumps({"format": DIGEST_FORMAT, "version": 1, "segment_bytes": SEGMENT_BYTES,
+                       "files": compute_digest(step_dir)}, indent=0)
     partial = step_dir / (DIGEST_FILE + ".tmp")
     partial.write_text(text)
     partial.replace(step_dir / DIGEST_FILE)
@@ -96,20 +112,24 @@ def verify_digest(step_dir: str | pathlib.Path, under: str = "") -> bool:
     if not digest_path.is_file():
         return False
     try:
-        files = json.loads(digest_path.read_text())["files"]
+        digest = json.loads(digest_path.read_text())
+        files, segment_bytes = digest["files"], int(digest["segment_bytes"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DamagedStepError(f"{step_dir}: {DIGEST_FILE} is unreadable ({reason(error)})") from None
+    if segment_bytes != SEGMENT_BYTES:
+        raise DamagedStepError(f"{step_dir}: {DIGEST_FILE} has segments of {segment_bytes} bytes, not {SEGMENT_BYTES}")
     prefix = f"{under.rstrip('/')}/" if under else ""
-    for name, (size, crc) in sorted(files.items()):
-        if not name.startswith(prefix):
-            continue
+    checked = {name: entry for name, entry in sorted(files.items()) if name.startswith(prefix)}
+    for name, (size, _) in checked.items():
         path = step_dir / name
         if not path.is_file():
             raise DamagedStepError(f"{step_dir}: {name} is missing")
-        actual_size = path.stat().st_size
-        if actual_size != size:
-            raise DamagedStepError(f"{step_dir}: {name} has {actual_size} bytes, {size} were saved")
-        if _crc32(path) != crc:
+        if path.stat().st_size != size:
+            raise DamagedStepError(f"{step_dir}: {name} has {path.stat().st_size} bytes, {size} were saved")
+    jobs = [job for name, (size, _) in checked.items() for job in _segments(step_dir / name, size)]
+    found = iter(_crcs(jobs))
+    for name, (size, crcs) in checked.items():
+        if [next(found) for _ in _segments(step_dir / name, size)] != crcs:
             raise DamagedStepError(f"{step_dir}: {name} changed since it was saved (content digest mismatch)")
     return True
 
@@ -163,6 +183,6 @@ def damaged_line(checkpoints_dir: pathlib.Path, step: int, why: str, action: str
 
 
 __all__ = [
-    "DAMAGED_SUFFIX", "DIGEST_FILE", "DamagedStepError", "NoIntactStepError", "agreed_reason", "compute_digest",
+    "CHECKPOINTS_DIR", "DAMAGED_SUFFIX", "DIGEST_FILE", "DamagedStepError", "NoIntactStepError", "agreed_reason", "compute_digest",
     "damaged_line", "finished_steps", "newest_intact", "reason", "set_aside", "verify_digest", "write_digest",
 ]

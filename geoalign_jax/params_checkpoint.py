@@ -38,7 +38,7 @@ PARAMS_FORMAT = "geoalign-params"
 PARAMS_VERSION = 1
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-TRAINER_CHECKPOINTS_DIR = "checkpoints"
+TRAINER_CHECKPOINTS_DIR = checkpoint_steps.CHECKPOINTS_DIR
 
 
 def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:

@@ -440,7 +440,8 @@ def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_f
     checkpointer = checkpoint_lib.Checkpointer(rerun, keep=1)
     try:
         checkpointer.write_model_config(dataclasses.replace(model_config, remat=True, dtype="bfloat16"))
-        with pytest.raises(ValueError, match=r"model_config.json: the checkpoints in this workdir are of model"):
+        with pytest.raises(ValueError, match=r"model_config.json: the checkpoints in this workdir are of another model "
+                                              r"\(model.embed_dim: 32 -> 64\); use another --workdir"):
             checkpointer.write_model_config(dataclasses.replace(model_config, embed_dim=model_config.embed_dim * 2))
     finally:
         checkpointer.close()

@@ -1,9 +1,14 @@
 """What a run's workdir survives (README "What a run survives"): a damaged checkpoint step is set aside and the
-run resumes from the newest intact one; evaluate / export read the same step and take --step."""
+run resumes from the newest intact one; evaluate / export read the same step and take --step; one trainer per
+workdir (a lock on disks, a lease on gs://); refusals of the CLI are one line with exit status 2."""
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -94,3 +99,93 @@ def test_every_process_skips_a_step_that_one_process_cannot_read():
     found = checkpoint_steps.newest_intact([4, 2], lambda step: step, on_damaged=lambda *_: None,
                                            agree=lambda own: "failed on process 1" if not tried.append(0) and len(tried) == 4 else own)
     assert found == (2, 2)
+
+
+class _MemoryStore:
+    """A lease object with GCS's generation preconditions, in memory."""
+
+    def __init__(self):
+        self.text, self.generation = None, 0
+
+    def read(self):
+        return None if self.text is None else (self.text, self.generation)
+
+    def create(self, text):
+        return None if self.text is not None else self._put(text)
+
+    def replace(self, text, generation):
+        return None if self.text is None or generation != self.generation else self._put(text)
+
+    def delete(self, generation):
+        if generation == self.generation:
+            self.text = None
+
+    def _put(self, text):
+        self.text, self.generation = text, self.generation + 1
+        return self.generation
+
+
+def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
+    from geoalign_jax.train import workdir_lock
+
+    workdir = tmp_path / "w"
+    held = workdir_lock.acquire(workdir)
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"in use by another trainer \(host \S+, pid {os.getpid()}, "
+                                                            r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; .*run.lock\)"):
+        workdir_lock.acquire(workdir)
+    held.release()
+    # kill -9 of the holder leaves nothing that blocks the next start
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from geoalign_jax.train import workdir_lock as w; "
+         "w.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(workdir)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(train_fixtures.REPO_ROOT)})
+    try:
+        assert child.stdout.readline() == "held\n"
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"pid {child.pid},"):
+            workdir_lock.acquire(workdir)
+    finally:
+        child.kill()
+        child.wait()
+    workdir_lock.acquire(workdir).release()
+
+    # gs://: a lease with a heartbeat; a stale one is taken over with a warning, and its old owner learns it lost
+    store, now = _MemoryStore(), [1000.0]
+    lease = lambda: workdir_lock.Lease(store, "gs://b/w/run.lease", stale_s=600, clock=lambda: now[0])  # noqa: E731
+    first = lease().acquire()
+    now[0] += 500
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid \d+, .*lease gs://b/w/run.lease, heartbeat 500 s ago"):
+        lease().acquire()
+    assert first.heartbeat()
+    now[0] += 599
+    with pytest.raises(workdir_lock.WorkdirBusyError):
+        lease().acquire()
+    now[0] += 2
+    caplog.set_level(logging.WARNING)
+    second = lease().acquire()
+    assert "taking over the stale lease gs://b/w/run.lease" in caplog.text and not first.heartbeat()
+    first.release()  # it lost the lease: releasing leaves the new owner's object alone
+    assert store.text is not None
+    second.release()
+    assert store.text is None
+
+
+def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):
+    """A workdir another trainer holds; a bad recipe argument (the recipe's own message, not a traceback)."""
+    from geoalign_jax.train import workdir_lock
+
+    env = {**os.environ, "PYTHONPATH": str(train_fixtures.REPO_ROOT), "GEOALIGN_ALLOCATOR": "system"}
+    env.pop("GEOALIGN_DEBUG", None)
+    command = [sys.executable, "-m", "geoalign_jax.train", "--workdir", str(tmp_path / "w"), "--noprogress",
+               "--config", "configs/demo.py", f"--config.data.train_shards={scenes}"]
+    held = workdir_lock.acquire(tmp_path / "w")
+    try:
+        busy = subprocess.run(command, cwd=train_fixtures.REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        held.release()
+    recipe = subprocess.run(command[:-3] + ["--config", "configs/farslip.py:s9"], cwd=train_fixtures.REPO_ROOT,
+                            capture_output=True, text=True, env=env, timeout=300)
+    for result, words in ((busy, f"in use by another trainer (host {socket.gethostname()}, pid {os.getpid()}"),
+                          (recipe, "--config=configs/farslip.py:s9: ValueError: farslip config: stage must be 's1' or 's2'")):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and words in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr

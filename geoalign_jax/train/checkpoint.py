@@ -59,6 +59,18 @@ def _state_item(state: TrainState) -> dict[str, Any]:
     return item
 
 
+def _model_differences(stored: clip.CLIPConfig, wanted: clip.CLIPConfig) -> str:
+    """'model.vision.image_size: 64 -> 32; ...': each field that differs, with both values."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {key: value for name, item in tree.items() for key, value in flat(item, f"{prefix}.{name}").items()}
+        return {prefix: tree}
+
+    before, after = flat(stored.to_dict(), "model"), flat(wanted.to_dict(), "model")
+    return "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+                     if before.get(key) != after.get(key))
+
+
 class Checkpointer:
     """Saves and restores (params, optimizer state, teacher, counters, data iterator) by step."""
 
@@ -105,8 +117,8 @@ class Checkpointer:
             stored = params_checkpoint.read_model_config(self.directory)  # this very file, no step needed
             if not state_lib.same_architecture(model_config, stored):
                 raise ValueError(
-                    f"{path}: the checkpoints in this workdir are of model {stored}, the config asks for "
-                    f"{model_config}; use another --workdir"
+                    f"{path}: the checkpoints in this workdir are of another model "
+                    f"({_model_differences(stored, model_config)}); use another --workdir"
                 )
             if stored != model_config:
                 logger.info("resuming with other numerics than the checkpoints' (dtype, param_dtype, remat): %s",

@@ -41,6 +41,7 @@ from geoalign_jax.train import metrics as metrics_lib
 from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train import state as state_lib
 from geoalign_jax.train import step as step_lib
+from geoalign_jax.train import workdir_lock
 
 if TYPE_CHECKING:
     from geoalign_jax.eval import TrainImages
@@ -387,14 +388,18 @@ def run(
     num_steps = int(config.train.num_steps)
     log_every = int(config.train.log_every)
     ckpt_config = config.checkpoint
-    checkpointer = checkpoint_lib.Checkpointer(
-        workdir, keep=int(ckpt_config.keep), async_save=bool(ckpt_config.async_save),
-        best_metric=str(ckpt_config.best_metric), best_mode=str(ckpt_config.best_mode),
-        keep_best=int(ckpt_config.keep_best),
-    )
     # Every resource is released however the run ends (a failed compile, an input error, an interrupt):
     # the SIGTERM handler uninstalled, files closed, pending checkpoint writes finished (LIFO).
     with contextlib.ExitStack() as resources:
+        # One run per workdir, taken before orbax touches checkpoints/ (it removes temporary folders).
+        lock = workdir_lock.acquire(workdir, process_index=jax.process_index(), process_count=jax.process_count(),
+                                    agree=lambda failed: bool(np.any(multihost.gather_host_values(np.int32(failed)))))
+        resources.callback(lambda: lock and lock.release())
+        checkpointer = checkpoint_lib.Checkpointer(
+            workdir, keep=int(ckpt_config.keep), async_save=bool(ckpt_config.async_save),
+            best_metric=str(ckpt_config.best_metric), best_mode=str(ckpt_config.best_mode),
+            keep_best=int(ckpt_config.keep_best),
+        )
         resources.callback(checkpointer.close)
         resources.callback(checkpointer.wait)
         checkpointer.write_model_config(setup.model_config)
