@@ -6,13 +6,15 @@ a named model size (default ViT-B-16: parameters + AdamW moments, what the train
 Baseline: the trainer's own save (`train.checkpoint.Checkpointer.save` + `wait`, synchronous, without the
 digest), measured in the same run on the same disk. Then the digest written after it (`write_digest`: size and
 CRC-32 of every file of the step) and the check before a restore (`verify_digest`). Medians over `--repeats`
-saves; the last printed line is one JSON object with the ratios. The files were just written, so the digest
+saves; the last printed line is one JSON object with the ratios and the machine's load average. The state
+saved has random AdamW moments (a fresh state's zeros would compress to nothing). The files were just written, so the digest
 reads them from the page cache, as it does in the trainer.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import statistics
@@ -42,6 +44,12 @@ def main() -> None:
     config.data.train_shards = str(args.dir / "no_shards")  # build() reads no shard
     setup = loop.build(config)
     state = loop.state_from_params(setup, None)
+    # A trained state: AdamW moments of a fresh state are zeros, which compress to nothing and would make the
+    # save (and the digest) of a real run look cheaper than they are.
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state.opt_state))))
+    state = state.replace(opt_state=jax.tree.map(
+        lambda leaf: jax.random.normal(next(keys), leaf.shape, leaf.dtype) * 1e-3
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) else leaf, state.opt_state))
     jax.block_until_ready(state)
     iterator = iter(grain.MapDataset.range(8).to_iter_dataset())
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -66,7 +74,8 @@ def main() -> None:
         checkpointer.close()
         shutil.rmtree(args.dir, ignore_errors=True)
     result = {
-        "model": args.model, "step_bytes": int(statistics.median(sizes)), "device": jax.devices()[0].platform,
+        "model": args.model, "load_average": [round(value, 1) for value in os.getloadavg()],
+        "cpus": os.cpu_count(), "step_bytes": int(statistics.median(sizes)), "device": jax.devices()[0].platform,
         "save_seconds": round(statistics.median(save), 3), "digest_seconds": round(statistics.median(digest), 3),
         "verify_seconds": round(statistics.median(verify), 3),
         "digest_over_save": round(statistics.median(digest) / statistics.median(save), 4),
