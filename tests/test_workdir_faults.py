@@ -170,22 +170,27 @@ def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
 
 
 def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):
-    """A workdir another trainer holds; a bad recipe argument (the recipe's own message, not a traceback)."""
+    """A workdir another trainer holds; a bad recipe argument (the recipe's own message, not a traceback); a
+    model override the recipe does not set is accepted, a mistyped one refused with the closest name."""
     from geoalign_jax.train import workdir_lock
 
     env = {**os.environ, "PYTHONPATH": str(train_fixtures.REPO_ROOT), "GEOALIGN_ALLOCATOR": "system"}
     env.pop("GEOALIGN_DEBUG", None)
     command = [sys.executable, "-m", "geoalign_jax.train", "--workdir", str(tmp_path / "w"), "--noprogress",
                "--config", "configs/demo.py", f"--config.data.train_shards={scenes}"]
+    run = lambda *args: subprocess.run([*command, *args], cwd=train_fixtures.REPO_ROOT, capture_output=True,  # noqa: E731
+                                       text=True, env=env, timeout=300)
     held = workdir_lock.acquire(tmp_path / "w")
-    try:
-        busy = subprocess.run(command, cwd=train_fixtures.REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    try:  # overrides the demo recipe does not set: parsed and validated (build), then the workdir is refused
+        busy = run("--config.model.overrides.init_logit_bias=-10", "--config.model.overrides.vision_layers=1")
     finally:
         held.release()
     recipe = subprocess.run(command[:-3] + ["--config", "configs/farslip.py:s9"], cwd=train_fixtures.REPO_ROOT,
                             capture_output=True, text=True, env=env, timeout=300)
+    typo = run("--config.model.overrides.vision_widht=128")
     for result, words in ((busy, f"in use by another trainer (host {socket.gethostname()}, pid {os.getpid()}"),
-                          (recipe, "--config=configs/farslip.py:s9: ValueError: farslip config: stage must be 's1' or 's2'")):
+                          (recipe, "--config=configs/farslip.py:s9: ValueError: farslip config: stage must be 's1' or 's2', got 's9'"),
+                          (typo, 'bad command-line config: \'vision_widht\': Did you mean "vision_width" instead of "vision_widht"?')):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(errors) == 1 and words in errors[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from geoalign_jax.data import fingerprints, records, text_stats
+from geoalign_jax.data.output_folder import leaves_no_empty_folder
 
 # ---------------------------------------------------------------------------------------------------------
 # Skip bookkeeping
@@ -40,7 +41,7 @@ RECORD = "record"  # a whole input (image / line) was dropped
 ANNOTATION = "annotation"  # one caption, region or hard negative of a kept record was dropped
 
 # Reasons shared by the converters, so reports and tests use the same words.
-UNKNOWN_FILE = "unknown file"
+UNKNOWN_FILE = "missing image"  # the image file the annotation names does not exist
 BROKEN_IMAGE = "broken image"
 UNSUPPORTED_IMAGE_MODE = "unsupported image mode"
 EMPTY_CAPTION = "empty caption"
@@ -639,6 +640,7 @@ def check_split_name(split: Any) -> str:
     return split
 
 
+@leaves_no_empty_folder
 @_interrupts_raise()
 def write_dataset(
     tasks: Iterable[ImageTask],

@@ -23,6 +23,7 @@ itself.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import pathlib
 import signal
@@ -102,7 +103,11 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._async = async_save
-        self._undigested: list[int] = []  # committed (or being committed) steps without digest.json yet
+        self._undigested: list[int] = []  # steps saved (async: maybe not committed yet) without a digest job
+        # Process 0 writes each step's digest.json in this thread once orbax has committed the step: off the
+        # training loop's path (README "What a run survives" has its cost).
+        self._digester = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-digest")
+        self._digests: list[concurrent.futures.Future] = []
 
     def write_model_config(self, model_config: clip.CLIPConfig) -> None:
         """Writes checkpoints/model_config.json (process 0). Once a step is saved, a resumed run must have the
@@ -143,27 +148,30 @@ class Checkpointer:
         iterator state is written before this returns, so the caller may advance it."""
         if step is None:
             step = int(jax.device_get(state.step))
-        if self._undigested:  # orbax waits for the previous save before it starts this one anyway
-            self.wait()
         args = ocp.args.Composite(**{
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
             STATE_ITEM: ocp.args.StandardSave(_state_item(state)),
             DATA_ITEM: grain.checkpoint.CheckpointSave(iterator),
         })
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self.manager.save(step, args=args, metrics=metrics, force=True)  # first waits for the previous save
+        self._digest_committed()  # the previous (async) steps are committed now
         self._undigested.append(step)
         if not self._async:
-            self._write_digests()
+            self._digest_committed()
         return step
 
-    def _write_digests(self) -> None:
-        """digest.json of every committed step that lacks one (process 0; the others wait at the barrier)."""
+    def _digest_committed(self) -> None:
+        """Queues the digest of every committed step that has none (process 0)."""
         steps, self._undigested = self._undigested, []
         if jax.process_index() == 0:
-            for step in steps:
-                if (self.directory / str(step)).is_dir():  # not removed meanwhile by the keep policy
-                    checkpoint_steps.write_digest(self.directory / str(step))
-        multihost.sync_barrier("checkpoint:digest")
+            self._digests += [self._digester.submit(self._write_digest, step) for step in steps]
+
+    def _write_digest(self, step: int) -> None:
+        try:
+            checkpoint_steps.write_digest(self.directory / str(step))
+        except OSError as error:  # removed meanwhile by the keep policy, or the disk is full: restorable as before
+            logger.warning("no digest.json for checkpoint step %d (%s): it is checked by restoring alone", step,
+                           checkpoint_steps.reason(error))
 
     def restore_newest_intact(self, target: TrainState, iterator: grain.DatasetIterator) -> tuple[int, TrainState]:
         """Restores the newest step that reads back whole (digest and orbax restore, see `restore`); each
@@ -236,8 +244,10 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until every pending async save is on disk (raises if one failed) and has its digest."""
         self.manager.wait_until_finished()
-        if self._undigested:
-            self._write_digests()
+        self._digest_committed()
+        for future in self._digests:
+            future.result()
+        self._digests = []
 
     def close(self) -> None:
         # orbax's close() does not wait for the temporary-folder cleanup its constructor starts in a thread: a
@@ -247,6 +257,7 @@ class Checkpointer:
         if await_cleanup is not None:
             await_cleanup()
         self.manager.close()
+        self._digester.shutdown(wait=True)
 
 
 class Preemption:
