@@ -194,3 +194,27 @@ def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(errors) == 1 and words in errors[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_complete_step(tmp_path, capsys):
+    import errno
+
+    from geoalign_jax.train import cli_errors, workdir_lock
+
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    try:  # as an async save reports it: the OSError under orbax's own error
+        raise RuntimeError("save failed\n" * 50) from OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/6/x")
+    except RuntimeError as error:
+        full = error
+    assert cli_errors.report(full, tmp_path, debug=False) == 1
+    assert capsys.readouterr().err == (
+        "error: no space left on device writing /w/checkpoints/6/x; the newest complete checkpoint is step 4 in "
+        f"{tmp_path}/checkpoints (the same command resumes from it once there is space) (the traceback: --debug or "
+        "GEOALIGN_DEBUG=1)\n")
+    try:
+        {}["x"]
+    except KeyError as error:
+        assert cli_errors.report(error, tmp_path, debug=True) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: KeyError: 'x'\n")
+    assert [cli_errors.exit_status(e) for e in (ValueError("v"), workdir_lock.WorkdirBusyError("b"), OSError("o"))] == [2, 2, 1]

@@ -178,16 +178,24 @@ class Checkpointer:
         damaged step newer than it is moved aside to `<step>.damaged` by process 0 and reported in one line.
         Every process decides alike (the reasons are agreed by a collective). NoIntactStepError when no
         step reads back."""
-        def read(step: int) -> TrainState:
-            if jax.process_index() == 0:
-                checkpoint_steps.verify_digest(self.directory / str(step))
-            return self.restore(step, target, iterator)
-
         def agree(own: str) -> str:
             if jax.process_count() == 1:
                 return own
             failed = np.asarray(multihost.gather_host_values(np.int32(bool(own)))).ravel()
             return checkpoint_steps.agreed_reason(own, [bool(flag) for flag in failed])
+
+        def read(step: int) -> TrainState:
+            # The digest first, agreed on: no process starts orbax's restore of a step that another one skips.
+            mismatch = ""
+            if jax.process_index() == 0:
+                try:
+                    checkpoint_steps.verify_digest(self.directory / str(step))
+                except checkpoint_steps.DamagedStepError as error:
+                    mismatch = str(error)
+            mismatch = agree(mismatch)
+            if mismatch:
+                raise checkpoint_steps.DamagedStepError(mismatch)
+            return self.restore(step, target, iterator)
 
         def set_aside(step: int, why: str) -> None:
             if jax.process_index() == 0:
