@@ -190,7 +190,7 @@ def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):
     typo = run("--config.model.overrides.vision_widht=128")
     for result, words in ((busy, f"in use by another trainer (host {socket.gethostname()}, pid {os.getpid()}"),
                           (recipe, "--config=configs/farslip.py:s9: ValueError: farslip config: stage must be 's1' or 's2', got 's9'"),
-                          (typo, 'bad command-line config: \'vision_widht\': Did you mean "vision_width" instead of "vision_widht"?')):
+                          (typo, 'bad command-line config: vision_widht: Did you mean "vision_width" instead of "vision_widht"?')):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(errors) == 1 and words in errors[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr

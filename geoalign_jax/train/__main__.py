@@ -73,23 +73,30 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
         text = str(error).replace("\\n", "\n").replace("\\'", "'")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [_unquoted(line) for line in text.splitlines() if _unquoted(line)]
         if any(line.startswith("Traceback (most recent call last)") for line in lines):
             # the recipe's get_config(arg) raised: its own message (e.g. the choices of `arg`), not the traceback
             if "--debug" in argv or _debug_env():
                 print(text, file=sys.stderr)
             flag = next((line.split(": Error", 1)[0] for line in lines if line.startswith("flag --")), "--config")
-            last = lines[-1][:-1] if lines[-1].count("'") % 2 else lines[-1]  # the quote that closed the repr
-            lines = [flag, last]
-        print(f"error: bad command-line config: {_unquoted(': '.join(lines))}", file=sys.stderr)
+            lines = [flag, lines[-1]]
+        print(f"error: bad command-line config: {': '.join(lines)}", file=sys.stderr)
         sys.exit(2)
 
 
 def _unquoted(line: str) -> str:
-    """An error's text without the quotes around it (quotes inside are kept: `got 's9'`)."""
+    """A line of an error's repr without the quotes the repr added: a pair around it, or one left over at an
+    end (a quote inside is kept: `got 's9'`, `'12.5'`)."""
     line = line.strip()
-    while len(line) >= 2 and line[0] in "'\"" and line[-1] == line[0]:
-        line = line[1:-1].strip()
+    while line:
+        if len(line) >= 2 and line[0] in "'\"" and line[-1] == line[0]:
+            line = line[1:-1].strip()
+        elif line[0] in "'\"" and line.count(line[0]) % 2:
+            line = line[1:].strip()
+        elif line[-1] in "'\"" and line.count(line[-1]) % 2:
+            line = line[:-1].strip()
+        else:
+            return line
     return line
 
 
