@@ -72,6 +72,13 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
     assert code == 2 and err.count("\n") == 1 and "3 does not read back" in err, err
     with pytest.raises(FileNotFoundError, match=r"no finished step 7 \(steps: \[2, 3\]\)"):
         load_params(workdir, step=7)
+    # The intact step exports; the weights file gets the umask's permissions, as the JSON beside it.
+    from geoalign_jax.convert.weights_file import current_umask
+
+    assert convert_cli.main(["export", "--params", str(workdir), "--step", "2", "--format", "open_clip",
+                             "--out", str(tmp_path / "out")]) == 0
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o666 & ~current_umask()} and len(modes) == 2, modes
     checkpoint_steps.set_aside(checkpoints / "2")
     checkpoint_steps.set_aside(checkpoints / "3")
     assert sorted(p.name for p in checkpoints.glob("2.damaged*")) == ["2.damaged", "2.damaged.2"]
