@@ -225,3 +225,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_complete_step(tmp_path,
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("error: KeyError: 'x'\n")
     assert [cli_errors.exit_status(e) for e in (ValueError("v"), workdir_lock.WorkdirBusyError("b"), OSError("o"))] == [2, 2, 1]
+    cli_errors.quiet_library_logs()  # the three harmless library lines the CLI leaves out
+    noise = [logging.makeLogRecord({"name": "absl", "msg": "Metadata file does not exist: /w/checkpoints/2/x"}),
+             logging.makeLogRecord({"name": "absl", "msg": "Saving checkpoint"})]
+    assert [all(f.filter(r) for f in logging.getLogger("absl").filters) for r in noise] == [False, True]
+    assert not logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("tensorboardX.summary").isEnabledFor(logging.INFO)

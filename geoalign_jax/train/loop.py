@@ -391,9 +391,7 @@ def run(
     # Every resource is released however the run ends (a failed compile, an input error, an interrupt):
     # the SIGTERM handler uninstalled, files closed, pending checkpoint writes finished (LIFO).
     with contextlib.ExitStack() as resources:
-        # One run per workdir, taken before orbax touches checkpoints/ (it removes temporary folders).
-        lock = workdir_lock.acquire(workdir, process_index=jax.process_index(), process_count=jax.process_count(),
-                                    agree=lambda failed: bool(np.any(multihost.gather_host_values(np.int32(failed)))))
+        lock = workdir_lock.acquire_for_run(workdir)  # before orbax touches checkpoints/ (it removes tmp folders)
         resources.callback(lambda: lock and lock.release())
         checkpointer = checkpoint_lib.Checkpointer(
             workdir, keep=int(ckpt_config.keep), async_save=bool(ckpt_config.async_save),

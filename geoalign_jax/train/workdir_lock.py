@@ -225,5 +225,16 @@ def acquire(workdir: str | os.PathLike, *, process_index: int = 0, process_count
     return held
 
 
+def acquire_for_run(workdir: str | os.PathLike) -> FileLock | Lease | None:
+    """`acquire` for this process of the running jax job (the trainer's call; every process calls it)."""
+    import jax
+    import numpy as np
+
+    from geoalign_jax.parallel import multihost
+
+    return acquire(workdir, process_index=jax.process_index(), process_count=jax.process_count(),
+                   agree=lambda failed: bool(np.any(multihost.gather_host_values(np.int32(failed)))))
+
+
 __all__ = ["FileLock", "GcsLeaseStore", "LEASE_FILE", "LEASE_STALE_S", "LOCK_FILE", "Lease", "WorkdirBusyError",
-           "acquire"]
+           "acquire", "acquire_for_run"]
