@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from geoalign_jax.train import experiment
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
+    config = experiment.get_config(arg)
     config.model.name = "ViT-B-32-quickgelu"
     config.data.train_shards = "data/rsicd"
     config.data.batch_size = 256

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from geoalign_jax.train import experiment
 
 DEFAULT_DATA = "demo_out/data"
 TERMS = ("hard_negative", "region_text", "region_cls", "long_text", "patch_distill", "global_region_consistency",
@@ -28,7 +28,7 @@ def eval_tasks(data_dir: str) -> tuple[str, ...]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data_dir = (arg or DEFAULT_DATA).rstrip("/")
-    config = common.get_config()
+    config = experiment.get_config()
     config.model.name = "tiny"
     config.model.overrides.vision_image_size = 64
     config.model.overrides.text_context_length = 248
@@ -59,5 +59,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def get_sources(arg: str | None = None) -> dict[str, tuple[str, str]]:
     """Where each value this recipe sets comes from: all chosen for the CPU demo."""
     config = get_config(arg)
-    base = common.get_config()
-    return {field: ("inferred", "chosen for a 2-core CPU demo") for field in common.changed_fields(config, base)}
+    base = experiment.get_config()
+    return {field: ("inferred", "chosen for a 2-core CPU demo") for field in experiment.changed_fields(config, base)}

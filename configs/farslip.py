@@ -10,24 +10,39 @@ RSICD / RSITMD / UCM under the SkyScript protocol (`retrieval:NAME=...,protocol=
 s1 (`--method farslip1`): global ITC + patch-to-patch distillation on RS5M (webdataset shards, 5,070,186 samples:
 `python -m geoalign_jax.prepare webdataset ...`), one epoch, from OpenAI CLIP ViT-B/16.
 s2 (`--method farslip2`): global ITC + CLS region-category alignment (multi-positive loss) on MGRS-200k
-(`python -m geoalign_jax.prepare mgrs ...`), ten epochs, from the s1 run.
+(`python -m geoalign_jax.prepare mgrs --captions farslip ...`: the scene text is `global_caption`, else
+`detailed_caption`, as open_clip_train/data.py:93 reads it), ten epochs, from the s1 run. Region boxes of area
+outside [64^2, 1024^2] source pixels are dropped before the crops are taken (data.py:116-120 with config.py
+--min-size 64 --max-size 1024); a region's text is its caption, else "a satellite image of {category}" (no
+period, data.py:130), and captioned regions stay out of the category term (data.py:126-128).
 
 Start from OpenAI ViT-B/16 (QuickGELU) converted once:
 `python -m geoalign_jax.convert import --src open_clip_model.safetensors --format open_clip --quick-gelu
 --out ckpt/openai-vit-b-16` (the file of open_clip's OpenAI weights on the Hugging Face hub,
 timm/vit_base_patch16_clip_224.openai).
 
-Differences from the authors' runs: their DDP gives the gathered ITC 1/W of its gradient on W GPUs while the
-rank-local terms keep theirs (an inferred reading of their code); here every term gets its true gradient, so
-`--config.loss.weights.scene=0.25` reproduces their 4-GPU dynamics. They train with fp16 AMP (set
-`--config.model.overrides.dtype=bfloat16` on TPU/GPU); s2 drops boxes under 64x64 source pixels, which the
-pipeline's `data.min_box_size_px` (output pixels) only approximates.
+Weight decay follows open_clip's rule as FarSLIP's main.py:353 keeps it (the default `optim.no_decay`): norms,
+biases, the class embedding and logit_scale are exempt, token/position embeddings are decayed (at wd 1.0).
+
+Differences from the authors' runs, and why:
+- Gradient scale: their ClipLoss gathers features without gradient, so DDP gives the global ITC 1/W of its
+  gradient on W GPUs while the rank-local terms keep theirs (an inferred reading of their code); here every term
+  gets its true all-device gradient (correct for any device count), and `--config.loss.weights.scene=0.25`
+  reproduces their 4-GPU dynamics.
+- s2 starts from the s1 weights although config.py's `--pretrained openai` is the default: at lr 4e-9 a stage 2
+  from OpenAI weights would stay at CLIP's numbers, while the published s2 model differs from CLIP on every
+  benchmark and sits next to s1.
+- Text tower: 77 tokens, as config.py trains it (`--long-clip disable`). The README's ViT-B/16 rows say "Test
+  encoder: LongCLIP" (their checkpoints carry a 248-position `positional_embedding_res`), so the authors'
+  material disagrees with itself; this recipe reproduces the released training config, and its numbers are
+  compared with those B/16 rows knowing the text tower differs.
+- Precision: they train with fp16 AMP (set `--config.model.overrides.dtype=bfloat16` on TPU/GPU).
 """
 from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from geoalign_jax.train import experiment
 
 STAGES = ("s1", "s2")
 RS5M_SAMPLES = 5_070_186  # RS5M pub11 + rs3 training shards (FarSLIP README)
@@ -44,7 +59,7 @@ def _stage(arg: str | None) -> str:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage = _stage(arg)
-    config = common.get_config()
+    config = experiment.get_config()
     config.model.name = "ViT-B-16-quickgelu"
     config.data.batch_size = GLOBAL_BATCH
     config.data.random_resized_crop = False  # the global view is squashed to 224 px, no crop, no flip
@@ -68,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.train_shards = "data/mgrs"
         config.data.max_regions = 4
         config.data.region_crop_size = config.data.image_size  # region crops squashed to the input size
+        config.data.region_min_source_size = 64.0
+        config.data.region_max_source_size = 1024.0
+        config.data.min_box_size_px = 0.0  # FarSLIP filters boxes by source area only
+        config.data.category_prompt = "a satellite image of {}"
         config.loss.weights.region_cls = 1.0
         config.optim.learning_rate = 4e-9
         config.optim.warmup_steps = 250
@@ -89,6 +108,8 @@ def get_sources(arg: str | None = None) -> dict[str, tuple[str, str]]:
         "optim.weight_decay": ("code", "README: --wd 1.0"),
         "optim.clip_norm": ("code", "params.py --grad-clip-norm None"),
         "optim.b2": ("code", "params.py: ViT defaults, betas (0.9, 0.98), eps 1e-6 (also the common default)"),
+        "optim.no_decay": ("code", "open_clip_train/main.py:353 exclude = p.ndim < 2 or bn/ln/bias/logit_scale "
+                                   "(the common default)"),
         "checkpoint.every_steps": ("inferred", "their --save-frequency 1 saves per epoch; 1000 steps bounds lost work"),
     }
     if stage == "s1":
@@ -109,6 +130,12 @@ def get_sources(arg: str | None = None) -> dict[str, tuple[str, str]]:
             "data.train_shards": ("code", "README: MGRS-200k text_info.json"),
             "data.max_regions": ("code", "config.py --max-boxes 4"),
             "data.region_crop_size": ("code", "region crops go through the train transform (224 px squash)"),
+            "data.region_min_source_size": ("code", "open_clip_train/data.py:118-120 area >= min_size**2; "
+                                                    "config.py:48 --min-size 64"),
+            "data.region_max_source_size": ("code", "open_clip_train/data.py:119 area <= max_size**2; "
+                                                    "config.py:47 --max-size 1024"),
+            "data.min_box_size_px": ("code", "open_clip_train/data.py:116-120: no filter but the source area"),
+            "data.category_prompt": ("code", "open_clip_train/data.py:130 f\"a satellite image of {category}\""),
             "loss.weights.region_cls": ("code", "--local-itc-align cls with --mpcl-loss, --w-l 1.0"),
             "optim.learning_rate": ("code", "README: --lr 4e-9"),
             "optim.warmup_steps": ("code", "README: --warmup 250"),

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from geoalign_jax.train import experiment
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = common.get_config(arg)
+    config = experiment.get_config(arg)
     config.model.name = "ViT-B-16-quickgelu"
     config.model.overrides.text_context_length = 248
     config.data.train_shards = "data/rsfg"

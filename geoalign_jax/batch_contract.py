@@ -7,7 +7,7 @@ Neutral ground: `data/` and `losses/` never import each other; both import this 
 - `losses.objective` hands every loss term only the keys `TERM_BATCH_KEYS` (and `OPTION_BATCH_KEYS`) declare
   for it, so a term that reads anything else fails when traced, and an enabled term whose key is absent is
   an error naming term and key.
-- `configs.common.check_config` refuses a config whose enabled terms read a key its data config does not
+- `train.experiment.check_config` refuses a config whose enabled terms read a key its data config does not
   produce, naming the data setting that turns it on (`BatchKey.produced_when`).
 
 Shapes below are per host: B = data.batch_size // process_count, L = data.context_length, L_long =
@@ -18,6 +18,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+# What "normalised" means for every image array of a batch (`image` and the crops): OpenAI CLIP's per-channel
+# pixel mean and std on [0, 1] values. One definition for the data pipeline and the models (the converters'
+# exported preprocessing configs), which may not import each other.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ from typing import Callable, Sequence, TypeVar
 
 import orbax.checkpoint as ocp
 
+from geoalign_jax.error_text import one_line
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/
@@ -59,9 +61,7 @@ def reason(error: BaseException, limit: int = 300) -> str:
     so the innermost cause is shown (tensorstore's own words: `OUT_OF_RANGE ...`, `ZSTD ...`)."""
     while (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__
-    text = " ".join(str(error).split()) or type(error).__name__
-    text = f"{type(error).__name__}: {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(f"{type(error).__name__}: {one_line(error, limit=None)}", limit)
 
 
 def _segment_crc32(path: pathlib.Path, start: int, length: int) -> str:

@@ -26,11 +26,69 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from geoalign_jax.data import converters, corpora, fingerprints
-from geoalign_jax.data.writers import ConversionSummary
+from geoalign_jax.data import filesystem, fingerprints, prepare_corpora, prepare_detection, prepare_formats
+from geoalign_jax.data.skip_accounting import ConversionError
+from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
+
+# Command-line plumbing every format shares
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every converter CLI has (output, workers, sharding, bad-input policy)."""
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that decode and check images (1 = none; output is the same for any value)")
+    shards = parser.add_mutually_exclusive_group()
+    shards.add_argument("--num-shards", type=int, default=None, help="shards per split (default 1)")
+    shards.add_argument("--records-per-shard", type=int, default=None, help="records per shard instead")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
+                        help="fail (nothing written) when more than this fraction of inputs or annotations is bad")
+    parser.add_argument("--min-box-visible", type=float, default=0.5,
+                        help="keep a box partly outside the image (clipped) when this fraction of it is inside")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `convert_*` from the options of `add_common_arguments`."""
+    return {"workers": args.workers, "num_shards": args.num_shards, "records_per_shard": args.records_per_shard,
+            "max_bad_fraction": args.max_bad_fraction, "min_box_visible": args.min_box_visible,
+            "overwrite": args.overwrite, "progress": not args.no_progress}
+
+
+def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]:
+    """`["train=a.json", "test=b.json"]` -> {"train": "a.json", "test": "b.json"}; clear error otherwise."""
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConversionError(f"{option} expects KEY=VALUE, got {item!r}")
+        result[key] = value
+    return result
+
+
+def run_cli(convert: Callable[[], ConversionSummary]) -> int:
+    """Run a converter, print its summary; exit status 1 with the summary on ConversionError (or a bad
+    option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
+    one line and the shell's 128 + signal number; no manifest was written, so nothing looks converted."""
+    try:
+        summary = convert()
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"error: conversion interrupted ({signal.Signals(signum).name}); the new dataset was not written "
+              f"(no {MANIFEST_NAME} for it); run the same command again", file=sys.stderr)
+        return 128 + signum
+    print(summary.format())
+    return 0
+
 
 Runner = Callable[[argparse.Namespace], ConversionSummary]
 
@@ -53,9 +111,9 @@ def _karpathy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _karpathy(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_karpathy(
+    return prepare_formats.prepare_karpathy(
         args.json, args.images, args.out, name=args.name, splits=args.splits,
-        split_map=converters.parse_key_values(args.split_map, "--split-map"), **converters.common_kwargs(args))
+        split_map=parse_key_values(args.split_map, "--split-map"), **common_kwargs(args))
 
 
 def _coco_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +125,9 @@ def _coco_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _coco(args: argparse.Namespace) -> ConversionSummary:
     image_dir = args.images[0] if len(args.images) == 1 and "=" not in args.images[0] \
-        else converters.parse_key_values(args.images, "--images")
-    return converters.convert_coco(converters.parse_key_values(args.ann, "--ann"), image_dir, args.out,
-                                   name=args.name, **converters.common_kwargs(args))
+        else parse_key_values(args.images, "--images")
+    return prepare_detection.prepare_coco(parse_key_values(args.ann, "--ann"), image_dir, args.out,
+                                          name=args.name, **common_kwargs(args))
 
 
 def _dota_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +141,9 @@ def _dota_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dota(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_dota(
+    return prepare_detection.prepare_dota(
         args.images, args.labels, args.out, name=args.name, split=args.split, categories=args.categories,
-        skip_difficult=args.skip_difficult, **converters.common_kwargs(args))
+        skip_difficult=args.skip_difficult, **common_kwargs(args))
 
 
 def _jsonl_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +154,9 @@ def _jsonl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _jsonl(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_jsonl(
+    return prepare_formats.prepare_jsonl(
         args.jsonl, args.out, name=args.name, image_root=args.image_root, default_split=args.default_split,
-        **converters.common_kwargs(args))
+        **common_kwargs(args))
 
 
 def _folders_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,8 +166,8 @@ def _folders_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _folders(args: argparse.Namespace) -> ConversionSummary:
-    return converters.convert_folders(args.root, args.out, name=args.name, split=args.split,
-                                      **converters.common_kwargs(args))
+    return prepare_formats.prepare_folders(args.root, args.out, name=args.name, split=args.split,
+                                           **common_kwargs(args))
 
 
 def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,9 +182,9 @@ def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _tfds(args: argparse.Namespace) -> ConversionSummary:
     mapping = {key: (None if value.lower() == "none" else value)
-               for key, value in converters.parse_key_values(args.map, "--map").items()}
-    return converters.convert_tfds(args.dataset, args.splits, args.out, data_dir=args.data_dir, name=args.name,
-                                   mapping=mapping, **converters.common_kwargs(args))
+               for key, value in parse_key_values(args.map, "--map").items()}
+    return prepare_formats.prepare_tfds(args.dataset, args.splits, args.out, data_dir=args.data_dir, name=args.name,
+                                        mapping=mapping, **common_kwargs(args))
 
 
 def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,11 +192,14 @@ def _mgrs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder the global_filepath entries are relative to")
     parser.add_argument("--name", default="mgrs", help="dataset name (shard file prefix)")
     parser.add_argument("--split", default="train", help="split name of these images")
+    parser.add_argument("--captions", choices=prepare_corpora.MGRS_CAPTION_RULES, default="all",
+                        help="short captions: 'all' = global_caption and brief_caption; 'farslip' = FarSLIP's "
+                             "scene text, global_caption else detailed_caption (configs/farslip.py s2)")
 
 
 def _mgrs(args: argparse.Namespace) -> ConversionSummary:
-    return corpora.convert_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
-                                **converters.common_kwargs(args))
+    return prepare_corpora.prepare_mgrs(args.json, args.images, args.out, name=args.name, split=args.split,
+                                        captions=args.captions, **common_kwargs(args))
 
 
 def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,16 +207,16 @@ def _webdataset_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shard files or patterns: {a,b} and {0000..0031} braces, then * ? wildcards (quote them)")
     parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
     parser.add_argument("--split", default="train", help="split name of these samples")
-    parser.add_argument("--image-ext", nargs="+", default=list(corpora.WEBDATASET_IMAGE_EXTS),
+    parser.add_argument("--image-ext", nargs="+", default=list(prepare_corpora.WEBDATASET_IMAGE_EXTS),
                         help="member extensions holding the image, in order of preference")
-    parser.add_argument("--caption-ext", nargs="+", default=list(corpora.WEBDATASET_CAPTION_EXTS),
+    parser.add_argument("--caption-ext", nargs="+", default=list(prepare_corpora.WEBDATASET_CAPTION_EXTS),
                         help="member extensions holding the caption (UTF-8), in order of preference")
 
 
 def _webdataset(args: argparse.Namespace) -> ConversionSummary:
-    return corpora.convert_webdataset(args.shards, args.out, name=args.name, split=args.split,
-                                      image_exts=args.image_ext, caption_exts=args.caption_ext,
-                                      **converters.common_kwargs(args))
+    return prepare_corpora.prepare_webdataset(args.shards, args.out, name=args.name, split=args.split,
+                                              image_exts=args.image_ext, caption_exts=args.caption_ext,
+                                              **common_kwargs(args))
 
 
 def _csv_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,11 +235,11 @@ def _csv_arguments(parser: argparse.ArgumentParser) -> None:
 def _csv(args: argparse.Namespace) -> ConversionSummary:
     with_split = [item for item in args.csv if "=" in item]
     if with_split and len(with_split) != len(args.csv):
-        raise converters.ConversionError("--csv: give every file as SPLIT=FILE, or none")
-    files = converters.parse_key_values(with_split, "--csv") if with_split else args.csv
-    return corpora.convert_csv(files, args.out, name=args.name, image_column=args.image_column,
-                               caption_column=args.caption_column, separator=args.separator,
-                               image_root=args.image_root, split=args.split, **converters.common_kwargs(args))
+        raise ConversionError("--csv: give every file as SPLIT=FILE, or none")
+    files = parse_key_values(with_split, "--csv") if with_split else args.csv
+    return prepare_corpora.prepare_csv(files, args.out, name=args.name, image_column=args.image_column,
+                                       caption_column=args.caption_column, separator=args.separator,
+                                       image_root=args.image_root, split=args.split, **common_kwargs(args))
 
 
 FORMATS: dict[str, Format] = {
@@ -211,6 +272,11 @@ def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fingerprints(args: argparse.Namespace) -> int:
     """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
+    remote = [location for location in args.locations if filesystem.is_gcs(location)]
+    if remote:
+        print(f"error: {remote[0]}: sidecars are written to local folders only; prepare the dataset with "
+              "--out gs://... (it uploads them), or add them locally and upload the folder", file=sys.stderr)
+        return 1
     try:
         report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
     except fingerprints.ShardReadError as error:
@@ -235,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fmt in FORMATS.items():
         command = commands.add_parser(name, help=fmt.help, description=fmt.help)
         fmt.add_arguments(command)
-        converters.add_common_arguments(command)
+        add_common_arguments(command)
     _fingerprints_arguments(commands.add_parser("fingerprints", help=FINGERPRINTS_HELP, description=FINGERPRINTS_HELP))
     return parser
 
@@ -244,7 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
-    return converters.run_cli(lambda: FORMATS[args.format].run(args))
+    if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
+        from geoalign_jax.data import bucket_output
+
+        return bucket_output.run_to_bucket(args.out, args.overwrite, lambda staging: run_cli(
+            lambda: FORMATS[args.format].run(argparse.Namespace(**{**vars(args), 'out': staging}))))
+    return run_cli(lambda: FORMATS[args.format].run(args))
 
 
 if __name__ == "__main__":

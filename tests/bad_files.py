@@ -70,10 +70,10 @@ def write_noise_sources(root: pathlib.Path, *, count: int = 40, image_size: int 
 
 
 def make_noise_dataset(root: pathlib.Path, *, count: int = 40, image_size: int = 48, **options) -> pathlib.Path:
-    """`write_noise_sources` converted (convert_jsonl, dataset name "noise") into root/converted."""
-    from geoalign_jax.data import converters
+    """`write_noise_sources` converted (prepare_jsonl, dataset name "noise") into root/converted."""
+    from geoalign_jax.data import prepare_formats
 
     jsonl = write_noise_sources(root, count=count, image_size=image_size)
     out = root / "converted"
-    converters.convert_jsonl(jsonl, out, name="noise", progress=False, **options)
+    prepare_formats.prepare_jsonl(jsonl, out, name="noise", progress=False, **options)
     return out

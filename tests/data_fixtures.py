@@ -32,13 +32,13 @@ def load_demo_module() -> ModuleType:
 def records(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
     """The real AID sample (class folders), RSICD sample (Karpathy JSON) and DOTA sample (oriented boxes)
     converted to record folders."""
-    from geoalign_jax.data import converters
+    from geoalign_jax.data import prepare_detection, prepare_formats
 
     out = tmp_path_factory.mktemp("eval_records")
-    converters.convert_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
-    converters.convert_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
+    prepare_formats.prepare_folders(shared_data / "aid_sample", out / "aid", name="aid", progress=False)
+    prepare_formats.prepare_karpathy(shared_data / "rsicd_sample" / "dataset_rsicd.json",
                                 shared_data / "rsicd_sample" / "images", out / "rsicd", name="rsicd", progress=False)
-    converters.convert_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt",
+    prepare_detection.prepare_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt",
                             out / "dota", progress=False)
     return {"aid": out / "aid", "rsicd": out / "rsicd", "dota": out / "dota"}
 

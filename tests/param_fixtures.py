@@ -7,7 +7,7 @@ import functools
 import jax
 import numpy as np
 
-from geoalign_jax.convert import common
+from geoalign_jax.convert import layout
 from geoalign_jax.models.clip import CLIPConfig, Params, encode_image, encode_text
 from geoalign_jax.params_checkpoint import abstract_params
 
@@ -25,12 +25,12 @@ CAPTIONS = [
 
 def random_params(config: CLIPConfig, seed: int) -> Params:
     """Random weights everywhere (biases and LayerNorms too, so a misplaced bias cannot hide)."""
-    flat = common.flatten_params(abstract_params(config))
+    flat = layout.flatten_params(abstract_params(config))
     sizes = [int(np.prod(leaf.shape)) for leaf in flat.values()]
     # One draw for all leaves (one small XLA program), then cut into the leaves.
     noise = np.asarray(jax.random.normal(jax.random.key(seed), (sum(sizes),), np.float32)) * np.float32(0.02)
     offsets = np.cumsum([0] + sizes)
-    params = common.unflatten_params({
+    params = layout.unflatten_params({
         # LayerNorm scales around 1, everything else around 0.
         path: noise[start:stop].reshape(leaf.shape) + np.float32(1.0 if path.endswith("/scale") else 0.0)
         for (path, leaf), start, stop in zip(flat.items(), offsets[:-1], offsets[1:])
@@ -53,7 +53,7 @@ def embed_texts(config: CLIPConfig, params: Params, tokens: jax.Array) -> jax.Ar
 
 def assert_trees_equal(expected: Params, actual: Params) -> None:
     """Same parameter paths, and every leaf float32 with the same shape and bit-identical values."""
-    flat_expected, flat_actual = common.flatten_params(expected), common.flatten_params(actual)
+    flat_expected, flat_actual = layout.flatten_params(expected), layout.flatten_params(actual)
     assert flat_expected.keys() == flat_actual.keys()
     for key, value in flat_expected.items():
         got = np.asarray(flat_actual[key])

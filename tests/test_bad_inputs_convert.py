@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from bad_files import write_noise_sources
-from geoalign_jax.data import converters, sources
+from geoalign_jax.data import prepare_formats, sources
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COUNT = 12
@@ -24,7 +24,8 @@ PER_SHARD = 4  # 3 shards
 
 CHILD = '''
 import os, signal, sys, time
-from geoalign_jax.data import converters, writers
+from geoalign_jax import prepare
+from geoalign_jax.data import prepare_formats, writers
 
 # A test runner started in the background by a non-interactive shell ignores SIGINT, and its children inherit
 # that (the converter rightly keeps an ignored signal ignored): give this child the SIGINT of a terminal.
@@ -54,7 +55,7 @@ else:  # "publish": right after the first shard got its final name
             pause()
     writers.os.replace = replace
 
-sys.exit(converters.run_cli(lambda: converters.convert_jsonl(
+sys.exit(prepare.run_cli(lambda: prepare_formats.prepare_jsonl(
     jsonl, out, name="noise", records_per_shard=%d, overwrite=overwrite, progress=False, workers=1)))
 ''' % PER_SHARD
 
@@ -93,7 +94,7 @@ def _captions(out) -> list[str]:
 
 
 def _convert(jsonl, out, overwrite=False):
-    return converters.convert_jsonl(jsonl, out, name="noise", records_per_shard=PER_SHARD, overwrite=overwrite,
+    return prepare_formats.prepare_jsonl(jsonl, out, name="noise", records_per_shard=PER_SHARD, overwrite=overwrite,
                                     progress=False)
 
 
@@ -153,7 +154,7 @@ def test_a_kill_while_shards_are_renamed_leaves_no_manifest(sources_a_b, tmp_pat
     _stop(_start_paused(tmp_path, "publish", sources_a_b[1], out, overwrite=True), signal.SIGKILL)
     left = set(os.listdir(out))
     assert "manifest.json" not in left and set(old_shards) <= left  # one new shard in place, old ones around
-    with pytest.raises(converters.ConversionError, match=r"3 shards of 'noise' without a manifest.json .*--overwrite"):
+    with pytest.raises(prepare_formats.ConversionError, match=r"3 shards of 'noise' without a manifest.json .*--overwrite"):
         _convert(sources_a_b[1], out)
     _convert(sources_a_b[1], out, overwrite=True)
     assert set(os.listdir(out)) == _listed_files(out)
@@ -165,9 +166,9 @@ def test_conversion_workers_leave_sigint_and_sigterm_to_the_parent():
     result would leave half a message in the pool's pipe, and the parent would wait for the rest forever
     instead of cleaning up; so workers ignore both and the parent stops them (measured before this: 5 of 8
     conversions with --workers 2 hung on a process-group SIGTERM)."""
-    from geoalign_jax.data import writers
+    from geoalign_jax.data import parallel_map
 
-    handlers = list(writers.ordered_parallel_map(signal.getsignal, [signal.SIGINT, signal.SIGTERM], workers=2))
+    handlers = list(parallel_map.ordered_parallel_map(signal.getsignal, [signal.SIGINT, signal.SIGTERM], workers=2))
     assert handlers == [signal.SIG_IGN, signal.SIG_IGN]
 
 

@@ -27,9 +27,8 @@ from param_fixtures import (  # noqa: E402
 
 from geoalign_jax.convert import hf as hf_convert  # noqa: E402
 from geoalign_jax.convert.__main__ import main as convert_main  # noqa: E402
+from geoalign_jax.batch_contract import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from geoalign_jax.models.clip import (  # noqa: E402
-    OPENAI_MEAN,
-    OPENAI_STD,
     CLIPConfig,
     get_model_config,
 )

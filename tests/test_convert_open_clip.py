@@ -24,12 +24,11 @@ from param_fixtures import (  # noqa: E402
     random_params,
 )
 
-from geoalign_jax.convert import common  # noqa: E402
+from geoalign_jax.convert import infer_config, weight_files  # noqa: E402
 from geoalign_jax.convert import open_clip as oc_convert  # noqa: E402
 from geoalign_jax.convert.__main__ import main as convert_main  # noqa: E402
+from geoalign_jax.batch_contract import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from geoalign_jax.models.clip import (  # noqa: E402
-    OPENAI_MEAN,
-    OPENAI_STD,
     CLIPConfig,
     get_model_config,
 )
@@ -219,9 +218,9 @@ def test_stretching_an_already_stretched_text_context_is_refused():
     long_params = random_params(long_config, seed=12)
     # A second stretch would give 4 * 248 - 3 * 20 = 932 positions; it is refused, naming the length.
     with pytest.raises(ValueError, match=r"it has 248 positions .*77-position models only"):
-        common.stretch_text_context(long_config, long_params)
+        infer_config.stretch_text_context(long_config, long_params)
     config = get_model_config("tiny")
-    stretched_config, stretched = common.stretch_text_context(config, random_params(config, seed=12))
+    stretched_config, stretched = infer_config.stretch_text_context(config, random_params(config, seed=12))
     assert stretched_config.text.context_length == 248 and stretched["text"]["positional_embedding"].shape == (248, 64)
 
 
@@ -292,11 +291,11 @@ def test_pickled_objects_and_torchscript_archives_are_not_loaded(tmp_path):
     pickled = tmp_path / "pickled.pt"
     torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "args": _NotATensor()}, pickled)
     with pytest.raises(ValueError, match=r"weights_only=True"):
-        common.read_state_dict(pickled)
+        weight_files.read_state_dict(pickled)
     scripted = tmp_path / "scripted.pt"
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(scripted))
     with pytest.raises(ValueError, match=r"TorchScript archive"):
-        common.read_state_dict(scripted)
+        weight_files.read_state_dict(scripted)
 
 
 def test_folder_with_unsupported_open_clip_option_is_refused(tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 
 import data_fixtures
-from configs import common, demo
+from configs import demo
+from geoalign_jax.train import experiment
 from geoalign_jax.data import pipeline
 from geoalign_jax.losses import objective as objective_lib
 from geoalign_jax.models import clip
@@ -26,8 +27,8 @@ def test_demo_config_trains_every_term_from_pipeline_batches(tmp_path):
     config = demo.get_config()
     config.data.train_shards = written["scenes"]
     config.data.batch_size = 8
-    loss_config = common.check_config(config)
-    model_config = common.model_config(config)
+    loss_config = experiment.check_config(config)
+    model_config = experiment.model_config(config)
 
     iterator = pipeline.make_train_iterator(config.data, process_index=0, process_count=1)
     batch = next(iterator)

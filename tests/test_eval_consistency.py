@@ -10,7 +10,7 @@ import pytest
 
 import data_fixtures
 
-from geoalign_jax.eval import datasets, embed, library, preprocess
+from geoalign_jax.eval import datasets, embed, runner, preprocess
 from geoalign_jax.models import clip
 
 import open_clip
@@ -53,9 +53,9 @@ def test_metrics_agree_between_backends(backends, records):
              f"retrieval:rsicd={records['rsicd']},split=train,protocol=both",
              f"regions:dota={records['dota']}"]
     jax_backend, torch_backend = backends
-    from_jax = library.evaluate(None, None, tasks, embedder=jax_backend, batch_size=16, progress=False,
+    from_jax = runner.evaluate(None, None, tasks, embedder=jax_backend, batch_size=16, progress=False,
                                 allow_train_split=True)  # the samples' RSICD train split and DOTA's only split
-    from_torch = library.evaluate(None, None, tasks, embedder=torch_backend, batch_size=16, progress=False,
+    from_torch = runner.evaluate(None, None, tasks, embedder=torch_backend, batch_size=16, progress=False,
                                   allow_train_split=True)
     assert from_jax.keys() == from_torch.keys()
     different = {k: (from_jax[k], from_torch[k]) for k in from_jax if from_jax[k] != pytest.approx(from_torch[k])}
@@ -70,7 +70,7 @@ def test_cli_open_clip_backend_reports_the_jax_numbers(backends, records, tmp_pa
     folder = tmp_path / "export"
     export_open_clip(CONFIG, jax_backend._params, folder)
     task = f"retrieval:rsicd={records['rsicd']},split=val,protocol=both"
-    expected = library.evaluate(None, None, [task], embedder=jax_backend, batch_size=16, progress=False)
+    expected = runner.evaluate(None, None, [task], embedder=jax_backend, batch_size=16, progress=False)
     # Equal numbers alone would not show which backend computed them: JAX may not run inside the CLI.
     for method in ("embed_images", "embed_images_with_patches", "embed_texts"):
         monkeypatch.setattr(embed.JaxEmbedder, method, lambda *a, **k: pytest.fail("the CLI embedded with JAX"))

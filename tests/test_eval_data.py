@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from geoalign_jax.data import converters
-from geoalign_jax.eval import classnames, datasets, library, preprocess, prompts
+from geoalign_jax.data import prepare_formats
+from geoalign_jax.eval import classnames, datasets, runner, preprocess, prompts
 
 records = data_fixtures.records  # the module-scoped fixture (real AID + RSICD samples as records)
 
@@ -38,7 +38,7 @@ def test_crop_box_widens_to_pixels_and_rejects_outside_boxes():
 
 def test_eval_names_classes_with_the_converters_rule():
     """One naming rule for manifests (converters) and prompts (eval tables), not two copies that can drift."""
-    assert classnames.readable_class_name is converters.readable_class_name
+    assert classnames.readable_class_name is prepare_formats.readable_class_name
     assert classnames.prompt_names_for(["storage-tanks", "BareLand"]) == ["storage tanks", "bare land"]
 
 
@@ -90,16 +90,16 @@ def test_retrieval_set_keeps_every_caption(shared_data, records):
     ("zeroshot:aid=/x,templates=imagenet", "unknown templates 'imagenet'"),
 ])
 def test_bad_task_strings_are_rejected_naming_the_task(text, message):
-    with pytest.raises(library.TaskError, match=message) as error:
-        library.parse_task(text)
+    with pytest.raises(runner.TaskError, match=message) as error:
+        runner.parse_task(text)
     assert text.split(",")[0].split("=")[0] in str(error.value) or "task name" in str(error.value)
 
 
 def test_task_string_options_are_parsed():
-    spec = library.parse_task("retrieval:rsicd=/data/rsicd,split=test,limit=50,protocol=both")
+    spec = runner.parse_task("retrieval:rsicd=/data/rsicd,split=test,limit=50,protocol=both")
     assert (spec.kind, spec.name, spec.path, spec.split, spec.limit) == ("retrieval", "rsicd", "/data/rsicd", "test", 50)
     assert spec.protocols == ("standard", "skyscript")
-    assert library.parse_task("regions:dota=/d,methods=roi").methods == ("roi",)
+    assert runner.parse_task("regions:dota=/d,methods=roi").methods == ("roi",)
 
 
 def test_missing_or_unusable_data_paths_are_named(tmp_path):
@@ -119,10 +119,10 @@ def test_a_broken_image_stops_the_evaluation_naming_the_file(tmp_path):
     (tmp_path / "Forest" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (tmp_path / "Forest" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match=r"cannot decode image .*Forest/broken\.jpg"):
-        library.run_tasks(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=data_fixtures.MeanEmbedder(), batch_size=2,
+        runner.run_tasks(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=data_fixtures.MeanEmbedder(), batch_size=2,
                           progress=False)
     (tmp_path / "Forest" / "broken.jpg").unlink()
-    metrics = library.evaluate(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=data_fixtures.MeanEmbedder(), batch_size=2,
+    metrics = runner.evaluate(None, None, [f"zeroshot:scenes={tmp_path}"], embedder=data_fixtures.MeanEmbedder(), batch_size=2,
                                progress=False)
     assert metrics["zeroshot/scenes/num_samples"] == 2
     assert metrics["zeroshot/scenes/skipped/not_an_image_file"] == 1

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from geoalign_jax.data import converters, fingerprints, sources
-from geoalign_jax.eval import datasets, library, overlap, provenance
+from geoalign_jax.data import prepare_formats, fingerprints, sources
+from geoalign_jax.eval import datasets, runner, overlap, provenance
 from geoalign_jax.evaluate import main
 
 records = data_fixtures.records  # the real AID (split test) / RSICD (train, val) / DOTA (train) samples
@@ -115,7 +115,7 @@ def test_distinct_low_texture_images_with_close_hashes_and_thumbnails_are_not_ov
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "meadow.png").write_bytes(_encode(meadow))
     (tmp_path / "train.jsonl").write_text(json.dumps({"image": "images/meadow.png", "caption": "a meadow"}))
-    converters.convert_jsonl(tmp_path / "train.jsonl", tmp_path / "train", name="crops", **QUIET)
+    prepare_formats.prepare_jsonl(tmp_path / "train.jsonl", tmp_path / "train", name="crops", **QUIET)
     train = overlap.TrainImages.from_data(tmp_path / "train")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "pond.png").write_bytes(_encode(pond))
@@ -162,7 +162,7 @@ def leaked(shared_data, records, tmp_path_factory):
         shutil.copy(path, root / "images" / path.name)
         lines.append({"image": f"images/{path.name}", "caption": f"a scene {path.stem}"})
     (root / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    converters.convert_jsonl(root / "train.jsonl", root / "train", name="corpus", num_shards=2, **QUIET)
+    prepare_formats.prepare_jsonl(root / "train.jsonl", root / "train", name="corpus", num_shards=2, **QUIET)
     return {"train": root / "train", "val_positions": (2, 9), "root": root}
 
 
@@ -171,7 +171,7 @@ def test_copies_and_re_encodes_of_training_images_are_named(shared_data, records
     train = overlap.TrainImages.from_data(leaked["train"].name)  # a relative path is recorded absolute
     assert len(train) == 8 and train.from_sidecars == 2
     assert train.summary()["locations"] == [str(leaked["train"])]
-    results = library.check_overlap([f"retrieval:rsicd={records['rsicd']},split=val",
+    results = runner.check_overlap([f"retrieval:rsicd={records['rsicd']},split=val",
                                      f"retrieval:rsicdtrain={records['rsicd']},split=train",
                                      f"zeroshot:aid={shared_data / 'aid_sample'}"], train)
     val = results["retrieval/rsicd"]
@@ -213,14 +213,14 @@ def _shard_with_a_cut_off_image(records, path) -> None:
     good = datasets.load_retrieval(records["rsicd"], split="val").images.image_bytes(0)
     writer = ArrayRecordWriter(str(path), "group_size:1")
     for index, image in enumerate((good, good[: len(good) // 3])):
-        writer.write(records_lib.encode_record(records_lib.make_example(
+        writer.write(records_lib.encode_record(records_lib.make_record(
             id=f"r{index}", source="other", split="train", image=image, width=224, height=224, captions=["c"])))
     writer.close()
 
 
 def test_shards_without_sidecars_are_decoded_in_parallel_and_an_unreadable_one_is_named(records, leaked,
                                                                                         tmp_path, monkeypatch):
-    from geoalign_jax.data import writers
+    from geoalign_jax.data import parallel_map
 
     shards = sources.shard_paths(leaked["train"], "train")
     expected = [fingerprints.read_sidecar(fingerprints.sidecar_path(p)) for p in shards]
@@ -228,9 +228,9 @@ def test_shards_without_sidecars_are_decoded_in_parallel_and_an_unreadable_one_i
     broken = str(tmp_path / "other-train-00000-of-00001.array_record")
     _shard_with_a_cut_off_image(records, broken)
     pools = []
-    parallel_map = writers.ordered_parallel_map
-    monkeypatch.setattr(writers, "ordered_parallel_map",
-                        lambda function, items, workers, **kw: pools.append(workers) or parallel_map(
+    real_map = parallel_map.ordered_parallel_map
+    monkeypatch.setattr(parallel_map, "ordered_parallel_map",
+                        lambda function, items, workers, **kw: pools.append(workers) or real_map(
                             function, items, workers, **kw))
     found = list(fingerprints.compute_fingerprints([*copies, broken], workers=2, min_images_per_worker=1))
     assert pools == [2]  # two worker processes decoded the 10 images
@@ -256,13 +256,13 @@ def test_an_undecodable_training_image_is_an_error_naming_its_shard_and_record(r
 
 def test_exclude_overlap_evaluates_without_the_copies_and_says_so(records, leaked):
     task = f"retrieval:rsicd={records['rsicd']},split=val"
-    kept = library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
+    kept = runner.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                              train_data=str(leaked["train"]))
     assert kept.metrics["retrieval/rsicd/standard/num_images"] == 21
     assert (kept.metrics["retrieval/rsicd/overlap/exact"], kept.metrics["retrieval/rsicd/overlap/near_duplicates"]) \
         == (1, 1)
     assert "INCLUDED" in kept.notes["retrieval/rsicd"][0]
-    left_out = library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
+    left_out = runner.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                                  train_data=str(leaked["train"]), exclude_overlap=True)
     assert left_out.metrics["retrieval/rsicd/standard/num_images"] == 19
     assert left_out.metrics["retrieval/rsicd/overlap/excluded"] == 2

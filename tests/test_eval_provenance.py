@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 import data_fixtures
-from geoalign_jax.data import converters, sources
-from geoalign_jax.eval import datasets, library, provenance, report
+from geoalign_jax.data import prepare_formats, sources
+from geoalign_jax.eval import datasets, runner, provenance, report
 from geoalign_jax.evaluate import main
 from geoalign_jax.models import clip
 from geoalign_jax.params_checkpoint import save_params
@@ -34,7 +34,7 @@ def rsicd_variants(shared_data, tmp_path_factory):
     raw = json.loads((folder / "dataset_rsicd.json").read_text())
     out = {}
     for name, shards in (("one", 1), ("three", 3)):
-        converters.convert_karpathy(folder / "dataset_rsicd.json", folder / "images", root / name, name="rsicd",
+        prepare_formats.prepare_karpathy(folder / "dataset_rsicd.json", folder / "images", root / name, name="rsicd",
                                     num_shards=shards, **QUIET)
         out[name] = root / name
     val = [entry for entry in raw["images"] if entry["split"] == "val"]
@@ -43,14 +43,14 @@ def rsicd_variants(shared_data, tmp_path_factory):
     caption = target["sentences"][2]["raw"]
     target["sentences"][2]["raw"] = caption[:-1] + ("x" if caption[-1] != "x" else "y")
     (root / "edited.json").write_text(json.dumps(edited))
-    converters.convert_karpathy(root / "edited.json", folder / "images", root / "edited", name="rsicd", **QUIET)
+    prepare_formats.prepare_karpathy(root / "edited.json", folder / "images", root / "edited", name="rsicd", **QUIET)
     out["edited"] = root / "edited"
     images = root / "images"
     shutil.copytree(folder / "images", images)
     buffer = io.BytesIO()
     Image.open(images / val[5]["filename"]).save(buffer, "JPEG", quality=60)
     (images / val[5]["filename"]).write_bytes(buffer.getvalue())
-    converters.convert_karpathy(folder / "dataset_rsicd.json", images, root / "new_image", name="rsicd", **QUIET)
+    prepare_formats.prepare_karpathy(folder / "dataset_rsicd.json", images, root / "new_image", name="rsicd", **QUIET)
     out["new_image"] = root / "new_image"
     return out
 
@@ -129,13 +129,13 @@ def test_parameter_hash_follows_the_values_not_their_placement(tiny):
 
 def test_training_splits_need_an_explicit_flag_and_the_table_says_so(shared_data, records, tmp_path):
     task = f"retrieval:rsicd={records['rsicd']},split=train"
-    with pytest.raises(library.TaskError, match=r"split 'train' is a training split.*allow_train_split"):
-        library.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False)
+    with pytest.raises(runner.TaskError, match=r"split 'train' is a training split.*allow_train_split"):
+        runner.run_tasks(None, None, [task], embedder=data_fixtures.MeanEmbedder(), progress=False)
     # the DOTA sample's manifest has only a train split, which is what an unnamed split resolves to
-    with pytest.raises(library.TaskError, match=r"split 'train' \(the only split in its manifest\)"):
-        library.run_tasks(None, None, [f"regions:dota={records['dota']},methods=crop"], embedder=data_fixtures.MeanEmbedder(),
+    with pytest.raises(runner.TaskError, match=r"split 'train' \(the only split in its manifest\)"):
+        runner.run_tasks(None, None, [f"regions:dota={records['dota']},methods=crop"], embedder=data_fixtures.MeanEmbedder(),
                           progress=False)
-    allowed = library.run_tasks(None, None, [task, f"retrieval:val={records['rsicd']},split=val"],
+    allowed = runner.run_tasks(None, None, [task, f"retrieval:val={records['rsicd']},split=val"],
                                 embedder=data_fixtures.MeanEmbedder(), progress=False, allow_train_split=True)
     assert list(allowed.notes) == ["retrieval/rsicd"]
     assert allowed.provenance["tasks"]["retrieval/rsicd"]["training_split_allowed"] is True
@@ -144,18 +144,18 @@ def test_training_splits_need_an_explicit_flag_and_the_table_says_so(shared_data
     assert [line for line in table if line.startswith("retrieval/rsicd/")][0].endswith("!")
     assert not [line for line in table if line.startswith("retrieval/val/")][0].endswith("!")
     assert any(line.startswith("! retrieval/rsicd: TRAINING split 'train'") for line in table)
-    assert library.is_training_split("trainval") and library.is_training_split("restval")
+    assert runner.is_training_split("trainval") and runner.is_training_split("restval")
     # a tree of class folders has no manifest: a folder named like a training split (AID/train) is that split
     (tmp_path / "AID").mkdir()
     (tmp_path / "AID" / "train").symlink_to(shared_data / "aid_sample", target_is_directory=True)
     folder_task = f"zeroshot:aid={tmp_path / 'AID' / 'train'},limit=4"
-    with pytest.raises(library.TaskError, match=r"split 'train' is a training split"):
-        library.run_tasks(None, None, [folder_task], embedder=data_fixtures.MeanEmbedder(), progress=False)
-    allowed = library.run_tasks(None, None, [folder_task], embedder=data_fixtures.MeanEmbedder(), progress=False,
+    with pytest.raises(runner.TaskError, match=r"split 'train' is a training split"):
+        runner.run_tasks(None, None, [folder_task], embedder=data_fixtures.MeanEmbedder(), progress=False)
+    allowed = runner.run_tasks(None, None, [folder_task], embedder=data_fixtures.MeanEmbedder(), progress=False,
                                 allow_train_split=True)
     entry = allowed.provenance["tasks"]["zeroshot/aid"]
     assert (entry["dataset"], entry["split"], entry["training_split_allowed"]) == ("AID", "train", True)
-    assert not library.is_training_split("test") and not library.is_training_split("val")
+    assert not runner.is_training_split("test") and not runner.is_training_split("val")
 
 
 def test_cli_refuses_a_training_split_without_the_flag(records, tmp_path, capsys):
@@ -173,7 +173,7 @@ def test_cli_refuses_a_training_split_without_the_flag(records, tmp_path, capsys
 def test_results_json_from_library_and_cli_carry_the_same_provenance(records, tiny, tmp_path):
     config, params = tiny
     tasks = [f"retrieval:rsicd={records['rsicd']},split=val,protocol=both", f"zeroshot:aid={records['aid']},limit=30"]
-    metrics = library.evaluate(config, params, tasks, progress=False, batch_size=16,
+    metrics = runner.evaluate(config, params, tasks, progress=False, batch_size=16,
                                results_path=tmp_path / "lib" / "results.json", run_info={"step": 100})
     from_library = json.loads((tmp_path / "lib" / "results.json").read_text())
     assert from_library["metrics"] == pytest.approx(metrics) and from_library["run"] == {"step": 100}
@@ -210,9 +210,9 @@ def test_evaluate_hashes_the_parameters_only_when_it_writes_results(records, tmp
     monkeypatch.setattr(provenance, "parameter_hash", lambda params: calls.append(params) or "f" * 64)
     config, params = clip.get_model_config("tiny"), {"w": np.ones(3, np.float32)}
     tasks = [f"zeroshot:aid={records['aid']},limit=30"]
-    library.evaluate(config, params, tasks, embedder=data_fixtures.MeanEmbedder(), progress=False)
+    runner.evaluate(config, params, tasks, embedder=data_fixtures.MeanEmbedder(), progress=False)
     assert calls == []
-    library.evaluate(config, params, tasks, embedder=data_fixtures.MeanEmbedder(), progress=False,
+    runner.evaluate(config, params, tasks, embedder=data_fixtures.MeanEmbedder(), progress=False,
                      results_path=tmp_path / "results.json")
     assert calls == [params]
     assert json.loads((tmp_path / "results.json").read_text())["provenance"]["model"]["parameter_hash"] == "f" * 64

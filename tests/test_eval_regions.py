@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoalign_jax.data import converters
-from geoalign_jax.data.transforms import normalise
-from geoalign_jax.eval import datasets, library, regions
+from geoalign_jax.data import prepare_detection, prepare_formats
+from geoalign_jax.data.image_ops import normalise
+from geoalign_jax.eval import datasets, runner, regions
 from geoalign_jax.models import clip
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -62,13 +62,13 @@ def quadrant_records(tmp_path_factory) -> pathlib.Path:
         regions_.append({"box": [0, 0, 120, 60], "caption": "the whole scene"})  # no category: skipped
         lines.append(json.dumps({"image": f"scene{index}.png", "split": "test", "regions": regions_}))
     (root / "scenes.jsonl").write_text("\n".join(lines) + "\n")
-    converters.convert_jsonl(root / "scenes.jsonl", root / "records", name="scenes", progress=False)
+    prepare_formats.prepare_jsonl(root / "scenes.jsonl", root / "records", name="scenes", progress=False)
     return root / "records"
 
 
 def test_crop_and_roi_classify_every_box_of_every_image(quadrant_records):
     # batch_size 2 over 3 images: the RoI path crosses a batch boundary and pads the map batch.
-    report = library.run_tasks(None, None, [f"regions:scenes={quadrant_records},templates=single"],
+    report = runner.run_tasks(None, None, [f"regions:scenes={quadrant_records},templates=single"],
                                embedder=ColourEmbedder(), batch_size=2, progress=False)
     metrics = report.metrics
     for method in ("crop", "roi"):
@@ -103,7 +103,7 @@ def test_a_box_normalised_by_the_wrong_side_would_be_caught():
 @pytest.fixture(scope="module")
 def dota_records(shared_data, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("eval_dota") / "dota"
-    converters.convert_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt", out,
+    prepare_detection.prepare_dota(shared_data / "dota_sample" / "images", shared_data / "dota_sample" / "labelTxt", out,
                             progress=False)
     return out
 
@@ -140,7 +140,7 @@ def test_dota_crops_are_the_boxes_of_the_original_image(shared_data, dota_record
 def test_dota_region_classification_with_the_tiny_model(shared_data, dota_records):
     config = clip.get_model_config("tiny")
     params = clip.init_params(config, jax.random.key(0))
-    report = library.run_tasks(config, params, [f"regions:dota={dota_records}"], batch_size=8, progress=False,
+    report = runner.run_tasks(config, params, [f"regions:dota={dota_records}"], batch_size=8, progress=False,
                                allow_train_split=True)  # the DOTA sample is converted as its only split, train
     objects = _dota_objects(shared_data)
     counts = {c: sum(1 for _, cat, _ in objects if cat == c) for c in {cat for _, cat, _ in objects}}

@@ -7,6 +7,7 @@ import importlib.util
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "geoalign_jax"
+CONFIGS = PACKAGE.parent / "configs"
 
 # room (a sub-package or a top-level module of geoalign_jax) -> the rooms it must never import
 FORBIDDEN = {
@@ -18,9 +19,12 @@ FORBIDDEN = {
     "params_checkpoint": {"losses", "train", "eval", "convert", "data"},
     "checkpoint_steps": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
     "batch_contract": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
+    # leaves every room may use (plain Python): they import no room
+    **{leaf: {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint", "batch_contract",
+              "tokenizer"} for leaf in ("config_checks", "error_text")},
     # runs before anything else in a CLI process (it may re-execute it): imports no room
     "host_allocator": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint",
-                       "batch_contract", "validation", "tokenizer"},
+                       "batch_contract", "config_checks", "error_text", "tokenizer"},
 }
 
 
@@ -48,6 +52,8 @@ def _imported_rooms(path: pathlib.Path) -> list[tuple[str, str]]:
             parts = (target or "").split(".")
             if parts[0] == "geoalign_jax" and len(parts) > 1:
                 found.append((parts[1], target))
+            elif parts[0] == "configs":  # the recipes: above the package, so no room may reach them
+                found.append(("configs", target))
     return found
 
 
@@ -70,3 +76,18 @@ def test_the_scan_sees_imports_inside_functions():
     """eval/regions.py imports RoI-Align lazily, inside a function: the scan must see it (or it checks nothing)."""
     assert ("models", "geoalign_jax.models.roi_align") in _imported_rooms(PACKAGE / "eval" / "regions.py")
     assert set(FORBIDDEN) <= {_room(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_no_arrow_runs_back_up_from_the_package_to_the_recipes():
+    """configs/ is data (recipes): no package file imports it, and a recipe reads the schema from the package,
+    not from another configs/ module (the old configs/common.py alias excepted)."""
+    back_up = [f"{path.relative_to(PACKAGE.parent)} imports {target}" for path in sorted(PACKAGE.rglob("*.py"))
+               for room, target in _imported_rooms(path) if room == "configs"]
+    assert not back_up, "\n".join(back_up)
+    between_recipes = [
+        f"{path.relative_to(PACKAGE.parent)} imports {target}" for path in sorted(CONFIGS.glob("*.py"))
+        if path.name != "common.py"
+        for room, target in _imported_rooms(path) if room == "configs"
+    ]
+    assert not between_recipes, "\n".join(between_recipes)
+    assert ("train", "geoalign_jax.train") in _imported_rooms(CONFIGS / "farslip.py")  # the scan reads recipes

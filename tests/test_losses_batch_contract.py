@@ -119,7 +119,7 @@ def test_each_term_reads_exactly_the_keys_it_declares(term, options, monkeypatch
     objective = objective_module.make_objective(loss, encode_image=towers.encode_image, encode_text=towers.encode_text)
     params = towers.params(vocab=49408)
     params["logit_bias"] = np.float32(-10.0)
-    jax.eval_shape(lambda p, b: objective(p, b, 0, model_config=None, frozen_params=p), params, batch)
+    jax.eval_shape(lambda p, b: objective(p, b, 0, model_config=None, teacher_params=p), params, batch)
     declared = objective_module.required_batch_keys(objective_module.validate_loss_config(loss))[term]
     assert reads == set(declared)
 

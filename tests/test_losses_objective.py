@@ -311,11 +311,11 @@ def test_frozen_teacher_has_no_gradient_path_through_the_crops():
     frozen = _config(patch_distill=1.0)
     frozen.distill_teacher = "frozen"
     params, batch = _params(), _batch()
-    with pytest.raises(ValueError, match="frozen_params"):
+    with pytest.raises(ValueError, match="teacher_params"):
         _objective(frozen, FakeTowers())(params, batch, 0, model_config=None)
 
     def loss(config, p, teacher):
-        return _objective(config, FakeTowers())(p, batch, 0, model_config=None, frozen_params=teacher)[0]
+        return _objective(config, FakeTowers())(p, batch, 0, model_config=None, teacher_params=teacher)[0]
 
     active_value, active_grad = jax.value_and_grad(lambda p: loss(active, p, None))(params)
     frozen_value, frozen_grad = jax.value_and_grad(lambda p: loss(frozen, p, p))(params)

@@ -24,7 +24,9 @@ def _worker() -> dict[str, float]:
     import numpy as np
 
     from geoalign_jax.losses.contrastive import clip_loss, hard_negative_loss, siglip_loss
+    from geoalign_jax.losses.contrastive import l2_normalize, principal_component_reconstruction
     from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
+    from geoalign_jax.losses.smoothed import label_smoothed_clip_loss
     from geoalign_jax.models.roi_align import region_features
     from geoalign_jax.parallel.mesh import AxisContext, batch_sharding, make_mesh, replicated
 
@@ -63,6 +65,11 @@ def _worker() -> dict[str, float]:
             )[0],
             "multi_positive": lambda x, m: multi_positive_loss(
                 region_features(x["patch_tokens"], m["boxes"], 3), x["region_text"], m["category"], m["region_mask"], x["logit_scale"], **common
+            )[0],
+            # Long-CLIP's primary-component matching (4 PCA groups, SVD differentiated) + label smoothing.
+            "pcm_smoothed": lambda x, m: label_smoothed_clip_loss(
+                principal_component_reconstruction(l2_normalize(x["image"]), 2, groups=4), x["text"], x["logit_scale"],
+                label_smoothing=0.1, normalize_images=False, mask=m["mask"], **common
             )[0],
         }
 
@@ -111,7 +118,7 @@ def test_sharded_losses_equal_single_device():
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     cases = {key: value for key, value in results.items() if "/" in key and not key.startswith("temp_bytes")}
-    assert len(cases) == 15, sorted(cases)
+    assert len(cases) == 18, sorted(cases)
     failures = {key: value for key, value in cases.items() if value > 1.0}
     assert not failures, failures
     # memory_analysis() is available on the CPU backend of the pinned jax; its absence would be a regression.

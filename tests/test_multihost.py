@@ -8,22 +8,19 @@ batches concatenated in process order, and that both processes agree.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+import process_harness
 from geoalign_jax.parallel import multihost
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = process_harness.REPO_ROOT
 WORKER = REPO_ROOT / "tests" / "multihost_worker.py"
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -44,10 +41,7 @@ worker = _load_module("multihost_worker", WORKER)
 # ----------------------------------------------------------------------------------------------------------
 # Configuration resolution and the init guards (no jax backend, no processes)
 
-ENV_NAMES = (
-    multihost.COORDINATOR_ENV, multihost.NUM_PROCESSES_ENV, multihost.PROCESS_ID_ENV,
-    multihost.LOCAL_DEVICE_IDS_ENV, multihost.MODE_ENV,
-)
+ENV_NAMES = process_harness.ENV_NAMES
 
 
 @pytest.fixture
@@ -177,65 +171,21 @@ def split_records(demo_scenes) -> dict[str, dict]:
     return {record["id"]: record for record in records}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1",
-    )
-    env.update(extra)
-    return env
-
-
 def _run_workers(data: pathlib.Path, out: pathlib.Path, *, worker_count: int, extra_env: dict[str, str]) -> list[dict]:
     """Start both processes, wait with a deadline (killing both on timeout), return their JSON results.
 
     Any failure prints both processes' output so that the reason is in the test report.
     """
-    coordinator = f"127.0.0.1:{_free_port()}"
-    log_paths = [out / f"process_{process_id}.log" for process_id in range(NUM_PROCESSES)]
-    processes = []
-    timed_out = False
-    with contextlib.ExitStack() as stack:
-        for process_id, log_path in enumerate(log_paths):
-            log = stack.enter_context(open(log_path, "w"))
-            command = [
-                sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes", str(NUM_PROCESSES),
-                "--coordinator", coordinator, "--data", str(data), "--out", str(out),
-                "--worker-count", str(worker_count), "--timeout", "60",
-            ]
-            processes.append(subprocess.Popen(command, env=_worker_env(extra_env), stdout=log,
-                                              stderr=subprocess.STDOUT, cwd=REPO_ROOT))
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        try:
-            for process in processes:
-                try:
-                    process.wait(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    break
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait(timeout=30)
-    report = "\n".join(
-        f"--- process {i} (exit code {process.returncode}) ---\n{log_path.read_text()[-6000:]}"
-        for i, (process, log_path) in enumerate(zip(processes, log_paths))
-    )
-    if timed_out:
-        pytest.fail(f"the worker processes did not finish within {WORKER_TIMEOUT_S} s\n{report}")
-    if any(process.returncode != 0 for process in processes):
-        pytest.fail(f"a worker process failed\n{report}")
-    results = [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+    coordinator = f"127.0.0.1:{process_harness.free_port()}"
+    commands = [
+        [sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes", str(NUM_PROCESSES),
+         "--coordinator", coordinator, "--data", str(data), "--out", str(out),
+         "--worker-count", str(worker_count), "--timeout", "60"]
+        for process_id in range(NUM_PROCESSES)
+    ]
+    results, report = process_harness.run_processes(
+        commands, out, env=process_harness.worker_env(DEVICES_PER_PROCESS, extra_env), timeout_s=WORKER_TIMEOUT_S,
+        what="worker")
     print(report, *(f"process {i} timings (s): {r['timings_s']}" for i, r in enumerate(results)), sep="\n")
     return results
 
@@ -342,7 +292,7 @@ def test_grain_worker_processes_do_not_rejoin_the_job(demo_scenes, split_records
     children.mkdir()
     results = _run_workers(demo_scenes, tmp_path, worker_count=1, extra_env={
         worker.CHILD_REPORT_ENV: str(children),
-        multihost.COORDINATOR_ENV: f"127.0.0.1:{_free_port()}",
+        multihost.COORDINATOR_ENV: f"127.0.0.1:{process_harness.free_port()}",
         multihost.NUM_PROCESSES_ENV: str(NUM_PROCESSES),
         multihost.PROCESS_ID_ENV: "0",
     })

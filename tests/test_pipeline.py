@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import load_demo_module
-from geoalign_jax import tokenizer
+from geoalign_jax import batch_contract, tokenizer
 from geoalign_jax.data import pipeline, records, sources, transforms
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,14 +101,14 @@ def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
         local = batch["local_crop_boxes"]
         assert (local >= 0).all() and (local <= 1).all() and (local[..., 2:] > local[..., :2]).all()
         # CLIP-normalised pixels: within the range that uint8 inputs map to
-        low = (0 - np.array(transforms.OPENAI_MEAN)) / np.array(transforms.OPENAI_STD)
-        high = (1 - np.array(transforms.OPENAI_MEAN)) / np.array(transforms.OPENAI_STD)
+        low = (0 - np.array(batch_contract.OPENAI_MEAN)) / np.array(batch_contract.OPENAI_STD)
+        high = (1 - np.array(batch_contract.OPENAI_MEAN)) / np.array(batch_contract.OPENAI_STD)
         assert (batch["image"] >= low - 1e-4).all() and (batch["image"] <= high + 1e-4).all()
     iterator.close()
 
 
 def _unnormalise(image: np.ndarray) -> np.ndarray:
-    return (image * np.array(transforms.OPENAI_STD) + np.array(transforms.OPENAI_MEAN)) * 255.0
+    return (image * np.array(batch_contract.OPENAI_STD) + np.array(batch_contract.OPENAI_MEAN)) * 255.0
 
 
 def _colour_fraction(pixels: np.ndarray, colour: str) -> float:
@@ -184,7 +184,7 @@ def test_same_seed_same_stream_other_seed_other_stream(demo_dir):
 @pytest.fixture(scope="session")
 def identical_dir(tmp_path_factory) -> pathlib.Path:
     """64 records of one and the same painted image and caption: only the augmentation tells them apart."""
-    from geoalign_jax.data import converters
+    from geoalign_jax.data import prepare_formats
 
     root = tmp_path_factory.mktemp("identical")
     (root / "imgs").mkdir()
@@ -193,7 +193,7 @@ def identical_dir(tmp_path_factory) -> pathlib.Path:
     Image.fromarray(painted).save(root / "imgs" / "same.png")
     lines = [{"image": "imgs/same.png", "id": f"copy-{i}", "caption": "the same scene"} for i in range(64)]
     (root / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    converters.convert_jsonl(root / "corpus.jsonl", root / "records", name="identical", progress=False)
+    prepare_formats.prepare_jsonl(root / "corpus.jsonl", root / "records", name="identical", progress=False)
     return root / "records"
 
 
@@ -359,10 +359,10 @@ def test_demo_image_decodes_like_the_source(demo_dir):
 def test_real_dota_boxes_survive_the_pipeline(shared_data, tmp_path):
     """Real DOTA images (large PNGs, many oriented boxes as axis-aligned regions): without augmentation every
     emitted box is one of the record's boxes normalised; with augmentation boxes stay valid and crops exist."""
-    from geoalign_jax.data import converters
+    from geoalign_jax.data import prepare_detection
 
     dota = shared_data / "dota_sample"
-    converters.convert_dota(dota / "images", dota / "labelTxt", tmp_path / "dota", progress=False)
+    prepare_detection.prepare_dota(dota / "images", dota / "labelTxt", tmp_path / "dota", progress=False)
     source = sources.RecordSource.from_dir(tmp_path / "dota", "train")
     boxes_by_size = {}
     for index in range(len(source)):
@@ -390,14 +390,14 @@ def test_real_dota_boxes_survive_the_pipeline(shared_data, tmp_path):
 
 
 def _category_dataset(root: pathlib.Path, name: str, categories: list[str]) -> None:
-    from geoalign_jax.data import converters
+    from geoalign_jax.data import prepare_formats
 
     (root / "imgs").mkdir(parents=True)
     Image.new("RGB", (32, 32), (30, 90, 150)).save(root / "imgs" / "a.png")
     lines = [{"image": "imgs/a.png", "id": f"{name}-{i}", "caption": f"scene {i}",
               "regions": [{"box": [2, 2, 20, 20], "category": category}]} for i, category in enumerate(categories)]
     (root / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    converters.convert_jsonl(root / "corpus.jsonl", root / "records", name=name, progress=False)
+    prepare_formats.prepare_jsonl(root / "corpus.jsonl", root / "records", name=name, progress=False)
 
 
 def test_shards_of_datasets_with_separate_category_numberings_need_category_ids(tmp_path):

@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from geoalign_jax.convert import common
+from geoalign_jax.convert import weight_files
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
@@ -44,7 +44,7 @@ def test_test_extra_is_requirements_test_txt():
 
 def test_accelerator_extras_pin_the_same_jax():
     extras = PYPROJECT["optional-dependencies"]
-    assert set(extras) == {"cpu", "gpu", "tpu", "torch", "test"}
+    assert set(extras) == {"cpu", "gpu", "tpu", "torch", "test", "gcs"}
     jax_version = _pins(PYPROJECT["dependencies"])["jax"]
     assert jax_version and _pins(PYPROJECT["dependencies"])["jaxlib"] == jax_version
     assert extras["cpu"] == []  # the plain install is the CPU one
@@ -58,5 +58,17 @@ def test_missing_torch_names_the_extra_to_install(tmp_path, monkeypatch):
     checkpoint.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
     with pytest.raises(ImportError, match=re.escape("pip install 'geoalign-jax[torch]'")):
-        common.read_state_dict(checkpoint)
+        weight_files.read_state_dict(checkpoint)
     assert "torch" in PYPROJECT["optional-dependencies"]
+
+
+def test_gcs_extra_is_what_the_tests_and_tpu_install_and_its_absence_is_named(monkeypatch):
+    extras = PYPROJECT["optional-dependencies"]
+    assert _pins(extras["gcs"]).items() <= _pins(extras["tpu"]).items()
+    assert _pins(extras["gcs"]).items() <= _pins(extras["test"]).items()
+    from geoalign_jax.data import filesystem
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    with pytest.raises(ImportError, match=re.escape("gs://b/x: reading or writing gs:// needs gcsfs: pip install "
+                                                    "'geoalign-jax[gcs]'")):
+        filesystem.path("gs://b/x")

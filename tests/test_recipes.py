@@ -12,7 +12,7 @@ import pytest
 
 import configs
 import train_fixtures
-from configs import common
+from geoalign_jax.train import experiment
 from geoalign_jax.losses import objective
 from geoalign_jax.train import loop
 
@@ -43,27 +43,27 @@ def test_every_recipe_names_its_paper_target_and_the_source_of_each_value(name, 
         assert "arxiv.org/abs/" in doc, f"configs/{name}.py does not cite its paper"
     config = module.get_config(arg)
     sources = module.get_sources(arg)
-    fields = common.flat_fields(config)
+    fields = experiment.flat_fields(config)
     for field, (kind, detail) in sources.items():
         assert kind in SOURCE_KINDS and detail, (name, field)
         assert field in fields or any(key.startswith(field + ".") for key in fields), f"{name}: no field {field}"
-    unexplained = set(common.changed_fields(config, common.get_config())) - set(sources)
+    unexplained = set(experiment.changed_fields(config, experiment.get_config())) - set(sources)
     assert not unexplained, f"configs/{name}.py ({arg}) sets {sorted(unexplained)} without saying where from"
 
 
 def test_a_changed_value_without_a_source_is_caught():
     config = importlib.import_module("configs.dgtrs").get_config()
     config.optim.b1 = 0.8
-    assert "optim.b1" in common.changed_fields(config, common.get_config())
-    assert "loss.long_text_schedule" in common.changed_fields(config, common.get_config())
+    assert "optim.b1" in experiment.changed_fields(config, experiment.get_config())
+    assert "loss.long_text_schedule" in experiment.changed_fields(config, experiment.get_config())
 
 
 @pytest.mark.parametrize("name,arg", RECIPES)
 def test_every_recipe_passes_the_config_check_and_the_trainer_validation(name, arg):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
-    loss = common.check_config(config)
+    loss = experiment.check_config(config)
     setup = loop.build(config)  # the trainer's validation + mesh, optimizer and abstract state (no allocation)
-    assert setup.model_config == common.model_config(config)
+    assert setup.model_config == experiment.model_config(config)
     assert set(objective.enabled_terms(loss)) == set(objective.enabled_terms(setup.loss_config))
 
 
@@ -95,7 +95,7 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model(tmp_path):
     scenes = train_fixtures.make_data(tmp_path / "data", num_train=16, image_size=32)
     for name, arg in RECIPES:
         config = tiny_override(importlib.import_module(f"configs.{name}").get_config(arg), scenes)
-        terms = objective.enabled_terms(common.check_config(config))
+        terms = objective.enabled_terms(experiment.check_config(config))
         workdir = tmp_path / f"{name}-{arg}"
         result = loop.run(config, workdir, progress=False)
         assert (result.status, result.step) == ("finished", 2), name

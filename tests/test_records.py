@@ -22,7 +22,7 @@ def _png_bytes(width: int = 12, height: int = 8, color: tuple[int, int, int] = (
 
 
 def _example(**overrides) -> dict:
-    example = records.make_example(
+    example = records.make_record(
         id="img-1", source="unit", split="train", image=_png_bytes(), width=12, height=8,
         captions=["a small green field", "two roads cross"], long_caption="A long description of the scene.",
         hard_negatives=["a small red field"],

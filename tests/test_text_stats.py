@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from geoalign_jax import tokenizer
-from geoalign_jax.data import converters, pipeline, text_stats
+from geoalign_jax.data import prepare_formats, pipeline, text_stats
 
 NUM_RECORDS = 60
 
@@ -45,7 +45,7 @@ def corpus(shared_data, tmp_path_factory):
         texts["hard_negatives"] += record["hard_negatives"]
         texts["region_captions"].append(record["regions"][0]["caption"])
     (root / "corpus.jsonl").write_text("\n".join(lines))
-    summary = converters.convert_jsonl(root / "corpus.jsonl", root / "records", name="corpus", num_shards=2,
+    summary = prepare_formats.prepare_jsonl(root / "corpus.jsonl", root / "records", name="corpus", num_shards=2,
                                        progress=False)
     return summary, root / "records", texts
 

@@ -13,7 +13,7 @@ import torch
 import open_clip
 from open_clip.model import resize_pos_embed  # noqa: E402  (open_clip 3.3.0 keeps it in model.py)
 
-from geoalign_jax.convert import common  # noqa: E402
+from geoalign_jax.convert import infer_config, layout  # noqa: E402
 from geoalign_jax.convert.open_clip import open_clip_model_cfg, params_to_open_clip  # noqa: E402
 from geoalign_jax.models.clip import (  # noqa: E402
     CLIPConfig,
@@ -169,7 +169,7 @@ def test_text_tower_accepts_248_tokens_only_when_stretched():
     long_tokens = open_clip.tokenize(CAPTIONS, context_length=248).numpy().astype(np.int32)
     with pytest.raises(ValueError, match=r"token length 248 exceeds the text tower's context length 77"):
         encode_text(config, params, long_tokens)
-    long_config, long_params = common.stretch_text_context(config, params)
+    long_config, long_params = infer_config.stretch_text_context(config, params)
     assert long_config.text.context_length == 248
     embedding, states = encode_text(long_config, long_params, long_tokens)
     assert embedding.shape == (3, 32) and states.shape == (3, 248, 64)
@@ -187,8 +187,8 @@ def test_text_tower_accepts_248_tokens_only_when_stretched():
 @pytest.mark.parametrize("name", ["tiny", "ViT-B-32"])
 def test_every_parameter_has_one_logical_name_per_axis(name):
     config = get_model_config(name)
-    axes = common.flatten_params(param_logical_axes(config))
-    shapes = common.flatten_params(abstract_params(config))
+    axes = layout.flatten_params(param_logical_axes(config))
+    shapes = layout.flatten_params(abstract_params(config))
     assert axes.keys() == shapes.keys()
     known = {"embed", "mlp", "heads", "kv", "vocab", "position", "joint_embed", "patch_h", "patch_w", "channels"}
     for key, spec in axes.items():

@@ -7,19 +7,12 @@ checkpoints its own data-iterator position. The processes run tests/train_multih
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
-import time
 
-import pytest
-
+import process_harness
 import train_fixtures
-from geoalign_jax.parallel import multihost
 
 REPO_ROOT = train_fixtures.REPO_ROOT
 WORKER = REPO_ROOT / "tests" / "train_multihost_worker.py"
@@ -27,52 +20,18 @@ NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 PREEMPT_STEP = 2
 TIMEOUT_S = 500
-ENV_NAMES = (multihost.COORDINATOR_ENV, multihost.NUM_PROCESSES_ENV, multihost.PROCESS_ID_ENV,
-             multihost.LOCAL_DEVICE_IDS_ENV, multihost.MODE_ENV)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(data: str, out: pathlib.Path, cache_dir: pathlib.Path) -> list[dict]:
-    env = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     # The three runs of each process compile the same step: share the executables.
-    env.update({"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
-    coordinator = f"127.0.0.1:{_free_port()}"
-    logs = [out / f"process_{i}.log" for i in range(NUM_PROCESSES)]
-    processes = []
-    timed_out = False
-    with contextlib.ExitStack() as stack:
-        for process_id, log_path in enumerate(logs):
-            log = stack.enter_context(open(log_path, "w"))
-            command = [sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes",
-                       str(NUM_PROCESSES), "--coordinator", coordinator, "--data", data, "--out", str(out),
-                       "--preempt-step", str(PREEMPT_STEP)]
-            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            for process in processes:
-                try:
-                    process.wait(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    break
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait(timeout=30)
-    report = "\n".join(f"--- process {i} (exit code {p.returncode}) ---\n{log.read_text()[-5000:]}"
-                       for i, (p, log) in enumerate(zip(processes, logs)))
-    if timed_out or any(p.returncode != 0 for p in processes):
-        pytest.fail(f"the trainer processes {'timed out' if timed_out else 'failed'}\n{report}")
-    return [json.loads((out / f"process_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+    env = process_harness.worker_env(DEVICES_PER_PROCESS, {
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    coordinator = f"127.0.0.1:{process_harness.free_port()}"
+    commands = [[sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes",
+                 str(NUM_PROCESSES), "--coordinator", coordinator, "--data", data, "--out", str(out),
+                 "--preempt-step", str(PREEMPT_STEP)] for process_id in range(NUM_PROCESSES)]
+    return process_harness.run_processes(commands, out, env=env, timeout_s=TIMEOUT_S, what="trainer")[0]
 
 
 def test_two_processes_train_save_on_sigterm_together_and_resume_bitwise(tmp_path):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from geoalign_jax import tokenizer
-from geoalign_jax.data import records, transforms
-from geoalign_jax.data.transforms import Crop
+from geoalign_jax import batch_contract, tokenizer
+from geoalign_jax.data import image_ops, records, transforms
+from geoalign_jax.data.image_ops import Crop
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -47,10 +47,10 @@ def test_augmented_boxes_cover_the_same_pixels(scene):
     labels = np.zeros((height, width), np.uint8)
     for index, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
         labels[y1:y2, x1:x2] = index + 1
-    out = np.asarray(transforms.crop_resize(Image.fromarray(labels), crop, out_size, flip, resample=Image.NEAREST))
+    out = np.asarray(image_ops.crop_resize(Image.fromarray(labels), crop, out_size, flip, resample=Image.NEAREST))
     assert out.shape == (out_size[1], out_size[0])
     fraction, min_px = 0.25, 2.0
-    view_boxes, keep = transforms.transform_boxes(
+    view_boxes, keep = image_ops.transform_boxes(
         boxes, crop, flip, out_size, min_visible_fraction=fraction, min_size_px=min_px
     )
     out_w, out_h = out_size
@@ -101,16 +101,16 @@ def test_transform_boxes_moves_clips_flips_and_drops():
         [45, 22, 65, 38],  # 5 of 20 px wide inside: 25% visible, kept at the threshold
         [48, 22, 70, 38],  # 2 of 22 px inside: dropped
     ], np.float64)
-    view, keep = transforms.transform_boxes(boxes, crop, False, (80, 40))
+    view, keep = image_ops.transform_boxes(boxes, crop, False, (80, 40))
     np.testing.assert_array_equal(keep, [True, False, True, False])
     np.testing.assert_allclose(view[0], [0.25, 0.25, 0.5, 0.75])
     np.testing.assert_allclose(view[2], [35 / 40, 0.1, 1.0, 0.9])
-    flipped, keep_flipped = transforms.transform_boxes(boxes, crop, True, (80, 40))
+    flipped, keep_flipped = image_ops.transform_boxes(boxes, crop, True, (80, 40))
     np.testing.assert_array_equal(keep_flipped, keep)
     np.testing.assert_allclose(flipped[0], [0.5, 0.25, 0.75, 0.75])
     np.testing.assert_allclose(flipped[2], [0.0, 0.1, 5 / 40, 0.9])
     # a box that stays whole but shrinks under 2 output pixels is dropped
-    _, keep_tiny = transforms.transform_boxes(np.array([[20, 25, 21, 35]]), crop, False, (40, 20))
+    _, keep_tiny = image_ops.transform_boxes(np.array([[20, 25, 21, 35]]), crop, False, (40, 20))
     assert not keep_tiny[0]
 
 
@@ -119,7 +119,7 @@ def test_sample_resized_crop_stays_inside_with_the_asked_area():
     for width, height in [(224, 224), (640, 120), (33, 500)]:
         fractions = []
         for _ in range(200):
-            crop = transforms.sample_resized_crop(rng, width, height, (0.3, 0.7), (3 / 4, 4 / 3))
+            crop = image_ops.sample_resized_crop(rng, width, height, (0.3, 0.7), (3 / 4, 4 / 3))
             assert 0 <= crop.x0 and crop.x0 + crop.width <= width
             assert 0 <= crop.y0 and crop.y0 + crop.height <= height
             assert crop.width >= 1 and crop.height >= 1
@@ -127,7 +127,7 @@ def test_sample_resized_crop_stays_inside_with_the_asked_area():
         if width == height:  # no fallback needed for a square image
             assert 0.28 <= min(fractions) and max(fractions) <= 0.72
     with pytest.raises(ValueError, match="crop scale"):
-        transforms.sample_resized_crop(rng, 10, 10, (0.0, 1.0), (1.0, 1.0))
+        image_ops.sample_resized_crop(rng, 10, 10, (0.0, 1.0), (1.0, 1.0))
 
 
 def test_local_crop_box_points_at_the_same_pixels_in_the_global_view():
@@ -139,25 +139,23 @@ def test_local_crop_box_points_at_the_same_pixels_in_the_global_view():
     image = Image.fromarray(coords)
     rng = np.random.default_rng(1)
     for flip in (False, True):
-        view = transforms.sample_resized_crop(rng, width, height, (0.5, 1.0), (3 / 4, 4 / 3))
-        global_view = np.asarray(transforms.crop_resize(image, view, (100, 100), flip, resample=Image.NEAREST))
+        view = image_ops.sample_resized_crop(rng, width, height, (0.5, 1.0), (3 / 4, 4 / 3))
+        global_view = np.asarray(image_ops.crop_resize(image, view, (100, 100), flip, resample=Image.NEAREST))
         for _ in range(5):
-            local = transforms.sample_crop_within(rng, view, (0.3, 0.7), (3 / 4, 4 / 3))
+            local = image_ops.sample_crop_within(rng, view, (0.3, 0.7), (3 / 4, 4 / 3))
             assert view.x0 <= local.x0 and local.x0 + local.width <= view.x0 + view.width + 1e-9
-            box = transforms.crop_box_in_view(local, view, flip)
-            local_image = np.asarray(transforms.crop_resize(image, local, (50, 50), flip, resample=Image.NEAREST))
+            box = image_ops.crop_box_in_view(local, view, flip)
+            local_image = np.asarray(image_ops.crop_resize(image, local, (50, 50), flip, resample=Image.NEAREST))
             centre_in_global = global_view[int((box[1] + box[3]) / 2 * 100), int((box[0] + box[2]) / 2 * 100)]
             np.testing.assert_allclose(local_image[25, 25, :2], centre_in_global[:2], atol=2)
 
 
 def test_normalise_matches_clip_preprocessing():
-    from geoalign_jax.models import clip
+    from geoalign_jax.batch_contract import OPENAI_MEAN, OPENAI_STD
 
-    assert transforms.OPENAI_MEAN == tuple(clip.OPENAI_MEAN)
-    assert transforms.OPENAI_STD == tuple(clip.OPENAI_STD)
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    expected = (pixels / 255.0 - np.array(clip.OPENAI_MEAN)) / np.array(clip.OPENAI_STD)
-    out = transforms.normalise(pixels)
+    expected = (pixels / 255.0 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+    out = image_ops.normalise(pixels)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -169,13 +167,13 @@ def test_jpeg_draft_decodes_smaller_and_keeps_geometry():
     pixels = np.stack([xs * 255 // width, ys * 255 // height, np.full_like(xs, 128)], -1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    image, sx, sy = transforms.decode_image(buffer.getvalue(), (width, height), min_scale=0.2)
+    image, sx, sy = image_ops.decode_image(buffer.getvalue(), (width, height), min_scale=0.2)
     assert image.size == (200, 150) and (sx, sy) == (0.25, 0.25)
-    full = transforms.crop_resize(image, transforms.full_crop(width, height).scaled(sx, sy), (64, 48))
+    full = image_ops.crop_resize(image, image_ops.full_crop(width, height).scaled(sx, sy), (64, 48))
     reference = Image.fromarray(pixels).resize((64, 48), Image.BICUBIC)
     assert np.abs(np.asarray(full, np.int16) - np.asarray(reference, np.int16)).mean() < 3
     with pytest.raises(ValueError, match="800x600 but the record says 640x480"):
-        transforms.decode_image(buffer.getvalue(), (640, 480))
+        image_ops.decode_image(buffer.getvalue(), (640, 480))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -189,7 +187,7 @@ def _png(width: int, height: int) -> bytes:
 
 
 def _record(**overrides):
-    example = records.make_example(
+    example = records.make_record(
         id="r0", source="test", split="train", image=_png(100, 80), width=100, height=80,
         captions=["a caption", "another caption"], long_caption="a long description " * 100,
         hard_negatives=["negative one", "negative two", "negative three"],
@@ -263,13 +261,13 @@ def test_long_text_mask_is_in_the_contract_only_with_long_text():
 
 def test_decode_image_names_the_record_and_checks_the_size_only_when_given():
     with pytest.raises(ValueError, match=r"cannot decode image shard-3 record 7"):
-        transforms.decode_image(b"\x89PNG not really", (4, 4), where="shard-3 record 7")
+        image_ops.decode_image(b"\x89PNG not really", (4, 4), where="shard-3 record 7")
     cut = _png(100, 80)[:60]  # header intact, pixels cut: fails when decoding, still named
     with pytest.raises(ValueError, match=r"cannot decode image r0"):
-        transforms.decode_image(cut, (100, 80), where="r0")
+        image_ops.decode_image(cut, (100, 80), where="r0")
     with pytest.raises(ValueError, match=r"^r0: image is 100x80 but the record says 80x100"):
-        transforms.decode_image(_png(100, 80), (80, 100), where="r0")
-    image, sx, sy = transforms.decode_image(_png(100, 80), None)
+        image_ops.decode_image(_png(100, 80), (80, 100), where="r0")
+    image, sx, sy = image_ops.decode_image(_png(100, 80), None)
     assert image.size == (100, 80) and image.mode == "RGB" and (sx, sy) == (1.0, 1.0)
 
 
@@ -337,7 +335,7 @@ def _painted_png(width: int, height: int, block: int) -> tuple[bytes, np.ndarray
 
 
 def _pixels(normalised: np.ndarray) -> np.ndarray:
-    return (normalised * np.array(transforms.OPENAI_STD) + np.array(transforms.OPENAI_MEAN)) * 255.0
+    return (normalised * np.array(batch_contract.OPENAI_STD) + np.array(batch_contract.OPENAI_MEAN)) * 255.0
 
 
 def test_visible_part_is_the_view_box_in_source_pixels():
@@ -345,12 +343,12 @@ def test_visible_part_is_the_view_box_in_source_pixels():
     view = Crop(10.0, 20.0, 40.0, 20.0)
     boxes = np.array([[20, 25, 30, 35], [45, 22, 65, 38], [0, 15, 15, 45]], np.float64)
     for flip in (False, True):
-        view_boxes, _ = transforms.transform_boxes(boxes, view, flip, (80, 40), min_visible_fraction=0.0)
+        view_boxes, _ = image_ops.transform_boxes(boxes, view, flip, (80, 40), min_visible_fraction=0.0)
         for box, expected in zip(boxes, view_boxes):
-            part = transforms.visible_part(box, view)
-            np.testing.assert_allclose(transforms.crop_box_in_view(part, view, flip), expected, atol=1e-6)
-    assert transforms.visible_part([45, 22, 65, 38], view) == Crop(45.0, 22.0, 5.0, 16.0)
-    assert transforms.visible_part([0, 0, 5, 5], view).width == 0.0
+            part = image_ops.visible_part(box, view)
+            np.testing.assert_allclose(image_ops.crop_box_in_view(part, view, flip), expected, atol=1e-6)
+    assert image_ops.visible_part([45, 22, 65, 38], view) == Crop(45.0, 22.0, 5.0, 16.0)
+    assert image_ops.visible_part([0, 0, 5, 5], view).width == 0.0
 
 
 def test_region_view_crop_is_the_box_as_the_global_view_shows_it():
@@ -368,7 +366,7 @@ def test_region_view_crop_is_the_box_as_the_global_view_shows_it():
                             long_context_length=0)
     assert transforms.output_spec(config)["region_view_crops"] == ((1, crop_size, crop_size, 3), np.dtype(np.float32))
     transform = transforms.TrainTransform(config)
-    cls_expected = np.asarray(transforms.crop_resize(Image.fromarray(original), Crop(18, 12, 84, 72),
+    cls_expected = np.asarray(image_ops.crop_resize(Image.fromarray(original), Crop(18, 12, 84, 72),
                                                      (crop_size, crop_size)), np.float64)
     checked = {False: 0, True: 0}
     errors, mirrored_errors, cls_errors = [], [], []
@@ -389,9 +387,9 @@ def test_region_view_crop_is_the_box_as_the_global_view_shows_it():
         cls_errors.append(np.abs(got - _pixels(example["region_crops"][0])).mean())
         # the CLS crop is the original image at the whole box, whatever the view
         np.testing.assert_allclose(_pixels(example["region_crops"][0]), cls_expected, atol=0.01)
-        # the view's own draws, replayed: crop first, then the flip (make_example's order)
+        # the view's own draws, replayed: crop first, then the flip (make_train_example's order)
         replay = np.random.default_rng(seed)
-        transforms.sample_resized_crop(replay, width, height, config.random_resized_crop_scale,
+        image_ops.sample_resized_crop(replay, width, height, config.random_resized_crop_scale,
                                        config.random_resized_crop_ratio)
         checked[bool(replay.random() < config.hflip_prob)] += 1
     assert min(checked.values()) >= 3, f"need flipped and unflipped cut views, got {checked}"

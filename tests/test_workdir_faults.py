@@ -73,7 +73,7 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
     with pytest.raises(FileNotFoundError, match=r"no finished step 7 \(steps: \[2, 3\]\)"):
         load_params(workdir, step=7)
     # The intact step exports; the weights file gets the umask's permissions, as the JSON beside it.
-    from geoalign_jax.convert.weights_file import current_umask
+    from geoalign_jax.convert.weight_files import current_umask
 
     assert convert_cli.main(["export", "--params", str(workdir), "--step", "2", "--format", "open_clip",
                              "--out", str(tmp_path / "out")]) == 0

@@ -51,9 +51,9 @@ def tiny_config(train_shards: str, **overrides: Any):
 
     `overrides`: dotted field -> value, e.g. {"train.num_steps": 4}.
     """
-    from configs import common
+    from geoalign_jax.train import experiment
 
-    config = common.get_config()
+    config = experiment.get_config()
     config.model.name = "tiny"
     config.data.train_shards = train_shards
     config.data.batch_size = 8

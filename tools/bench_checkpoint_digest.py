@@ -35,12 +35,12 @@ def main() -> None:
     parser.add_argument("--dir", type=pathlib.Path, required=True, help="scratch folder (removed first)")
     args = parser.parse_args()
 
-    from configs import common
     from geoalign_jax import checkpoint_steps
     from geoalign_jax.train import checkpoint as checkpoint_lib
+    from geoalign_jax.train import experiment
     from geoalign_jax.train import loop
 
-    config = common.get_config()
+    config = experiment.get_config()
     config.model.name = args.model
     config.data.train_shards = str(args.dir / "no_shards")  # build() reads no shard
     setup = loop.build(config)

@@ -16,6 +16,13 @@ captions joined).
 
     python tools/bench_data.py --workers 0 1 2 --batch-size 64 --image-size 224 --num-batches 30
     python tools/bench_data.py --data data/demo/scenes --image-size 64 --max-regions 4
+
+``--bucket`` also uploads the shards to a local GCS emulator on 127.0.0.1 (tools/gcs_emulator.py) and
+measures, per worker process, records/s of the raw ArrayRecord reads (grain read threads = concurrent reads
+per worker, for each ``--read-threads`` / ``--read-buffer-sizes`` setting) and examples/s of the full
+pipeline, from the bucket and from local disk in the same run, with the bucket/local ratio:
+
+    python tools/bench_data.py --bucket --workers 0 --read-threads 2 8 16 --read-buffer-sizes 32 128
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from geoalign_jax.data import converters, pipeline  # noqa: E402
+from geoalign_jax.data import prepare_formats, pipeline  # noqa: E402
 
 # The real RS samples: $GEOALIGN_SHARED_DATA, as for the tests (default: shared/data beside the checkout).
 SAMPLES = pathlib.Path(
@@ -69,7 +76,7 @@ def build_rsicd_benchmark_set(out_dir: pathlib.Path, sample_dir: pathlib.Path = 
     jsonl = out_dir / "rsicd_bench.jsonl"
     jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
     records_dir = out_dir / "records"
-    converters.convert_jsonl(jsonl, records_dir, name="rsicd_bench", image_root=sample_dir, num_shards=4,
+    prepare_formats.prepare_jsonl(jsonl, records_dir, name="rsicd_bench", image_root=sample_dir, num_shards=4,
                              progress=False)
     return str(records_dir)
 
@@ -133,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region-crop-size", type=int, default=0)
     parser.add_argument("--local-crops", type=int, default=0)
     parser.add_argument("--local-crop-size", type=int, default=0)
-    parser.add_argument("--read-threads", type=int, default=2, help="decode threads per process")
+    parser.add_argument("--read-threads", type=int, nargs="+", default=[2],
+                        help="read + decode threads per process (the first value outside --bucket)")
+    parser.add_argument("--read-buffer-sizes", type=int, nargs="+", default=[32],
+                        help="examples prefetched per process (with --bucket: each value is measured)")
+    parser.add_argument("--bucket", action="store_true",
+                        help="also read the shards from a local GCS emulator and print bucket/local ratios")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
@@ -149,7 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         config.region_crop_size = args.region_crop_size
         config.num_local_crops = args.local_crops
         config.local_crop_size = args.local_crop_size
-        config.read_threads = args.read_threads
+        config.read_threads = args.read_threads[0]
+        config.read_buffer_size = args.read_buffer_sizes[0]
+        if args.bucket:
+            import bench_bucket
+
+            bench_bucket.compare(config, data, bench, workers=args.workers, read_threads=args.read_threads,
+                                 buffer_sizes=args.read_buffer_sizes, warmup_batches=args.warmup_batches,
+                                 num_batches=args.num_batches)
+            return 0
         print(f"data: {data if args.data else 'RSICD sample JPEGs (224x224) + synthetic regions/negatives'}; "
               f"batch {args.batch_size}, {args.image_size} px, R={args.max_regions}, K={args.hard_negatives}, "
               f"long={args.long_context}, region crops={args.region_crop_size}, local crops={args.local_crops}; "

@@ -91,16 +91,16 @@ def make_batch(batch: int, image_size: int, context_length: int, captions: list[
 
 def trainer_config(model: str, batch: int, dtype: str, image_size: int | None):
     """The default experiment config (scene-only InfoNCE) for this model, batch and compute dtype."""
-    from configs import common
+    from geoalign_jax.train import experiment
 
-    config = common.get_config()
+    config = experiment.get_config()
     config.model.name = model
     if dtype != "float32":
         config.model.overrides.dtype = dtype
     if image_size:
         config.model.overrides.vision_image_size = image_size
     config.data.batch_size = batch
-    config.data.image_size = common.model_config(config).vision.image_size
+    config.data.image_size = experiment.model_config(config).vision.image_size
     config.train.num_steps = 1_000_000  # the schedule's length only; far from its end
     config.optim.warmup_steps = 0
     return config
@@ -113,13 +113,13 @@ def taken_bucket_flops(config, longest_caption: int) -> tuple[int, float | None]
     (a batch of that length runs the tower without a switch)."""
     import copy
 
-    from configs import common
+    from geoalign_jax.train import experiment
     from geoalign_jax.models import text as text_lib
     from geoalign_jax.train import loop
     from geoalign_jax.train import step as step_lib
 
     context = int(config.data.context_length)
-    width = common.model_config(config).text.width
+    width = experiment.model_config(config).text.width
     buckets = text_lib.length_buckets(context) if width >= text_lib.MIN_BUCKETED_WIDTH else (context,)
     bucket = next(length for length in buckets if length >= longest_caption)
     if bucket == context:

@@ -254,13 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import jax
 
-    from configs import common, demo
+    from configs import demo
+    from geoalign_jax.train import experiment
     from geoalign_jax.models import clip
     from geoalign_jax.params_checkpoint import save_params
 
     config = demo.get_config(str(out / "data"))
     tasks = list(config.eval.tasks)
-    model_config = common.model_config(config)
+    model_config = experiment.model_config(config)
     _stage(2, f"initialise the tiny CLIP of configs/demo.py ({jax.devices()[0].platform}) and evaluate it untrained")
     init_dir = out / "init"
     save_params(init_dir, model_config, clip.init_params(model_config, jax.random.key(int(config.train.seed))))

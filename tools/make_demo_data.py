@@ -13,7 +13,7 @@ grid. Each image gets
 A class-per-folder split of land-cover scenes is written as well, for zero-shot classification.
 
 The images are written to a scratch folder with a JSONL file and converted with the project's converters
-(``convert_jsonl`` and ``convert_folders``), so the demo exercises the same path as real data. Same seed ->
+(``prepare_jsonl`` and ``prepare_folders``), so the demo exercises the same path as real data. Same seed ->
 byte-identical shards. Default image size 64 px (the tiny model trains at 32-64 px).
 
     python tools/make_demo_data.py --out data/demo --num-train 1000 --num-val 200 --seed 0
@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from geoalign_jax.data import converters  # noqa: E402
+from geoalign_jax.data import prepare_formats  # noqa: E402
 
 # Land covers, in label order (sorted, so that the folder converter's label = index here too).
 LAND_COVERS = ("city", "desert", "farmland", "forest", "water")
@@ -382,7 +382,7 @@ def make_scene_image(rng: np.random.Generator, size: int, land_cover: str | None
 
 def jsonl_entry(scene: Scene, objects: Sequence[DrawnObject], rng: np.random.Generator, *, image: str, split: str,
                 record_id: str, image_size: int) -> dict:
-    """One line of the JSONL corpus (schema of converters.convert_jsonl)."""
+    """One line of the JSONL corpus (schema of prepare_formats.prepare_jsonl)."""
     regions = []
     for drawn in objects:
         group = scene.groups[drawn.group]
@@ -457,10 +457,10 @@ def make_demo_data(out: str | pathlib.Path, *, num_train: int = 1000, num_val: i
         jsonl_path, class_root = write_sources(scratch, num_train=num_train, num_val=num_val,
                                                num_per_class=num_per_class, image_size=image_size, seed=seed)
         result = {"scenes": str(out / "scenes")}
-        converters.convert_jsonl(jsonl_path, out / "scenes", name="demo", workers=workers, num_shards=num_shards,
+        prepare_formats.prepare_jsonl(jsonl_path, out / "scenes", name="demo", workers=workers, num_shards=num_shards,
                                  max_bad_fraction=0.0, overwrite=overwrite, progress=False)
         if num_per_class:
-            converters.convert_folders(class_root, out / "landcover", name="demo_landcover", split="test",
+            prepare_formats.prepare_folders(class_root, out / "landcover", name="demo_landcover", split="test",
                                        workers=workers, num_shards=1, max_bad_fraction=0.0, overwrite=overwrite,
                                        progress=False)
             result["landcover"] = str(out / "landcover")

@@ -3,9 +3,9 @@
 - `open_clip`: open_clip / OpenAI-style state dicts (import: .safetensors/.pt/.bin files or open_clip
   folders; export: an open_clip `local-dir:` folder).
 - `hf`: Hugging Face `transformers.CLIPModel` folders (import and export, with tokenizer/processor files).
-- `common`: reading state dicts safely, shape checks that name the first offending key, and the shared
-  machinery both formats run through their key tables (`StateDictLayout`): layout mapping, q/k/v
-  split/merge, architecture inference and the import pipeline.
+- `layout`: the machinery both formats run through their key tables (`StateDictLayout`): layout mapping,
+  q/k/v split/merge, shape checks that name the first offending key; `weight_files`: reading state dicts
+  safely; `infer_config`: architecture inference, the activation and Long-CLIP choices, the import pipeline.
 - `pretrained.load_pretrained(src, "open_clip" | "hf")`: THE loader every entry point uses (convert import,
   evaluate --open-clip/--hf, the trainer's init): a missing, truncated or damaged file, or a folder missing
   a file, raises `WeightsFileError` with one line naming the file and what is wrong.
@@ -25,7 +25,8 @@ Exports are float32; export needs no torch (safetensors.numpy); HF export needs 
 """
 from __future__ import annotations
 
-from geoalign_jax.convert.common import WeightsFileError, read_state_dict, stretch_text_context
+from geoalign_jax.convert.infer_config import stretch_text_context
+from geoalign_jax.convert.weight_files import WeightsFileError, read_state_dict
 from geoalign_jax.convert.hf import export_hf, hf_to_params, load_hf, params_to_hf
 from geoalign_jax.convert.open_clip import (
     export_open_clip,

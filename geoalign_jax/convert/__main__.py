@@ -19,7 +19,8 @@ import pathlib
 import sys
 from typing import Sequence
 
-from geoalign_jax.convert import common, hf, open_clip
+from geoalign_jax.convert import hf, infer_config, layout, open_clip
+from geoalign_jax.error_text import one_line
 from geoalign_jax.convert.pretrained import FORMATS, load_pretrained
 
 
@@ -63,7 +64,7 @@ def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path, *, step: 
 
     _check_out_dir(out)
     config, params = load_params(params_path, step=step)
-    print(f"read {params_path}: {common.summarize(config, params)}")
+    print(f"read {params_path}: {layout.summarize(config, params)}")
     exporter = open_clip.export_open_clip if fmt == "open_clip" else hf.export_hf
     return exporter(config, params, out)
 
@@ -78,9 +79,9 @@ def run_import(
         raise ValueError(f"--out {out} already exists; parameters checkpoints are never overwritten")
     config, params = load_pretrained(src, fmt, quick_gelu=quick_gelu, model=model)
     if stretch_text:
-        config, params = common.stretch_text_context(config, params)
+        config, params = infer_config.stretch_text_context(config, params)
     path = save_params(out, config, params)
-    print(f"read {src}: {common.summarize(config, params)}")
+    print(f"read {src}: {layout.summarize(config, params)}")
     return path
 
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"wrote parameters checkpoint {path}")
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {common.one_line(error, limit=4000)}", file=sys.stderr)
+        print(f"error: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     return 0
 

@@ -19,23 +19,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from geoalign_jax.convert.common import (
-    CONV,
-    TRANSPOSE,
-    BlockEntries,
-    SourceHints,
-    StateDict,
-    StateDictLayout,
-    TensorEntry,
-    WeightsFileError,
-    as_float32,
-    params_to_state_dict,
-    read_json_file,
-    read_state_dict,
-    state_dict_to_params,
-    to_layout,
-)
-from geoalign_jax.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPConfig, Params
+from geoalign_jax.convert.layout import CONV, TRANSPOSE
+from geoalign_jax.convert.infer_config import state_dict_to_params
+from geoalign_jax.convert.layout import BlockEntries, SourceHints, StateDict, StateDictLayout, TensorEntry, params_to_state_dict, to_layout
+from geoalign_jax.convert.weight_files import WeightsFileError, as_float32, read_json_file, read_state_dict
+from geoalign_jax.batch_contract import OPENAI_MEAN, OPENAI_STD
+from geoalign_jax.models.clip import CLIPConfig, Params
 from geoalign_jax.models.layers import LAYER_NORM_EPS
 
 log = logging.getLogger(__name__)
@@ -232,7 +221,7 @@ def export_hf(config: CLIPConfig, params: Params, out_dir: str | pathlib.Path) -
         import transformers
     except ImportError as error:
         raise ImportError("exporting to the Hugging Face format needs transformers: pip install transformers") from error
-    from geoalign_jax.convert.weights_file import save_safetensors
+    from geoalign_jax.convert.weight_files import save_safetensors
     from geoalign_jax.tokenizer import write_hf_tokenizer_files
 
     out_dir = pathlib.Path(out_dir)

@@ -24,22 +24,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from geoalign_jax.convert.common import (
-    CONV,
-    BlockEntries,
-    SourceHints,
-    StateDict,
-    StateDictLayout,
-    TensorEntry,
-    WeightsFileError,
-    as_float32,
-    params_to_state_dict,
-    read_json_file,
-    read_state_dict,
-    state_dict_to_params,
-    to_layout,
-)
-from geoalign_jax.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPConfig, Params
+from geoalign_jax.convert.layout import CONV
+from geoalign_jax.convert.infer_config import state_dict_to_params
+from geoalign_jax.convert.layout import BlockEntries, SourceHints, StateDict, StateDictLayout, TensorEntry, params_to_state_dict, to_layout
+from geoalign_jax.convert.weight_files import WeightsFileError, as_float32, read_json_file, read_state_dict
+from geoalign_jax.batch_contract import OPENAI_MEAN, OPENAI_STD
+from geoalign_jax.models.clip import CLIPConfig, Params
 from geoalign_jax.models.posemb import LONG_CLIP_KEEP
 
 log = logging.getLogger(__name__)
@@ -274,7 +264,7 @@ def export_open_clip(config: CLIPConfig, params: Params, out_dir: str | pathlib.
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads it strictly, as it is; no torch
     is needed to write it.
     """
-    from geoalign_jax.convert.weights_file import save_safetensors
+    from geoalign_jax.convert.weight_files import save_safetensors
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

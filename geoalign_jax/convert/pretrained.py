@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from typing import Literal
 
 from geoalign_jax.convert import hf, open_clip
-from geoalign_jax.convert.common import WeightsFileError, one_line, read_json_file, read_state_dict
+from geoalign_jax.error_text import one_line
+from geoalign_jax.convert.weight_files import WeightsFileError, read_json_file, read_state_dict
 from geoalign_jax.models.clip import CLIPConfig, Params
 
 WeightsFormat = Literal["open_clip", "hf"]

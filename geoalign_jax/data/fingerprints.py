@@ -32,6 +32,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
+
 THUMBNAIL_SIZE = 32
 _DCT_SIZE = 8
 #: One row per record of a shard, in record order.
@@ -108,7 +110,7 @@ def fingerprint_rows(fingerprints: Sequence[tuple[bytes, int]]) -> np.ndarray:
 
 def sidecar_path(shard_path: str | os.PathLike) -> pathlib.Path:
     """``.../rsicd-train-00000-of-00002.hashes.npy`` for ``.../rsicd-train-00000-of-00002.array_record``."""
-    path = pathlib.Path(shard_path)
+    path = filesystem.path(shard_path)  # a pathlib.Path, or an epath.Path for gs://
     stem = path.name[: -len(SHARD_SUFFIX)] if path.name.endswith(SHARD_SUFFIX) else path.name
     return path.with_name(stem + SIDECAR_SUFFIX)
 
@@ -136,7 +138,8 @@ def replace_file(path: str | os.PathLike, data: bytes) -> None:
 def read_sidecar(path: str | os.PathLike, expected_count: int | None = None) -> np.ndarray:
     """Fingerprint rows of a sidecar; FingerprintError when its layout or its row count does not fit."""
     try:
-        rows = np.load(path, allow_pickle=False)
+        rows = np.load(io.BytesIO(filesystem.read_bytes(path)) if filesystem.is_gcs(path) else path,
+                       allow_pickle=False)
     except (OSError, ValueError) as error:
         raise FingerprintError(f"{path}: not a fingerprint sidecar ({error})") from None
     if rows.dtype != FINGERPRINT_DTYPE or rows.ndim != 1:
@@ -239,13 +242,13 @@ def compute_fingerprints(shard_paths: Sequence[str | os.PathLike], *, workers: i
                          min_images_per_worker: int = MIN_IMAGES_PER_WORKER
                          ) -> Iterator[tuple[str, np.ndarray | ShardReadError]]:
     """(shard path, fingerprint rows) of each shard, in the given order, by decoding every image: this
-    process reads the records, ``workers`` processes decode and hash them (``writers.ordered_parallel_map``;
+    process reads the records, ``workers`` processes decode and hash them (``parallel_map.ordered_parallel_map``;
     fewer, down to none, when there are fewer than ``min_images_per_worker`` images each). A shard that
     cannot be opened, or holds a record or an image that cannot be read, comes back as (path,
     ShardReadError naming the shard and record) and the others go on."""
     from tqdm import tqdm
 
-    from geoalign_jax.data import sources, writers
+    from geoalign_jax.data import parallel_map, sources
 
     shards: list[_ShardWork] = []
     for path in map(os.fspath, shard_paths):
@@ -289,7 +292,7 @@ def compute_fingerprints(shard_paths: Sequence[str | os.PathLike], *, workers: i
             done += 1
 
     with tqdm(total=total, desc="fingerprinting", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for number, start, results in writers.ordered_parallel_map(fingerprint_chunk, chunks(), workers,
+        for number, start, results in parallel_map.ordered_parallel_map(fingerprint_chunk, chunks(), workers,
                                                                    window=2 * workers):
             shard = shards[number]
             shard.in_flight -= 1

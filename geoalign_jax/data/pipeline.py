@@ -35,7 +35,6 @@ and unpickle the whole pipeline; this module has no import-time side effects for
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -46,13 +45,10 @@ import numpy as np
 
 from geoalign_jax import batch_contract
 from geoalign_jax.data import records, sources, transforms
+from geoalign_jax.data.pipeline_stages import (
+    DECODE_ERRORS_KEY, AttachIndex, DecodeAndTransform, DecodeErrorTotalIterDataset, SkipAndCountIterDataset,
+)
 
-logger = logging.getLogger(__name__)
-
-#: Per-example key carrying the number of records skipped right before it in the same worker.
-SKIPPED_KEY = "_skipped"
-#: Batch key of the running per-host count of skipped (undecodable / unusable) records: a host-side metric.
-DECODE_ERRORS_KEY = "decode_errors"
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -78,6 +74,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_regions = 0  # R: boxes per image after augmentation, padded + `region_mask`; 0 = off
     config.min_box_visible_fraction = 0.25  # a box keeps >= this fraction of its area inside the crop, else dropped
     config.min_box_size_px = 2.0  # ... and at least this many output pixels wide and high
+    # Source-pixel bounds on a box's area, checked before any crop (FarSLIP data.py: `--min-size 64
+    # --max-size 1024` keep boxes of area in [64^2, 1024^2] pixels of the original image): a box is used
+    # only when area >= region_min_source_size ** 2 and, if region_max_source_size > 0, <= its square.
+    config.region_min_source_size = 0.0
+    config.region_max_source_size = 0.0
     config.region_crop_size = 0  # side of `region_crops`: each whole box of the ORIGINAL image, unflipped (region_cls)
     # side of `region_view_crops`: the part of each box inside the augmented global view, flipped with it: the
     # pixels RoI-Align pools at `region_boxes` (global_region_consistency); 0 = off
@@ -143,6 +144,8 @@ def transform_config(config: ml_collections.ConfigDict) -> transforms.TransformC
         hflip_prob=float(config.hflip_prob),
         min_box_visible_fraction=float(config.min_box_visible_fraction),
         min_box_size_px=float(config.min_box_size_px),
+        region_min_source_size=float(config.region_min_source_size),
+        region_max_source_size=float(config.region_max_source_size),
         category_prompt=str(config.category_prompt),
         category_ids=tuple(sorted((str(k), int(v)) for k, v in category_ids.items())),
         interpolation=str(config.interpolation),
@@ -162,146 +165,6 @@ def batch_spec(config: ml_collections.ConfigDict, process_count: int = 1) -> dic
 def pop_host_metrics(batch: dict[str, Any]) -> dict[str, int]:
     """Remove and return the host-side scalars (``decode_errors``) so the rest can become global arrays."""
     return {DECODE_ERRORS_KEY: int(batch.pop(DECODE_ERRORS_KEY))} if DECODE_ERRORS_KEY in batch else {}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# grain transforms (top-level classes: picklable for spawned workers)
-
-
-class AttachIndex(grain.transforms.MapWithIndex):
-    """raw record -> (index in the source, raw record): the index names the shard and record on failure.
-
-    grain hands a repeated dataset's indices past the end through to the parent (it reads them modulo the
-    length), so the index is reduced here to the record's position in the source.
-    """
-
-    def __init__(self, num_records: int):
-        self.num_records = num_records
-
-    def map_with_index(self, index: int, element: bytes) -> tuple[int, bytes]:
-        return (index % self.num_records, element)
-
-
-class DecodeAndTransform(grain.transforms.RandomMap):
-    """(source index, raw bytes) -> example dict, or a ``SkippedRecord`` (logged) when the record is unusable
-    (including an ``UnreadableRecord``: bytes the source could not read from a damaged shard).
-
-    Any failure of one record (bytes that are not a record, a record of another version, an image that does
-    not decode, no text...) becomes a skip rather than a crash: one bad record must not stop a week-long run.
-    A dataset that is bad throughout still fails loudly, in ``SkipAndCount`` (``max_consecutive_skips``).
-    """
-
-    def __init__(self, source: sources.RecordSource, config: transforms.TransformConfig):
-        self.source = source
-        self.transform = transforms.TrainTransform(config)
-
-    def _where(self, index: int) -> str:
-        try:
-            path, local = self.source.locate(index)
-            return f"{path} record {local}"
-        except Exception:  # never let the error message itself fail
-            return f"record {index}"
-
-    def random_map(self, element: tuple[int, bytes | sources.UnreadableRecord], rng: np.random.Generator) -> Any:
-        index, data = element
-        if isinstance(data, sources.UnreadableRecord):  # the shard's bytes were damaged (see open_train_source)
-            logger.warning("skipping unreadable record at %s: %s", data.where, data.reason)
-            return transforms.SkippedRecord(where=data.where, reason=data.reason)
-        record_id = "?"
-        try:
-            record = records.decode_record(data)  # the location is added below, only when it fails
-            record_id = record["id"]
-            return self.transform.random_map(record, rng)
-        except Exception as error:  # noqa: BLE001 - every per-record failure is a counted skip, see above
-            where = self._where(index)
-            reason = transforms.describe_failure(error)
-            logger.warning("skipping record id=%s at %s: %s", record_id, where, reason)
-            return transforms.SkippedRecord(where=f"{where} (id {record_id})", reason=reason)
-
-
-class SkipAndCountIterDataset(grain.IterDataset):
-    """Drops ``SkippedRecord`` sentinels; each kept example gets ``_skipped`` = sentinels dropped before it."""
-
-    def __init__(self, parent: grain.IterDataset, max_consecutive_skips: int):
-        super().__init__(parent)
-        self._max_consecutive_skips = max_consecutive_skips
-
-    def __iter__(self) -> SkipAndCountIterator:
-        return SkipAndCountIterator(self._parent.__iter__(), self._max_consecutive_skips)
-
-    def __str__(self) -> str:
-        return f"SkipAndCountIterDataset(max_consecutive_skips={self._max_consecutive_skips})"
-
-
-class SkipAndCountIterator(grain.DatasetIterator):
-    """Iterator of ``SkipAndCountIterDataset``; its state is the parent's (the count is per element)."""
-
-    def __init__(self, parent: grain.DatasetIterator, max_consecutive_skips: int):
-        super().__init__(parent)
-        self._max_consecutive_skips = max_consecutive_skips
-
-    def __next__(self) -> dict[str, Any]:
-        skipped = 0
-        last: transforms.SkippedRecord | None = None
-        while True:
-            element = next(self._parent)
-            if not isinstance(element, transforms.SkippedRecord):
-                break
-            skipped += 1
-            last = element
-            if skipped > self._max_consecutive_skips:
-                raise RuntimeError(
-                    f"{skipped} records in a row could not be used (max_consecutive_skips="
-                    f"{self._max_consecutive_skips}); the data or the data config is broken. "
-                    f"Last: {last.where}: {last.reason}"
-                )
-        example = dict(element)
-        example[SKIPPED_KEY] = np.int32(skipped)
-        return example
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
-
-    def __str__(self) -> str:
-        return "SkipAndCountIterator"
-
-
-class DecodeErrorTotalIterDataset(grain.IterDataset):
-    """Replaces the per-example ``_skipped`` [B] with the running host total ``decode_errors`` (int64 scalar)."""
-
-    def __iter__(self) -> DecodeErrorTotalIterator:
-        return DecodeErrorTotalIterator(self._parent.__iter__())
-
-    def __str__(self) -> str:
-        return "DecodeErrorTotalIterDataset"
-
-
-class DecodeErrorTotalIterator(grain.DatasetIterator):
-    """Keeps the running total in its state: ``{"parent": <grain state>, "decode_errors": int}``."""
-
-    def __init__(self, parent: grain.DatasetIterator):
-        super().__init__(parent)
-        self._total = 0
-
-    def __next__(self) -> dict[str, Any]:
-        batch = next(self._parent)
-        batch = dict(batch)
-        self._total += int(np.sum(batch.pop(SKIPPED_KEY)))
-        batch[DECODE_ERRORS_KEY] = np.int64(self._total)
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), DECODE_ERRORS_KEY: self._total}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._total = int(state[DECODE_ERRORS_KEY])
-
-    def __str__(self) -> str:
-        return "DecodeErrorTotalIterator"
 
 
 # ----------------------------------------------------------------------------------------------------------

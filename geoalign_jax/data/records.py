@@ -70,7 +70,7 @@ def make_region(
     }
 
 
-def make_example(
+def make_record(
     *,
     id: str,  # noqa: A002 - the field is called id in the format
     source: str,

@@ -9,12 +9,12 @@ ArrayRecord file, missing) is refused when the source is built, naming the shard
 rebuilds it. A single record whose bytes cannot be read (a chunk hash mismatch from a zeroed or flipped
 block) raises `RecordReadError`, or, with `unreadable="mark"` (the training pipeline), comes back as an
 `UnreadableRecord` for the caller to skip and count: one bad block must not stop a week-long run.
+Every location may also be `gs://` (data/filesystem.py); a storage failure there is never taken for a bad record.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import glob
 import io
 import itertools
 import json
@@ -23,7 +23,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, SupportsIndex
 
-from geoalign_jax.data import records
+from geoalign_jax.data import filesystem, records
+from geoalign_jax.error_text import one_line
 
 MANIFEST_NAME = "manifest.json"
 #: A shard file's base name: `<name>-<split>-NNNNN-of-NNNNN.array_record`. The split is the last "-" field
@@ -56,11 +57,10 @@ class UnreadableRecord:
 def rebuild_hint(shard: str | os.PathLike) -> str:
     """How to get a good copy of a damaged shard: copy it again, or rerun the converter named by the manifest
     beside it (`created_by`) with --overwrite."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(shard)))
+    folder = filesystem.dirname(filesystem.absolute(os.fspath(shard)))
     converter = "python -m geoalign_jax.prepare <format>"
     try:
-        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as handle:
-            created_by = json.load(handle).get("created_by")
+        created_by = json.loads(filesystem.read_bytes(filesystem.join(folder, MANIFEST_NAME))).get("created_by")
         if isinstance(created_by, str) and created_by.strip():
             converter = created_by.strip()
             if converter.endswith(".py"):  # manifests written before the prepare CLI name the script
@@ -71,31 +71,24 @@ def rebuild_hint(shard: str | os.PathLike) -> str:
             f"{converter} ... --out {folder} --overwrite")
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
 def check_shard(path: str | os.PathLike) -> int:
     """Records in one shard, read from its index (footer); SourceError naming the shard, what is wrong and
     how to rebuild it when the file is missing, truncated or not an ArrayRecord file."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not _isfile(path):
         raise SourceError(f"shard {path} is missing; {rebuild_hint(path)}")
     problem = None
     try:
-        reader = ArrayRecordReader(path)
+        reader = _open_reader(path)
     except Exception as error:  # noqa: BLE001 - riegeli raises RuntimeError / OSError / ValueError
-        problem = _one_line(error)
+        problem = one_line(error, limit=None)
     else:
         ok = reader.ok()
         count = int(reader.num_records()) if ok else 0
         try:
             reader.close()  # a reader that failed to open reports why only when closed
         except Exception as error:  # noqa: BLE001
-            problem = _one_line(error)
+            problem = one_line(error, limit=None)
         if ok and problem is None:
             return count
     raise SourceError(f"shard {path} cannot be opened (truncated, damaged or not an ArrayRecord file: "
@@ -104,10 +97,9 @@ def check_shard(path: str | os.PathLike) -> int:
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Load and check `<directory>/manifest.json` (format name and version, splits with counts and shards)."""
-    path = os.path.join(os.fspath(directory), MANIFEST_NAME)
+    path = filesystem.join(os.fspath(directory), MANIFEST_NAME)
     try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        manifest = json.loads(filesystem.read_bytes(path))
     except FileNotFoundError:
         raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by python -m geoalign_jax.prepare?)") \
             from None
@@ -132,7 +124,7 @@ def group_by_dataset(paths: Sequence[str | os.PathLike]) -> dict[tuple[str, str]
     groups: dict[tuple[str, str], list[str]] = {}
     for path in map(os.fspath, paths):
         parsed = parse_shard_name(path)
-        key = (os.path.dirname(os.path.abspath(path)), parsed[0] if parsed else os.path.basename(path))
+        key = (filesystem.dirname(filesystem.absolute(path)), parsed[0] if parsed else os.path.basename(path))
         groups.setdefault(key, []).append(path)
     return groups
 
@@ -149,6 +141,38 @@ def _contained_shard(entry: Any, manifest_path: str) -> str:
     return entry
 
 
+def _open_reader(path: str) -> Any:
+    """An ArrayRecordReader; in a bucket, opening is retried on transient errors (`filesystem.retry`)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not filesystem.is_gcs(path):
+        return ArrayRecordReader(path)
+    filesystem.configure()
+    return filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+
+
+def _isfile(location: str) -> bool:
+    """`filesystem.isfile`, a refused permission or an outage as a SourceError naming the object."""
+    try:
+        return filesystem.isfile(location)
+    except filesystem.StorageError as error:
+        raise SourceError(str(error)) from None
+
+
+def _missing(paths: Sequence[str]) -> list[str]:
+    try:
+        return filesystem.missing_files(paths)
+    except filesystem.StorageError as error:
+        raise SourceError(str(error)) from None
+
+
+def _glob(pattern: str) -> list[str]:
+    try:
+        return filesystem.glob(pattern)
+    except filesystem.StorageError as error:
+        raise SourceError(str(error)) from None
+
+
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
@@ -158,21 +182,20 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
     by the `<name>-<split>-NNNNN-of-NNNNN.array_record` naming). Raises SourceError naming what is missing."""
     location = os.fspath(dir_or_glob)
     if _is_glob(location):
-        matches = sorted(glob.glob(location))
+        matches = _glob(location)
         paths = [p for p in matches if (parsed := parse_shard_name(p)) is not None and parsed[1] == split]
         if not paths:
             raise SourceError(f"no shards of split {split!r} match {location} ({len(matches)} files matched the glob)")
         return paths
-    if os.path.isfile(location):
+    if _isfile(location):
         return [location]
     manifest = read_manifest(location)
+    manifest_path = filesystem.join(location, MANIFEST_NAME)
     if split not in manifest["splits"]:
-        raise SourceError(f"split {split!r} not in {os.path.join(location, MANIFEST_NAME)} "
-                          f"(splits: {sorted(manifest['splits'])})")
-    manifest_path = os.path.join(location, MANIFEST_NAME)
-    paths = [os.path.join(location, _contained_shard(shard, manifest_path))
+        raise SourceError(f"split {split!r} not in {manifest_path} (splits: {sorted(manifest['splits'])})")
+    paths = [filesystem.join(location, _contained_shard(shard, manifest_path))
              for shard in manifest["splits"][split]["shards"]]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = _missing(paths)
     if missing:
         raise SourceError(f"shard files listed in the manifest are missing: {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''}; {rebuild_hint(missing[0])}")
@@ -181,9 +204,7 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
 
 def _shard_record_count(path: str) -> int:
     """Records in one shard, from its index (the reader is closed again at once)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = ArrayRecordReader(path)
+    reader = _open_reader(path)
     try:
         return int(reader.num_records())
     finally:
@@ -211,18 +232,21 @@ class RecordSource:
             raise SourceError("RecordSource needs at least one shard path")
         if unreadable not in ("raise", "mark"):
             raise ValueError(f"unreadable must be 'raise' or 'mark', got {unreadable!r}")
-        missing = [p for p in self._paths if not os.path.isfile(p)]
+        missing = _missing(self._paths)
         if missing:
             raise SourceError(f"shard files not found: {missing[:5]}; {rebuild_hint(missing[0])}")
         self._raw = raw
         self._unreadable = unreadable
+        self._remote = any(filesystem.is_gcs(p) for p in self._paths)
+        if self._remote:
+            filesystem.configure()  # ArrayRecord's own GCS reader reads the records (see data/filesystem.py)
         try:
             self._source = grain.sources.ArrayRecordDataSource(self._paths)
         except Exception as error:  # noqa: BLE001 - grain opens every shard at once and does not say which failed
             for path in self._paths:
                 check_shard(path)  # raises naming the first bad shard
             raise SourceError(f"cannot open the shards {self._paths[:3]}{' ...' if len(self._paths) > 3 else ''}: "
-                              f"{_one_line(error)}") from None
+                              f"{one_line(error, limit=None)}") from None
         self._prefix_sums: list[int] | None = None
         self._locate_failed = False
 
@@ -278,10 +302,16 @@ class RecordSource:
     def _read(self, index: int) -> bytes | UnreadableRecord:
         """One record's bytes; a read failure (riegeli raises RuntimeError, the OS OSError) is named here."""
         try:
-            return self._source[index]
+            if not self._remote:
+                return self._source[index]
+            return filesystem.retry(lambda: self._source[index], what=lambda: self._where(index)[1], kind="record")
         except Exception as error:  # noqa: BLE001 - every way a read of damaged bytes fails
             path, where = self._where(index)
-            reason = f"cannot be read ({_one_line(error)})"
+            reason = f"cannot be read ({one_line(error, limit=None)})"
+            if self._remote and filesystem.error_kind(error) in ("transient", "missing", "denied"):
+                # the storage failed, not the record: stopping with its name beats skipping good data
+                raise RecordReadError(f"{where}: {reason}; the storage failed after "
+                                      f"{filesystem.MAX_ATTEMPTS} attempts") from None
             if self._unreadable == "mark":
                 return UnreadableRecord(where=where, reason=reason)
             raise RecordReadError(f"{where}: {reason}; {rebuild_hint(path or self._paths[0])}") from None

@@ -7,7 +7,7 @@ the training data (``overlap.TrainImages``). The CLI is ``python -m geoalign_jax
 """
 from __future__ import annotations
 
-from geoalign_jax.eval.library import (EvalReport, TaskError, TaskSpec, check_overlap, evaluate, is_training_split,
+from geoalign_jax.eval.runner import (EvalReport, TaskError, TaskSpec, check_overlap, evaluate, is_training_split,
                                        parse_task, run_tasks)
 from geoalign_jax.eval.overlap import OverlapError, OverlapResult, TrainImages
 

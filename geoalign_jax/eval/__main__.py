@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from geoalign_jax.error_text import one_line
+
 log = logging.getLogger("geoalign_jax.eval")
 
 
@@ -95,26 +97,20 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return config, clip.init_params(config, jax.random.key(args.seed)), f"random {args.model} (seed {args.seed})"
 
 
-def _one_line(error: BaseException) -> str:
-    """Errors are printed on one line: a user reads the reason, never a traceback."""
-    from geoalign_jax.convert.common import one_line
-
-    return one_line(error, limit=4000)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from geoalign_jax.eval import embed, library, overlap, plots, report
+    from geoalign_jax.data import filesystem
+    from geoalign_jax.eval import embed, runner, overlap, plots, report
 
     try:
-        tasks = [library.parse_task(text) for text in args.tasks]
-    except library.TaskError as error:
+        tasks = [runner.parse_task(text) for text in args.tasks]
+    except runner.TaskError as error:
         parser.error(str(error))
     for task in tasks:
-        if not pathlib.Path(task.path).exists():
+        if not filesystem.path(task.path).exists():
             parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
     if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
         parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")
@@ -126,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--exclude-overlap needs --train-data")
     try:  # before loading any weights: a refused training split should cost nothing
         for task in tasks:
-            split, _, splits = library.resolve_split(task)
-            library.split_guard(task, split, splits, args.allow_train_split)
-    except library.TaskError as error:
+            split, _, splits = runner.resolve_split(task)
+            runner.split_guard(task, split, splits, args.allow_train_split)
+    except runner.TaskError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -144,20 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, params, source = load_weights(args)
             embedder = embed.JaxEmbedder(config, params, batch_size=args.batch_size, dense=args.dense)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: cannot load the weights: {_one_line(error)}", file=sys.stderr)
+        print(f"error: cannot load the weights: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     try:
         train_images = None
         if args.train_data:
             train_images = overlap.TrainImages.from_data(args.train_data, args.train_split)
             log.info("training data: %d images in %d shards", len(train_images), len(train_images.shard_paths))
-        result = library.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
+        result = runner.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
                                    progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads,
                                    dense=args.dense, allow_train_split=args.allow_train_split,
                                    train_data=train_images, exclude_overlap=args.exclude_overlap,
                                    skip_bad_records=args.skip_bad_records)
-    except (library.TaskError, overlap.OverlapError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+    except (runner.TaskError, overlap.OverlapError) as error:
+        print(f"error: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 # One rule for readable names, shared with the converters (which write `class_names` into manifests), so a
 # class is prompted by the same words whether it comes from a manifest or from this table.
-from geoalign_jax.data.converters import readable_class_name  # also this module's public name
+from geoalign_jax.data.prepare_formats import readable_class_name  # also this module's public name
 
 def _readable(identifiers: Sequence[str]) -> dict[str, str]:
     return {identifier: readable_class_name(identifier) for identifier in identifiers}

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
 from geoalign_jax.eval import classnames
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def load_classification(path: str | pathlib.Path, *, split: str | None = None, d
     Prompt names come from the named dataset's class table when it knows the classes
     (``classnames.prompt_names_for``), else from the records' / folders' readable names.
     """
-    root = pathlib.Path(path)
+    root = filesystem.path(path)  # pathlib.Path, or epath.Path for gs://
     if not root.exists():
         raise EvalDataError(f"zero-shot data not found: {root}")
     if is_record_dir(root):
@@ -289,7 +290,7 @@ class RetrievalSet:
 def load_retrieval(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None,
                    skip_bad_records: bool = False) -> RetrievalSet:
     """A caption set from record shards; records without captions are counted and left out."""
-    root = pathlib.Path(path)
+    root = filesystem.path(path)  # pathlib.Path, or epath.Path for gs://
     if not is_record_dir(root):
         raise EvalDataError(f"retrieval data must be a record folder with manifest.json: {root}")
     _, chosen, source, _ = open_records(root, split)
@@ -336,7 +337,7 @@ def load_regions(path: str | pathlib.Path, *, split: str | None = None, limit: i
     The category vocabulary is the manifest's ``category_names`` when present, else the sorted set of
     categories in the records. Regions without a category (free-text captions) are counted and skipped.
     """
-    root = pathlib.Path(path)
+    root = filesystem.path(path)  # pathlib.Path, or epath.Path for gs://
     if not is_record_dir(root):
         raise EvalDataError(f"region data must be a record folder with manifest.json: {root}")
     manifest, chosen, source, _ = open_records(root, split)

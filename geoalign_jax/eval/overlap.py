@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from geoalign_jax.data import fingerprints
+from geoalign_jax.data import filesystem, fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,9 @@ def sidecar_command(shard_paths: Sequence[str]) -> str:
     from geoalign_jax.data import sources
 
     targets = []
-    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in shard_paths}):
-        has_manifest = os.path.isfile(os.path.join(folder, sources.MANIFEST_NAME))
-        targets.append(folder if has_manifest else os.path.join(folder, "*" + fingerprints.SHARD_SUFFIX))
+    for folder in sorted({filesystem.dirname(filesystem.absolute(p)) for p in shard_paths}):
+        has_manifest = filesystem.isfile(filesystem.join(folder, sources.MANIFEST_NAME))
+        targets.append(folder if has_manifest else filesystem.join(folder, "*" + fingerprints.SHARD_SUFFIX))
     return "python -m geoalign_jax.prepare fingerprints " + " ".join(f"'{t}'" for t in targets)
 
 
@@ -218,7 +218,7 @@ class TrainImages:
             except sources.SourceError as error:
                 raise OverlapError(f"training data {os.fspath(location)}: {error}") from None
         # Locations are recorded absolute: results.json may be read elsewhere.
-        return cls.from_shards(paths, locations=[os.path.abspath(p) for p in locations], split=split,
+        return cls.from_shards(paths, locations=[filesystem.absolute(p) for p in locations], split=split,
                                max_distance=max_distance, workers=workers)
 
     def __len__(self) -> int:

@@ -2,7 +2,7 @@
 
 ``resize_mode="shortest"`` (open_clip's default eval transform): bicubic resize of the shortest side
 to ``image_size`` (long side ``int(size * long / short)``, torchvision's rule), centre crop with
-torchvision's rounding, then the data pipeline's CLIP normalisation (``data.transforms.normalise``).
+torchvision's rounding, then the data pipeline's CLIP normalisation (``data.image_ops.normalise``).
 ``"squash"`` resizes both sides to ``image_size`` (FarSLIP's region crops; whole images whose boxes
 must keep their normalised coordinates).
 Images are converted to RGB before resizing (open_clip converts after; identical for RGB and
@@ -18,17 +18,17 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from geoalign_jax.data import transforms
-from geoalign_jax.data.transforms import normalise
+from geoalign_jax.data import image_ops
+from geoalign_jax.data.image_ops import normalise
 
 ResizeMode = Literal["shortest", "squash"]
 
 
 def decode_image(data: bytes, *, where: str = "", expected_size: tuple[int, int] | None = None) -> Image.Image:
     """Encoded JPEG/PNG/TIFF bytes -> RGB PIL image, with the training pipeline's decoder
-    (``data.transforms.decode_image``). ``expected_size`` (width, height) is the record's size: a decoded
+    (``data.image_ops.decode_image``). ``expected_size`` (width, height) is the record's size: a decoded
     image of another size raises naming ``where``, since region boxes are measured on the record's size."""
-    return transforms.decode_image(data, expected_size, where=where)[0]
+    return image_ops.decode_image(data, expected_size, where=where)[0]
 
 
 def resize_shortest_center_crop(image: Image.Image, image_size: int) -> Image.Image:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from geoalign_jax.data import filesystem
 
 CONTENT_HASH_SCHEME = "geoalign-eval-content/1"
 PARAMETER_HASH_SCHEME = "geoalign-params-sha256/1"
@@ -244,6 +247,19 @@ def software_provenance() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "jax_backend": jax.default_backend(), "devices": jax.device_count(),
             "packages": package_versions(), "geoalign_jax": dict(code_version())}
+
+
+def trainer_run_info(workdir: Path, step: int, config_file: Path, eval_config: Any, model_config: Any,
+                     train_shards: str, train_split: str) -> dict[str, Any]:
+    """The `run` block of a results.json written during training: which weights (workdir and step), which
+    tasks and options, and which training data the overlap was checked against."""
+    return {
+        "weights": f"{workdir} step {step}", "trainer": {"workdir": str(workdir), "step": step, "config": str(config_file)},
+        "tasks": list(eval_config.tasks), "batch_size": int(eval_config.batch_size),
+        "model_config": model_config.to_dict(), "allow_train_split": bool(eval_config.allow_train_split),
+        "train_data": [filesystem.absolute(train_shards)], "train_split": str(train_split),
+        "exclude_overlap": bool(eval_config.exclude_overlap),
+    }
 
 
 def protocol_description(spec: Any, *, ties: str, dense: str | None = None) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from geoalign_jax.losses.contrastive import (
     logit_scale_value,
     multi_positive_contrastive_loss,
     principal_component_reconstruction,
-    row_statistics,
     siglip_loss,
 )
+from geoalign_jax.losses.row_stats import row_statistics
 from geoalign_jax.losses.objective import (
     TERM_NAMES,
     compute_outputs,
@@ -33,6 +33,7 @@ from geoalign_jax.losses.objective import (
     validate_loss_config,
 )
 from geoalign_jax.losses.region import multi_positive_loss, region_text_loss
+from geoalign_jax.losses.smoothed import label_smoothed_clip_loss
 
 __all__ = [
     "TERM_NAMES",
@@ -52,6 +53,7 @@ __all__ = [
     "multi_positive_loss",
     "patch_distillation_loss",
     "principal_component_reconstruction",
+    "label_smoothed_clip_loss",
     "region_text_loss",
     "row_statistics",
     "schedule_value",

@@ -29,8 +29,6 @@ from geoalign_jax.models.vision import DenseFeatures, VisionTransformer
 Array = jax.Array
 Params = dict[str, Any]
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # ln(1 / 0.07): CLIP's initial temperature.
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 

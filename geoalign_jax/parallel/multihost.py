@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import multiprocessing
@@ -381,6 +382,29 @@ def gather_to_host(tree: Any) -> Any:
 def gather_host_values(tree: Any) -> Any:
     """Per-host numpy values of equal shapes -> stacked ``[process_count, ...]`` on every process (a collective)."""
     return multihost_utils.process_allgather(tree, tiled=False)
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-serialisable `value` on every process (a collective)."""
+    if jax.process_count() == 1:
+        return value
+    first = jax.process_index() == 0
+    data = json.dumps(value).encode() if first else b""
+    length = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+    buffer = np.frombuffer(data, np.uint8) if first else np.zeros(length, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+def agree_on_failure(message: str) -> str:
+    """Every process learns whether any process failed (a collective; `message` is "" where none did) and
+    gets the message to raise with: a failed process its own, the others process 0's, or one naming the
+    processes that failed; "" on every process when none failed."""
+    if jax.process_count() > 1:
+        failed = np.asarray(gather_host_values(np.int32(bool(message)))).ravel()
+        first = broadcast_json(message)
+        if not message and failed.any():
+            message = first or f"process(es) {np.flatnonzero(failed).tolist()} could not start (see their logs)"
+    return message
 
 
 def _coordination_client() -> Any:

@@ -20,6 +20,7 @@ import sys
 import traceback
 
 from geoalign_jax import checkpoint_steps
+from geoalign_jax.error_text import one_line
 from geoalign_jax.train.workdir_lock import WorkdirBusyError
 
 DEBUG_ENV = "GEOALIGN_DEBUG"
@@ -52,11 +53,6 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
-def _one_line(error: BaseException, limit: int = 600) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def exit_status(error: BaseException) -> int:
     """2 for a refusal (ValueError, including InputError and NoIntactStepError; WorkdirBusyError), 1 otherwise."""
     if isinstance(error, (ValueError, WorkdirBusyError)) and not _disk_full(error):
@@ -86,8 +82,8 @@ def describe(error: BaseException, workdir: str | os.PathLike | None) -> str:
                     "resumes from it once there is space)" if steps else "; no checkpoint step was complete")
         return f"no space left on device{where}{kept}"
     if exit_status(error) == 2:
-        return _one_line(error)
-    return f"{type(error).__name__}: {_one_line(error)}"
+        return one_line(error, limit=600)
+    return f"{type(error).__name__}: {one_line(error, limit=600)}"
 
 
 def report(error: BaseException, workdir: str | os.PathLike | None, *, debug: bool) -> int:

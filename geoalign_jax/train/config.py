@@ -1,7 +1,7 @@
 """The trainer's config sections (train, optim, mesh, checkpoint, init, eval): every field documented once here,
 with its default, and checked by `validate_trainer_config` (errors name the field).
 
-`configs/common.py` adds these sections to every experiment config; `check_config` calls the validator.
+`train/experiment.py` adds these sections to every experiment config; its `check_config` calls the validator.
 """
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from geoalign_jax.validation import is_int, is_number, require
+from geoalign_jax.config_checks import is_int, is_number, require
 
 INIT_KINDS = ("scratch", "params", "open_clip", "hf")
 BEST_MODES = ("max", "min")
 REMAT_POLICIES = ("none", "block")
+# open_clip's weight-decay exemptions on our parameter paths (see `optim.no_decay`); tests/test_train.py
+# checks them against the rule applied to open_clip's own `named_parameters()`.
+OPEN_CLIP_NO_DECAY = ("/bias$", "/scale$", "^visual/class_embedding$", "^logit_scale$", "^logit_bias$")
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -44,9 +47,11 @@ def default_optim_config() -> ml_collections.ConfigDict:
     config.eps = 1e-6  # added to the root of the second moment (open_clip; optax's default is 1e-8)
     config.weight_decay = 0.2  # decoupled (AdamW) decay, only on parameters not matched by no_decay
     # Regular expressions (re.search) on parameter paths like "visual/transformer/resblocks_0/ln_1/scale":
-    # matching parameters get no weight decay. Default: norms (scale/bias), all biases, embeddings
-    # (token, position, class) and the temperature / SigLIP bias, as open_clip and FarSLIP do.
-    config.no_decay = ("/bias$", "/scale$", "embedding", "^logit_scale$", "^logit_bias$")
+    # matching parameters get no weight decay. Default: open_clip's rule (its main.py, which FarSLIP's
+    # main.py keeps: exempt when p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" is in the name) written on our
+    # paths: norms (scale/bias), all biases, the 1-D class embedding and the temperature / SigLIP bias.
+    # Token and position embeddings, patch embedding and projections ARE decayed.
+    config.no_decay = OPEN_CLIP_NO_DECAY
     config.clip_norm = 1.0  # clip the global gradient norm to this before AdamW; 0 = no clipping
     # Learning-rate multipliers: (regex on the parameter path, factor) pairs, the first match wins (unmatched:
     # 1.0), e.g. (("^text/", 0.1),) for a slower text tower, or on the command line
@@ -55,6 +60,12 @@ def default_optim_config() -> ml_collections.ConfigDict:
     # Frozen sub-trees: regexes on parameter paths; matching parameters are never updated and get no
     # optimizer state (e.g. ("^text/",) freezes the text tower, LiT style).
     config.frozen = ()
+    # Fixed leading rows: (regex on the parameter path, n) pairs; the first n rows (axis 0) of a matching
+    # parameter keep their initial values exactly (no gradient, no Adam moments, no decay) while the other
+    # rows train. Long-CLIP's position scheme is (("^text/positional_embedding$", 20),): its model_longclip.py
+    # adds a frozen stretched table for positions < 20 and a trainable copy for positions >= 20, and one
+    # table whose first 20 rows are held is that sum, so checkpoints and exports hold it as one table.
+    config.fixed_rows = ()
     # Layer-wise learning-rate decay (BEiT/ELECTRA): block i of a tower with L blocks gets
     # layer_decay ** (L + 1 - (i + 1)); its embeddings layer_decay ** (L + 1); head/final norm 1. 1.0 = off.
     config.layer_decay = 1.0
@@ -140,7 +151,7 @@ def _check_fields(config: ml_collections.ConfigDict, name: str) -> None:
         raise ValueError(f"unknown config field {name}.{unknown[0]} (known: {sorted(expected)})")
     missing = sorted(expected - given)
     if missing:
-        raise ValueError(f"config field {name}.{missing[0]} is missing (start from configs/common.py)")
+        raise ValueError(f"config field {name}.{missing[0]} is missing (start from geoalign_jax.train.experiment.get_config())")
 
 
 def _check_regexes(patterns: Any, field: str) -> None:
@@ -157,7 +168,7 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
     """Checks every trainer field; raises ValueError naming the first bad one (e.g. "optim.warmup_steps")."""
     for name in SECTIONS:
         if name not in config:
-            raise ValueError(f"config section {name!r} is missing (start from configs/common.py)")
+            raise ValueError(f"config section {name!r} is missing (start from geoalign_jax.train.experiment.get_config())")
         _check_fields(config, name)
     train, optim, ckpt, init, evaluation = config.train, config.optim, config.checkpoint, config.init, config.eval
     for field in ("num_steps", "log_every", "micro_batches", "max_consecutive_nonfinite"):
@@ -186,6 +197,13 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
         )
         require(is_number(pair[1]) and pair[1] >= 0, f"optim.lr_multipliers[{pair[0]!r}]", pair[1], "must be a number >= 0")
     _check_regexes([pattern for pattern, _ in optim.lr_multipliers], "optim.lr_multipliers")
+    for pair in optim.fixed_rows:
+        require(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str) and is_int(pair[1])
+            and pair[1] >= 1, "optim.fixed_rows", tuple(optim.fixed_rows),
+            "must be (regex, rows >= 1) pairs, e.g. ((\"^text/positional_embedding$\", 20),)",
+        )
+    _check_regexes([pattern for pattern, _ in optim.fixed_rows], "optim.fixed_rows")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
         require(is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", size, "must be an int >= 1 or -1")
@@ -229,18 +247,18 @@ def _check_eval_tasks(tasks: tuple[str, ...], *, allow_train_split: bool) -> lis
     """Each task parses, and names no training split unless allowed (reads the tasks' manifests, so a task
     the evaluation would refuse is refused now, not after `eval.every_steps` steps of training). Returns the
     tasks' metric prefixes ("zeroshot/aid")."""
-    from geoalign_jax.eval import library
+    from geoalign_jax.eval import runner
 
     prefixes = []
     for task in tasks:
         try:
-            spec = library.parse_task(task)
-            split, _, splits = library.resolve_split(spec)
-        except library.TaskError as error:
+            spec = runner.parse_task(task)
+            split, _, splits = runner.resolve_split(spec)
+        except runner.TaskError as error:
             raise ValueError(f"eval.tasks: {error}") from None
         try:
-            library.split_guard(spec, split, splits, allow_train_split)
-        except library.TaskError as error:
+            runner.split_guard(spec, split, splits, allow_train_split)
+        except runner.TaskError as error:
             raise ValueError(f"eval.tasks: {error} (in the trainer's config: eval.allow_train_split = True)") from None
         prefixes.append(spec.prefix)
     return prefixes

@@ -25,18 +25,24 @@ _TOWER_INPUTS = {
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warm-up to `learning_rate` over `warmup_steps`, then cosine decay to `learning_rate *
-    end_learning_rate_factor` at `num_steps`. As in open_clip, update k (from 0) uses the value at k + 1, so
-    the first update already moves (peak / warmup_steps) and the last one uses the end value."""
+    """open_clip's `cosine_lr` (open_clip_train/scheduler.py; FarSLIP's and Long-CLIP's train/scheduler.py are
+    the same code) as a function of the update count k (from 0): `peak * (k + 1) / warmup_steps` while
+    k < warmup_steps, then `end + (peak - end) * (1 + cos(pi * (k - warmup_steps) / (num_steps -
+    warmup_steps))) / 2` with end = `peak * end_learning_rate_factor` (open_clip: end 0). So the first update
+    already moves (peak / warmup_steps) and the first one after the warm-up uses the peak."""
     peak = float(optim.learning_rate)
-    base = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=int(optim.warmup_steps),
-        decay_steps=max(int(num_steps), int(optim.warmup_steps) + 1),
-        end_value=peak * float(optim.end_learning_rate_factor),
-    )
-    return lambda count: base(count + 1)
+    end = peak * float(optim.end_learning_rate_factor)
+    warmup = int(optim.warmup_steps)
+    decay_steps = max(int(num_steps) - warmup, 1)
+
+    def schedule(count: Any) -> jax.Array:
+        count = jnp.asarray(count, jnp.float32)
+        warming = peak * (count + 1.0) / max(warmup, 1)
+        progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+        cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(count < warmup, warming, cosine)
+
+    return schedule
 
 
 def _path_tree(params: Params) -> Params:
@@ -120,14 +126,65 @@ def scale_by_tree(factors: Params) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def fixed_row_counts(params: Params, fixed_rows: Any) -> Params:
+    """Per parameter, how many leading rows `optim.fixed_rows` holds (the first matching pattern; 0 = none).
+    A pattern that matches no parameter, or more rows than a parameter has, is a ValueError."""
+    pairs = [(str(pattern), int(rows)) for pattern, rows in fixed_rows]
+    flat = flatten_params(params)
+    for pattern, rows in pairs:
+        matched = {path: leaf for path, leaf in flat.items() if re.search(pattern, path)}
+        if not matched:
+            raise ValueError(f"optim.fixed_rows: {pattern!r} matches no parameter")
+        for path, leaf in matched.items():
+            if len(leaf.shape) < 1 or leaf.shape[0] < rows:
+                raise ValueError(f"optim.fixed_rows: {path} of shape {tuple(leaf.shape)} has fewer than {rows} rows")
+
+    def count(path: str) -> int:
+        return next((rows for pattern, rows in pairs if re.search(pattern, path)), 0)
+
+    return jax.tree.map(count, _path_tree(params))
+
+
+class HoldRowsState(NamedTuple):
+    """No state: the row counts are constants of the optimizer."""
+
+
+def hold_rows(counts: Params) -> optax.GradientTransformation:
+    """Zeroes the first `count` rows (axis 0) of each update (`count` a Python int per parameter, 0 = all
+    rows pass). Placed before clipping it removes the held rows' gradients (so the global norm and Adam's
+    moments see only the trainable rows, as for Long-CLIP's frozen table); placed after AdamW it removes
+    their decoupled decay, so the held rows stay bitwise equal to their initial values."""
+
+    def init(params: Params) -> HoldRowsState:
+        del params
+        return HoldRowsState()
+
+    def hold(update: Any, count: int) -> Any:
+        if isinstance(update, optax.MaskedNode) or count == 0:
+            return update
+        rows = jax.lax.broadcasted_iota(jnp.int32, update.shape, 0)
+        return jnp.where(rows < count, jnp.zeros_like(update), update)
+
+    def update(updates: Params, state: HoldRowsState, params: Params | None = None):
+        del params
+        return jax.tree.map(hold, updates, counts, is_leaf=lambda x: isinstance(x, optax.MaskedNode)), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, params: Params, num_steps: int) -> optax.GradientTransformation:
     """The optimizer for parameters shaped like `params` (arrays or ShapeDtypeStructs: only paths are read).
 
-    Order: clip the global norm of the trainable gradients -> AdamW (decay masked) -> per-parameter
-    multipliers; frozen parameters get `set_to_zero` (no moments, no decay).
+    Order: hold fixed rows -> clip the global norm of the trainable gradients -> AdamW (decay masked) ->
+    per-parameter multipliers -> hold fixed rows again (their decay); frozen parameters get `set_to_zero`
+    (no moments, no decay).
     """
     schedule = learning_rate_schedule(optim, num_steps)
     parts = []
+    held = fixed_row_counts(params, optim.get("fixed_rows", ()))
+    holds_rows = any(count > 0 for count in jax.tree.leaves(held))
+    if holds_rows:
+        parts.append(hold_rows(held))
     if float(optim.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
     parts.append(
@@ -139,6 +196,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Params, num_steps: 
     factors = lr_multipliers(params, optim)
     if any(f != 1.0 for f in jax.tree.leaves(factors)):
         parts.append(scale_by_tree(factors))
+    if holds_rows:
+        parts.append(hold_rows(held))
     trainable = optax.chain(*parts)
     labels = frozen_labels(params, optim.frozen)
     if all(label == TRAIN for label in jax.tree.leaves(labels)):
@@ -167,8 +226,10 @@ def frozen_mask(params: Params, optim: ml_collections.ConfigDict) -> Params:
 
 __all__ = [
     "decay_mask",
+    "fixed_row_counts",
     "frozen_labels",
     "frozen_mask",
+    "hold_rows",
     "layer_decay_factor",
     "learning_rate_schedule",
     "lr_multipliers",

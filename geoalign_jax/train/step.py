@@ -93,7 +93,7 @@ def make_train_step(
     def loss_fn(params, batch, step, teacher):
         params, teacher = gathered(params), gathered(teacher)
         return objective(
-            params, batch, step, model_config=step_config.model_config, axis_context=context, frozen_params=teacher
+            params, batch, step, model_config=step_config.model_config, axis_context=context, teacher_params=teacher
         )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

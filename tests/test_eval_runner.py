@@ -12,7 +12,7 @@ from PIL import Image
 
 import data_fixtures
 from geoalign_jax import tokenizer
-from geoalign_jax.eval import embed, library, preprocess
+from geoalign_jax.eval import embed, runner, preprocess
 from geoalign_jax.models import clip
 
 CONFIG = clip.get_model_config("tiny")
@@ -44,7 +44,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def aid_report(records, params):
-    return library.run_tasks(CONFIG, params, [f"zeroshot:aid={records['aid']}"], batch_size=16, progress=False)
+    return runner.run_tasks(CONFIG, params, [f"zeroshot:aid={records['aid']}"], batch_size=16, progress=False)
 
 
 def test_zero_shot_on_aid_records_matches_a_direct_computation(shared_data, aid_report, params):
@@ -67,7 +67,7 @@ def test_zero_shot_on_aid_records_matches_a_direct_computation(shared_data, aid_
 
 
 def test_retrieval_on_rsicd_records_matches_brute_force_from_the_json(shared_data, records, params):
-    report = library.run_tasks(CONFIG, params, [f"retrieval:rsicd={records['rsicd']},split=train,protocol=both"],
+    report = runner.run_tasks(CONFIG, params, [f"retrieval:rsicd={records['rsicd']},split=train,protocol=both"],
                                batch_size=32, progress=False, allow_train_split=True)
     raw = json.loads((shared_data / "rsicd_sample" / "dataset_rsicd.json").read_text())
     entries = [e for e in raw["images"] if e["split"] == "train"]

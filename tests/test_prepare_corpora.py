@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoalign_jax.data import corpora, records, sources, writers
-from geoalign_jax.data.writers import ConversionError
+from geoalign_jax.data import prepare_corpora, records, skip_accounting, sources
+from geoalign_jax.data.skip_accounting import ConversionError
 
 QUIET = {"progress": False, "workers": 1}
 
@@ -93,25 +93,25 @@ def _mgrs_fixture(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 def test_mgrs_records_boxes_and_every_skip(tmp_path):
     json_path, root = _mgrs_fixture(tmp_path)
     out = tmp_path / "out"
-    summary = corpora.convert_mgrs(json_path, root, out, max_bad_fraction=1.0, **QUIET)
+    summary = prepare_corpora.prepare_mgrs(json_path, root, out, max_bad_fraction=1.0, **QUIET)
 
     assert summary.written == {"train": 3}
     assert summary.skipped == {
-        writers.MALFORMED_ANNOTATION: 3, corpora.CATEGORY_ID_CONFLICT: 1, writers.BOX_OUTSIDE_IMAGE: 1,
-        writers.BROKEN_IMAGE: 1, writers.UNKNOWN_FILE: 1, writers.EMPTY_CAPTION: 2, writers.NO_TEXT: 1,
-        writers.DUPLICATE_ID: 1,
+        skip_accounting.MALFORMED_ANNOTATION: 3, prepare_corpora.CATEGORY_ID_CONFLICT: 1, skip_accounting.BOX_OUTSIDE_IMAGE: 1,
+        skip_accounting.BROKEN_IMAGE: 1, skip_accounting.UNKNOWN_FILE: 1, skip_accounting.EMPTY_CAPTION: 2, skip_accounting.NO_TEXT: 1,
+        skip_accounting.DUPLICATE_ID: 1,
     }
     examples = summary.skipped_examples
-    assert examples[writers.MALFORMED_ANNOTATION] == [
+    assert examples[skip_accounting.MALFORMED_ANNOTATION] == [
         "text_info.json[0].segment[4]",
         "text_info.json[1].segment[2] (needs 'cap', or 'category' and an int 'category_id')",
         "text_info.json[5]"]
-    assert examples[corpora.CATEGORY_ID_CONFLICT] == ["text_info.json[1].segment[1] (3: 'boat', earlier 'ship')"]
-    assert examples[writers.BOX_OUTSIDE_IMAGE] == ["text_info.json[0].segment[2]"]
-    assert examples[writers.BROKEN_IMAGE] == ["text_info.json[2] (broken.jpg)"]
-    assert examples[writers.UNKNOWN_FILE] == ["text_info.json[3] (missing.jpg)"]
-    assert examples[writers.NO_TEXT] == ["text_info.json[6] (d.jpg)"]
-    assert examples[writers.DUPLICATE_ID] == ["text_info.json[7] (a.jpg)"]
+    assert examples[prepare_corpora.CATEGORY_ID_CONFLICT] == ["text_info.json[1].segment[1] (3: 'boat', earlier 'ship')"]
+    assert examples[skip_accounting.BOX_OUTSIDE_IMAGE] == ["text_info.json[0].segment[2]"]
+    assert examples[skip_accounting.BROKEN_IMAGE] == ["text_info.json[2] (broken.jpg)"]
+    assert examples[skip_accounting.UNKNOWN_FILE] == ["text_info.json[3] (missing.jpg)"]
+    assert examples[skip_accounting.NO_TEXT] == ["text_info.json[6] (d.jpg)"]
+    assert examples[skip_accounting.DUPLICATE_ID] == ["text_info.json[7] (a.jpg)"]
     assert (summary.records_seen, summary.records_skipped) == (8, 5)
 
     manifest = sources.read_manifest(out)
@@ -140,25 +140,25 @@ def test_mgrs_records_boxes_and_every_skip(tmp_path):
 def test_mgrs_default_bad_fraction_fails_and_writes_nothing(tmp_path):
     json_path, root = _mgrs_fixture(tmp_path)
     with pytest.raises(ConversionError, match="inputs skipped") as error:
-        corpora.convert_mgrs(json_path, root, tmp_path / "out", **QUIET)
+        prepare_corpora.prepare_mgrs(json_path, root, tmp_path / "out", **QUIET)
     assert error.value.summary.failed and not (tmp_path / "out").exists()  # not even an empty folder
 
 
 def test_mgrs_box_parsing():
-    assert corpora.mgrs_box(_bbox(1, 2, 3, 4, 10, 20)) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
-    assert corpora.mgrs_box({"x1": 1, "y1": 2, "x2": 3, "y2": 4}) == ((1.0, 2.0, 3.0, 4.0), None)
-    assert corpora.mgrs_box((1, 2, 3, 4, 10, 20)) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
-    assert corpora.mgrs_box([1, 2, 3, 4]) == ((1.0, 2.0, 3.0, 4.0), None)
+    assert prepare_corpora.mgrs_box(_bbox(1, 2, 3, 4, 10, 20)) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
+    assert prepare_corpora.mgrs_box({"x1": 1, "y1": 2, "x2": 3, "y2": 4}) == ((1.0, 2.0, 3.0, 4.0), None)
+    assert prepare_corpora.mgrs_box((1, 2, 3, 4, 10, 20)) == ((1.0, 2.0, 3.0, 4.0), (10.0, 20.0))
+    assert prepare_corpora.mgrs_box([1, 2, 3, 4]) == ((1.0, 2.0, 3.0, 4.0), None)
     for bad in (None, [1, 2, 3], [1, 2, 3, 4, 5], _bbox(1, 2, 3, 4, 0, 20), _bbox(1, 2, 3, True),
                 {"x1": 1, "y1": 2, "x2": 3}, {"x1": 1, "y1": 2, "x2": 3, "y2": 4, "W": 10},
                 {"x": 1, "y": 2, "w": 3, "h": 4}):  # by position this could be read as a wrong box
-        assert corpora.mgrs_box(bad) is None, bad
+        assert prepare_corpora.mgrs_box(bad) is None, bad
 
 
 def test_mgrs_refuses_a_file_that_is_not_a_list(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ConversionError, match="expected an MGRS JSON list"):
-        corpora.convert_mgrs(tmp_path / "t.json", tmp_path, tmp_path / "out", **QUIET)
+        prepare_corpora.prepare_mgrs(tmp_path / "t.json", tmp_path, tmp_path / "out", **QUIET)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_webdataset_shards_with_braces_every_record_and_skip(tmp_path):
     images = _webdataset_fixture(tmp_path)
     out = tmp_path / "out"
     pattern = str(tmp_path / "{pub11,rs3}-train-{0000..0001}.tar")
-    summary = corpora.convert_webdataset(pattern, out, name="rs5m", max_bad_fraction=1.0, **QUIET)
+    summary = prepare_corpora.prepare_webdataset(pattern, out, name="rs5m", max_bad_fraction=1.0, **QUIET)
 
     got = _records(out, "train")
     assert sorted(got) == ["pub11-train-0000/000000", "pub11-train-0000/000003", "pub11-train-0001/sub/000006",
@@ -224,14 +224,14 @@ def test_webdataset_shards_with_braces_every_record_and_skip(tmp_path):
     assert got["rs3-train-0001/200"]["captions"] == ["a beach"]
     assert all(record["source"] == "rs5m" and record["regions"] == [] for record in got.values())
 
-    assert summary.skipped == {writers.EMPTY_CAPTION: 1, writers.NO_CAPTIONS: 2, corpora.NO_IMAGE_IN_SAMPLE: 1,
-                               writers.BROKEN_IMAGE: 1, corpora.CAPTION_NOT_UTF8: 1, corpora.UNREADABLE_SHARD: 1}
+    assert summary.skipped == {skip_accounting.EMPTY_CAPTION: 1, skip_accounting.NO_CAPTIONS: 2, prepare_corpora.NO_IMAGE_IN_SAMPLE: 1,
+                               skip_accounting.BROKEN_IMAGE: 1, prepare_corpora.CAPTION_NOT_UTF8: 1, prepare_corpora.UNREADABLE_SHARD: 1}
     examples = summary.skipped_examples
-    assert examples[writers.NO_CAPTIONS] == ["pub11-train-0000.tar:000001", "pub11-train-0000.tar:000005"]
-    assert examples[corpora.NO_IMAGE_IN_SAMPLE] == ["pub11-train-0000.tar:000002 (members: txt)"]
-    assert examples[writers.BROKEN_IMAGE] == ["pub11-train-0000.tar:000004"]
-    assert examples[corpora.CAPTION_NOT_UTF8] == ["rs3-train-0000.tar:101"]
-    assert examples[corpora.UNREADABLE_SHARD][0].startswith("rs3-train-0001.tar (ReadError")
+    assert examples[skip_accounting.NO_CAPTIONS] == ["pub11-train-0000.tar:000001", "pub11-train-0000.tar:000005"]
+    assert examples[prepare_corpora.NO_IMAGE_IN_SAMPLE] == ["pub11-train-0000.tar:000002 (members: txt)"]
+    assert examples[skip_accounting.BROKEN_IMAGE] == ["pub11-train-0000.tar:000004"]
+    assert examples[prepare_corpora.CAPTION_NOT_UTF8] == ["rs3-train-0000.tar:101"]
+    assert examples[prepare_corpora.UNREADABLE_SHARD][0].startswith("rs3-train-0001.tar (ReadError")
     assert (summary.records_seen, summary.records_skipped) == (11, 6)  # 10 samples + the damaged shard
     manifest = sources.read_manifest(out)
     assert manifest["shards_read"] == ["pub11-train-0000.tar", "pub11-train-0001.tar", "rs3-train-0000.tar",
@@ -242,7 +242,7 @@ def test_webdataset_output_is_the_same_with_worker_processes(tmp_path):
     _webdataset_fixture(tmp_path)
     pattern = str(tmp_path / "{pub11,rs3}-train-{0000..0001}.tar")
     for workers, out in ((1, "one"), (2, "two")):
-        corpora.convert_webdataset(pattern, tmp_path / out, name="w", max_bad_fraction=1.0,
+        prepare_corpora.prepare_webdataset(pattern, tmp_path / out, name="w", max_bad_fraction=1.0,
                                    records_per_shard=2, workers=workers, progress=False)
     shards = sorted(path.name for path in (tmp_path / "one").glob("*.array_record"))
     assert shards == [f"w-train-{index:05d}-of-00003.array_record" for index in range(3)]  # 5 records
@@ -261,25 +261,25 @@ def test_webdataset_shard_cut_at_a_member_boundary_counts_and_keeps_the_samples_
         shard = tmp_path / ("cut.tar.gz" if compressed else "cut.tar")
         shard.write_bytes(gzip.compress(data) if compressed else data)
         out = tmp_path / f"out{compressed}"
-        summary = corpora.convert_webdataset(str(shard), out, name="w", max_bad_fraction=1.0, **QUIET)
+        summary = prepare_corpora.prepare_webdataset(str(shard), out, name="w", max_bad_fraction=1.0, **QUIET)
         assert sorted(_records(out, "train")) == ["cut/0", "cut/1"]  # sample 2 (image, no caption) is dropped
-        assert summary.skipped == {corpora.UNREADABLE_SHARD: 1}, compressed
+        assert summary.skipped == {prepare_corpora.UNREADABLE_SHARD: 1}, compressed
 
 
 def test_brace_expansion_and_missing_shards(tmp_path):
-    names = corpora.expand_braces("{pub11,rs3}-train-{0000..0031}.tar")
+    names = prepare_corpora.expand_braces("{pub11,rs3}-train-{0000..0031}.tar")
     assert len(names) == 64 and names[:2] == ["pub11-train-0000.tar", "pub11-train-0001.tar"]
     assert names[31:33] == ["pub11-train-0031.tar", "rs3-train-0000.tar"] and names[-1] == "rs3-train-0031.tar"
-    assert corpora.expand_braces("a-{8..11}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar", "a-11.tar"]
-    assert corpora.expand_braces("plain.tar") == ["plain.tar"]
+    assert prepare_corpora.expand_braces("a-{8..11}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar", "a-11.tar"]
+    assert prepare_corpora.expand_braces("plain.tar") == ["plain.tar"]
     with pytest.raises(ConversionError, match="cannot expand"):
-        corpora.expand_braces("a-{x}.tar")
+        prepare_corpora.expand_braces("a-{x}.tar")
     _tar(tmp_path / "s-0.tar", [("0.jpg", b"")])
     with pytest.raises(ConversionError, match=r"shard\(s\) not found: .*s-1.tar"):
-        corpora.resolve_shards(str(tmp_path / "s-{0..1}.tar"))
+        prepare_corpora.resolve_shards(str(tmp_path / "s-{0..1}.tar"))
     with pytest.raises(ConversionError, match="not found: .*nothing-\\*.tar"):
-        corpora.resolve_shards([str(tmp_path / "s-*.tar"), str(tmp_path / "nothing-*.tar")])
-    assert corpora.resolve_shards(str(tmp_path / "s-*.tar")) == [tmp_path / "s-0.tar"]
+        prepare_corpora.resolve_shards([str(tmp_path / "s-*.tar"), str(tmp_path / "nothing-*.tar")])
+    assert prepare_corpora.resolve_shards(str(tmp_path / "s-*.tar")) == [tmp_path / "s-0.tar"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def _csv_fixture(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 def test_csv_train_and_retrieval_split_every_record_and_skip(tmp_path):
     train, val = _csv_fixture(tmp_path)
     out = tmp_path / "out"
-    summary = corpora.convert_csv({"train": train, "val": val}, out, name="skyscript", max_bad_fraction=1.0,
+    summary = prepare_corpora.prepare_csv({"train": train, "val": val}, out, name="skyscript", max_bad_fraction=1.0,
                                   **QUIET)
     assert summary.written == {"train": 2, "val": 1}
     train_records, val_records = _records(out, "train"), _records(out, "val")
@@ -319,13 +319,13 @@ def test_csv_train_and_retrieval_split_every_record_and_skip(tmp_path):
     assert list(val_records) == ["images/d.png"]
     assert val_records["images/d.png"]["captions"] == ["a bridge over a river"]
     assert val_records["images/d.png"]["image"] == (tmp_path / "images" / "d.png").read_bytes()
-    assert summary.skipped == {writers.EMPTY_CAPTION: 1, writers.NO_CAPTIONS: 1, writers.UNKNOWN_FILE: 1,
-                               writers.MALFORMED_LINE: 2, writers.BROKEN_IMAGE: 1, writers.DUPLICATE_ID: 1}
-    assert summary.skipped_examples[writers.MALFORMED_LINE] == ["train.csv:6 (empty image path)",
+    assert summary.skipped == {skip_accounting.EMPTY_CAPTION: 1, skip_accounting.NO_CAPTIONS: 1, skip_accounting.UNKNOWN_FILE: 1,
+                               skip_accounting.MALFORMED_LINE: 2, skip_accounting.BROKEN_IMAGE: 1, skip_accounting.DUPLICATE_ID: 1}
+    assert summary.skipped_examples[skip_accounting.MALFORMED_LINE] == ["train.csv:6 (empty image path)",
                                                                "train.csv:7 (fields differ from the header)"]
-    assert summary.skipped_examples[writers.NO_CAPTIONS] == ["train.csv:3 (images/b.png)"]
-    assert summary.skipped_examples[writers.UNKNOWN_FILE] == ["train.csv:5 (images/missing.jpg)"]
-    assert summary.skipped_examples[writers.DUPLICATE_ID] == ["val.tsv:3 (images/a.jpg)"]
+    assert summary.skipped_examples[skip_accounting.NO_CAPTIONS] == ["train.csv:3 (images/b.png)"]
+    assert summary.skipped_examples[skip_accounting.UNKNOWN_FILE] == ["train.csv:5 (images/missing.jpg)"]
+    assert summary.skipped_examples[skip_accounting.DUPLICATE_ID] == ["val.tsv:3 (images/a.jpg)"]
     assert sources.read_manifest(out)["csv_columns"] == {"image": "filepath", "caption": "title"}
 
 
@@ -334,12 +334,12 @@ def test_csv_column_names_and_separator_are_flags(tmp_path):
     table = tmp_path / "pairs.txt"
     table.write_text("text;path\na pond;x.png\n")
     with pytest.raises(ConversionError, match=r"no column 'filepath', 'title' \(header: \['text;path'\]"):
-        corpora.convert_csv(table, tmp_path / "o1", name="t", image_root=tmp_path / "imgs", **QUIET)
+        prepare_corpora.prepare_csv(table, tmp_path / "o1", name="t", image_root=tmp_path / "imgs", **QUIET)
     with pytest.raises(ConversionError, match="no column 'filepath'"):
-        corpora.convert_csv(table, tmp_path / "o2", name="t", separator="semicolon", **QUIET)
-    summary = corpora.convert_csv(table, tmp_path / "o3", name="t", image_column="path", caption_column="text",
+        prepare_corpora.prepare_csv(table, tmp_path / "o2", name="t", separator="semicolon", **QUIET)
+    summary = prepare_corpora.prepare_csv(table, tmp_path / "o3", name="t", image_column="path", caption_column="text",
                                   separator=";", image_root=tmp_path / "imgs", split="val", **QUIET)
     assert summary.written == {"val": 1}
     assert _records(tmp_path / "o3", "val")["x.png"]["captions"] == ["a pond"]
     with pytest.raises(ConversionError, match="one character"):
-        corpora.convert_csv(table, tmp_path / "o4", name="t", separator=";;", **QUIET)
+        prepare_corpora.prepare_csv(table, tmp_path / "o4", name="t", separator=";;", **QUIET)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
 from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
                                retrieval, zeroshot)
 
@@ -244,6 +244,34 @@ def _train_images(train_data: TrainData, train_split: str) -> overlap.TrainImage
 # Split guard.
 
 
+def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, *,
+                     exclude: bool) -> overlap.TrainImages:
+    """The training shards' image fingerprints (read once; every evaluation of a training run checks its tasks
+    against them), after logging how many and which images of each task also occur in them. OverlapError when
+    `exclude` would leave a task with no image."""
+    from geoalign_jax.data import sources
+
+    paths = sources.shard_paths(train_shards, train_split)
+    train_images = overlap.TrainImages.from_shards(paths, locations=[filesystem.absolute(train_shards)], split=train_split)
+    for prefix, result in check_overlap(list(tasks), train_images).items():
+        if not result.matches:
+            log.info("eval overlap: %s: none of its %d images occurs in the training shards", prefix, result.checked)
+            continue
+        if exclude and len(result.matches) == result.checked:
+            raise overlap.OverlapError(
+                f"eval.exclude_overlap: every one of the {result.checked} images of eval task {prefix} is also in "
+                f"the training shards {train_shards}; nothing would be left to evaluate")
+        shown = "; ".join(f"{m['eval']} = {m['train']} ({m['match']})" for m in result.matches[:5])
+        more = f"; and {len(result.matches) - 5} more" if len(result.matches) > 5 else ""
+        log.warning(
+            "eval overlap: %s: %d of its %d images also occur in the training shards (%d exact, %d re-encoded), "
+            "%s every evaluation (eval.exclude_overlap = %s; each results.json lists them): %s%s", prefix,
+            len(result.matches), result.checked, result.exact, result.near_duplicates,
+            "left out of" if exclude else "INCLUDED in", exclude, shown, more,
+        )
+    return train_images
+
+
 def is_training_split(split: str) -> bool:
     """A split name that holds training data: "train", "train*" (trainval, train_2, ...) or Karpathy's
     "restval" (the part of val the Karpathy splits train on)."""
@@ -257,7 +285,7 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     (``UCM/train``): then that name is its split, so the split guard sees it."""
     from geoalign_jax.data import sources
 
-    root = pathlib.Path(spec.path)
+    root = filesystem.path(spec.path)
     if not datasets.is_record_dir(root):
         if is_training_split(root.name):
             return root.name, root.absolute().parent.name, []

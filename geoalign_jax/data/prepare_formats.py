@@ -1,9 +1,9 @@
 """Dataset converters: from the layouts RS datasets ship in to geoalign record shards (docs/data_format.md).
 
 Each `convert_*` function only reads annotation files and turns every image into an `ImageTask`; the shared
-machinery in `writers.py` loads and checks the images in worker processes, drops what does not fit (counted
-and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLI
-(`python -m geoalign_jax.prepare`) is a thin wrapper over these functions and those of `corpora.py` (the
+machinery (`record_builder.py`, `skip_accounting.py`, `writers.py`) loads and checks the images in worker processes,
+drops what does not fit (counted and named), writes the shards and the manifest, and fails past `max_bad_fraction`. The CLI
+(`python -m geoalign_jax.prepare`) is a thin wrapper over these functions and those of `prepare_corpora.py` (the
 seed papers' corpora), so tests and `tools/make_demo_data.py` call the same code.
 
 Inputs are processed in a deterministic order (the annotation file's order, or sorted directory listings),
@@ -17,33 +17,23 @@ existing dataset in `out_dir` is replaced only with `overwrite`; `progress` show
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import math
 import os
 import pathlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict, Unpack
 
-from geoalign_jax.data import writers
-from geoalign_jax.data.writers import (
-    ANNOTATION,
-    BuildOptions,
-    ConversionError,
-    ConversionSummary,
-    ImageTask,
-    RawRegion,
-    ShardingOptions,
-    Skip,
-    SkipLog,
-)
+from geoalign_jax.data import record_builder, skip_accounting, writers
+from geoalign_jax.data.record_builder import BuildOptions, ImageTask, RawRegion
+from geoalign_jax.data.skip_accounting import ConversionError, Skip, SkipLog
+from geoalign_jax.data.writers import ConversionSummary, ShardingOptions
 
 PathLike = str | os.PathLike
 
 
-class ConvertOptions(TypedDict, total=False):
+class PrepareOptions(TypedDict, total=False):
     """The options every `convert_*` takes as keyword arguments (defaults in `_write`, meanings in the module
     docstring); `common_kwargs` builds them from the CLI flags."""
 
@@ -73,7 +63,7 @@ def _write(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConversionSummary:
-    """The one call into `writers.write_dataset` of every converter, with the shared options (`ConvertOptions`)
+    """The one call into `writers.write_dataset` of every converter, with the shared options (`PrepareOptions`)
     checked and defaulted here once. `expected_counts` (tasks per split) lets `tasks` be a lazy iterable.
     An unknown option raises TypeError naming it."""
     return writers.write_dataset(
@@ -112,7 +102,7 @@ def readable_class_name(folder_name: str) -> str:
 def _claim_id(seen_ids: set[str], record_id: str, name: str, log: SkipLog) -> bool:
     """False (and a counted skip) when the id was already used: ids identify images in retrieval metrics."""
     if record_id in seen_ids:
-        log.add_input(Skip(writers.DUPLICATE_ID, name))
+        log.add_input(Skip(skip_accounting.DUPLICATE_ID, name))
         return False
     seen_ids.add(record_id)
     return True
@@ -132,7 +122,7 @@ def _load_json(path: PathLike) -> Any:
 # Karpathy-style caption JSON (RSICD, RSITMD, UCM-captions, Sydney-captions)
 
 
-def convert_karpathy(
+def prepare_karpathy(
     json_path: PathLike,
     image_dir: PathLike,
     out_dir: PathLike,
@@ -140,7 +130,7 @@ def convert_karpathy(
     name: str | None = None,
     splits: Sequence[str] | None = None,
     split_map: Mapping[str, str] | None = None,
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert a Karpathy-layout caption JSON (`images[].filename`, `.split`, `.sentences[].raw`, optional
     `.filepath` and scene `.label`) with its image folder.
@@ -165,7 +155,7 @@ def convert_karpathy(
         where = f"{json_name}:images[{index}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("filename"), str) \
                 or not isinstance(entry.get("split"), str) or not isinstance(entry.get("sentences"), list):
-            log.add_input(Skip(writers.MALFORMED_ANNOTATION, where))
+            log.add_input(Skip(skip_accounting.MALFORMED_ANNOTATION, where))
             continue
         split = split_map.get(entry["split"], entry["split"])
         if splits is not None and split not in splits:
@@ -186,212 +176,6 @@ def convert_karpathy(
     extra = {"class_names": [readable_class_name(label) for label in labels], "raw_class_names": labels}
     return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare karpathy", log=log,
                   manifest_extra=extra, **options)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# COCO JSON (DIOR, NWPU VHR-10 as usually distributed; also COCO-style caption files)
-
-
-def _coco_box(bbox: Any) -> tuple[float, float, float, float] | None:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return None
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None
-    return (x, y, x + w, y + h)
-
-
-def convert_coco(
-    annotation_files: Mapping[str, PathLike],
-    image_dir: PathLike | Mapping[str, PathLike],
-    out_dir: PathLike,
-    *,
-    name: str,
-    **options: Unpack[ConvertOptions],
-) -> ConversionSummary:
-    """Convert COCO JSON files, one per split ({split: path}), with their image folder (one, or per split).
-
-    Annotations with a `bbox` ([x, y, w, h] pixels) become regions whose text is the category name
-    (`category_id` = index of the category in the id-sorted `categories`, listed in the manifest's
-    `category_names`); annotations with a `caption` become captions. Images without annotations are kept
-    (with no regions), so region-free images still count for image-level tasks.
-    """
-    categories: dict[int, str] = {}
-    parsed = {}
-    for split, path in sorted(annotation_files.items()):
-        data = _load_json(path)
-        if not isinstance(data, Mapping) or not isinstance(data.get("images"), list):
-            raise ConversionError(f"{path}: expected a COCO JSON object with an 'images' list")
-        for category in data.get("categories", []) or []:
-            if not isinstance(category, Mapping) or not isinstance(category.get("id"), int) \
-                    or not isinstance(category.get("name"), str):
-                raise ConversionError(f"{path}: malformed category {category!r} (needs int 'id' and str 'name')")
-            known = categories.setdefault(category["id"], category["name"].strip())  # as records store it
-            if known != category["name"].strip():
-                raise ConversionError(f"{path}: category id {category['id']} is {category['name']!r} here "
-                                      f"but {known!r} in another file")
-        parsed[split] = (pathlib.Path(path).name, data)
-    category_ids = sorted(categories)
-    category_index = {category_id: index for index, category_id in enumerate(category_ids)}
-
-    log, tasks, seen_ids = SkipLog(), [], set()
-    for split, (json_name, data) in parsed.items():
-        root = pathlib.Path(image_dir[split] if isinstance(image_dir, Mapping) else image_dir)
-        per_image: dict[Any, dict[str, list]] = {}
-        images = []
-        for index, image in enumerate(data["images"]):
-            if not isinstance(image, Mapping) or not isinstance(image.get("file_name"), str) or "id" not in image:
-                log.add_input(Skip(writers.MALFORMED_ANNOTATION, f"{json_name}:images[{index}]"))
-                continue
-            images.append(image)
-            per_image[image["id"]] = {"regions": [], "captions": []}
-        for index, annotation in enumerate(data.get("annotations", []) or []):
-            where = f"{json_name}:annotations[{index}]"
-            if not isinstance(annotation, Mapping):
-                log.annotations_seen += 1
-                log.add(Skip(writers.MALFORMED_ANNOTATION, where, ANNOTATION))
-                continue
-            target = per_image.get(annotation.get("image_id"))
-            if target is None:
-                log.annotations_seen += 1
-                log.add(Skip(writers.UNKNOWN_IMAGE_ID, where, ANNOTATION))
-                continue
-            if "caption" in annotation:
-                target["captions"].append(annotation["caption"])
-            if "bbox" not in annotation:
-                continue
-            box = _coco_box(annotation["bbox"])
-            category_id = annotation.get("category_id")
-            if box is None:
-                log.annotations_seen += 1
-                log.add(Skip(writers.MALFORMED_ANNOTATION, where, ANNOTATION))
-            elif category_id not in categories:
-                log.annotations_seen += 1
-                log.add(Skip(writers.UNKNOWN_CATEGORY, where, ANNOTATION))
-            else:
-                target["regions"].append(RawRegion(box=box, category=categories[category_id],
-                                                   category_id=category_index[category_id], name=where))
-        for image in images:
-            file_name = image["file_name"]
-            if not _claim_id(seen_ids, file_name, file_name, log):
-                continue
-            size = (image["width"], image["height"]) if isinstance(image.get("width"), int) \
-                and isinstance(image.get("height"), int) else None
-            found = per_image[image["id"]]
-            tasks.append(ImageTask(
-                split=split, id=file_name, source=name, name=file_name, image_path=str(root / file_name),
-                captions=tuple(found["captions"]), regions=tuple(found["regions"]), expected_size=size,
-            ))
-    extra = {"category_names": [categories[category_id] for category_id in category_ids],
-             "coco_category_ids": category_ids}
-    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare coco", log=log, manifest_extra=extra,
-                  **options)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# DOTA text labels (oriented 8-point boxes)
-
-
-def parse_dota_labels(text: str, file_name: str, *, skip_difficult: bool = False
-                      ) -> tuple[list[tuple[tuple[float, float, float, float], str]], list[Skip], int]:
-    """Parse one DOTA label file: `x1 y1 x2 y2 x3 y3 x4 y4 category [difficulty]` per object, optionally after
-    `imagesource:` / `gsd:` header lines. Each polygon is reduced to its axis-aligned bounding box.
-
-    Returns ([(box, category)], skips for malformed lines, number of object lines seen). The difficulty flag
-    is not stored; `skip_difficult` drops objects marked difficult (1) instead, without counting them bad.
-    """
-    objects, skips, seen = [], [], 0
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or re.match(r"^(imagesource|gsd)\s*:", stripped, re.IGNORECASE):
-            continue
-        seen += 1
-        fields = stripped.split()
-        where = f"{file_name}:{line_number}"
-        if len(fields) not in (9, 10):
-            skips.append(Skip(writers.MALFORMED_LINE, where, ANNOTATION))
-            continue
-        try:
-            coordinates = [float(v) for v in fields[:8]]
-        except ValueError:
-            skips.append(Skip(writers.MALFORMED_LINE, where, ANNOTATION))
-            continue
-        if not all(math.isfinite(v) for v in coordinates):
-            skips.append(Skip(writers.MALFORMED_LINE, where, ANNOTATION))
-            continue
-        if skip_difficult and len(fields) == 10 and fields[9] == "1":
-            seen -= 1
-            continue
-        xs, ys = coordinates[0::2], coordinates[1::2]
-        objects.append(((min(xs), min(ys), max(xs), max(ys)), fields[8]))
-    return objects, skips, seen
-
-
-def convert_dota(
-    image_dir: PathLike,
-    label_dir: PathLike,
-    out_dir: PathLike,
-    *,
-    name: str = "dota",
-    split: str = "train",
-    categories: Sequence[str] | None = None,
-    skip_difficult: bool = False,
-    **options: Unpack[ConvertOptions],
-) -> ConversionSummary:
-    """Convert DOTA-style `labelTxt/*.txt` files with their images (same stem, any image suffix).
-
-    One record per label file; a label file without an image is a 'missing image', an image without a label
-    file is a 'no label file' skip. Category names are the region text; `category_id` indexes `categories`
-    (default: the sorted category names found), listed in the manifest's `category_names`. Large scenes are
-    stored whole: tile them first (e.g. with the DOTA devkit) if needed.
-    """
-    image_root, label_root = pathlib.Path(image_dir), pathlib.Path(label_dir)
-    if not label_root.is_dir():
-        raise ConversionError(f"label folder not found: {label_root}")
-    images = {}
-    if image_root.is_dir():
-        for path in sorted(image_root.iterdir()):
-            if path.suffix.lower() in writers.IMAGE_SUFFIXES and not path.name.startswith("."):
-                images.setdefault(path.stem, path)
-    label_files = sorted(p for p in label_root.iterdir() if p.suffix == ".txt" and not p.name.startswith("."))
-
-    log = SkipLog()
-    parsed = []
-    for label_file in label_files:
-        objects, skips, seen = parse_dota_labels(label_file.read_text(encoding="utf-8", errors="replace"),
-                                                 label_file.name, skip_difficult=skip_difficult)
-        log.annotations_seen += len(skips)  # the kept objects are counted by the worker
-        for skip in skips:
-            log.add(skip)
-        parsed.append((label_file, objects))
-    found = sorted({category for _, objects in parsed for _, category in objects})
-    category_names = list(categories) if categories is not None else found
-    category_index = {category: index for index, category in enumerate(category_names)}
-
-    tasks = []
-    for label_file, objects in parsed:
-        regions = []
-        for number, (box, category) in enumerate(objects):
-            if category not in category_index:
-                log.annotations_seen += 1
-                log.add(Skip(writers.UNKNOWN_CATEGORY, f"{label_file.name} ({category})", ANNOTATION))
-                continue
-            regions.append(RawRegion(box=box, category=category, category_id=category_index[category],
-                                     name=f"{label_file.name} (object {number})"))
-        image_path = images.get(label_file.stem)
-        tasks.append(ImageTask(
-            split=split, id=label_file.stem, source=name,
-            name=image_path.name if image_path is not None else f"{label_file.stem} (no image for {label_file.name})",
-            image_path=str(image_path) if image_path is not None else None, regions=tuple(regions),
-        ))
-    labelled = {label_file.stem for label_file in label_files}
-    for stem, path in sorted(images.items()):
-        if stem not in labelled:
-            log.add_input(Skip(writers.NO_LABEL_FILE, path.name))
-    extra = {"category_names": category_names}
-    return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare dota", log=log, manifest_extra=extra,
-                  **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,18 +241,18 @@ def _parse_jsonl_line(line: str) -> dict[str, Any]:
 
 
 def _category_name(value: Any) -> str | None:
-    """A region category as records store it (`writers.build_record`): stripped, None when blank or absent."""
+    """A region category as records store it (`record_builder.build_record`): stripped, None when blank or absent."""
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def convert_jsonl(
+def prepare_jsonl(
     jsonl_paths: PathLike | Sequence[PathLike],
     out_dir: PathLike,
     *,
     name: str,
     image_root: PathLike | None = None,
     default_split: str = "train",
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert JSONL files (one JSON object per image, schema in docs/data_format.md).
 
@@ -495,7 +279,7 @@ def convert_jsonl(
             try:
                 obj = _parse_jsonl_line(line)
             except _LineError as error:
-                log.add_input(Skip(f"{writers.MALFORMED_LINE}", f"{where} ({error})"))
+                log.add_input(Skip(f"{skip_accounting.MALFORMED_LINE}", f"{where} ({error})"))
                 continue
             entries.append((where, root, obj))
     # Names are stripped here exactly as the record builder strips them, so the manifest's category_names, the
@@ -530,13 +314,13 @@ def convert_jsonl(
 # Class-per-folder classification sets (UCM, AID, RESISC45, EuroSAT, WHU-RS19)
 
 
-def convert_folders(
+def prepare_folders(
     root: PathLike,
     out_dir: PathLike,
     *,
     name: str,
     split: str = "test",
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert `root/<ClassFolder>/*.jpg|png|tif...` into one split (default 'test', for zero-shot eval).
 
@@ -558,8 +342,8 @@ def convert_folders(
             if path.name.startswith(".") or not path.is_file():
                 continue
             record_id = f"{folder.name}/{path.name}"
-            if path.suffix.lower() not in writers.IMAGE_SUFFIXES:
-                log.add_input(Skip(writers.NOT_AN_IMAGE_FILE, record_id))
+            if path.suffix.lower() not in record_builder.IMAGE_SUFFIXES:
+                log.add_input(Skip(skip_accounting.NOT_AN_IMAGE_FILE, record_id))
                 continue
             tasks.append(ImageTask(split=split, id=record_id, source=name, name=record_id, image_path=str(path),
                                    label=label, class_name=readable[label]))
@@ -586,7 +370,7 @@ def _tfds_tasks(source: Any, *, split: str, name: str, where: str) -> Iterator[I
         )
 
 
-def convert_tfds(
+def prepare_tfds(
     dataset: str,
     splits: Sequence[str],
     out_dir: PathLike,
@@ -594,7 +378,7 @@ def convert_tfds(
     data_dir: PathLike | None = None,
     name: str | None = None,
     mapping: Mapping[str, str] | None = None,
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert splits of a TFDS dataset prepared in array_record format (read with `tfds.data_source`,
     no TensorFlow needed) into geoalign shards. `mapping` names the TFDS features (see
@@ -617,62 +401,3 @@ def convert_tfds(
     extra = {"class_names": [readable_class_name(c) for c in class_names], "raw_class_names": list(class_names)}
     return _write(tasks, out_dir, name=name, created_by="python -m geoalign_jax.prepare tfds", log=log, manifest_extra=extra,
                   expected_counts={split: len(source) for split, source in split_sources.items()}, **options)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared command-line plumbing of geoalign_jax/prepare.py
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every converter CLI has (output, workers, sharding, bad-input policy)."""
-    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes that decode and check images (1 = none; output is the same for any value)")
-    shards = parser.add_mutually_exclusive_group()
-    shards.add_argument("--num-shards", type=int, default=None, help="shards per split (default 1)")
-    shards.add_argument("--records-per-shard", type=int, default=None, help="records per shard instead")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.05,
-                        help="fail (nothing written) when more than this fraction of inputs or annotations is bad")
-    parser.add_argument("--min-box-visible", type=float, default=0.5,
-                        help="keep a box partly outside the image (clipped) when this fraction of it is inside")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of `convert_*` from the options of `add_common_arguments`."""
-    return {"workers": args.workers, "num_shards": args.num_shards, "records_per_shard": args.records_per_shard,
-            "max_bad_fraction": args.max_bad_fraction, "min_box_visible": args.min_box_visible,
-            "overwrite": args.overwrite, "progress": not args.no_progress}
-
-
-def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]:
-    """`["train=a.json", "test=b.json"]` -> {"train": "a.json", "test": "b.json"}; clear error otherwise."""
-    result = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ConversionError(f"{option} expects KEY=VALUE, got {item!r}")
-        result[key] = value
-    return result
-
-
-def run_cli(convert: Callable[[], ConversionSummary]) -> int:
-    """Run a converter, print its summary; exit status 1 with the summary on ConversionError (or a bad
-    option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
-    one line and the shell's 128 + signal number; no manifest was written, so nothing looks converted."""
-    import signal
-    import sys
-
-    try:
-        summary = convert()
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as interrupt:
-        signum = getattr(interrupt, "signum", signal.SIGINT)
-        print(f"error: conversion interrupted ({signal.Signals(signum).name}); the new dataset was not written "
-              f"(no {writers.MANIFEST_NAME} for it); run the same command again", file=sys.stderr)
-        return 128 + signum
-    print(summary.format())
-    return 0

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoalign_jax.data import converters, records, sources, writers
-from geoalign_jax.data.writers import ConversionError
+from geoalign_jax.data import prepare_detection, prepare_formats, record_builder, records, skip_accounting, sources
+from geoalign_jax.data.skip_accounting import ConversionError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUIET = {"progress": False}
@@ -48,15 +48,15 @@ def _decode_pixels(record) -> np.ndarray:
 
 
 def test_clip_box_rule():
-    assert writers.clip_box([2, 3, 8, 9], 10, 10, 0.5) == ([2.0, 3.0, 8.0, 9.0], None)
-    assert writers.clip_box([-2, 0, 8, 10], 10, 10, 0.5) == ([0.0, 0.0, 8.0, 10.0], None)  # 80% inside: clipped
-    assert writers.clip_box([6, 0, 14, 10], 10, 10, 0.5) == ([6.0, 0.0, 10.0, 10.0], None)  # exactly 50%: kept
-    assert writers.clip_box([6, 0, 16, 10], 10, 10, 0.5) == (None, writers.BOX_OUTSIDE_IMAGE)  # 40%: dropped
-    assert writers.clip_box([6, 0, 16, 10], 10, 10, 0.4)[1] is None
-    assert writers.clip_box([11, 0, 14, 10], 10, 10, 0.5) == (None, writers.BOX_OUTSIDE_IMAGE)
-    assert writers.clip_box([5, 5, 5, 8], 10, 10, 0.5) == (None, writers.DEGENERATE_BOX)
-    assert writers.clip_box([5, 5, 3, 8], 10, 10, 0.5) == (None, writers.DEGENERATE_BOX)
-    assert writers.clip_box([0, 0, float("inf"), 8], 10, 10, 0.5) == (None, writers.DEGENERATE_BOX)
+    assert record_builder.clip_box([2, 3, 8, 9], 10, 10, 0.5) == ([2.0, 3.0, 8.0, 9.0], None)
+    assert record_builder.clip_box([-2, 0, 8, 10], 10, 10, 0.5) == ([0.0, 0.0, 8.0, 10.0], None)  # 80% inside: clipped
+    assert record_builder.clip_box([6, 0, 14, 10], 10, 10, 0.5) == ([6.0, 0.0, 10.0, 10.0], None)  # exactly 50%: kept
+    assert record_builder.clip_box([6, 0, 16, 10], 10, 10, 0.5) == (None, skip_accounting.BOX_OUTSIDE_IMAGE)  # 40%: dropped
+    assert record_builder.clip_box([6, 0, 16, 10], 10, 10, 0.4)[1] is None
+    assert record_builder.clip_box([11, 0, 14, 10], 10, 10, 0.5) == (None, skip_accounting.BOX_OUTSIDE_IMAGE)
+    assert record_builder.clip_box([5, 5, 5, 8], 10, 10, 0.5) == (None, skip_accounting.DEGENERATE_BOX)
+    assert record_builder.clip_box([5, 5, 3, 8], 10, 10, 0.5) == (None, skip_accounting.DEGENERATE_BOX)
+    assert record_builder.clip_box([0, 0, float("inf"), 8], 10, 10, 0.5) == (None, skip_accounting.DEGENERATE_BOX)
 
 
 @pytest.mark.parametrize("folder, readable", [
@@ -65,7 +65,7 @@ def test_clip_box_rule():
     ("baseball_diamond", "baseball diamond"), ("UCMerced", "uc merced"),
 ])
 def test_readable_class_name(folder, readable):
-    assert converters.readable_class_name(folder) == readable
+    assert prepare_formats.readable_class_name(folder) == readable
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def _karpathy_fixture(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Pat
 def test_karpathy_fixture_skips_and_reports_every_bad_input(tmp_path):
     json_path, images = _karpathy_fixture(tmp_path)
     out = tmp_path / "out"
-    summary = converters.convert_karpathy(json_path, images, out, split_map={"restval": "train"},
+    summary = prepare_formats.prepare_karpathy(json_path, images, out, split_map={"restval": "train"},
                                           max_bad_fraction=1.0, num_shards=2, **QUIET)
     assert summary.written == {"train": 2, "test": 1}
     assert summary.skipped == {"broken image": 1, "missing image": 1, "no captions": 1, "empty caption": 3,
@@ -126,7 +126,7 @@ def test_karpathy_fails_past_bad_fraction_and_writes_nothing(tmp_path):
     json_path, images = _karpathy_fixture(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="inputs skipped") as error:
-        converters.convert_karpathy(json_path, images, out, max_bad_fraction=0.05, **QUIET)
+        prepare_formats.prepare_karpathy(json_path, images, out, max_bad_fraction=0.05, **QUIET)
     assert error.value.summary.skipped["missing image"] == 1
     assert "missing.jpg" in str(error.value) and "broken.jpg" in str(error.value)
     assert not (out / "manifest.json").exists() and not list(out.glob("*.array_record")) \
@@ -137,7 +137,7 @@ def test_karpathy_fails_past_bad_fraction_and_writes_nothing(tmp_path):
 def test_real_caption_jsons_without_images_fail_as_unknown_files(shared_data, tmp_path, name, expected):
     json_path = shared_data / "captions" / f"dataset_{name}.json"
     with pytest.raises(ConversionError, match="every input was skipped") as error:
-        converters.convert_karpathy(json_path, tmp_path / "no_images", tmp_path / "out", workers=2, **QUIET)
+        prepare_formats.prepare_karpathy(json_path, tmp_path / "no_images", tmp_path / "out", workers=2, **QUIET)
     summary = error.value.summary
     assert summary.skipped == {"missing image": expected} and summary.records_seen == expected
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -147,7 +147,7 @@ def test_real_rsicd_sample(shared_data, tmp_path):
     folder = shared_data / "rsicd_sample"
     data = json.loads((folder / "dataset_rsicd.json").read_text())
     out = tmp_path / "rsicd"
-    summary = converters.convert_karpathy(folder / "dataset_rsicd.json", folder / "images", out, workers=2,
+    summary = prepare_formats.prepare_karpathy(folder / "dataset_rsicd.json", folder / "images", out, workers=2,
                                           num_shards=2, **QUIET)
     per_split = collections.Counter(entry["split"] for entry in data["images"])
     assert summary.written == dict(per_split)
@@ -177,7 +177,7 @@ def test_real_rsicd_sample(shared_data, tmp_path):
 def test_real_aid_folders(shared_data, tmp_path):
     root = shared_data / "aid_sample"
     out = tmp_path / "aid"
-    summary = converters.convert_folders(root, out, name="aid", workers=2, num_shards=3, **QUIET)
+    summary = prepare_formats.prepare_folders(root, out, name="aid", workers=2, num_shards=3, **QUIET)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert len(folders) == 30 and summary.written == {"test": 120}
     got = _records(out, "test")
@@ -185,7 +185,7 @@ def test_real_aid_folders(shared_data, tmp_path):
     for record in got:
         folder, file_name = record["id"].split("/")
         assert record["label"] == folders.index(folder)
-        assert record["class_name"] == converters.readable_class_name(folder)
+        assert record["class_name"] == prepare_formats.readable_class_name(folder)
         assert record["image"] == (root / folder / file_name).read_bytes()
     assert collections.Counter(r["label"] for r in got) == {i: 4 for i in range(30)}
     manifest = sources.read_manifest(out)
@@ -200,7 +200,7 @@ def test_folders_reencode_tiff_losslessly_and_skip_non_images(tmp_path):
     (root / "DenseResidential" / "notes.txt").write_text("not an image")
     (root / "README.md").write_text("ignored: not in a class folder")
     out = tmp_path / "out"
-    summary = converters.convert_folders(root, out, name="ucm", split="eval", max_bad_fraction=0.5, **QUIET)
+    summary = prepare_formats.prepare_folders(root, out, name="ucm", split="eval", max_bad_fraction=0.5, **QUIET)
     assert summary.skipped == {"not an image file": 1}
     assert summary.skipped_examples["not an image file"] == ["DenseResidential/notes.txt"]
     got = {r["id"]: r for r in _records(out, "eval")}
@@ -210,7 +210,7 @@ def test_folders_reencode_tiff_losslessly_and_skip_non_images(tmp_path):
     assert (record["label"], record["class_name"]) == (1, "sparse residential")
     assert got["DenseResidential/dr01.png"]["label"] == 0
     with pytest.raises(ConversionError, match="no class folders"):
-        converters.convert_folders(tmp_path / "ucm" / "DenseResidential", tmp_path / "o2", name="x", **QUIET)
+        prepare_formats.prepare_folders(tmp_path / "ucm" / "DenseResidential", tmp_path / "o2", name="x", **QUIET)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def _valid_dota_objects(label_file: pathlib.Path) -> list[tuple[list[float], str
 def test_real_dota_sample(shared_data, tmp_path):
     folder = shared_data / "dota_sample"
     out = tmp_path / "dota"
-    summary = converters.convert_dota(folder / "images", folder / "labelTxt", out, workers=2, **QUIET)
+    summary = prepare_detection.prepare_dota(folder / "images", folder / "labelTxt", out, workers=2, **QUIET)
     assert summary.written == {"train": 2} and summary.skipped == {}
     got = {r["id"]: r for r in _records(out, "train")}
     assert set(got) == {"P0706", "P1888"}
@@ -268,7 +268,7 @@ def test_dota_fixture_headers_malformed_lines_and_clipping(tmp_path):
     (labels / "B.txt").write_text("1 1 9 1 9 9 1 9 harbor\n")  # no header, no difficulty
     (labels / "D.txt").write_text("1 1 9 1 9 9 1 9 harbor 0\n")  # no image
     out = tmp_path / "out"
-    summary = converters.convert_dota(images, labels, out, split="val", max_bad_fraction=0.7, **QUIET)
+    summary = prepare_detection.prepare_dota(images, labels, out, split="val", max_bad_fraction=0.7, **QUIET)
     assert summary.skipped == {"box outside image": 2, "malformed line": 1, "degenerate box": 1,
                                "missing image": 1, "no label file": 1}
     assert summary.skipped_examples["malformed line"] == ["A.txt:6"]
@@ -278,7 +278,7 @@ def test_dota_fixture_headers_malformed_lines_and_clipping(tmp_path):
         ([10.0, 10.0, 30.0, 20.0], "plane"), ([95.0, 10.0, 100.0, 20.0], "ship")]
     assert got["B"]["regions"][0]["box"] == [1.0, 1.0, 9.0, 9.0]
     assert sources.read_manifest(out)["category_names"] == ["harbor", "plane", "ship"]
-    summary = converters.convert_dota(images, labels, tmp_path / "o2", skip_difficult=True, max_bad_fraction=0.7,
+    summary = prepare_detection.prepare_dota(images, labels, tmp_path / "o2", skip_difficult=True, max_bad_fraction=0.7,
                                       categories=["plane", "ship", "harbor"], **QUIET)
     got = {r["id"]: r for r in _records(tmp_path / "o2", "train")}
     assert [r["category_id"] for r in got["A"]["regions"]] == [0, 1]
@@ -321,7 +321,7 @@ def _jsonl_fixture(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_jsonl_fixture(tmp_path):
     path = _jsonl_fixture(tmp_path)
     out = tmp_path / "out"
-    summary = converters.convert_jsonl(path, out, name="corpus", max_bad_fraction=1.0, **QUIET)
+    summary = prepare_formats.prepare_jsonl(path, out, name="corpus", max_bad_fraction=1.0, **QUIET)
     assert summary.written == {"train": 1, "val": 1}
     assert summary.skipped == {"malformed line": 5, "missing image": 1, "no text": 1, "duplicate id": 1,
                                "empty caption": 3, "box outside image": 1, "degenerate box": 1,
@@ -349,14 +349,14 @@ def test_jsonl_fixture(tmp_path):
 def test_jsonl_bad_fraction_default_fails(tmp_path):
     path = _jsonl_fixture(tmp_path)
     with pytest.raises(ConversionError, match=r"inputs skipped.*annotations skipped"):
-        converters.convert_jsonl(path, tmp_path / "out", name="corpus", **QUIET)
+        prepare_formats.prepare_jsonl(path, tmp_path / "out", name="corpus", **QUIET)
 
 
 def test_output_is_identical_for_any_worker_count_and_overwrite_rules(tmp_path):
     path = _jsonl_fixture(tmp_path)
     one, two = tmp_path / "w1", tmp_path / "w2"
-    converters.convert_jsonl(path, one, name="c", workers=1, records_per_shard=1, max_bad_fraction=1.0, **QUIET)
-    converters.convert_jsonl(path, two, name="c", workers=2, records_per_shard=1, max_bad_fraction=1.0, **QUIET)
+    prepare_formats.prepare_jsonl(path, one, name="c", workers=1, records_per_shard=1, max_bad_fraction=1.0, **QUIET)
+    prepare_formats.prepare_jsonl(path, two, name="c", workers=2, records_per_shard=1, max_bad_fraction=1.0, **QUIET)
     shards = sorted(p.name for p in one.glob("*.array_record"))
     assert shards == ["c-train-00000-of-00001.array_record", "c-val-00000-of-00001.array_record"]
     assert shards == sorted(p.name for p in two.glob("*.array_record"))
@@ -365,12 +365,12 @@ def test_output_is_identical_for_any_worker_count_and_overwrite_rules(tmp_path):
     for name in ["manifest.json"] + [n.replace(".array_record", ".hashes.npy") for n in shards]:  # fingerprints,
         assert (one / name).read_bytes() == (two / name).read_bytes()  # token histograms: same for any worker count
     with pytest.raises(ConversionError, match="overwrite"):
-        converters.convert_jsonl(path, one, name="c", max_bad_fraction=1.0, **QUIET)
-    converters.convert_jsonl(path, one, name="d", overwrite=True, max_bad_fraction=1.0, **QUIET)
+        prepare_formats.prepare_jsonl(path, one, name="c", max_bad_fraction=1.0, **QUIET)
+    prepare_formats.prepare_jsonl(path, one, name="d", overwrite=True, max_bad_fraction=1.0, **QUIET)
     assert sorted(p.name for p in one.glob("*.array_record")) == [
         "d-train-00000-of-00001.array_record", "d-val-00000-of-00001.array_record"]  # old shards removed
     with pytest.raises(ConversionError, match="not both"):
-        converters.convert_jsonl(path, tmp_path / "w3", name="c", num_shards=2, records_per_shard=1, **QUIET)
+        prepare_formats.prepare_jsonl(path, tmp_path / "w3", name="c", num_shards=2, records_per_shard=1, **QUIET)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_coco_fixture(tmp_path):
     }
     (tmp_path / "train.json").write_text(json.dumps(train))
     out = tmp_path / "out"
-    summary = converters.convert_coco({"train": tmp_path / "train.json"}, images, out, name="dior",
+    summary = prepare_detection.prepare_coco({"train": tmp_path / "train.json"}, images, out, name="dior",
                                       max_bad_fraction=1.0, **QUIET)
     assert summary.written == {"train": 2}
     assert summary.skipped == {"box outside image": 1, "unknown category": 1, "degenerate box": 1,
@@ -516,7 +516,7 @@ def test_tfds_array_record_dataset_converts(tmp_path):
     data_dir = tmp_path / "tfds"
     GeoalignTinyRs(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     out = tmp_path / "out"
-    summary = converters.convert_tfds("geoalign_tiny_rs", ["train", "test"], out, data_dir=data_dir,
+    summary = prepare_formats.prepare_tfds("geoalign_tiny_rs", ["train", "test"], out, data_dir=data_dir,
                                       mapping={"image": "image_bytes", "captions": "caption"},
                                       max_bad_fraction=0.5, **QUIET)
     assert summary.written == {"train": 3, "test": 1} and summary.skipped == {"empty caption": 1}
@@ -530,7 +530,7 @@ def test_tfds_array_record_dataset_converts(tmp_path):
     with pytest.raises(sources.SourceError, match="not found"):
         sources.tfds_source("geoalign_no_such_set", "train", data_dir=data_dir)
     with pytest.raises(ConversionError, match=r"no feature for the mapping \['captions=text'\]"):
-        converters.convert_tfds("geoalign_tiny_rs", ["train"], tmp_path / "o2", data_dir=data_dir,
+        prepare_formats.prepare_tfds("geoalign_tiny_rs", ["train"], tmp_path / "o2", data_dir=data_dir,
                                 mapping={"image": "image_bytes", "captions": "text"}, **QUIET)
 
 
@@ -548,11 +548,11 @@ def _small_jsonl(tmp_path: pathlib.Path, lines: list[dict], name: str = "small.j
 def test_split_names_with_dashes_are_refused_and_dashed_dataset_names_read_back(tmp_path):
     dashed_split = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "split": "val-hard", "caption": "a field"}])
     with pytest.raises(ConversionError, match=r"split name 'val-hard' cannot be used.*no '-'"):
-        converters.convert_jsonl(dashed_split, tmp_path / "refused", name="d", **QUIET)
+        prepare_formats.prepare_jsonl(dashed_split, tmp_path / "refused", name="d", **QUIET)
     assert not list((tmp_path / "refused").glob("*.array_record"))
     plain = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "split": "val_hard", "caption": "a field"},
                                     {"image": "imgs/a.png", "id": "b", "caption": "a road"}], name="plain.jsonl")
-    converters.convert_jsonl(plain, tmp_path / "out", name="my-data", num_shards=1, **QUIET)
+    prepare_formats.prepare_jsonl(plain, tmp_path / "out", name="my-data", num_shards=1, **QUIET)
     pattern = str(tmp_path / "out" / "*.array_record")
     assert sources.RecordSource(sources.shard_paths(pattern, "val_hard"))[0]["captions"] == ["a field"]
     assert len(sources.RecordSource(sources.shard_paths(pattern, "train"))) == 1
@@ -562,7 +562,7 @@ def test_jsonl_category_names_are_stripped_like_the_records(tmp_path):
     path = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "caption": "boats", "regions": [
         {"box": [1, 1, 8, 8], "category": " ship"}, {"box": [2, 2, 9, 9], "category": "ship "},
         {"box": [3, 3, 9, 9], "category": "harbor"}, {"box": [4, 4, 9, 9], "category": "  ", "caption": "water"}]}])
-    converters.convert_jsonl(path, tmp_path / "out", name="d", **QUIET)
+    prepare_formats.prepare_jsonl(path, tmp_path / "out", name="d", **QUIET)
     manifest = sources.read_manifest(tmp_path / "out")
     assert manifest["category_names"] == ["harbor", "ship"]
     (record,) = _records(tmp_path / "out", "train")
@@ -573,16 +573,16 @@ def test_jsonl_category_names_are_stripped_like_the_records(tmp_path):
 def test_failed_overwrite_keeps_the_old_dataset_and_success_removes_unlisted_shards(tmp_path):
     good = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "id": f"a{i}", "caption": f"field {i}"} for i in range(3)])
     out = tmp_path / "out"
-    converters.convert_jsonl(good, out, name="d", records_per_shard=1, **QUIET)
+    prepare_formats.prepare_jsonl(good, out, name="d", records_per_shard=1, **QUIET)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len([n for n in before if n.endswith(".array_record")]) == 3
     bad = _small_jsonl(tmp_path, [{"image": "imgs/missing.png", "caption": "a ghost"}], name="bad.jsonl")
     with pytest.raises(ConversionError, match="nothing written"):
-        converters.convert_jsonl(bad, out, name="d", overwrite=True, **QUIET)
+        prepare_formats.prepare_jsonl(bad, out, name="d", overwrite=True, **QUIET)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old dataset intact, no leftovers
     assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
     # a successful overwrite with fewer shards: the same-named shard is replaced, the others are removed
-    converters.convert_jsonl(good, out, name="d", num_shards=1, overwrite=True, **QUIET)
+    prepare_formats.prepare_jsonl(good, out, name="d", num_shards=1, overwrite=True, **QUIET)
     assert sorted(p.name for p in out.iterdir()) == ["d-train-00000-of-00001.array_record",
                                                      "d-train-00000-of-00001.hashes.npy", "manifest.json"]
     assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
@@ -595,15 +595,15 @@ def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
     def tasks():
         for index in range(3):
             consumed.append(index)
-            yield writers.ImageTask(split="train", id=f"t{index}", source="lazy", name=f"t{index}",
+            yield record_builder.ImageTask(split="train", id=f"t{index}", source="lazy", name=f"t{index}",
                                     image_path=str(image), captions=(f"caption {index}",))
 
     stream = tasks()
-    summary = converters._write(stream, tmp_path / "out", name="lazy", created_by="test", log=writers.SkipLog(),
+    summary = prepare_formats._write(stream, tmp_path / "out", name="lazy", created_by="test", log=skip_accounting.SkipLog(),
                                 manifest_extra={}, expected_counts={"train": 3}, records_per_shard=2, **QUIET)
     assert consumed == [0, 1, 2] and summary.written == {"train": 3}
     assert summary.shards == {"train": ["lazy-train-00000-of-00002.array_record",
                                         "lazy-train-00001-of-00002.array_record"]}
     valid = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "caption": "a field"}])
     with pytest.raises(TypeError, match="worker"):
-        converters.convert_jsonl(valid, tmp_path / "o", name="x", worker=2)  # a misspelt option is refused
+        prepare_formats.prepare_jsonl(valid, tmp_path / "o", name="x", worker=2)  # a misspelt option is refused

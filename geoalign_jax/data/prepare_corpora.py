@@ -4,9 +4,9 @@
 * RS5M-style webdataset shards (FarSLIP stage 1 and most RS pretraining corpora): `.tar` files of samples;
 * SkyScript-style CSV/TSV files: an image-path column and a caption column.
 
-Like `converters.py`, these only read the corpus files and turn every image into an `ImageTask`; loading and
+Like `prepare_formats.py`, these only read the corpus files and turn every image into an `ImageTask`; loading and
 checking images, skip accounting, sharding, the manifest and the bad-fraction check are the shared machinery
-(`converters._write` -> `writers.write_dataset`), so every format behaves the same on bad input.
+(`prepare_formats._write` -> `writers.write_dataset`), so every format behaves the same on bad input.
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Unpack
 
-from geoalign_jax.data import writers
-from geoalign_jax.data.converters import ConvertOptions, PathLike, _claim_id, _load_json, _write
-from geoalign_jax.data.writers import ANNOTATION, ConversionError, ConversionSummary, ImageTask, RawRegion, Skip, SkipLog
+from geoalign_jax.data import skip_accounting, writers
+from geoalign_jax.data.prepare_formats import PathLike, PrepareOptions, _claim_id, _load_json, _write
+from geoalign_jax.data.record_builder import ImageTask, RawRegion
+from geoalign_jax.data.skip_accounting import ANNOTATION, ConversionError, Skip, SkipLog
+from geoalign_jax.data.writers import ConversionSummary
 
-# Skip reasons of these formats (the shared ones are in writers.py).
+# Skip reasons of these formats (the shared ones are in skip_accounting.py).
 CATEGORY_ID_CONFLICT = "category id names two categories"
 NO_IMAGE_IN_SAMPLE = "sample without image"
 CAPTION_NOT_UTF8 = "caption is not UTF-8"
@@ -36,6 +38,16 @@ UNREADABLE_SHARD = "unreadable shard"
 MGRS_SHORT_CAPTION_FIELDS = ("global_caption", "brief_caption")
 MGRS_LONG_CAPTION_FIELD = "detailed_caption"
 _BOX_KEYS = ("x1", "y1", "x2", "y2")
+MGRS_CAPTION_RULES = ("all", "farslip")
+
+
+def mgrs_scene_captions(item: Mapping[str, Any], rule: str) -> tuple[str, ...]:
+    """The short captions of an MGRS item: "all" = its global and brief captions; "farslip" = FarSLIP's one
+    scene text, `item.get("global_caption") or item.get("detailed_caption")` (open_clip_train/data.py:93)."""
+    if rule == "farslip":
+        text = item.get("global_caption") or item.get(MGRS_LONG_CAPTION_FIELD)
+        return (text,) if text is not None else ()
+    return tuple(item[field] for field in MGRS_SHORT_CAPTION_FIELDS if item.get(field) is not None)
 
 
 def _number(value: Any) -> float | None:
@@ -84,25 +96,31 @@ def _rescale(region: RawRegion, frame: tuple[float, float] | None, size: tuple[i
     return dataclasses.replace(region, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
 
 
-def convert_mgrs(
+def prepare_mgrs(
     json_path: PathLike,
     image_dir: PathLike,
     out_dir: PathLike,
     *,
     name: str = "mgrs",
     split: str = "train",
-    **options: Unpack[ConvertOptions],
+    captions: str = "all",
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert an MGRS-200k-style JSON (FarSLIP stage 2) with its image folder.
 
-    Each item: `global_filepath` (relative to `image_dir`); `global_caption` and `brief_caption` become short
-    captions, `detailed_caption` the long caption; `segment` is a list of `{bbox: {x1, y1, x2, y2, W, H},
-    category, category_id}` (a category region) or `{bbox, cap}` (a region caption: FarSLIP leaves these out of
-    its category loss, so they get no category). Boxes are pixels of a W x H image: they are rescaled to the
+    Each item: `global_filepath` (relative to `image_dir`); with `captions="all"` `global_caption` and
+    `brief_caption` become short captions (one is drawn per step), with `captions="farslip"` the one short
+    caption is FarSLIP's scene text, `global_caption` else `detailed_caption` (data.py:93; its `brief_caption`
+    line is commented out); `detailed_caption` is the long caption either way. `segment` is a list of
+    `{bbox: {x1, y1, x2, y2, W, H}, category, category_id}` (a category region) and/or `cap` (a region caption;
+    a segment with both keeps both: FarSLIP's loader uses the caption as its text and leaves it out of the
+    category loss, which the transforms reproduce by giving captioned regions category id -1). Boxes are pixels of a W x H image: they are rescaled to the
     stored image's size when it differs, then clipped like every converter's. Region `category_id` is the index
     of the published id in the sorted ids (manifest: `category_names` in that order, `mgrs_category_ids`); a
     segment whose id was already seen with another name is dropped ('category id names two categories').
     """
+    if captions not in MGRS_CAPTION_RULES:
+        raise ConversionError(f"captions must be one of {MGRS_CAPTION_RULES}, got {captions!r}")
     data = _load_json(json_path)
     if not isinstance(data, list):
         raise ConversionError(f"{json_path}: expected an MGRS JSON list of items (global_filepath, segment, ...)")
@@ -116,7 +134,7 @@ def convert_mgrs(
         segments = (item.get("segment") or []) if isinstance(item, Mapping) else None
         if not isinstance(item, Mapping) or not isinstance(item.get("global_filepath"), str) \
                 or not item["global_filepath"].strip() or not isinstance(segments, list):
-            log.add_input(Skip(writers.MALFORMED_ANNOTATION, where))
+            log.add_input(Skip(skip_accounting.MALFORMED_ANNOTATION, where))
             continue
         regions = []
         for number, segment in enumerate(segments):
@@ -124,26 +142,31 @@ def convert_mgrs(
             parsed = mgrs_box(segment.get("bbox")) if isinstance(segment, Mapping) else None
             if parsed is None:
                 log.annotations_seen += 1
-                log.add(Skip(writers.MALFORMED_ANNOTATION, region_name, ANNOTATION))
+                log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, region_name, ANNOTATION))
                 continue
             box, frame = parsed
-            if "cap" in segment and segment["cap"] is not None:
-                regions.append((RawRegion(box=box, caption=segment["cap"], name=region_name), frame))
-                continue
+            caption = segment.get("cap")
             category, category_id = segment.get("category"), segment.get("category_id")
-            if not isinstance(category, str) or not category.strip() \
-                    or not isinstance(category_id, int) or isinstance(category_id, bool):
+            has_category = isinstance(category, str) and bool(category.strip()) \
+                and isinstance(category_id, int) and not isinstance(category_id, bool)
+            if caption is None and not has_category:
                 log.annotations_seen += 1
-                log.add(Skip(writers.MALFORMED_ANNOTATION, f"{region_name} (needs 'cap', or 'category' and an "
+                log.add(Skip(skip_accounting.MALFORMED_ANNOTATION, f"{region_name} (needs 'cap', or 'category' and an "
                                                            "int 'category_id')", ANNOTATION))
                 continue
-            known = id_names.setdefault(category_id, category.strip())
-            if known != category.strip():
-                log.annotations_seen += 1
-                log.add(Skip(CATEGORY_ID_CONFLICT, f"{region_name} ({category_id}: {category.strip()!r}, "
-                                                   f"earlier {known!r})", ANNOTATION))
-                continue
-            regions.append((RawRegion(box=box, category=category, category_id=category_id, name=region_name), frame))
+            if has_category:
+                known = id_names.setdefault(category_id, category.strip())
+                if known != category.strip():
+                    log.annotations_seen += 1
+                    log.add(Skip(CATEGORY_ID_CONFLICT, f"{region_name} ({category_id}: {category.strip()!r}, "
+                                                       f"earlier {known!r})", ANNOTATION))
+                    if caption is None:
+                        continue
+                    has_category = False  # the caption still makes a region
+            # A segment with both keeps both (the data are not thinned); the category term leaves it out
+            # (transforms: a captioned region's category id is -1), as FarSLIP's data.py:126-128 does.
+            regions.append((RawRegion(box=box, caption=caption, category=category if has_category else None,
+                                      category_id=category_id if has_category else -1, name=region_name), frame))
         entries.append((where, item, regions))
     published_ids = sorted(id_names)
     id_index = {category_id: index for index, category_id in enumerate(published_ids)}
@@ -165,7 +188,7 @@ def convert_mgrs(
             yield ImageTask(
                 split=split, id=item["global_filepath"], source=name, name=f"{where} ({item['global_filepath']})",
                 image_path=str(image_path),
-                captions=tuple(item[field] for field in MGRS_SHORT_CAPTION_FIELDS if item.get(field) is not None),
+                captions=mgrs_scene_captions(item, captions),
                 long_caption=item.get(MGRS_LONG_CAPTION_FIELD),
                 regions=tuple(_rescale(region, frame, size) for region, frame in regions), require="text",
             )
@@ -281,7 +304,7 @@ def _tar_samples(shard: pathlib.Path, read: bool, log: SkipLog | None) -> Iterat
             log.add_input(Skip(UNREADABLE_SHARD, f"{shard.name} ({error.__class__.__name__}: {error})"))
 
 
-def convert_webdataset(
+def prepare_webdataset(
     shards: str | Sequence[str],
     out_dir: PathLike,
     *,
@@ -289,7 +312,7 @@ def convert_webdataset(
     split: str = "train",
     image_exts: Sequence[str] = WEBDATASET_IMAGE_EXTS,
     caption_exts: Sequence[str] = WEBDATASET_CAPTION_EXTS,
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert webdataset `.tar` shards (RS5M style): samples keyed by file name, each with an image member
     (the first of `image_exts` present) and a caption member (the first of `caption_exts`, UTF-8); other
@@ -372,7 +395,7 @@ def _csv_rows(path: pathlib.Path, separator: str, columns: Sequence[str]) -> Ite
             raise ConversionError(f"{path}:{reader.line_num}: unreadable CSV ({error})") from None
 
 
-def convert_csv(
+def prepare_csv(
     csv_files: PathLike | Sequence[PathLike] | Mapping[str, PathLike],
     out_dir: PathLike,
     *,
@@ -382,7 +405,7 @@ def convert_csv(
     separator: str | None = None,
     image_root: PathLike | None = None,
     split: str = "train",
-    **options: Unpack[ConvertOptions],
+    **options: Unpack[PrepareOptions],
 ) -> ConversionSummary:
     """Convert SkyScript-style CSV/TSV files: one row per (image, caption) pair, with a header naming the
     columns. `csv_files` is one file or a list (all in `split`), or {split: file} (e.g. the training CSV and
@@ -409,7 +432,7 @@ def convert_csv(
             image = row[image_column].strip() if row is not None else ""
             if not image:
                 reason = "empty image path" if row is not None else "fields differ from the header"
-                log.add_input(Skip(writers.MALFORMED_LINE, f"{where} ({reason})"))
+                log.add_input(Skip(skip_accounting.MALFORMED_LINE, f"{where} ({reason})"))
                 continue
             if image in grouped:
                 grouped[image][1].append(row[caption_column])

@@ -1,4 +1,4 @@
-"""Small value checks shared by the config validators (loss, trainer): one definition, plain Python, no imports
+"""Config field value checks shared by the config validators (loss, trainer): one definition, plain Python, no imports
 from the rest of the package, so every room may use it."""
 from __future__ import annotations
 

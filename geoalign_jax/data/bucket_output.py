@@ -1,0 +1,106 @@
+"""`prepare --out gs://bucket/folder`: convert into a local staging folder, then publish it to the bucket in
+the order that keeps a reader safe, as the local writer does (data/writers.py `write_dataset`):
+
+1. refuse at once, before converting, when the bucket folder holds a dataset and ``--overwrite`` is not given;
+2. convert into a staging folder on local disk (the converters' own atomic writer; nothing is uploaded when the
+   conversion fails or is interrupted);
+3. with ``--overwrite``: delete the old ``manifest.json`` first, so no reader takes old and new shards for one
+   dataset while the shards are replaced;
+4. upload every shard and sidecar (a GCS object becomes visible only once its upload is complete);
+5. upload ``manifest.json`` last: only now is the folder a dataset a trainer reads;
+6. delete the old shards the new manifest does not list.
+
+A run that fails in 3-5 leaves no manifest, so `sources.shard_paths` refuses the folder ("no manifest.json"),
+and the next run with ``--overwrite`` replaces what it left. Staging needs local disk for one dataset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+
+from geoalign_jax.data import filesystem
+
+MANIFEST_NAME = "manifest.json"
+
+
+class BucketOutputError(RuntimeError):
+    """The bucket folder cannot take the dataset (a dataset already there, an upload that failed)."""
+
+
+def _bucket_fs():
+    filesystem.configure()
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def _key(location: str) -> str:
+    return location[len(filesystem.GCS_PREFIX):]
+
+
+def check_target(out: str, overwrite: bool) -> list[str] | None:
+    """The shard names of the dataset already in ``out`` (None when there is none); BucketOutputError without
+    ``overwrite`` when there is one."""
+    manifest_location = filesystem.join(out, MANIFEST_NAME)
+    if not filesystem.isfile(manifest_location):
+        return None
+    if not overwrite:
+        raise BucketOutputError(f"{out} already holds a dataset ({MANIFEST_NAME}); pass --overwrite to replace it")
+    manifest = json.loads(filesystem.read_bytes(manifest_location))
+    names = [shard for split in (manifest.get("splits") or {}).values() for shard in split.get("shards", [])]
+    names += [sidecar for sidecars in (manifest.get("image_hashes") or {}).values() for sidecar in sidecars]
+    return [str(name) for name in names]
+
+
+def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
+    """Steps 3-6 of the module docstring; returns the uploaded file names, the manifest last."""
+    fs = _bucket_fs()
+    names = sorted(entry for entry in os.listdir(staging)
+                   if os.path.isfile(os.path.join(staging, entry)) and not entry.startswith(".tmp-"))
+    if MANIFEST_NAME not in names:
+        raise BucketOutputError(f"{staging}: the conversion wrote no {MANIFEST_NAME}; nothing uploaded")
+    names.remove(MANIFEST_NAME)
+    target = out.rstrip("/")
+    if old_files is not None:
+        filesystem.retry(lambda: fs.rm_file(_key(filesystem.join(target, MANIFEST_NAME))),
+                         what=filesystem.join(target, MANIFEST_NAME))
+    for name in [*names, MANIFEST_NAME]:  # the manifest last: it is what makes the folder a dataset
+        destination = filesystem.join(target, name)
+        try:
+            filesystem.retry(lambda: fs.put_file(os.path.join(staging, name), _key(destination)), what=destination)
+        except Exception as error:  # noqa: BLE001 - one line naming the object; no manifest was uploaded
+            raise BucketOutputError(f"uploading {destination} failed ({filesystem.describe_error(error)}); "
+                                    f"{target} holds no {MANIFEST_NAME}, so no trainer reads it; rerun with "
+                                    "--overwrite") from None
+    stale = sorted(set(old_files or []) - set(names))
+    for name in stale:
+        try:
+            fs.rm_file(_key(filesystem.join(target, name)))
+        except FileNotFoundError:
+            pass
+    fs.invalidate_cache()
+    return [*names, MANIFEST_NAME]
+
+
+def run_to_bucket(out: str, overwrite: bool, convert: Callable[[str], int]) -> int:
+    """``convert(staging_dir)`` (the converter CLI's exit status), then `publish` to ``out`` when it is 0."""
+    try:
+        old_files = check_target(out, overwrite)
+    except (BucketOutputError, filesystem.StorageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="geoalign-prepare-") as staging:
+        status = convert(staging)
+        if status != 0:
+            print(f"nothing uploaded to {out}", file=sys.stderr)
+            return status
+        try:
+            uploaded = publish(staging, out, old_files)
+        except (BucketOutputError, filesystem.StorageError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    print(f"published {len(uploaded)} files to {out} ({MANIFEST_NAME} last)")
+    return 0

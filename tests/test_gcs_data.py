@@ -1,0 +1,239 @@
+"""Training data in a bucket: shards, manifests and records read from gs:// (the emulator on 127.0.0.1, see
+gcs_fixtures.py) give exactly what the same shards give from local disk, and storage faults are retried,
+counted or named."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from data_fixtures import load_demo_module
+from gcs_fixtures import gcs, healthy  # noqa: F401 - fixtures
+from geoalign_jax.data import filesystem, pipeline, sources
+
+NUM_TRAIN = 16
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("gcs-demo")
+    result = load_demo_module().make_demo_data(out, num_train=NUM_TRAIN, num_val=4, num_per_class=0, image_size=48,
+                                               seed=0)
+    return pathlib.Path(result["scenes"])
+
+
+@pytest.fixture(scope="module")
+def remote(gcs, demo) -> str:
+    return gcs.upload(demo, "data", "scenes")
+
+
+def _config(train_shards, **overrides):
+    config = pipeline.default_data_config()
+    config.train_shards = str(train_shards)
+    config.batch_size = 4
+    config.image_size = 32
+    config.read_threads = 2
+    config.read_buffer_size = 8
+    config.num_hard_negatives = 2
+    config.long_context_length = 0
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _assert_batches_equal(expected, actual):
+    assert len(expected) == len(actual)
+    for step, (a, b) in enumerate(zip(expected, actual)):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step} key {key}")
+
+
+def test_folder_and_glob_in_a_bucket_list_the_same_shards_as_local(healthy, demo, remote):
+    local = sources.shard_paths(demo, "train")
+    from_manifest = sources.shard_paths(remote, "train")
+    from_glob = sources.shard_paths(remote + "/*-train-*.array_record", "train")
+    names = [pathlib.Path(p).name for p in local]
+    assert [p.rsplit("/", 1)[1] for p in from_manifest] == names
+    assert from_glob == from_manifest and all(p.startswith(remote + "/") for p in from_glob)
+    assert sources.shard_paths(healthy.url("data", "sc*", "*-train-*.array_record"),
+                               "train") == from_manifest
+    assert sources.read_manifest(remote) == sources.read_manifest(demo)
+
+
+def test_records_from_a_bucket_are_the_local_records(healthy, demo, remote):
+    local = sources.RecordSource.from_dir(demo, "train", raw=True)
+    bucket = sources.RecordSource.from_dir(remote, "train", raw=True)
+    assert len(bucket) == len(local) == NUM_TRAIN
+    order = np.random.default_rng(0).permutation(NUM_TRAIN).tolist()
+    assert bucket.__getitems__(order) == local.__getitems__(order)
+    assert bucket.locate(NUM_TRAIN - 1) == (bucket.paths[-1], local.locate(NUM_TRAIN - 1)[1])
+
+
+def test_a_read_killed_mid_record_is_resumed_with_the_right_bytes(healthy, demo, remote):
+    local = sources.RecordSource.from_dir(demo, "train", raw=True)
+    bucket = sources.RecordSource.from_dir(remote, "train", raw=True)
+    bucket[0]  # open the shard reader first, so the cut hits a record read
+    before = healthy.proxy.media_requests
+    healthy.proxy.cut_downloads(1, after_bytes=64)
+    assert bucket[NUM_TRAIN // 2 + 1] == local[NUM_TRAIN // 2 + 1]
+    assert healthy.proxy.cuts == 1 and healthy.proxy.media_requests >= before + 2  # cut, then read again
+
+
+def test_transient_failures_are_retried_with_backoff_and_counted(monkeypatch):
+    delays, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("UNAVAILABLE: Retry policy exhausted in Read(): connection reset")
+        return b"record"
+
+    before = filesystem.RETRIES["record"]
+    assert filesystem.retry(flaky, what="gs://b/x record 3", kind="record", sleep=delays.append) == b"record"
+    assert filesystem.RETRIES["record"] - before == 2 and delays == [0.5, 1.0]
+    with pytest.raises(RuntimeError, match="chunk hash mismatch at byte 5003"):  # damaged bytes: no retry
+        filesystem.retry(lambda: (_ for _ in ()).throw(RuntimeError("chunk hash mismatch at byte 5003")),
+                         what="x", sleep=delays.append)
+    assert delays == [0.5, 1.0]
+
+
+def test_a_missing_shard_is_named_when_the_pipeline_is_built(healthy, demo):
+    folder = healthy.upload(demo, "data", "missing-shard")
+    gone = sources.shard_paths(folder, "train")[-1]
+    healthy.fs.rm(gone[len("gs://"):])
+    with pytest.raises(sources.SourceError) as caught:
+        pipeline.make_train_dataset(_config(folder), process_index=0, process_count=1)
+    message = str(caught.value)
+    assert "\n" not in message and gone in message and "missing" in message
+
+
+def test_a_refused_object_is_one_line_naming_it(healthy, demo):
+    folder = healthy.upload(demo, "data", "denied")
+    manifest = folder + "/manifest.json"
+    healthy.proxy.deny(manifest[len("gs://") + len(healthy.name) + 1:])
+    with pytest.raises(sources.SourceError) as caught:
+        pipeline.make_train_dataset(_config(folder), process_index=0, process_count=1)
+    message = str(caught.value)
+    assert "\n" not in message and manifest in message and "permission denied" in message
+
+
+def test_pipeline_from_a_bucket_resumes_exactly_like_the_local_run(healthy, demo, remote):
+    local = pipeline.take(pipeline.make_train_iterator(_config(demo), process_index=0, process_count=1), 5)
+    iterator = pipeline.make_train_iterator(_config(remote), process_index=0, process_count=1)
+    _assert_batches_equal(local[:2], pipeline.take(iterator, 2))
+    state = pipeline.iterator_state(iterator)
+    iterator.close()
+    resumed = pipeline.make_train_iterator(_config(remote), process_index=0, process_count=1, state=state)
+    _assert_batches_equal(local[2:], pipeline.take(resumed, 3))
+    resumed.close()
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory) -> pathlib.Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng(0)
+    for label in ("beach", "forest"):
+        (root / label).mkdir()
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / label / f"{index}.png")
+    return root
+
+
+def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, class_folders, tmp_path,
+                                                                       monkeypatch, capsys):
+    from geoalign_jax import prepare
+    from geoalign_jax.data import bucket_output
+
+    command = ["folders", "--root", str(class_folders), "--name", "aid", "--split", "train", "--no-progress",
+               "--workers", "1"]
+    assert prepare.main([*command, "--out", str(tmp_path / "local")]) == 0
+    out = healthy.url("prepared", "aid")
+    assert prepare.main([*command, "--out", out]) == 0
+    local_files = sorted(p.name for p in (tmp_path / "local").iterdir())
+    remote_files = sorted(p.rsplit("/", 1)[1] for p in healthy.fs.ls(out[len("gs://"):]))
+    assert remote_files == local_files
+    for name in local_files:
+        if name != "manifest.json":
+            assert healthy.fs.cat(f"{out[len('gs://'):]}/{name}") == (tmp_path / "local" / name).read_bytes()
+    assert sources.read_manifest(out)["splits"] == sources.read_manifest(tmp_path / "local")["splits"]
+    assert sources.RecordSource.from_dir(out, "train")[5]["image"] == \
+        sources.RecordSource.from_dir(tmp_path / "local", "train")[5]["image"]
+    assert capsys.readouterr().out.rstrip().endswith("(manifest.json last)")
+
+    assert prepare.main([*command, "--out", out]) == 1  # a dataset is there: refused before converting
+    assert f"{out} already holds a dataset" in capsys.readouterr().err
+
+    uploads = []
+    real_fs = bucket_output._bucket_fs()
+
+    class FailingSecondUpload:
+        def __getattr__(self, name):
+            return getattr(real_fs, name)
+
+        def put_file(self, local, remote):
+            uploads.append(remote)
+            if len(uploads) == 2:
+                raise OSError(f"Forbidden: {remote}")
+            return real_fs.put_file(local, remote)
+
+    monkeypatch.setattr(bucket_output, "_bucket_fs", lambda: FailingSecondUpload())
+    assert prepare.main([*command, "--out", out, "--overwrite"]) == 1
+    assert "holds no manifest.json, so no trainer reads it" in capsys.readouterr().err
+    with pytest.raises(sources.SourceError, match="no manifest.json"):  # the old one went before the shards
+        sources.shard_paths(out, "train")
+    monkeypatch.undo()
+    assert prepare.main([*command, "--out", out, "--overwrite"]) == 0
+    assert len(sources.RecordSource.from_dir(out, "train")) == 6
+    assert prepare.main(["fingerprints", out, "--no-progress"]) == 1
+    assert f"error: {out}: sidecars are written to local folders only" in capsys.readouterr().err
+
+
+def test_storage_errors_are_told_apart():
+    from gcsfs.retry import HttpError
+
+    kinds = {
+        "missing": [FileNotFoundError("gs://b/x"), RuntimeError("NOT_FOUND: No such object: b/x")],
+        "denied": [OSError("Forbidden: b/x\nno access"), RuntimeError("PERMISSION_DENIED: caller lacks access"),
+                   HttpError({"code": 403, "message": "nope"})],
+        "transient": [RuntimeError("UNAVAILABLE: Retry policy exhausted"), HttpError({"code": 503, "message": "x"}),
+                      TimeoutError("read"), RuntimeError("DEADLINE_EXCEEDED")],
+        "other": [RuntimeError("Invalid Riegeli/records file: chunk hash mismatch at byte 5003"),
+                  ValueError("bad")],
+    }
+    for kind, errors in kinds.items():
+        for error in errors:
+            assert filesystem.error_kind(error) == kind, error
+
+
+def test_a_record_read_failing_transiently_is_retried_counted_then_stops_the_run_naming_it(healthy, remote,
+                                                                                            monkeypatch):
+    """What ArrayRecord's own retries give up on: retried here and counted; when it keeps failing, an error naming
+    the record, never an `UnreadableRecord` that the pipeline would skip."""
+    source = sources.RecordSource.from_dir(remote, "train", raw=True, unreadable="mark")
+    good = source[3]
+    failures = {"left": 2}
+    inner = source._source
+
+    class Flaky:
+        def __len__(self):
+            return len(inner)
+
+        def __getitem__(self, index):
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError("UNAVAILABLE: Retry policy exhausted in Read(): injected")
+            return inner[index]
+
+    monkeypatch.setattr(filesystem, "FIRST_BACKOFF_S", 0.0)
+    monkeypatch.setattr(source, "_source", Flaky())
+    before = filesystem.RETRIES["record"]
+    assert source[3] == good and filesystem.RETRIES["record"] - before == 2
+    failures["left"] = 10 ** 6
+    with pytest.raises(sources.RecordReadError, match=r"/demo-train-\d{5}-of-\d{5}\.array_record record 3: cannot "
+                                                      r"be read .*the storage failed after 4 attempts"):
+        source[3]
+    assert filesystem.RETRIES["record"] - before == 2 + filesystem.MAX_ATTEMPTS - 1
