@@ -1,4 +1,4 @@
-"""``python -m geoalign_jax.prepare FORMAT ...``: convert a dataset to geoalign record shards (docs/data_format.md).
+"""``python -m geoalign_jax.prepare FORMAT ...``: prepare a dataset as geoalign record shards (docs/data_format.md).
 
 ```
 python -m geoalign_jax.prepare karpathy   --json dataset_rsicd.json --images RSICD/images --out data/rsicd
@@ -10,6 +10,7 @@ python -m geoalign_jax.prepare tfds       --dataset resisc45 --splits train --ou
 python -m geoalign_jax.prepare mgrs       --json text_info.json --images MGRS/global_imgs --out data/mgrs
 python -m geoalign_jax.prepare webdataset --shards 'RS5M/{pub11,rs3}-train-{0000..0031}.tar' --out data/rs5m --name rs5m
 python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv val=SkyScript_val.csv --out data/skyscript --name skyscript
+python -m geoalign_jax.prepare labels-csv --csv bench/aid/aid_img_txt_pairs_test.csv --classnames bench/aid/classnames.txt --image-root bench --out data/aid --name aid
 ```
 Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
 --overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
@@ -18,7 +19,7 @@ configuration that cannot be used, 2 on bad command-line usage.
 ```
 python -m geoalign_jax.prepare fingerprints data/rsicd 'data/extra/*.array_record' [--workers 8]
 ```
-writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards converted by older versions, or
+writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards prepared by older versions, or
 copied without them, lack, so the train/test overlap check stops decoding every training image on each
 run; it lists them in the manifest's `image_hashes`. Exit status 1 naming each shard it cannot read.
 """
@@ -32,14 +33,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from geoalign_jax.data import filesystem, fingerprints, prepare_corpora, prepare_detection, prepare_formats
+from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
+                               prepare_formats)
 from geoalign_jax.data.skip_accounting import ConversionError
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
 # Command-line plumbing every format shares
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every converter CLI has (output, workers, sharding, bad-input policy)."""
+    """The options every prepare format has (output, workers, sharding, bad-input policy)."""
     parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that decode and check images (1 = none; output is the same for any value)")
@@ -55,7 +57,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of `convert_*` from the options of `add_common_arguments`."""
+    """The keyword arguments of every `prepare_<format>` from the options of `add_common_arguments`."""
     return {"workers": args.workers, "num_shards": args.num_shards, "records_per_shard": args.records_per_shard,
             "max_bad_fraction": args.max_bad_fraction, "min_box_visible": args.min_box_visible,
             "overwrite": args.overwrite, "progress": not args.no_progress}
@@ -72,12 +74,12 @@ def parse_key_values(items: Sequence[str] | None, option: str) -> dict[str, str]
     return result
 
 
-def run_cli(convert: Callable[[], ConversionSummary]) -> int:
-    """Run a converter, print its summary; exit status 1 with the summary on ConversionError (or a bad
+def run_cli(prepare_dataset: Callable[[], ConversionSummary]) -> int:
+    """Run one preparation, print its summary; exit status 1 with the summary on ConversionError (or a bad
     option it raises), so a shell script or a launcher stops on bad input. Interrupted (SIGINT / SIGTERM):
-    one line and the shell's 128 + signal number; no manifest was written, so nothing looks converted."""
+    one line and the shell's 128 + signal number; no manifest was written, so nothing looks prepared."""
     try:
-        summary = convert()
+        summary = prepare_dataset()
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -95,7 +97,7 @@ Runner = Callable[[argparse.Namespace], ConversionSummary]
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """One input layout: what it is for, its own options, and the converter call."""
+    """One input layout: what it is for, its own options, and the `prepare_<format>` call."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -172,7 +174,7 @@ def _folders(args: argparse.Namespace) -> ConversionSummary:
 
 def _tfds_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="TFDS name, e.g. 'resisc45' or 'my_set:1.0.0'")
-    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to convert")
+    parser.add_argument("--splits", nargs="+", required=True, help="TFDS splits to prepare")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's default)")
     parser.add_argument("--name", default=None, help="dataset name (default: the TFDS name)")
     parser.add_argument("--map", nargs="*", default=None, metavar="FIELD=FEATURE",
@@ -242,6 +244,25 @@ def _csv(args: argparse.Namespace) -> ConversionSummary:
                                        image_root=args.image_root, split=args.split, **common_kwargs(args))
 
 
+def _labels_csv_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--csv", required=True, help="CSV with an image-path and a label column (SkyScript / FarSLIP)")
+    parser.add_argument("--classnames", required=True, help="class list, one name per line in label order")
+    parser.add_argument("--name", required=True, help="dataset name (shard file prefix)")
+    parser.add_argument("--image-root", default=None, help="image paths are relative to this (default: CSV's folder)")
+    parser.add_argument("--split", default=None, help="split name (default: from the file name, e.g. *_test.csv, "
+                                                      "else test)")
+    parser.add_argument("--image-column", default="filepath")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--separator", default=None, help="field separator (default: tab for .tsv, else comma)")
+
+
+def _labels_csv(args: argparse.Namespace) -> ConversionSummary:
+    return prepare_csv.prepare_label_csv(
+        args.csv, args.classnames, args.out, name=args.name, image_root=args.image_root, split=args.split,
+        separator=args.separator, image_column=args.image_column, label_column=args.label_column,
+        **common_kwargs(args))
+
+
 FORMATS: dict[str, Format] = {
     "karpathy": Format("Karpathy caption JSON (RSICD, RSITMD, UCM-captions, Sydney-captions)", _karpathy_arguments,
                        _karpathy),
@@ -256,15 +277,17 @@ FORMATS: dict[str, Format] = {
     "webdataset": Format("webdataset .tar shards (RS5M, FarSLIP stage 1): image + txt caption per sample",
                          _webdataset_arguments, _webdataset),
     "csv": Format("SkyScript-style CSV/TSV: image-path and caption columns", _csv_arguments, _csv),
+    "labels-csv": Format("label-column CSV + classnames.txt (SkyScript / FarSLIP zero-shot benchmarks)",
+                         _labels_csv_arguments, _labels_csv),
 }
 
 
-FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of converted shards (for the overlap check)"
+FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of prepared shards (for the overlap check)"
 
 
 def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("locations", nargs="+", metavar="DIR_OR_GLOB",
-                        help="converted folders (every split), shard files or shard globs (quote them)")
+                        help="prepared folders (every split), shard files or shard globs (quote them)")
     parser.add_argument("--workers", type=int, default=fingerprints.default_workers(),
                         help="processes that decode images (1 = none; the sidecars are the same for any value)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -107,6 +107,7 @@ def test_jax_embedder_pads_to_one_compiled_shape(params):
     # Odd batch sizes no other test uses: the compiled functions are shared per config.
     embedder = embed.JaxEmbedder(CONFIG, params, batch_size=13, text_batch_size=7)
     image_compiles, text_compiles = embedder._image_fn._cache_size(), embedder._text_fn._cache_size()
+    embedding_compiles = embedder._embedding_fn._cache_size()
     images = np.random.default_rng(0).normal(size=(37, 32, 32, 3)).astype(np.float32)
     batched = np.concatenate([embedder.embed_images(images[:5]), embedder.embed_images(images[5:])])
     direct = np.asarray(clip.encode_image(CONFIG, params, images)[0])
@@ -115,7 +116,12 @@ def test_jax_embedder_pads_to_one_compiled_shape(params):
     np.testing.assert_allclose(embedder.embed_texts(texts), _direct_text_embeddings(params, texts), atol=1e-5)
     embedder.embed_images_with_patches(images[:3])
     assert embedder._image_fn._cache_size() == image_compiles + 1
+    assert embedder._embedding_fn._cache_size() == embedding_compiles + 1
+    assert embedder._text_fn._cache_size() == text_compiles + 1  # 11 texts: batches of 7, last padded to 7
+    np.testing.assert_allclose(embedder.embed_texts(texts[:3]), _direct_text_embeddings(params, texts[:3]),
+                               atol=1e-5)  # one batch or less: padded to min(8, 7) = 7 rows, the same shape
     assert embedder._text_fn._cache_size() == text_compiles + 1
+    assert [embed.text_rows(n, 256) for n in (1, 8, 9, 60, 200, 256, 5000)] == [8, 8, 16, 64, 256, 256, 256]
     with pytest.raises(ValueError, match=r"images must be \[n, 32, 32, 3\]"):
         embedder.embed_images(images[:, :16])
 

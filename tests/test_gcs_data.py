@@ -237,3 +237,54 @@ def test_a_record_read_failing_transiently_is_retried_counted_then_stops_the_run
                                                       r"be read .*the storage failed after 4 attempts"):
         source[3]
     assert filesystem.RETRIES["record"] - before == 2 + filesystem.MAX_ATTEMPTS - 1
+
+
+def test_a_fresh_bucket_client_connects_only_to_the_loopback_emulator(healthy, monkeypatch):
+    """No credential lookup on the GCE metadata server (169.254.169.254) or anywhere else: the emulator is all."""
+    import socket
+
+    import fsspec
+
+    seen = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        seen.append(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    client = fsspec.filesystem("gs", skip_instance_cache=True)  # credentials are looked up for a new client
+    assert client.ls(healthy.name, refresh=True)
+    assert seen and {address[0] for address in seen} == {"127.0.0.1"}, seen
+
+
+def test_opening_a_shard_that_fails_transiently_is_retried_and_counted(healthy, remote, monkeypatch):
+    """A failed gs:// open does not raise (the reader is not ok and close() says why); it must still be retried."""
+    from array_record.python import array_record_module
+
+    real_reader = array_record_module.ArrayRecordReader
+    opens = []
+
+    class OutageThenReal:
+        def __init__(self, path, *args):
+            opens.append(path)
+            self._real = None if len(opens) <= 2 else real_reader(path, *args)
+
+        def ok(self):
+            return self._real is not None and self._real.ok()
+
+        def close(self):
+            if self._real is None:
+                raise RuntimeError("UNAVAILABLE: injected outage")
+            self._real.close()
+
+        def num_records(self):
+            return self._real.num_records()
+
+    shard = sources.shard_paths(remote, "train")[0]
+    expected = sources.check_shard(shard)
+    monkeypatch.setattr(filesystem, "FIRST_BACKOFF_S", 0.0)
+    monkeypatch.setattr(array_record_module, "ArrayRecordReader", OutageThenReal)
+    before = filesystem.RETRIES["metadata"]
+    assert sources.check_shard(shard) == expected and len(opens) == 3
+    assert filesystem.RETRIES["metadata"] - before == 2

@@ -20,7 +20,7 @@ from geoalign_jax import prepare
 from geoalign_jax.data import sources
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-ALL_FORMATS = ("karpathy", "coco", "dota", "jsonl", "folders", "tfds", "mgrs", "webdataset", "csv")
+ALL_FORMATS = ("karpathy", "coco", "dota", "jsonl", "folders", "tfds", "mgrs", "webdataset", "csv", "labels-csv")
 SHARED_OPTIONS = ("--out", "--workers", "--num-shards", "--records-per-shard", "--max-bad-fraction",
                   "--min-box-visible", "--overwrite", "--no-progress")
 # Each format's own input options, as the README and docs/data_format.md use them.
@@ -34,6 +34,8 @@ FORMAT_OPTIONS = {
     "mgrs": ("--json", "--images", "--name", "--split"),
     "webdataset": ("--shards", "--name", "--split", "--image-ext", "--caption-ext"),
     "csv": ("--csv", "--name", "--image-column", "--caption-column", "--separator", "--image-root", "--split"),
+    "labels-csv": ("--csv", "--classnames", "--name", "--image-root", "--split", "--image-column", "--label-column",
+                   "--separator"),
 }
 
 

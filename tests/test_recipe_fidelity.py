@@ -209,6 +209,52 @@ def test_dgtrs_recipe_keeps_text_positions_0_to_19_bitwise_and_trains_the_rest(t
     np.testing.assert_array_equal(np.asarray(exported), table)
 
 
+def test_fixed_rows_equal_long_clips_frozen_table_plus_trained_residual_under_adamw():
+    """Long-CLIP's two tables (model/longclip.py:248-251: a frozen stretched table and a trainable copy;
+    model_longclip.py:306-309, 359: rows < 20 read from the first, >= 20 from the second) trained by
+    train/train.py:58 `optim.AdamW(model.parameters(), lr, weight_decay)` (every parameter decayed, Adam moments
+    per element) give the same effective table, step by step, as one table with `optim.fixed_rows` rows 0-19."""
+    import optax
+    import torch
+
+    rng = np.random.default_rng(8)
+    table, weights, other = (rng.normal(size=shape).astype(np.float32) for shape in ((248, 6), (248, 6), (3, 6)))
+    lr, wd, steps = 1e-2, 0.1, 5
+
+    def objective_of(sin, total, e, o, w):  # smooth, couples the rows, and reads held rows 0-2
+        return total(total(sin(0.3 * e * w), 0) ** 2) + total(o * e[:3]) ** 2
+
+    frozen = torch.nn.Parameter(torch.tensor(table), requires_grad=False)
+    residual = torch.nn.Parameter(torch.tensor(table).clone())
+    other_t = torch.nn.Parameter(torch.tensor(other))
+    mask1 = torch.zeros(248, 1)
+    mask1[:20] = 1
+    mask2 = 1 - mask1
+    adamw = torch.optim.AdamW([frozen, residual, other_t], lr=lr, weight_decay=wd)  # torch defaults b2, eps
+    for _ in range(steps):
+        adamw.zero_grad()
+        objective_of(torch.sin, torch.sum, frozen * mask1 + residual * mask2, other_t, torch.tensor(weights)).backward()
+        adamw.step()
+    theirs = (frozen * mask1 + residual * mask2).detach().numpy()
+
+    config = trainer_config.default_optim_config()
+    config.learning_rate, config.weight_decay, config.b2, config.eps, config.clip_norm = lr, wd, 0.999, 1e-8, 0.0
+    config.no_decay, config.warmup_steps, config.end_learning_rate_factor = (), 0, 1.0  # constant lr, as torch's
+    config.fixed_rows = (("^text/positional_embedding$", 20),)
+    params = {"text": {"positional_embedding": jnp.asarray(table)}, "other": jnp.asarray(other)}
+    optimizer = optim.make_optimizer(config, params, 100)
+    state = optimizer.init(params)
+    grad = jax.grad(lambda p: objective_of(jnp.sin, jnp.sum, p["text"]["positional_embedding"], p["other"], weights))
+    for _ in range(steps):
+        updates, state = optimizer.update(grad(params), state, params)
+        params = optax.apply_updates(params, updates)
+    ours = np.asarray(params["text"]["positional_embedding"])
+    assert ours[:20].tobytes() == table[:20].tobytes()
+    assert np.abs(ours[20:] - table[20:]).max(axis=1).min() > 1e-4  # every trainable row moved
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(params["other"]), other_t.detach().numpy(), rtol=0, atol=1e-5)
+
+
 def test_fixed_rows_are_refused_when_they_match_nothing_or_exceed_the_rows():
     params = abstract_params(clip.get_model_config("tiny"))
     with pytest.raises(ValueError, match="matches no parameter"):

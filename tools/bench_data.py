@@ -10,7 +10,7 @@ processes) for each worker count and reports, after a warm-up:
   busy the machine's other cores are.
 
 Without ``--data`` it builds a benchmark set from the RSICD sample JPEGs (224x224; docs/design.md, Test data) via the
-JSONL converter, adding what RSICD lacks so the benchmark exercises every branch: 6 random boxes per image
+JSONL `prepare` format, adding what RSICD lacks so the benchmark exercises every branch: 6 random boxes per image
 (categories, half with captions), 4 hard negatives (captions of other images) and a long text (the image's
 captions joined).
 
@@ -49,8 +49,8 @@ CATEGORIES = ("airplane", "ship", "storage tank", "vehicle", "building", "bridge
 
 
 def build_rsicd_benchmark_set(out_dir: pathlib.Path, sample_dir: pathlib.Path = RSICD_SAMPLE, seed: int = 0) -> str:
-    """Convert the RSICD sample (real JPEGs) with synthetic regions / hard negatives / long texts; returns the
-    converted folder."""
+    """Prepare the RSICD sample (real JPEGs) with synthetic regions / hard negatives / long texts; returns the
+    prepared folder."""
     annotation = json.loads((sample_dir / "dataset_rsicd.json").read_text())
     images = annotation["images"]
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def bench(config, *, workers: int, warmup_batches: int, num_batches: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="converted folder or shard glob (default: RSICD sample set)")
+    parser.add_argument("--data", default=None, help="prepared folder or shard glob (default: RSICD sample set)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=64)

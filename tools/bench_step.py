@@ -4,7 +4,7 @@ same architecture, weights, batch, image size and CLIP loss, on the same machine
     .venv/bin/python tools/bench_step.py --model ViT-B-32-quickgelu --batch 32 --iters 3
 
 Our side is what `python -m geoalign_jax.train` runs: the trainer's `build` / `initial_state` with a scene-only
-CLIP loss (configs/common.py defaults: AdamW b2 0.98, eps 1e-6, weight decay 0.2 with its mask, gradient
+CLIP loss (the schema defaults, train/config.py: AdamW b2 0.98, eps 1e-6, weight decay 0.2 with its mask, gradient
 clipping at 1.0) and its compiled step (`train/step.py compile_step`, state donated). The open_clip side is
 open_clip's training loop body (open_clip_train/train.py): `open_clip.CLIP` in train mode, `ClipLoss`,
 `torch.optim.AdamW` with open_clip's two parameter groups, `clip_grad_norm_` (when clip_norm > 0) and the

@@ -1,6 +1,6 @@
 """The CPU demo: the whole system on synthetic RS scenes, through the same commands a user runs.
 
-1. write the demo data through the real converters (tools/make_demo_data.py), unless OUT/data already holds it;
+1. write the demo data through the real `prepare` formats (tools/make_demo_data.py), unless OUT/data already holds it;
 2. initialise the tiny CLIP of configs/demo.py (every loss term on), save it and evaluate it untrained
    (`python -m geoalign_jax.evaluate --checkpoint OUT/init ...`);
 3. train it from that checkpoint with the trainer (`python -m geoalign_jax.train --config configs/demo.py:OUT/data

@@ -89,7 +89,8 @@ def running_emulator(bucket: str, port: int | None = None) -> Iterator[str]:
     """Start the emulator (in-memory, one bucket) in a child process on a free loopback port; yields its
     endpoint URL (``http://127.0.0.1:PORT``) and stops it on exit."""
     port = port or free_loopback_port()
-    command = [sys.executable, os.path.abspath(__file__), "--port", str(port), "--bucket", bucket]
+    command = [sys.executable, os.path.abspath(__file__), "--port", str(port), "--bucket", bucket,
+               "--parent-pid", str(os.getpid())]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(port, process)
@@ -225,11 +226,23 @@ class FaultProxy:
         self._server.server_close()
 
 
+def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Exit once ``parent_pid`` is no longer our parent: a test run killed (SIGKILL, or SIGTERM to pytest
+    alone) never runs the fixture's finaliser, and an orphaned emulator would hold its port for ever."""
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bucket", required=True, help="bucket created at start (names need >= 3 characters)")
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="exit when this process is gone (a test run killed before its fixture stops us)")
     args = parser.parse_args(argv)
+    if args.parent_pid:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     _patch_emulator()
     from gcp_storage_emulator.__main__ import main as emulator_main
 

@@ -12,7 +12,7 @@ grid. Each image gets
 
 A class-per-folder split of land-cover scenes is written as well, for zero-shot classification.
 
-The images are written to a scratch folder with a JSONL file and converted with the project's converters
+The images are written to a scratch folder with a JSONL file and prepared with the project's `prepare` formats
 (``prepare_jsonl`` and ``prepare_folders``), so the demo exercises the same path as real data. Same seed ->
 byte-identical shards. Default image size 64 px (the tiny model trains at 32-64 px).
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from geoalign_jax.data import prepare_formats  # noqa: E402
 
-# Land covers, in label order (sorted, so that the folder converter's label = index here too).
+# Land covers, in label order (sorted, so that the folder format's label = index here too).
 LAND_COVERS = ("city", "desert", "farmland", "forest", "water")
 LAND_COVER_PHRASE = {"city": "a city", "desert": "desert", "farmland": "farmland", "forest": "forest", "water": "water"}
 LAND_COVER_LONG = {
@@ -445,7 +445,7 @@ def write_sources(scratch: pathlib.Path, *, num_train: int, num_val: int, num_pe
 def make_demo_data(out: str | pathlib.Path, *, num_train: int = 1000, num_val: int = 200, num_per_class: int = 20,
                    image_size: int = 64, seed: int = 0, num_shards: int = 2, workers: int = 1,
                    keep_sources: bool = False, overwrite: bool = False) -> dict[str, str]:
-    """Render the demo sources and convert them; returns {"scenes": dir, "landcover": dir}."""
+    """Render the demo sources and prepare them; returns {"scenes": dir, "landcover": dir}."""
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 px (objects of 4 px and a 3x3 grid), got {image_size}")
     if num_train < 1 or num_val < 0 or num_per_class < 0:
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (the tiny model sees 32-64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=2, help="shards per split of the scenes dataset")
-    parser.add_argument("--workers", type=int, default=1, help="converter worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="prepare worker processes")
     parser.add_argument("--keep-sources", action="store_true", help="keep the PNGs + JSONL in OUT/sources")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo dataset in OUT")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
-"""`prepare --out gs://bucket/folder`: convert into a local staging folder, then publish it to the bucket in
+"""`prepare --out gs://bucket/folder`: prepare into a local staging folder, then publish it to the bucket in
 the order that keeps a reader safe, as the local writer does (data/writers.py `write_dataset`):
 
-1. refuse at once, before converting, when the bucket folder holds a dataset and ``--overwrite`` is not given;
-2. convert into a staging folder on local disk (the converters' own atomic writer; nothing is uploaded when the
-   conversion fails or is interrupted);
+1. refuse at once, before preparing, when the bucket folder holds a dataset and ``--overwrite`` is not given;
+2. prepare into a staging folder on local disk (the shard writer's atomic output; nothing is uploaded when
+   the preparation fails or is interrupted);
 3. with ``--overwrite``: delete the old ``manifest.json`` first, so no reader takes old and new shards for one
    dataset while the shards are replaced;
 4. upload every shard and sidecar (a GCS object becomes visible only once its upload is complete);
@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 
 from geoalign_jax.data import filesystem
+from geoalign_jax.error_text import one_line
 
 MANIFEST_NAME = "manifest.json"
 
@@ -72,7 +73,7 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
         try:
             filesystem.retry(lambda: fs.put_file(os.path.join(staging, name), _key(destination)), what=destination)
         except Exception as error:  # noqa: BLE001 - one line naming the object; no manifest was uploaded
-            raise BucketOutputError(f"uploading {destination} failed ({filesystem.describe_error(error)}); "
+            raise BucketOutputError(f"uploading {destination} failed ({one_line(error, limit=None)}); "
                                     f"{target} holds no {MANIFEST_NAME}, so no trainer reads it; rerun with "
                                     "--overwrite") from None
     stale = sorted(set(old_files or []) - set(names))
@@ -85,15 +86,15 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
     return [*names, MANIFEST_NAME]
 
 
-def run_to_bucket(out: str, overwrite: bool, convert: Callable[[str], int]) -> int:
-    """``convert(staging_dir)`` (the converter CLI's exit status), then `publish` to ``out`` when it is 0."""
+def run_to_bucket(out: str, overwrite: bool, prepare_into: Callable[[str], int]) -> int:
+    """``prepare_into(staging_dir)`` (the prepare CLI's exit status), then `publish` to ``out`` when it is 0."""
     try:
         old_files = check_target(out, overwrite)
     except (BucketOutputError, filesystem.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="geoalign-prepare-") as staging:
-        status = convert(staging)
+        status = prepare_into(staging)
         if status != 0:
             print(f"nothing uploaded to {out}", file=sys.stderr)
             return status

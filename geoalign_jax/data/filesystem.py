@@ -18,7 +18,7 @@ first probe the bucket type over gRPC, which an emulator does not serve (a 60 s 
 Faults: gcsfs retries transient HTTP errors itself, and the C++ reader retries and resumes a cut download
 itself (exponential back-off); what still fails reaches ``retry`` below, which backs off, retries and counts
 (``RETRIES``), and raises after ``MAX_ATTEMPTS``. A missing object or a refused permission is never retried:
-``describe_error`` turns it into one line naming the object.
+``error_text.one_line`` turns it into one line naming the object.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
+
+from geoalign_jax.error_text import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,9 @@ def configure() -> None:
 
             for protocol in ("gs", "gcs"):
                 fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+                # An emulator takes no credentials; gcsfs's default (token=None) would look for them on the
+                # GCE metadata server (169.254.169.254, seconds of timeouts): network the emulator must not need.
+                fsspec.config.conf[protocol]["token"] = "anon"
         _configured_for = key
 
 
@@ -133,12 +138,6 @@ def absolute(location: str | os.PathLike) -> str:
     """``os.path.abspath`` for a local path; a ``gs://`` location is absolute already."""
     location = os.fspath(location)
     return location if is_gcs(location) else os.path.abspath(location)
-
-
-def describe_error(error: BaseException) -> str:
-    """One line: the error's text, whitespace collapsed."""
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def error_kind(error: BaseException) -> str:
@@ -180,7 +179,7 @@ def retry(operation: Callable[[], _T], *, what: str | Callable[[], str], kind: s
             delay = FIRST_BACKOFF_S * 2 ** (attempt - 1)
             RETRIES[kind] += 1
             logger.warning("%s: transient error (%s); retry %d of %d in %.1f s", what if isinstance(what, str)
-                           else what(), describe_error(error),
+                           else what(), one_line(error, limit=None),
                            attempt, MAX_ATTEMPTS - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")
@@ -196,11 +195,11 @@ def _checked(operation: Callable[[], _T], what: str) -> _T:
     except Exception as error:  # noqa: BLE001
         kind = error_kind(error)
         if kind == "denied":
-            raise StorageError(f"{what}: permission denied ({describe_error(error)}); check the bucket's IAM "
+            raise StorageError(f"{what}: permission denied ({one_line(error, limit=None)}); check the bucket's IAM "
                                "for this machine's service account") from None
         if kind == "transient":
             raise StorageError(f"{what}: still failing after {MAX_ATTEMPTS} attempts: "
-                               f"{describe_error(error)}") from None
+                               f"{one_line(error, limit=None)}") from None
         raise
 
 

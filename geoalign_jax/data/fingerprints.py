@@ -2,7 +2,7 @@
 
 Why two: the exact hash (SHA-256 of the stored bytes) finds a training image copied byte for byte into an
 evaluation set; the perceptual hash finds the same picture re-encoded (another JPEG quality, PNG <-> JPEG),
-which byte hashes miss. Both are computed by the converters while they decode each image anyway, and kept
+which byte hashes miss. Both are computed by `prepare` while it decodes each image anyway, and kept
 in a sidecar file beside each shard (``<shard stem>.hashes.npy``, see docs/data_format.md), so an overlap
 check over millions of training records reads 40 bytes per record instead of decoding every image again.
 
@@ -13,11 +13,11 @@ lies above their median. A re-encoded copy differs in a few bits (up to 8 at JPE
 RS samples), distinct images in many (16 or more on the same samples); ``THUMBNAIL_SIZE`` thumbnails
 confirm a candidate match (see ``geoalign_jax.eval.overlap``).
 
-Shards converted without sidecars (older versions, other tools, or copied without their .npy files) get
+Shards prepared without sidecars (older versions, other tools, or copied without their .npy files) get
 them once with ``python -m geoalign_jax.prepare fingerprints DIR_OR_GLOB`` (``add_sidecars``), which decodes
 their images in parallel (``compute_fingerprints``).
 
-Importing this module never imports jax, and what the converters' and the fingerprinting workers run
+Importing this module never imports jax, and what the preparation and the fingerprinting workers run
 (spawned processes) never does; reading shards (``open_shard``) goes through grain, which does.
 """
 from __future__ import annotations
@@ -174,7 +174,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 def default_workers() -> int:
-    """Processes that decode images to fingerprint them (as many as the converters use by default)."""
+    """Processes that decode images to fingerprint them (as many as `prepare` uses by default)."""
     return min(8, os.cpu_count() or 1)
 
 
@@ -339,7 +339,7 @@ class SidecarReport:
 
 
 def _location_shards(location: str) -> tuple[list[str], list[str]]:
-    """(shard paths, folders whose manifest may list them) of a converted folder (every split), a shard file
+    """(shard paths, folders whose manifest may list them) of a prepared folder (every split), a shard file
     or a glob of shard files (``.array_record``); ShardReadError naming the location when there are none."""
     import glob as globbing
 
@@ -400,7 +400,7 @@ def _list_in_manifests(folders: Sequence[str], shard_paths: Sequence[str], repor
 
 def add_sidecars(locations: Sequence[str | os.PathLike], *, workers: int = 1, progress: bool = False
                  ) -> SidecarReport:
-    """Give every shard of ``locations`` (converted folders, shard files or globs) a fitting sidecar, once:
+    """Give every shard of ``locations`` (prepared folders, shard files or globs) a fitting sidecar, once:
     shards with one are kept, the others are fingerprinted by decoding (``compute_fingerprints``) and their
     sidecars written atomically beside them; manifests beside the shards then list them in ``image_hashes``.
     A shard that cannot be read is named in the report (``failed``) and gets no sidecar; a location that

@@ -55,7 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The data config with every field documented once (the single reference for these names)."""
     config = ml_collections.ConfigDict()
     # --- what to read
-    config.train_shards = ""  # a converted folder (with manifest.json) or a glob of *.array_record shards
+    config.train_shards = ""  # a prepared folder (with manifest.json) or a glob of *.array_record shards
     config.train_split = "train"  # split name: the manifest's split, or the <name>-<split>-NNNNN-of-NNNNN filter
     # --- batch
     config.batch_size = 256  # GLOBAL batch size; each host yields batch_size // process_count (must divide)
@@ -85,7 +85,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.region_view_crop_size = 0
     config.category_prompt = transforms.DEFAULT_CATEGORY_PROMPT  # region text when a region has no caption
     # category name -> id for `region_category`. Empty (default): the record's own category_id, assigned by the
-    # converter from the dataset's sorted category names (manifest 'category_names'), identical on every host and
+    # preparation from the dataset's sorted category names (manifest 'category_names'), identical on every host and
     # worker because it is data. Give a mapping to unify several datasets; names missing from it get -1. Shards
     # of several datasets with different category_names (or without manifests) and regions on need a mapping.
     config.category_ids = ml_collections.ConfigDict()
@@ -207,7 +207,7 @@ def _manifest_category_names(folder: str, name: str) -> list[str] | None:
 def check_category_numbering(config: ml_collections.ConfigDict, paths: Sequence[str]) -> None:
     """Refuse training shards from several datasets whose regions' ``category_id`` values may disagree.
 
-    Without ``category_ids`` the pipeline uses each record's stored ``category_id``, which its converter
+    Without ``category_ids`` the pipeline uses each record's stored ``category_id``, which its preparation
     numbered from that dataset's own sorted category names: "ship" may be 3 in one dataset and 7 in another,
     so mixing them would train the category losses on wrong labels. Allowed when regions are off
     (``max_regions == 0``), with an explicit ``category_ids`` mapping, or when every dataset's manifest lists

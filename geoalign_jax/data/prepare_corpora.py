@@ -1,4 +1,4 @@
-"""Converters for the seed papers' training corpora as they are published (docs/data_format.md, section 4).
+"""Preparation of the seed papers' training corpora as they are published (docs/data_format.md, section 4).
 
 * MGRS-200k (FarSLIP stage 2): one JSON list of images with global captions and `segment` boxes;
 * RS5M-style webdataset shards (FarSLIP stage 1 and most RS pretraining corpora): `.tar` files of samples;
@@ -115,7 +115,7 @@ def prepare_mgrs(
     `{bbox: {x1, y1, x2, y2, W, H}, category, category_id}` (a category region) and/or `cap` (a region caption;
     a segment with both keeps both: FarSLIP's loader uses the caption as its text and leaves it out of the
     category loss, which the transforms reproduce by giving captioned regions category id -1). Boxes are pixels of a W x H image: they are rescaled to the
-    stored image's size when it differs, then clipped like every converter's. Region `category_id` is the index
+    stored image's size when it differs, then clipped like every format's. Region `category_id` is the index
     of the published id in the sorted ids (manifest: `category_names` in that order, `mgrs_category_ids`); a
     segment whose id was already seen with another name is dropped ('category id names two categories').
     """

@@ -50,7 +50,7 @@ class ImageTask:
     """Everything a worker needs to build one record; small and picklable (image bytes only when no path).
 
     Captions, hard negatives and regions are passed raw: the worker drops blank texts and boxes that do not
-    fit, so every converter applies the same rules in one place.
+    fit, so every prepare format applies the same rules in one place.
     """
 
     split: str
@@ -71,7 +71,7 @@ class ImageTask:
 
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
-    """Rules shared by all converters. `min_box_visible` = the fraction of a box's area that must stay inside
+    """Rules shared by every prepare format. `min_box_visible` = the fraction of a box's area that must stay inside
     the image for the clipped box to be kept (otherwise the region is dropped as 'box outside image')."""
 
     min_box_visible: float = 0.5

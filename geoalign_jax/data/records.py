@@ -38,7 +38,7 @@ OPTIONAL_DEFAULTS: dict[str, Any] = {
 RECORD_FIELDS = ("format", "version") + REQUIRED_FIELDS + tuple(OPTIONAL_DEFAULTS)
 REGION_FIELDS = ("box", "category", "category_id", "caption")
 
-#: Leading bytes of the two image encodings a record may hold (converters re-encode anything else to PNG).
+#: Leading bytes of the two image encodings a record may hold (`prepare` re-encodes anything else to PNG).
 _IMAGE_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
 
 
@@ -175,7 +175,7 @@ def validate_example(example: Mapping[str, Any]) -> None:
 
     Optional fields may be left out (they get their defaults when encoded); unknown fields are refused so a
     misspelt field cannot be dropped silently. The image is checked to be JPEG/PNG bytes but not decoded
-    (decoding is the converters' job, and too slow to repeat on every read).
+    (decoding is the job of `prepare`, and too slow to repeat on every read).
     """
     if not isinstance(example, Mapping):
         raise RecordError(f"expected a mapping, got {type(example).__name__}")
@@ -250,7 +250,7 @@ def decode_record(data: bytes, *, where: str = "") -> dict[str, Any]:
     """Parse and check one record; RecordError names `where` (shard path and record index) when it is not ours.
 
     Records of another format or version and broken bytes are told apart, so a user knows whether to
-    upgrade geoalign-jax, re-run a converter, or replace a damaged shard.
+    upgrade geoalign-jax, re-run `prepare`, or replace a damaged shard.
     """
     prefix = f"{where}: " if where else ""
     try:

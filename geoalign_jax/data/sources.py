@@ -1,11 +1,11 @@
-"""Where records come from: converted shards (manifest + ArrayRecord files) and TFDS array_record datasets.
+"""Where records come from: prepared shards (manifest + ArrayRecord files) and TFDS array_record datasets.
 
 `RecordSource` is a grain random-access data source (`__len__`, `__getitem__`) over the shards of one split;
 every record it returns has been checked by `records.decode_record`, and an error names the shard file and
 the record's index inside it, so a damaged or foreign shard is found without bisecting a training run.
 
 Damaged files are told apart at two levels. A shard whose index cannot be read (truncated footer, not an
-ArrayRecord file, missing) is refused when the source is built, naming the shard and the converter that
+ArrayRecord file, missing) is refused when the source is built, naming the shard and the `prepare` command that
 rebuilds it. A single record whose bytes cannot be read (a chunk hash mismatch from a zeroed or flipped
 block) raises `RecordReadError`, or, with `unreadable="mark"` (the training pipeline), comes back as an
 `UnreadableRecord` for the caller to skip and count: one bad block must not stop a week-long run.
@@ -55,7 +55,7 @@ class UnreadableRecord:
 
 
 def rebuild_hint(shard: str | os.PathLike) -> str:
-    """How to get a good copy of a damaged shard: copy it again, or rerun the converter named by the manifest
+    """How to get a good copy of a damaged shard: copy it again, or rerun the `prepare` command named by the manifest
     beside it (`created_by`) with --overwrite."""
     folder = filesystem.dirname(filesystem.absolute(os.fspath(shard)))
     converter = "python -m geoalign_jax.prepare <format>"
@@ -103,6 +103,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise SourceError(f"no {MANIFEST_NAME} in {directory} (was it written by python -m geoalign_jax.prepare?)") \
             from None
+    except filesystem.StorageError as error:  # refused or still failing: the storage's fault, not the JSON's
+        raise SourceError(str(error)) from None
     except (OSError, ValueError) as error:
         raise SourceError(f"{path} is not readable JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != records.FORMAT_NAME:
@@ -147,8 +149,15 @@ def _open_reader(path: str) -> Any:
 
     if not filesystem.is_gcs(path):
         return ArrayRecordReader(path)
+
+    def open_once() -> Any:
+        reader = ArrayRecordReader(path)
+        if not reader.ok():  # a failed open does not raise: close() raises why, which `retry` can classify
+            reader.close()
+        return reader
+
     filesystem.configure()
-    return filesystem.retry(lambda: ArrayRecordReader(path), what=path)
+    return filesystem.retry(open_once, what=path)
 
 
 def _isfile(location: str) -> bool:
@@ -178,7 +187,7 @@ def _is_glob(text: str) -> bool:
 
 
 def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
-    """The shard files of `split`: from a converted folder's manifest, or from a glob of shard files (filtered
+    """The shard files of `split`: from a prepared folder's manifest, or from a glob of shard files (filtered
     by the `<name>-<split>-NNNNN-of-NNNNN.array_record` naming). Raises SourceError naming what is missing."""
     location = os.fspath(dir_or_glob)
     if _is_glob(location):
@@ -214,8 +223,8 @@ def _shard_record_count(path: str) -> int:
 class RecordSource:
     """grain random-access source over ArrayRecord shards: decoded record dicts, or raw bytes with `raw=True`.
 
-    Built on `grain.sources.ArrayRecordDataSource` (which needs shards written with group_size:1, as the
-    converters do). Every shard's index is read when the source is built, so a shard that cannot be opened
+    Built on `grain.sources.ArrayRecordDataSource` (which needs shards written with group_size:1, as
+    `prepare` does). Every shard's index is read when the source is built, so a shard that cannot be opened
     fails here (SourceError naming it), before anything is compiled or trained. A record that cannot be read
     later raises `RecordReadError` (`unreadable="raise"`) or is returned as an `UnreadableRecord`
     (`unreadable="mark"`). Picklable, so grain worker processes can each open their own readers.
@@ -253,7 +262,7 @@ class RecordSource:
     @classmethod
     def from_dir(cls, dir_or_glob: str | os.PathLike, split: str, *, raw: bool = False,
                  unreadable: Literal["raise", "mark"] = "raise") -> "RecordSource":
-        """The shards of `split` in a converted folder (or a glob), see `shard_paths`."""
+        """The shards of `split` in a prepared folder (or a glob), see `shard_paths`."""
         return cls(shard_paths(dir_or_glob, split), raw=raw, unreadable=unreadable)
 
     @property

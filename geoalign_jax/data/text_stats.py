@@ -1,7 +1,7 @@
 """How many texts are longer than the text tower's context: token-length histograms and truncation fractions.
 
 CLIP text towers read a fixed number of tokens (77; Long-CLIP 248) and the tokenizer cuts anything longer,
-silently. The converters therefore count each record's tokens per kind of text (``TEXT_KINDS``) and keep a
+silently. `prepare` therefore counts each record's tokens per kind of text (``TEXT_KINDS``) and keep a
 token-length histogram per split in the manifest (``text_tokens``), with the fractions above the usual
 context lengths (``truncation``); the summary they print says the same. A histogram answers the question for
 any context length later, so the training pipeline reports the fractions for its own config without reading
@@ -121,8 +121,8 @@ def truncation_metrics(histogram: TokenHistogram, context_lengths: Mapping[str, 
 
 
 def dataset_token_histogram(dir_or_glob: str | os.PathLike, split: str) -> TokenHistogram:
-    """The token histogram of a split: from the manifests' ``text_tokens`` where the converters wrote them,
-    else by reading the records (shards without a manifest, or converted before histograms existed)."""
+    """The token histogram of a split: from the manifests' ``text_tokens`` where `prepare` wrote them,
+    else by reading the records (shards without a manifest, or prepared before histograms existed)."""
     from geoalign_jax.data import sources
 
     histogram = TokenHistogram()

@@ -158,7 +158,7 @@ def _region_category(region: Mapping[str, Any], category_ids: Mapping[str, int])
 
     With an explicit ``category_ids`` mapping the id comes from the category name (a name missing from the
     mapping gets -1: still a region-text pair, excluded from the category losses); otherwise the record's
-    own ``category_id``, assigned once by the converter, so every host and worker agrees without coordination.
+    own ``category_id``, assigned once by `prepare`, so every host and worker agrees without coordination.
     """
     if region.get("caption"):
         return -1

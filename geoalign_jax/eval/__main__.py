@@ -6,6 +6,10 @@ Examples::
         --tasks zeroshot:aid=/data/aid_records retrieval:rsicd=/data/rsicd_records,split=test,protocol=both \\
                 regions:dota=/data/dota_records,methods=crop+roi --out eval_out
     python -m geoalign_jax.evaluate --open-clip exported_dir --backend open_clip --tasks ... --out ...
+    python -m geoalign_jax.evaluate --suite farslip --benchmark-root /data/benchmarks --checkpoint ... --out out
+    python -m geoalign_jax.evaluate --checkpoint ... --out out \
+        --tasks zeroshot:nwpu=/data/benchmarks/nwpu/img_txt_pairs_train.csv,image_root=/data/benchmarks,split_by=farslip \
+                retrieval:dgtrsd=/data/dgtrsd_records,text=long
     python -m geoalign_jax.evaluate --checkpoint ... --tasks ... --out ... \
         --train-data /data/rs5m_records '/data/extra/*.array_record' [--exclude-overlap]
 
@@ -36,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot classification, image-text retrieval and region classification of a CLIP model.",
         epilog="Task syntax: KIND:NAME=PATH[,key=value...]; KIND in zeroshot, retrieval, regions. Keys: split, "
                "limit, templates (farslip|rs|single), dataset (zero-shot class table), protocol (standard|"
-               "skyscript|both), methods (crop+roi). PATH: a record folder (manifest.json) or, for zeroshot, "
-               "a tree of class folders.")
+               "skyscript|skyscript-raw|both), methods (crop+roi), text (retrieval: short|long, long = long_caption), "
+               "split_by (farslip: a training split the paper's authors evaluate), and for CSV files classnames, "
+               "image_root, caption_column. PATH: a record folder (manifest.json), for zeroshot a tree of class "
+               "folders, or a FarSLIP/SkyScript CSV (zeroshot: filepath,label + classnames.txt; retrieval: "
+               "filepath,title).")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     parser.add_argument("--step", type=int, default=None,
@@ -45,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
-    parser.add_argument("--tasks", nargs="+", required=True, help="evaluation tasks (see below)")
+    parser.add_argument("--tasks", nargs="+", help="evaluation tasks (see below)")
+    parser.add_argument("--suite", choices=("farslip", "geoalignclip", "dgtrs"),
+                        help="run every task of a paper's tables found under --benchmark-root (instead of --tasks) "
+                             "and write table.md beside results.json (eval/suites.py)")
+    parser.add_argument("--benchmark-root", "--benchmark_root", help="data folder of --suite (layout: README)")
     parser.add_argument("--out", required=True, help="output folder for results.json and plots")
     parser.add_argument("--backend", choices=("jax", "open_clip"), default="jax",
                         help="embed with the JAX towers (default) or with open_clip in torch (needs --open-clip DIR)")
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate a training split (split=train, or a manifest with only a train split); "
                              "refused otherwise, and marked in the table")
     parser.add_argument("--train-data", "--train_data", nargs="+", metavar="DIR_OR_GLOB",
-                        help="training data (converted folders or shard globs) to check the evaluation images "
+                        help="training data (prepared folders or shard globs) to check the evaluation images "
                              "against: exact copies and re-encoded ones are reported per task")
     parser.add_argument("--train-split", "--train_split", default="train",
                         help="split of --train-data to check against (default train)")
@@ -103,10 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from geoalign_jax.data import filesystem
-    from geoalign_jax.eval import embed, runner, overlap, plots, report
+    from geoalign_jax.eval import embed, overlap, plots, report, runner, suites
 
+    if bool(args.tasks) == bool(args.suite):
+        parser.error("give --tasks or --suite (with --benchmark-root), not both or neither")
+    if args.suite and not args.benchmark_root:
+        parser.error("--suite needs --benchmark-root")
+    suite_skipped: dict[str, str] = {}
     try:
-        tasks = [runner.parse_task(text) for text in args.tasks]
+        if args.suite:
+            tasks, suite_skipped = suites.discover(args.suite, args.benchmark_root)
+            for prefix, why in suite_skipped.items():
+                log.warning("suite %s: %s skipped: %s", args.suite, prefix, why)
+        else:
+            tasks = [runner.parse_task(text) for text in args.tasks]
     except runner.TaskError as error:
         parser.error(str(error))
     for task in tasks:
@@ -147,17 +168,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.train_data:
             train_images = overlap.TrainImages.from_data(args.train_data, args.train_split)
             log.info("training data: %d images in %d shards", len(train_images), len(train_images.shard_paths))
-        result = runner.run_tasks(config, params, tasks, embedder=embedder, batch_size=args.batch_size,
-                                   progress=not args.no_progress, ties=args.ties, num_threads=args.num_threads,
-                                   dense=args.dense, allow_train_split=args.allow_train_split,
-                                   train_data=train_images, exclude_overlap=args.exclude_overlap,
-                                   skip_bad_records=args.skip_bad_records)
+        options = dict(embedder=embedder, batch_size=args.batch_size, progress=not args.no_progress, ties=args.ties,
+                       num_threads=args.num_threads, dense=args.dense, allow_train_split=args.allow_train_split,
+                       train_data=train_images, exclude_overlap=args.exclude_overlap,
+                       skip_bad_records=args.skip_bad_records)
+        if args.suite:
+            suite_result = suites.run_suite(tasks, suite_skipped, model_config=config, params=params, **options)
+            result, suite_skipped = suite_result.report, suite_result.skipped
+        else:
+            result = runner.run_tasks(config, params, tasks, **options)
     except (runner.TaskError, overlap.OverlapError) as error:
         print(f"error: {one_line(error, limit=4000)}", file=sys.stderr)
         return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_info = {"weights": source, "backend": args.backend, "tasks": list(args.tasks), "ties": args.ties,
+    run_info = {"weights": source, "backend": args.backend, "tasks": [f"{t.kind}:{t.name}={t.path}" for t in tasks]
+                if args.suite else list(args.tasks), "suite": args.suite, "benchmark_root": args.benchmark_root,
+                "suite_skipped": suite_skipped, "ties": args.ties,
                 "batch_size": args.batch_size, "dense": args.dense, "skip_bad_records": args.skip_bad_records, "seconds": round(time.time() - started, 2),
                 "model_config": config.to_dict() if config is not None else None,
                 "allow_train_split": args.allow_train_split, "train_data": args.train_data,
@@ -166,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results_path = report.write_results(out / "results.json", result.metrics, result.details, run_info,
                                         provenance=result.provenance, notes=result.notes)
     print(report.format_table(result.metrics, result.notes))
+    if args.suite:
+        table = suites.format_tables(suites.get_suite(args.suite), result.metrics, suite_skipped, result.notes, source)
+        (out / "table.md").write_text(table)
+        log.info("wrote the %s tables to %s", args.suite, out / "table.md")
     written = [] if args.no_plots else plots.write_plots(result.details, out)
     log.info("wrote %s and %d plots to %s", results_path.name, len(written), out)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-# One rule for readable names, shared with the converters (which write `class_names` into manifests), so a
+# One rule for readable names, shared with `prepare` (which writes `class_names` into manifests), so a
 # class is prompted by the same words whether it comes from a manifest or from this table.
 from geoalign_jax.data.prepare_formats import readable_class_name  # also this module's public name
 
@@ -77,6 +77,20 @@ PATTERNNET = _readable([
     "wastewater_treatment_plant",
 ])
 
+# fMoW's 62 categories (the fMoW-rgb release's category folders, in sorted order).
+FMOW = _readable([
+    "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture", "archaeological_site", "barn",
+    "border_checkpoint", "burial_site", "car_dealership", "construction_site", "crop_field", "dam",
+    "debris_or_rubble", "educational_institution", "electric_substation", "factory_or_powerplant", "fire_station",
+    "flooded_road", "fountain", "gas_station", "golf_course", "ground_transportation_station", "helipad",
+    "hospital", "impoverished_settlement", "interchange", "lake_or_pond", "lighthouse", "military_facility",
+    "multi-unit_residential", "nuclear_powerplant", "office_building", "oil_or_gas_facility", "park",
+    "parking_lot_or_garage", "place_of_worship", "police_station", "port", "prison", "race_track", "railway_bridge",
+    "recreational_facility", "road_bridge", "runway", "shipyard", "shopping_mall", "single-unit_residential",
+    "smokestack", "solar_farm", "space_facility", "stadium", "storage_tank", "surface_mine", "swimming_pool",
+    "toll_booth", "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo",
+])
+
 DATASET_CLASSES: dict[str, dict[str, str]] = {
     "ucm": UCM,
     "aid": AID,
@@ -85,9 +99,10 @@ DATASET_CLASSES: dict[str, dict[str, str]] = {
     "whu_rs19": WHU_RS19,
     "rsscn7": RSSCN7,
     "patternnet": PATTERNNET,
+    "fmow": FMOW,
 }
 _ALIASES = {"nwpu": "resisc45", "nwpu_resisc45": "resisc45", "whurs19": "whu_rs19", "whu-rs19": "whu_rs19",
-            "uc_merced": "ucm", "ucmerced": "ucm"}
+            "uc_merced": "ucm", "ucmerced": "ucm", "fmow_rgb": "fmow"}
 
 
 def canonical_dataset_name(name: str) -> str | None:

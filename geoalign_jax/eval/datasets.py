@@ -1,4 +1,4 @@
-"""Evaluation sets read from geoalign record shards (the converters' output) or class-per-folder trees.
+"""Evaluation sets read from geoalign record shards (`prepare`'s output) or class-per-folder trees.
 
 Each loader makes one metadata pass (labels, captions, boxes; image bytes are not kept) and returns
 random access to the encoded images, so that large sets are decoded lazily, batch by batch, while
@@ -288,24 +288,31 @@ class RetrievalSet:
 
 
 def load_retrieval(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None,
-                   skip_bad_records: bool = False) -> RetrievalSet:
-    """A caption set from record shards; records without captions are counted and left out."""
+                   skip_bad_records: bool = False, text: str = "short") -> RetrievalSet:
+    """A caption set from record shards; records without captions are counted and left out.
+    ``text="long"``: each image's text is its ``long_caption`` (records without one counted and left out)."""
     root = filesystem.path(path)  # pathlib.Path, or epath.Path for gs://
     if not is_record_dir(root):
         raise EvalDataError(f"retrieval data must be a record folder with manifest.json: {root}")
+    if text not in ("short", "long"):
+        raise EvalDataError(f"text must be 'short' or 'long', got {text!r}")
     _, chosen, source, _ = open_records(root, split)
-    indices, keys, captions, wheres, sizes, skipped = [], [], [], [], [], {"records_without_captions": 0}
+    missing = "records_without_captions" if text == "short" else "records_without_long_caption"
+    indices, keys, captions, wheres, sizes, skipped = [], [], [], [], [], {missing: 0}
     for index, record, where in _iterate_records(source, root, chosen, limit, skip_bad_records, skipped):
-        if not record.get("captions"):
-            skipped["records_without_captions"] += 1
+        texts = list(record.get("captions") or []) if text == "short" else \
+            ([record["long_caption"]] if record.get("long_caption") else [])
+        if not texts:
+            skipped[missing] += 1
             continue
         indices.append(index)
         keys.append(image_key(record["image"]))
-        captions.append(list(record["captions"]))
+        captions.append(texts)
         wheres.append(where)
         sizes.append(_record_size(record))
     if not indices:
-        raise EvalDataError(f"{root}[{chosen}]: no records with captions")
+        raise EvalDataError(f"{root}[{chosen}]: no records with "
+                            + ("captions" if text == "short" else "a long_caption (text=long)"))
     return RetrievalSet(RecordImages(source, indices, wheres, sizes), keys, captions, _nonzero(skipped),
                         f"{root} [{chosen}] ({len(indices)} images, {sum(map(len, captions))} captions)")
 

@@ -6,7 +6,11 @@ checked to give the same numbers.
 
 The JAX backend compiles ``encode_image`` / ``encode_text`` once per shape: every call is cut into
 fixed-size batches and the last one is padded (pad rows are dropped from the output), so an
-evaluation compiles exactly one image function and one text function whatever the dataset size.
+evaluation compiles one image function and one text function whatever the dataset size. Two
+exceptions keep CPU evaluation cheap: embeddings alone run a function that does not return patch
+tokens (so XLA drops all of the last block but the pooled row), and a text call no longer than one
+batch (the prompts of a zero-shot classifier) is padded only to the next power of two (>= 8), not
+to the full text batch.
 """
 from __future__ import annotations
 
@@ -40,10 +44,20 @@ def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
     return padded
 
 
+def text_rows(count: int, batch_size: int) -> int:
+    """Rows a text call of ``count`` texts is padded to per batch: the full batch when it spans several
+    batches, else the next power of two >= 8 (at most ``batch_size``), so a 60-prompt classifier runs 64
+    rows, not 256, and any call compiles at most a few shapes."""
+    if count >= batch_size:
+        return batch_size
+    return min(batch_size, max(8, 1 << max(count - 1, 0).bit_length()))
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_towers(config: Any, dense: str, matmul_precision: str | None) -> tuple[Any, Any]:
-    """jit-compiled (image_fn, text_fn) per architecture, shared by every JaxEmbedder of that config, so
-    periodic evaluation in a training loop compiles once, not once per evaluation."""
+def _compiled_towers(config: Any, dense: str, matmul_precision: str | None) -> tuple[Any, Any, Any]:
+    """jit-compiled (image_fn -> (embedding, patch tokens), embedding_fn -> embedding, text_fn) per
+    architecture, shared by every JaxEmbedder of that config, so periodic evaluation in a training loop
+    compiles once, not once per evaluation."""
     import contextlib
 
     import jax
@@ -57,11 +71,14 @@ def _compiled_towers(config: Any, dense: str, matmul_precision: str | None) -> t
         with precision():
             return clip.encode_image(config, params, images, dense=dense)
 
+    def embedding_fn(params: Any, images: Any) -> Any:
+        return image_fn(params, images)[0]
+
     def text_fn(params: Any, tokens: Any) -> Any:
         with precision():
             return clip.encode_text(config, params, tokens)[0]
 
-    return jax.jit(image_fn), jax.jit(text_fn)
+    return jax.jit(image_fn), jax.jit(embedding_fn), jax.jit(text_fn)
 
 
 class JaxEmbedder:
@@ -87,7 +104,7 @@ class JaxEmbedder:
         self._tokenize = Tokenizer(config.text.context_length)
         self.dense = dense
         self._params = jax.device_put(params)
-        self._image_fn, self._text_fn = _compiled_towers(config, dense, matmul_precision)
+        self._image_fn, self._embedding_fn, self._text_fn = _compiled_towers(config, dense, matmul_precision)
 
     @property
     def params(self) -> Any:
@@ -102,10 +119,12 @@ class JaxEmbedder:
         embeddings, patches = [], []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start:start + self.batch_size]
-            embedding, patch_tokens = self._image_fn(self._params, _pad_rows(chunk, self.batch_size))
-            embeddings.append(np.asarray(embedding)[: chunk.shape[0]])
             if with_patches:
+                embedding, patch_tokens = self._image_fn(self._params, _pad_rows(chunk, self.batch_size))
                 patches.append(np.asarray(patch_tokens)[: chunk.shape[0]])
+            else:
+                embedding = self._embedding_fn(self._params, _pad_rows(chunk, self.batch_size))
+            embeddings.append(np.asarray(embedding)[: chunk.shape[0]])
         embedding_dim = self.config.embed_dim
         all_embeddings = np.concatenate(embeddings) if embeddings else np.zeros((0, embedding_dim), np.float32)
         if not with_patches:
@@ -122,10 +141,11 @@ class JaxEmbedder:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self._tokenize(list(texts))
+        rows = text_rows(tokens.shape[0], self.text_batch_size)
         outputs = []
-        for start in range(0, tokens.shape[0], self.text_batch_size):
-            chunk = tokens[start:start + self.text_batch_size]
-            outputs.append(np.asarray(self._text_fn(self._params, _pad_rows(chunk, self.text_batch_size)))[: len(chunk)])
+        for start in range(0, tokens.shape[0], rows):
+            chunk = tokens[start:start + rows]
+            outputs.append(np.asarray(self._text_fn(self._params, _pad_rows(chunk, rows)))[: len(chunk)])
         return np.concatenate(outputs) if outputs else np.zeros((0, self.config.embed_dim), np.float32)
 
 

@@ -17,8 +17,8 @@ training. An evaluation image **overlaps** the training data when
   at quality 30/50 (crops under 85 pixels) fall below 0.70 and are missed. Two flat thumbnails (standard
   deviation under 1 grey level) have nothing to correlate: their mean difference alone decides.
 
-Training fingerprints come from the converters' sidecar files (``<shard stem>.hashes.npy``, one 40-byte
-row per record); shards without one (converted by an older version, or copied without them) are
+Training fingerprints come from the sidecar files `prepare` writes (``<shard stem>.hashes.npy``, one 40-byte
+row per record); shards without one (prepared by an older version, or copied without them) are
 fingerprinted here by decoding their images in parallel, every run, with a warning naming the command
 that writes their sidecars once (``python -m geoalign_jax.prepare fingerprints DIR_OR_GLOB``). Near
 duplicates are looked up with a multi-index: the hash is cut into 3 blocks, and by the pigeonhole
@@ -150,6 +150,9 @@ def sidecar_command(shard_paths: Sequence[str]) -> str:
     else a glob of each folder's shards."""
     from geoalign_jax.data import sources
 
+    if any(filesystem.is_gcs(p) for p in shard_paths):  # `prepare fingerprints` refuses gs:// (local only)
+        return ("python -m geoalign_jax.prepare fingerprints on a local copy of the folder, then upload its "
+                f"*{fingerprints.SIDECAR_SUFFIX} beside the shards (or prepare the dataset again with --out gs://...)")
     targets = []
     for folder in sorted({filesystem.dirname(filesystem.absolute(p)) for p in shard_paths}):
         has_manifest = filesystem.isfile(filesystem.join(folder, sources.MANIFEST_NAME))
@@ -160,7 +163,7 @@ def sidecar_command(shard_paths: Sequence[str]) -> str:
 class TrainImages:
     """Fingerprints of the training images, indexed for exact and near-duplicate look-up.
 
-    Build it once (``from_data`` for a converted folder / shard glob, ``from_shards`` for the shard paths a
+    Build it once (``from_data`` for a prepared folder / shard glob, ``from_shards`` for the shard paths a
     trainer already has) and pass it to every evaluation.
     """
 
@@ -206,7 +209,7 @@ class TrainImages:
     @classmethod
     def from_data(cls, locations: str | os.PathLike | Sequence[str | os.PathLike], split: str = "train", *,
                   max_distance: int = DEFAULT_MAX_DISTANCE, workers: int | None = None) -> "TrainImages":
-        """The ``split`` shards of converted folders and / or shard globs (as ``data.train_shards`` takes)."""
+        """The ``split`` shards of prepared folders and / or shard globs (as ``data.train_shards`` takes)."""
         from geoalign_jax.data import sources
 
         if isinstance(locations, (str, os.PathLike)):

@@ -270,7 +270,7 @@ def protocol_description(spec: Any, *, ties: str, dense: str | None = None) -> d
         return {"name": "zero-shot classification", "metrics": ["top1", "top5", "mean_per_class"],
                 "prompt_ensemble": "mean of L2-normalised prompt embeddings, normalised again", "ties": ties}
     if spec.kind == "retrieval":
-        return {"name": "image-text retrieval", "ties": ties,
+        return {"name": "image-text retrieval", "ties": ties, "text": getattr(spec, "text", "short"),
                 "protocols": [dataclasses.asdict(retrieval.get_protocol(name)) for name in spec.protocols]}
     return {"name": "region classification", "methods": list(spec.methods), "ties": ties,
             "roi_patch_tokens": dense, "prompt_ensemble": "as zero-shot, over category names"}

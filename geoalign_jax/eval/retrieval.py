@@ -38,6 +38,8 @@ class RetrievalProtocol:
 PROTOCOLS: dict[str, RetrievalProtocol] = {
     "standard": RetrievalProtocol("standard", "", False, False, (1, 5, 10), False),
     "skyscript": RetrievalProtocol("skyscript", "a satellite image. ", True, True, (1, 5, 10, 100), True),
+    # FarSLIP tests/test_retrieval.py scores SkyScript retrieval itself without the caption prefix.
+    "skyscript-raw": RetrievalProtocol("skyscript-raw", "", True, True, (1, 5, 10, 100), True),
 }
 
 

@@ -14,7 +14,10 @@ leaving the overlapping ones out. The embedding backend is pluggable (``embed.Ja
 Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
 retrieval, regions; keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
 ``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
-skyscript | both), ``methods`` (regions: crop+roi, crop, roi).
+skyscript | skyscript-raw | both), ``methods`` (regions: crop+roi, crop, roi), ``text`` (retrieval: short |
+long, see ``long_text``), ``split_by`` (a training split evaluated because a paper's authors do, see
+``benchmark_root``); a PATH that is a CSV file (FarSLIP / SkyScript layout, ``label_csv``) also takes
+``classnames``, ``image_root`` and ``caption_column``.
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 
 from geoalign_jax.data import filesystem
-from geoalign_jax.eval import (classnames, datasets, embed, metrics, overlap, preprocess, prompts, provenance, regions,
-                               retrieval, zeroshot)
+from geoalign_jax.eval import (benchmark_root, classnames, datasets, embed, label_csv, long_text, metrics, overlap,
+                               preprocess, prompts, provenance, regions, retrieval, zeroshot)
 
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("zeroshot", "retrieval", "regions")
 _TASK_KEYS = {
-    "zeroshot": {"split", "limit", "templates", "dataset"},
-    "retrieval": {"split", "limit", "protocol"},
+    "zeroshot": {"split", "limit", "templates", "dataset", "classnames", "image_root", "split_by"},
+    "retrieval": {"split", "limit", "protocol", "text", "caption_column", "image_root", "split_by"},
     "regions": {"split", "limit", "templates", "methods"},
 }
 
@@ -56,6 +59,11 @@ class TaskSpec:
     dataset: str | None = None
     protocol: str = "standard"
     methods: tuple[str, ...] = regions.REGION_METHODS
+    classnames: str | None = None  # label-column CSV: its classnames.txt (label_csv)
+    image_root: str | None = None  # CSV: folder the image paths are relative to (default: the CSV's folder)
+    caption_column: str | None = None  # caption CSV: the caption column (default "title")
+    split_by: str | None = None  # whose split choice this is: a key of benchmark_root.SPLIT_CHOICES
+    text: str = "short"  # retrieval: "short" (captions) or "long" (long_caption)
 
     def __post_init__(self) -> None:
         task = f"task {self.kind}:{self.name}"
@@ -74,6 +82,11 @@ class TaskSpec:
                     retrieval.get_protocol(protocol)
                 except ValueError as error:
                     raise TaskError(f"{task}: {error}") from None
+        if self.split_by is not None and self.split_by not in benchmark_root.SPLIT_CHOICES:
+            raise TaskError(f"{task}: split_by must be one of {sorted(benchmark_root.SPLIT_CHOICES)}, "
+                            f"got {self.split_by!r}")
+        if self.text not in long_text.TEXT_KINDS:
+            raise TaskError(f"{task}: text must be one of {long_text.TEXT_KINDS}, got {self.text!r}")
         bad_methods = [m for m in self.methods if m not in regions.REGION_METHODS]
         if bad_methods or not self.methods:
             raise TaskError(f"{task}: methods must be among {regions.REGION_METHODS}, got {self.methods}")
@@ -177,7 +190,7 @@ def run_tasks(model_config: Any, params: Any, tasks: Sequence[TaskSpec | str], *
     "train*", "restval"; also when it is the only split a manifest has); refused otherwise, so train-split
     numbers are never reported by accident (the table marks them when allowed).
     train_data: training images to check every task's images against (``overlap.TrainImages``, or
-    converted folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
+    prepared folders / shard globs whose ``train_split`` shards are fingerprinted here); the overlap
     is reported per task, and ``exclude_overlap`` evaluates without the overlapping images. skip_bad_records: see ``evaluate``.
     describe_model: record the model config and parameter hash in ``provenance["model"]`` (left out
     otherwise; hashing reads every parameter).
@@ -240,10 +253,6 @@ def _train_images(train_data: TrainData, train_split: str) -> overlap.TrainImage
         raise TaskError(str(error)) from None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Split guard.
-
-
 def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, *,
                      exclude: bool) -> overlap.TrainImages:
     """The training shards' image fingerprints (read once; every evaluation of a training run checks its tasks
@@ -272,6 +281,10 @@ def training_overlap(tasks: Sequence[str], train_shards: str, train_split: str, 
     return train_images
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Split guard.
+
+
 def is_training_split(split: str) -> bool:
     """A split name that holds training data: "train", "train*" (trainval, train_2, ...) or Karpathy's
     "restval" (the part of val the Karpathy splits train on)."""
@@ -286,6 +299,9 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     from geoalign_jax.data import sources
 
     root = filesystem.path(spec.path)
+    if label_csv.is_csv_file(root):  # a benchmark CSV: its name says the split (aid_img_txt_pairs_test.csv)
+        split = spec.split or label_csv.split_of_file(root)
+        return split, root.absolute().parent.name, []
     if not datasets.is_record_dir(root):
         if is_training_split(root.name):
             return root.name, root.absolute().parent.name, []
@@ -303,20 +319,25 @@ def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow:
     if split is None or not is_training_split(split):
         return None
     only = " (the only split in its manifest)" if list(splits) == [split] else ""
+    if spec.split_by is not None:  # the paper's authors evaluate this split: allowed, and said so
+        return benchmark_root.authors_split_note(spec.split_by, split)
     if not allow:
         raise TaskError(f"task {spec.kind}:{spec.name}: split {split!r}{only} is a training split; numbers on "
-                        "training data are not test numbers. Name a test split (split=...), or pass "
+                        "training data are not test numbers. Name a test split (split=...), name the paper whose authors "
+                        f"evaluate it (split_by=..., one of {sorted(benchmark_root.SPLIT_CHOICES)}), or pass "
                         "allow_train_split=True (CLI --allow-train-split) to evaluate it anyway")
     return f"TRAINING split {split!r}{only} evaluated (allowed by --allow-train-split): not a test result"
 
 
 def _load(spec: TaskSpec, skip_bad_records: bool) -> Any:
+    if label_csv.is_csv_file(spec.path):
+        return benchmark_root.load_csv_task(spec)
     if spec.kind == "zeroshot":
         return datasets.load_classification(spec.path, split=spec.split, dataset=spec.dataset or spec.name,
                                             limit=spec.limit, skip_bad_records=skip_bad_records)
     if spec.kind == "retrieval":
         return datasets.load_retrieval(spec.path, split=spec.split, limit=spec.limit,
-                                       skip_bad_records=skip_bad_records)
+                                       skip_bad_records=skip_bad_records, text=spec.text)
     return datasets.load_regions(spec.path, split=spec.split, limit=spec.limit, skip_bad_records=skip_bad_records)
 
 
@@ -357,6 +378,7 @@ class _Runner:
                     log.warning("%s: %s", spec.prefix, note)
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
+            notes.extend(long_text.truncation_notes(task_metrics))
         except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
@@ -366,6 +388,7 @@ class _Runner:
             spec, data, digests, dataset=dataset_name, split=split, ties=self.ties, templates=templates,
             protocol=provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
         record["training_split_allowed"] = bool(split is not None and is_training_split(split))
+        record["split_choice"] = benchmark_root.split_choice_record(spec.split_by, split)
         record["overlap"] = overlap_result.to_json() if overlap_result is not None else None
         return _TaskOutcome(task_metrics, details, record, notes)
 
@@ -417,9 +440,11 @@ class _Runner:
             protocol = retrieval.get_protocol(protocol_name)
             problem = retrieval.build_problem(data.image_keys, data.captions, protocol)
             text_embeddings = self.embedder.embed_texts(problem.texts)
+            truncation = long_text.truncation_metrics(problem.texts, long_text.context_length_of(self.embedder))
             similarity = retrieval.similarity_matrix(image_embeddings[problem.image_indices], text_embeddings)
             protocol_metrics = retrieval.retrieval_metrics(similarity, problem.positives, protocol, ties=self.ties)
             protocol_metrics.update(self._skips(spec, {**data.skipped, **problem.skipped}))
+            protocol_metrics.update(truncation)
             result.update({f"{protocol.name}/{key}": value for key, value in protocol_metrics.items()})
             details["protocols"][protocol.name] = {
                 "ks": list(protocol.ks),

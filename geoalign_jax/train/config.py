@@ -14,7 +14,7 @@ from geoalign_jax.config_checks import is_int, is_number, require
 INIT_KINDS = ("scratch", "params", "open_clip", "hf")
 BEST_MODES = ("max", "min")
 REMAT_POLICIES = ("none", "block")
-# open_clip's weight-decay exemptions on our parameter paths (see `optim.no_decay`); tests/test_train.py
+# open_clip's weight-decay exemptions on our parameter paths (see `optim.no_decay`); tests/test_recipe_fidelity.py
 # checks them against the rule applied to open_clip's own `named_parameters()`.
 OPEN_CLIP_NO_DECAY = ("/bias$", "/scale$", "^visual/class_embedding$", "^logit_scale$", "^logit_bias$")
 

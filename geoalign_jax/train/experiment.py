@@ -120,6 +120,10 @@ def flat_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[s
     return flat
 
 
+#: sub-configs a recipe replaces as a whole: `changed_fields` names them once, not field by field
+_REPLACED_AS_A_WHOLE = {"loss.long_text_schedule"}
+
+
 def changed_fields(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> list[str]:
     """The fields of `config` that differ from `base` (a recipe's own choices against `get_config()`); a
     sub-config that is replaced as a whole (e.g. loss.long_text_schedule) is named once."""
@@ -129,9 +133,8 @@ def changed_fields(config: ml_collections.ConfigDict, base: ml_collections.Confi
     return sorted(groups | {key for key in changed if key.rsplit(".", 1)[0] not in groups})
 
 
-_REPLACED_AS_A_WHOLE = {"loss.long_text_schedule"}
-
-
+# ---------------------------------------------------------------------------------------------------------
+# A resumed run against the config it was started with
 
 #: data fields that decide which examples the restored iterator position points at (worker_count: the
 #: position is saved per worker): a resumed run may not change them.

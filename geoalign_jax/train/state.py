@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from geoalign_jax import params_checkpoint
+from geoalign_jax.error_text import one_line
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
 
@@ -162,7 +163,7 @@ def load_initial_params(init: ml_collections.ConfigDict, model_config: clip.CLIP
 
         if isinstance(error, WeightsFileError):  # its one line names the file and what is wrong
             source = f"init.path (init.kind {kind!r})"
-        raise InitError(f"{source}: {' '.join(str(error).split())}") from error
+        raise InitError(f"{source}: {one_line(error, limit=None)}") from error
     dtype = np.dtype(model_config.param_dtype)
     return jax.tree.map(lambda leaf: np.asarray(leaf, dtype), params)
 
