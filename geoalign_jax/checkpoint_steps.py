@@ -9,9 +9,10 @@ files are checked against it; a step that fails the check or fails to restore is
 
 The trainer moves a damaged step aside to `checkpoints/<step>.damaged` (never deletes it: `mv` it back to
 retry), logs one line naming the step and the reason and tries the step before it; on a multi-host run every
-process agrees on the same step (`agreed_reason`). Evaluate and export are read-only: they skip a damaged step
-with the same one-line warning and leave it in place. A step without digest.json (written before digests
-existed, or killed between orbax's commit and the digest) is read without the file check.
+process agrees on the same step (the trainer passes `parallel.multihost.agree_on_failure` as `agree`).
+Evaluate and export are read-only: they skip a damaged step with the same one-line warning and leave it in
+place. A step without digest.json (written before digests existed, or killed between orbax's commit and the
+digest) is read without the file check.
 
 CRC-32 (zlib) rather than a cryptographic hash: this guards against accidents, not adversaries, and zlib's
 CRC-32 hashes several GB/s on one core (README "What a run survives" has the measured cost).
@@ -146,16 +147,6 @@ def set_aside(step_dir: str | pathlib.Path) -> pathlib.Path:
     return target
 
 
-def agreed_reason(own_reason: str, failed_by_process: Sequence[bool]) -> str:
-    """Why a step is damaged for every process of a run ("" when every process read it whole): a process
-    whose own read failed gives its reason, the others name the processes that failed. Every process sees the
-    same `failed_by_process` (gathered), so all of them keep or skip the step together."""
-    if own_reason:
-        return own_reason
-    failed = [index for index, flag in enumerate(failed_by_process) if flag]
-    return f"could not be read on process(es) {failed} (see their logs)" if failed else ""
-
-
 def newest_intact(
     steps: Sequence[int], read: Callable[[int], T], *, on_damaged: Callable[[int, str], None],
     agree: Callable[[str], str] = lambda own: own,
@@ -183,6 +174,6 @@ def damaged_line(checkpoints_dir: pathlib.Path, step: int, why: str, action: str
 
 
 __all__ = [
-    "CHECKPOINTS_DIR", "DAMAGED_SUFFIX", "DIGEST_FILE", "DamagedStepError", "NoIntactStepError", "agreed_reason", "compute_digest",
+    "CHECKPOINTS_DIR", "DAMAGED_SUFFIX", "DIGEST_FILE", "DamagedStepError", "NoIntactStepError", "compute_digest",
     "damaged_line", "finished_steps", "newest_intact", "reason", "set_aside", "verify_digest", "write_digest",
 ]

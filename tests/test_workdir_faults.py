@@ -87,10 +87,8 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
 
 
 def test_every_process_skips_a_step_that_one_process_cannot_read():
-    # process 1 failed to read: process 0 (read fine) and 1 both skip the step, each with a reason
-    assert checkpoint_steps.agreed_reason("", [False, True]) == "could not be read on process(es) [1] (see their logs)"
-    assert checkpoint_steps.agreed_reason("OSError: truncated", [False, True]) == "OSError: truncated"
-    assert checkpoint_steps.agreed_reason("", [False, False]) == ""
+    # The agreement itself is parallel.multihost.agree_on_failure, run by two real processes in
+    # tests/test_train_multihost.py (a step only process 0's digest check rejects is skipped by both).
     tried, damaged = [], []
 
     def read(step):

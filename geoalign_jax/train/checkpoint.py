@@ -32,7 +32,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -179,10 +178,7 @@ class Checkpointer:
         Every process decides alike (the reasons are agreed by a collective). NoIntactStepError when no
         step reads back."""
         def agree(own: str) -> str:
-            if jax.process_count() == 1:
-                return own
-            failed = np.asarray(multihost.gather_host_values(np.int32(bool(own)))).ravel()
-            return checkpoint_steps.agreed_reason(own, [bool(flag) for flag in failed])
+            return multihost.agree_on_failure(own, failed_to="could not read it")
 
         def read(step: int) -> TrainState:
             # The digest first, agreed on: no process starts orbax's restore of a step that another one skips.
