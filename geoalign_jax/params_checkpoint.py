@@ -38,6 +38,7 @@ PARAMS_FORMAT = "geoalign-params"
 PARAMS_VERSION = 1
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+EMA_DIR = "ema"  # a trainer step's EMA of the parameters (train.ema_decay > 0), the same tree as params/
 TRAINER_CHECKPOINTS_DIR = checkpoint_steps.CHECKPOINTS_DIR
 
 
@@ -146,11 +147,19 @@ def _step_candidates(path: pathlib.Path, step: int | None) -> list[pathlib.Path]
     return [checkpoints / str(number) for number in steps]
 
 
-def _read_params(path: pathlib.Path, config: CLIPConfig) -> Params:
-    """The parameter tree under `path` (a checkpoint or one step) checked against its digest and `config`."""
+def _read_params(path: pathlib.Path, config: CLIPConfig, *, ema: bool = False) -> Params:
+    """The parameter tree under `path` (a checkpoint or one step; `ema`: the step's EMA weights) checked
+    against its digest and `config`."""
     _, params_dir = locate(path)
+    if ema:
+        params_dir = params_dir.parent / EMA_DIR
+        if not params_dir.is_dir():
+            raise FileNotFoundError(
+                f"{path}: no EMA weights ({params_dir} is absent: only trainer checkpoints of a run with "
+                "train.ema_decay > 0 have them)"
+            )
     if path.parent.name == TRAINER_CHECKPOINTS_DIR:
-        checkpoint_steps.verify_digest(path, under=PARAMS_DIR)
+        checkpoint_steps.verify_digest(path, under=params_dir.name)
     target = abstract_params(config)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(params_dir)
@@ -161,9 +170,12 @@ def _read_params(path: pathlib.Path, config: CLIPConfig) -> Params:
 
 
 def load_params(
-    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, step: int | None = None
+    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, step: int | None = None,
+    ema: bool = False,
 ) -> tuple[CLIPConfig, Params]:
     """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params).
+
+    `ema`: the step's EMA of the parameters instead (a trainer workdir or step trained with train.ema_decay).
 
     With `expected_config`, a checkpoint of another architecture is refused before reading weights;
     numerics (dtype, param_dtype, remat) are not architecture: the expected config's are returned.
@@ -185,7 +197,7 @@ def load_params(
         config = expected_config
     if step is not None or candidates == [path]:  # one folder named: its failure is the error
         try:
-            params = _read_params(candidates[0], config)
+            params = _read_params(candidates[0], config, ema=ema)
         except ValueError:
             raise
         except Exception as error:  # noqa: BLE001 - orbax / tensorstore: many types, many lines
@@ -200,7 +212,7 @@ def load_params(
         logger.warning(checkpoint_steps.damaged_line(checkpoints, number, why, "skipped (left in place)"))
 
     found = checkpoint_steps.newest_intact(
-        [int(folder.name) for folder in candidates], lambda number: _read_params(checkpoints / str(number), config),
+        [int(folder.name) for folder in candidates], lambda number: _read_params(checkpoints / str(number), config, ema=ema),
         on_damaged=skip,
     )
     if found is None:

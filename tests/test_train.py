@@ -279,7 +279,9 @@ def _next_batch(config, checkpoint_step_dir: pathlib.Path) -> dict[str, np.ndarr
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_path):
-    config = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4})
+    """With 4 micro-batches (GradCache) and the EMA of the parameters, which checkpoints keep and export reads."""
+    config = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4, "train.micro_batches": 4,
+                                    "train.ema_decay": 0.9})
     straight = loop.run(config, tmp_path / "straight", progress=False)
 
     def preempt_at_3(step: int) -> None:
@@ -289,7 +291,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     interrupted = loop.run(config, tmp_path / "interrupted", progress=False, on_step=preempt_at_3)
     assert (interrupted.status, interrupted.step) == ("preempted", 3)
     assert (tmp_path / "interrupted" / "checkpoints" / "3").is_dir()  # saved at the signal, not at a multiple of 4
-    reordered = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4, "data.seed": 1})
+    reordered = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4, "train.micro_batches": 4,
+                                       "train.ema_decay": 0.9, "data.seed": 1})
     with pytest.raises(ValueError, match=r"data.seed changed since the checkpoints .*data.seed: 0 -> 1"):
         loop.run(reordered, tmp_path / "interrupted", progress=False)  # refused before it touches anything
     resumed = loop.run(config, tmp_path / "interrupted", progress=False)
@@ -297,6 +300,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
 
     assert_bitwise_equal(straight.state.params, resumed.state.params)
     assert_bitwise_equal(straight.state.opt_state, resumed.state.opt_state)
+    assert_bitwise_equal(straight.state.ema, resumed.state.ema)
+    _check_ema_and_its_export(straight.state, tmp_path / "straight", tmp_path / "export")
     for step in (4, 6):  # step 4: saved while training went on (the iterator state is taken before save returns)
         data_file = pathlib.Path("checkpoints", str(step), "data", "process_0-of-1.json")
         assert (tmp_path / "straight" / data_file).read_text() == (tmp_path / "interrupted" / data_file).read_text()
@@ -310,6 +315,44 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     assert records[0].keys() == {"step", "data/truncated/captions"}  # the only texts this config reads
     again = loop.run(config, tmp_path / "straight", progress=False)  # the same command once more: nothing to do
     assert (again.status, again.resumed_from, again.step) == ("finished", 6, 6)
+
+
+def _check_ema_and_its_export(state, workdir, out):
+    """The EMA trails the parameters (6 updates at warm-up decays 0.1 ... 0.6), is what the checkpoint's ema/
+    holds, and is what `convert export --ema` writes (read back by the open_clip importer)."""
+    from geoalign_jax.convert import load_pretrained
+    from geoalign_jax.convert.__main__ import main as convert_main
+    from geoalign_jax.params_checkpoint import load_params
+
+    ema, params = flat(state.ema), flat(state.params)
+    assert all(not np.array_equal(ema[key], params[key]) for key in ("['visual']['proj']", "['text']['text_projection']"))
+    _, stored = load_params(workdir, ema=True)
+    assert_bitwise_equal(state.ema, stored)
+    assert convert_main(["export", "--params", str(workdir), "--format", "open_clip", "--out", str(out), "--ema"]) == 0
+    _, exported = load_pretrained(out, "open_clip", quick_gelu=False)
+    for key, value in flat(exported).items():
+        np.testing.assert_allclose(value, ema[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_micro_batches_and_ema_errors_name_the_numbers(scenes, monkeypatch):
+    with pytest.raises(ValueError, match=r"train.micro_batches = 3: must divide data.batch_size \(8\)"):
+        loop.build(tiny_config(scenes, **{"train.micro_batches": 3}))
+    monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"^train.micro_batches 8 does not divide the per-process batch 4 "
+                                         r"\(data.batch_size 8 / 2 processes\)$"):
+        loop._check_batch_layout(tiny_config(scenes, **{"train.micro_batches": 8}), mesh_lib.make_mesh())
+    with pytest.raises(ValueError, match=r"eval.use_ema = True: needs train.ema_decay > 0"):
+        loop.build(tiny_config(scenes, **{"eval.use_ema": True}))
+    with pytest.raises(ValueError, match=r"train.ema_decay = 1.0: must be in \[0, 1\)"):
+        loop.build(tiny_config(scenes, **{"train.ema_decay": 1.0}))
+
+
+def test_ema_warm_up():
+    from geoalign_jax.train.ema import ema_decay_at, update_ema
+
+    np.testing.assert_allclose([float(ema_decay_at(0.9999, t)) for t in (0, 90, 10**6)], [0.1, 0.91, 0.9999], rtol=1e-6)
+    moved = update_ema({"w": np.float32([1.0])}, {"w": np.float32([3.0])}, 0.5, 10**6)
+    np.testing.assert_allclose(moved["w"], [2.0])
 
 
 def test_a_failed_compile_uninstalls_the_sigterm_handler_and_closes_the_run(scenes, tmp_path, monkeypatch):

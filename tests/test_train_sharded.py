@@ -110,8 +110,8 @@ def _worker(data_dir: str, out: pathlib.Path) -> dict:
         expected, got = train_fixtures.flat(state), train_fixtures.flat(restored)
         return on_target and expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
 
-    # Gradient accumulation on the fsdp x tensor mesh: 2 micro-batches of 4 (strided rows); the step's loss is
-    # the mean of the objective on the two halves, evaluated on one device.
+    # Gradient accumulation on the fsdp x tensor mesh: 2 micro-batches of 4 (strided rows, GradCache); the step's
+    # loss and gradient are those of the whole batch of 8, evaluated on one device.
     import functools
 
     import optax
@@ -127,15 +127,11 @@ def _worker(data_dir: str, out: pathlib.Path) -> dict:
     _, metrics = compiled.run(state, multihost.host_batch_to_global(batches[0], mesh_lib.batch_sharding(setup.mesh)))
     objective = functools.partial(objective_lib.make_objective(config.loss), model_config=setup.model_config)
     loss_and_grad = jax.jit(jax.value_and_grad(lambda params, batch: objective(params, batch, 0)[0]))
-    halves = [{key: value[k::2] for key, value in batches[0].items()} for k in range(2)]
-    per_half = [loss_and_grad(start_params, half) for half in halves]
-    expected = np.mean([float(loss) for loss, _ in per_half])
-    report["micro_batches"] = [float(metrics["loss"]), float(expected)]
-    # The gradient the update used: the mean of the two micro-batches' gradients (its global norm).
-    mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, per_half[0][1], per_half[1][1])
-    report["micro_grad_norm"] = [float(metrics["grad_norm"]), float(optax.tree.norm(mean_grads))]
-    # The same 8 examples per step in 2 micro-batches: about the FLOPs of the whole-batch step (XLA counts the
-    # scan body once; compile_step must count both micro-batches).
+    whole_loss, whole_grads = loss_and_grad(start_params, batches[0])
+    report["micro_batches"] = [float(metrics["loss"]), float(whole_loss)]
+    report["micro_grad_norm"] = [float(metrics["grad_norm"]), float(optax.tree.norm(whole_grads))]
+    # The same 8 examples per step in 2 micro-batches: about the FLOPs of the whole-batch step plus one more
+    # forward pass (XLA counts a scan body once; compile_step must count both micro-batches).
     report["micro_flops"] = [compiled.flops, whole_batch_flops]
 
     report["restore_8_to_1"] = save_and_restore(sharded_state, sharded_setup, single_setup, out / "ckpt_8")
@@ -181,7 +177,7 @@ def test_sharded_steps_match_one_device_and_checkpoints_move_between_meshes(tmp_
     assert abs(got - expected) <= 1e-4 * abs(expected), report["micro_grad_norm"]
     micro_flops, whole_flops = report["micro_flops"]
     print(f"GFLOP per device and step: 2 micro-batches {micro_flops / 1e9:.4f}, whole batch {whole_flops / 1e9:.4f}")
-    assert 0.85 <= micro_flops / whole_flops <= 1.15, report["micro_flops"]
+    assert 1.15 <= micro_flops / whole_flops <= 1.5, report["micro_flops"]
 
 
 if __name__ == "__main__":

@@ -128,9 +128,10 @@ def short_long_consistency_loss(
     return loss, {"loss": loss, "s2l_accuracy": metrics["i2t_accuracy"], "l2s_accuracy": metrics["t2i_accuracy"]}
 
 
-def ema_update(ema_params: Any, params: Any, momentum: float) -> Any:
-    """EMA teacher update after a step: ema <- momentum * ema + (1 - momentum) * params (FarSLIP: 0.99)."""
-    if not 0.0 <= momentum <= 1.0:
+def ema_update(ema_params: Any, params: Any, momentum: float | jax.Array) -> Any:
+    """EMA update after a step: ema <- momentum * ema + (1 - momentum) * params (FarSLIP's teacher: 0.99). A traced
+    momentum (train/ema.py's warm-up) is not range-checked."""
+    if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
     return jax.tree.map(lambda ema, new: momentum * ema + (1.0 - momentum) * new, ema_params, params)
 

@@ -319,6 +319,34 @@ TERMS: dict[str, Callable[..., tuple[Array, Metrics]]] = {
 # The objective
 
 
+def make_terms_objective(loss_config: Any) -> Callable[..., tuple[Array, Metrics]]:
+    """`terms_objective(outputs, batch, params, step, *, axis_context=None) -> (loss, metrics)`: the enabled
+    terms on already computed tower outputs (compute_outputs), weighted and summed. `params` is read only for
+    what the terms use directly (logit_scale, logit_bias). Gradient accumulation (train/grad_cache.py)
+    differentiates this with respect to the outputs of the whole global batch."""
+    config = validate_loss_config(loss_config)
+    terms = enabled_terms(config)
+    term_keys = required_batch_keys(config)
+
+    def terms_objective(
+        outputs: Outputs, batch: Batch, params: Any, step: Array | int, *, axis_context: AxisContext | None = None,
+    ) -> tuple[Array, Metrics]:
+        weights = term_weights(config, step)
+        total = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        for name in terms:
+            term_batch = _declared_keys(batch, term_keys[name])
+            value, term_metrics = TERMS[name](outputs, term_batch, params, axis_context=axis_context, config=config)
+            total = total + weights[name] * value
+            metrics.update({f"{name}/{key}": metric for key, metric in term_metrics.items()})
+            metrics[f"weight/{name}"] = weights[name]
+        metrics["loss"] = total
+        metrics["logit_scale"] = jax.lax.stop_gradient(logit_scale_value(params["logit_scale"]))
+        return total, metrics
+
+    return terms_objective
+
+
 def make_objective(
     loss_config: Any,
     *,
@@ -332,8 +360,7 @@ def make_objective(
     `encode_image` / `encode_text` default to `geoalign_jax.models.clip`'s.
     """
     config = validate_loss_config(loss_config)
-    terms = enabled_terms(config)
-    term_keys = required_batch_keys(config)
+    terms_objective = make_terms_objective(config)
 
     def objective(
         params: Any,
@@ -348,18 +375,7 @@ def make_objective(
             model_config, params, batch, config, encode_image=encode_image, encode_text=encode_text,
             teacher_params=teacher_params,
         )
-        weights = term_weights(config, step)
-        total = jnp.zeros((), jnp.float32)
-        metrics: Metrics = {}
-        for name in terms:
-            term_batch = _declared_keys(batch, term_keys[name])
-            value, term_metrics = TERMS[name](outputs, term_batch, params, axis_context=axis_context, config=config)
-            total = total + weights[name] * value
-            metrics.update({f"{name}/{key}": metric for key, metric in term_metrics.items()})
-            metrics[f"weight/{name}"] = weights[name]
-        metrics["loss"] = total
-        metrics["logit_scale"] = jax.lax.stop_gradient(logit_scale_value(params["logit_scale"]))
-        return total, metrics
+        return terms_objective(outputs, batch, params, step, axis_context=axis_context)
 
     return objective
 
@@ -372,6 +388,7 @@ __all__ = [
     "default_loss_config",
     "enabled_terms",
     "make_objective",
+    "make_terms_objective",
     "required_batch_keys",
     "schedule_value",
     "term_weights",

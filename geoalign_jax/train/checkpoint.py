@@ -8,6 +8,8 @@ model_config.json     the architecture (params_checkpoint's format), written by 
                       (or the workdir: its latest step) is read by params_checkpoint.load_params, the convert
                       CLI's export and the evaluate CLI's --checkpoint
 <step>/state/         {step, opt_state, teacher (when there is one), nonfinite_streak, nonfinite_total}
+<step>/ema/           the EMA of the parameters (train.ema_decay > 0), the same tree as params/ (read by
+                      params_checkpoint.load_params(..., ema=True), `convert export --ema`)
 <step>/data/          the grain iterator position, one process_<i>-of-<n>.json per process (grain's handler)
 <step>/digest.json    size and CRC-32 of every file of the step, written by process 0 after orbax commits it
 <step>.damaged/       a step that did not read back, set aside by a resuming run (checkpoint_steps.py)
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = params_checkpoint.TRAINER_CHECKPOINTS_DIR
 PARAMS_ITEM, STATE_ITEM, DATA_ITEM = params_checkpoint.PARAMS_DIR, "state", "data"
+EMA_ITEM = params_checkpoint.EMA_DIR
 
 
 def _state_item(state: TrainState) -> dict[str, Any]:
@@ -147,11 +150,14 @@ class Checkpointer:
         iterator state is written before this returns, so the caller may advance it."""
         if step is None:
             step = int(jax.device_get(state.step))
-        args = ocp.args.Composite(**{
+        items = {
             PARAMS_ITEM: ocp.args.StandardSave(state.params),
             STATE_ITEM: ocp.args.StandardSave(_state_item(state)),
             DATA_ITEM: grain.checkpoint.CheckpointSave(iterator),
-        })
+        }
+        if state.ema is not None:
+            items[EMA_ITEM] = ocp.args.StandardSave(state.ema)
+        args = ocp.args.Composite(**items)
         self.manager.save(step, args=args, metrics=metrics, force=True)  # first waits for the previous save
         self._digest_committed()  # the previous (async) steps are committed now
         self._undigested.append(step)
@@ -217,11 +223,19 @@ class Checkpointer:
         `iterator` to the saved position."""
         self._check_process_count(step)
         state_target = _state_item(target)
-        args = ocp.args.Composite(**{
+        items = {
             PARAMS_ITEM: ocp.args.StandardRestore(target.params),
             STATE_ITEM: ocp.args.StandardRestore(state_target),
             DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator),
-        })
+        }
+        if target.ema is not None:
+            if not (self.directory / str(step) / EMA_ITEM).is_dir():
+                raise ValueError(
+                    f"{self.directory / str(step)} has no {EMA_ITEM}/ (written with train.ema_decay = 0); "
+                    "resume with train.ema_decay = 0 or use another --workdir"
+                )
+            items[EMA_ITEM] = ocp.args.StandardRestore(target.ema)
+        args = ocp.args.Composite(**items)
         restored = self.manager.restore(step, args=args)
         item = restored[STATE_ITEM]
         return TrainState(
@@ -231,6 +245,7 @@ class Checkpointer:
             teacher=item.get("teacher"),
             nonfinite_streak=item["nonfinite_streak"],
             nonfinite_total=item["nonfinite_total"],
+            ema=restored[EMA_ITEM] if target.ema is not None else None,
         )
 
     def _check_process_count(self, step: int) -> None:

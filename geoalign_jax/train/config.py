@@ -25,14 +25,20 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.num_steps = 10_000  # optimizer steps to run (each one global batch); the run ends at this step
     config.seed = 0  # parameter-init seed (the data order has its own seed, data.seed)
     config.log_every = 50  # metrics to console / metrics.jsonl / TensorBoard every this many steps
-    # Gradient accumulation: the global batch is cut into this many micro-batches whose gradients are
-    # averaged before one optimizer update (same memory as a batch of batch_size / micro_batches). The
-    # contrastive terms then see in-batch negatives of one micro-batch, not of the whole batch.
+    # Gradient accumulation with the whole batch's objective (GradCache, train/grad_cache.py): the towers
+    # encode this many micro-batches one at a time, every term is computed on the global batch (all its
+    # negatives), then each micro-batch is re-encoded to pull its output gradient back. Activation memory
+    # of one micro-batch, one more forward pass; gradients equal micro_batches = 1. Must divide the
+    # per-process batch (data.batch_size / processes).
     config.micro_batches = 1
     config.remat = "none"  # "none" | "block": rematerialise each transformer block in the backward pass
     # A step whose loss or gradient norm is not finite is not applied (and counted); this many such steps
     # in a row stop the run with an error, the last good checkpoint untouched.
     config.max_consecutive_nonfinite = 10
+    # Exponential moving average of the parameters for evaluation (eval.use_ema) and export (convert export
+    # --ema), kept in the train state and checkpoints; e.g. 0.9999, warmed up as min(ema_decay, (1 + t) /
+    # (10 + t)) after t updates (train/ema.py). 0 = none. Not the distillation teacher (loss.distill_*).
+    config.ema_decay = 0.0
     return config
 
 
@@ -123,6 +129,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
     # A task on a training split ("train*", "restval", or a manifest's only split) is refused when the config
     # is checked; True evaluates it anyway (results.json and the table mark it: not a test number).
     config.allow_train_split = False
+    config.use_ema = False  # evaluate the EMA of the parameters (needs train.ema_decay > 0) instead of them
     return config
 
 
@@ -175,6 +182,10 @@ def validate_trainer_config(config: ml_collections.ConfigDict) -> None:
         require(is_int(train[field]) and train[field] >= 1, f"train.{field}", train[field], "must be an int >= 1")
     require(is_int(train.seed), "train.seed", train.seed, "must be an int")
     require(train.remat in REMAT_POLICIES, "train.remat", train.remat, f"must be one of {REMAT_POLICIES}")
+    require(is_number(train.ema_decay) and 0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
+    require(isinstance(evaluation.use_ema, bool), "eval.use_ema", evaluation.use_ema, "must be True or False")
+    require(not evaluation.use_ema or train.ema_decay > 0, "eval.use_ema", evaluation.use_ema,
+            "needs train.ema_decay > 0 (no EMA is kept)")
     batch = int(config.data.batch_size)
     require(
         batch % train.micro_batches == 0, "train.micro_batches", train.micro_batches,

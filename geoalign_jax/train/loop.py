@@ -100,7 +100,13 @@ class Setup:
 
 def _check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     shards = mesh_lib.AxisContext(mesh).batch_shards
-    micro = int(config.data.batch_size) // int(config.train.micro_batches)
+    batch, count, processes = int(config.data.batch_size), int(config.train.micro_batches), jax.process_count()
+    if batch % processes == 0 and (batch // processes) % count:
+        raise ValueError(
+            f"train.micro_batches {count} does not divide the per-process batch {batch // processes} "
+            f"(data.batch_size {batch} / {processes} processes)"
+        )
+    micro = batch // count
     if micro % shards:
         raise ValueError(
             f"data.batch_size {config.data.batch_size} / train.micro_batches {config.train.micro_batches} = {micro} "
@@ -126,10 +132,13 @@ def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None
     tx = optim_lib.make_optimizer(config.optim, abstract_params, num_steps)
     schedule = optim_lib.learning_rate_schedule(config.optim, num_steps)
     with_teacher = state_lib.needs_teacher(loss_config)
-    abstract_state = jax.eval_shape(functools.partial(state_lib.create_state, tx=tx, with_teacher=with_teacher), abstract_params)
+    ema_decay = float(config.train.ema_decay)
+    abstract_state = jax.eval_shape(
+        functools.partial(state_lib.create_state, tx=tx, with_teacher=with_teacher, with_ema=ema_decay > 0), abstract_params
+    )
     shardings = state_lib.state_shardings(abstract_state, model_config, mesh)
     ema = loss_config["distill_ema_momentum"] if with_teacher and loss_config["distill_teacher"] == "ema" else None
-    step_config = step_lib.StepConfig(model_config, loss_config, int(config.train.micro_batches), ema)
+    step_config = step_lib.StepConfig(model_config, loss_config, int(config.train.micro_batches), ema, ema_decay)
     frozen = optim_lib.frozen_mask(abstract_params, config.optim)
     compute_shardings = mesh_lib.drop_mesh_axis(shardings.params, "fsdp")
     train_step = step_lib.make_train_step(step_config, tx, schedule, frozen, mesh, compute_shardings)
@@ -223,7 +232,8 @@ def state_from_params(setup: Setup, host_params: state_lib.Params | None) -> sta
     else:
         params = state_lib.put_params(host_params, params_shardings)
     create = functools.partial(
-        state_lib.create_state, tx=setup.tx, with_teacher=setup.abstract_state.teacher is not None
+        state_lib.create_state, tx=setup.tx, with_teacher=setup.abstract_state.teacher is not None,
+        with_ema=setup.abstract_state.ema is not None,
     )
     return jax.jit(create, out_shardings=setup.shardings)(params)
 
@@ -273,7 +283,8 @@ def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pat
     needs no other process (`eval.provenance.parameter_hash` gathers only arrays that are not fully
     addressable, which a host copy never is) and equals the hash of the sharded parameters."""
     config = setup.config
-    host_params = multihost.gather_to_host(state.params)  # a collective: every process takes part
+    use_ema = bool(config.eval.use_ema)
+    host_params = multihost.gather_to_host(state.ema if use_ema else state.params)  # a collective: all processes
     results: dict[str, float] = {}
     if jax.process_index() == 0:
         from geoalign_jax.eval import evaluate
@@ -282,6 +293,8 @@ def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pat
 
         run_info = provenance.trainer_run_info(workdir, step, workdir / CONFIG_FILE, config.eval, setup.model_config,
                                                config.data.train_shards, config.data.train_split)
+        if use_ema:
+            run_info["weights"] = f"{run_info['weights']} (EMA, train.ema_decay {config.train.ema_decay})"
         results = evaluate(
             setup.model_config, host_params, list(config.eval.tasks), batch_size=int(config.eval.batch_size),
             progress=False, allow_train_split=bool(config.eval.allow_train_split), train_data=train_images,

@@ -2,7 +2,8 @@
 
 `TrainState` holds everything a step reads and writes: the step number, the parameters, the optimizer
 state, the teacher parameters of patch distillation ("frozen" or "ema" teacher; None otherwise, and never
-any optimizer state for them) and the non-finite-step counters. The data iterator's position is host state
+any optimizer state for them), the non-finite-step counters and the evaluation/export EMA of the parameters
+(`train.ema_decay` > 0; None otherwise). The data iterator's position is host state
 and is checkpointed beside it (train/checkpoint.py).
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ Params = Any
 @flax.struct.dataclass
 class TrainState:
     """step: optimizer steps taken (int32); nonfinite_streak / nonfinite_total: skipped non-finite steps in a
-    row / in all (int32); teacher: the distillation teacher's parameters or None."""
+    row / in all (int32); teacher: the distillation teacher's parameters or None; ema: the exponential moving
+    average of the parameters for evaluation and export (train.ema_decay, train/ema.py) or None."""
 
     step: jax.Array
     params: Params
@@ -40,6 +42,7 @@ class TrainState:
     teacher: Params | None
     nonfinite_streak: jax.Array
     nonfinite_total: jax.Array
+    ema: Params | None = None
 
 
 def needs_teacher(loss_config: dict[str, Any]) -> bool:
@@ -47,13 +50,14 @@ def needs_teacher(loss_config: dict[str, Any]) -> bool:
     return loss_config["weights"]["patch_distill"] > 0 and loss_config["distill_teacher"] in ("frozen", "ema")
 
 
-def create_state(params: Params, tx: optax.GradientTransformation, *, with_teacher: bool) -> TrainState:
+def create_state(params: Params, tx: optax.GradientTransformation, *, with_teacher: bool, with_ema: bool = False) -> TrainState:
     """A step-0 state around `params` (jit this with the state shardings as out_shardings)."""
     zero = jnp.zeros((), jnp.int32)
     teacher = jax.tree.map(jnp.copy, params) if with_teacher else None
+    ema = jax.tree.map(jnp.copy, params) if with_ema else None
     return TrainState(
         step=zero, params=params, opt_state=tx.init(params), teacher=teacher, nonfinite_streak=zero,
-        nonfinite_total=zero,
+        nonfinite_total=zero, ema=ema,
     )
 
 

@@ -1,8 +1,8 @@
 """The training step: one pure function `(state, global batch) -> (state, metrics)`, and its ahead-of-time
 compilation as a single `jax.jit` with explicit shardings and the state donated.
 
-Per step: forward + backward of the configured objective (optionally over micro-batches, gradients
-averaged), global gradient norm, AdamW update, the temperature clamped to [0, ln 100] (open_clip's rule),
+Per step: forward + backward of the configured objective on the global batch (with `micro_batches` > 1
+encoded a micro-batch at a time, train/grad_cache.py), global gradient norm, AdamW update, the temperature clamped to [0, ln 100] (open_clip's rule),
 the EMA teacher moved. A step whose loss or gradient norm is not finite leaves parameters, optimizer state
 and teacher as they were and is counted (the step number still advances, so the data stream stays aligned
 on every host; the optimizer's own count, hence its schedule, does not).
@@ -20,12 +20,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from geoalign_jax.losses import objective as objective_lib
 from geoalign_jax.losses.consistency import ema_update
 from geoalign_jax.losses.contrastive import clamp_logit_scale
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
+from geoalign_jax.train import ema as ema_lib
+from geoalign_jax.train import grad_cache
 from geoalign_jax.train import optim as optim_lib
+from geoalign_jax.train.grad_cache import split_micro_batches
 from geoalign_jax.train.state import TrainState, with_shardings
 
 logger = logging.getLogger(__name__)
@@ -41,24 +43,7 @@ class StepConfig:
     loss_config: dict[str, Any]
     micro_batches: int = 1
     ema_momentum: float | None = None  # set when the teacher is an EMA of the parameters
-
-
-def split_micro_batches(batch: Batch, count: int, mesh: Mesh | None) -> Batch:
-    """[B, ...] -> [count, B / count, ...] with micro-batch k = rows k, k + count, k + 2 count, ...
-
-    Why strided rows: the batch is split over the devices along B in contiguous blocks, so taking every
-    count-th row keeps each micro-batch spread over all devices (a contiguous cut would leave most idle).
-    """
-
-    def split(x: jax.Array) -> jax.Array:
-        rows = x.shape[0]
-        x = jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
-        if mesh is not None:
-            spec = PartitionSpec(None, mesh_lib.present_batch_axes(mesh))
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-        return x
-
-    return {key: split(value) for key, value in batch.items()}
+    ema_decay: float = 0.0  # train.ema_decay: the evaluation/export EMA (train/ema.py); 0 = none
 
 
 def trainable_norm(grads: Any, frozen: Any) -> jax.Array:
@@ -81,8 +66,6 @@ def make_train_step(
     use, e.g. the stored sharding gathered over "fsdp". Without it GSPMD may follow the stored FSDP split into
     the activations (embed-sharded activations, recomputed work) instead of gathering the weights.
     """
-    objective = objective_lib.make_objective(step_config.loss_config)
-    context = mesh_lib.axis_context(mesh)
     count = step_config.micro_batches
 
     def gathered(tree: Any) -> Any:
@@ -90,42 +73,28 @@ def make_train_step(
             return tree
         return jax.lax.with_sharding_constraint(tree, compute_shardings)
 
-    def loss_fn(params, batch, step, teacher):
-        params, teacher = gathered(params), gathered(teacher)
-        return objective(
-            params, batch, step, model_config=step_config.model_config, axis_context=context, teacher_params=teacher
-        )
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = grad_cache.make_gradient_fn(
+        step_config.loss_config, step_config.model_config, count, mesh=mesh, gathered=gathered
+    )
 
     def gradients(state: TrainState, batch: Batch) -> tuple[jax.Array, Metrics, Any]:
-        if count == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, state.step, state.teacher)
-            return loss, metrics, grads
-        micro = split_micro_batches(batch, count, mesh)
+        (loss, metrics), grads = grad_fn(state.params, batch, state.step, state.teacher)
+        return loss, metrics, grads
 
-        def body(carry, micro_batch):
-            out = grad_fn(state.params, micro_batch, state.step, state.teacher)
-            return jax.tree.map(jnp.add, carry, out), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda b: grad_fn(state.params, b, state.step, state.teacher), first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
-        scale = 1.0 / count
-        return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads)
-
-    def update(operands: tuple[Any, Any, Any, Any]) -> tuple[Any, Any, Any]:
-        grads, params, opt_state, teacher = operands
+    def update(operands: tuple[Any, ...]) -> tuple[Any, ...]:
+        grads, params, opt_state, teacher, ema = operands
+        applied = optim_lib.schedule_count(opt_state)  # updates applied before this one
         updates, opt_state = tx.update(grads, opt_state, params)
         params = clamp_logit_scale(optax.apply_updates(params, updates))
         if teacher is not None and step_config.ema_momentum is not None:
             teacher = ema_update(teacher, params, step_config.ema_momentum)
-        return params, opt_state, teacher
+        if ema is not None:
+            ema = ema_lib.update_ema(ema, params, step_config.ema_decay, applied)
+        return params, opt_state, teacher, ema
 
-    def keep(operands: tuple[Any, Any, Any, Any]) -> tuple[Any, Any, Any]:
-        _, params, opt_state, teacher = operands
-        return params, opt_state, teacher
+    def keep(operands: tuple[Any, ...]) -> tuple[Any, ...]:
+        _, params, opt_state, teacher, ema = operands
+        return params, opt_state, teacher, ema
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss, metrics, grads = gradients(state, batch)
@@ -134,8 +103,8 @@ def make_train_step(
         # A branch rather than a select between old and new after the update: the select is one more pass
         # over parameters and both Adam moments, and makes XLA copy the moments (ViT-B/32: optimizer 0.37 ->
         # 0.26 s, whole step -3%; tools/bench_step.py).
-        params, opt_state, teacher = jax.lax.cond(
-            finite, update, keep, (grads, state.params, state.opt_state, state.teacher)
+        params, opt_state, teacher, ema = jax.lax.cond(
+            finite, update, keep, (grads, state.params, state.opt_state, state.teacher, state.ema)
         )
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
         new_state = TrainState(
@@ -145,6 +114,7 @@ def make_train_step(
             teacher=teacher,
             nonfinite_streak=streak,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            ema=ema,
         )
         metrics = dict(metrics)
         metrics.update(
@@ -160,7 +130,8 @@ def make_train_step(
 
     # What compile_step needs to count the FLOPs of all micro-batches (XLA counts a scan body once).
     train_step.micro_batches = count
-    train_step.micro_gradients = lambda state, micro_batch: grad_fn(state.params, micro_batch, state.step, state.teacher)
+    micro_cost = grad_cache.micro_batch_cost_fn(step_config.loss_config, step_config.model_config, gathered)
+    train_step.micro_gradients = lambda state, micro_batch: micro_cost(state.params, micro_batch, state.teacher)
     return train_step
 
 
@@ -244,8 +215,9 @@ def _count_every_micro_batch(
     flops: float, lowered: Any, train_step: Callable, abstract_state: TrainState, state_shardings: TrainState,
     batch_spec: Mapping[str, jax.ShapeDtypeStruct], mesh: Mesh,
 ) -> float | None:
-    """XLA's cost analysis counts the body of the micro-batch scan once. The unoptimised cost of one
-    micro-batch's forward + backward (lowered, not compiled) says how much the other count - 1 add; the
+    """XLA's cost analysis counts the bodies of the micro-batch scans once. The unoptimised cost of one
+    micro-batch's forward and its forward + backward (lowered, not compiled) says how much the other count - 1
+    add; the
     compiled per-device count is scaled by that ratio."""
     count = train_step.micro_batches
     batch_sharding = mesh_lib.batch_sharding(mesh)

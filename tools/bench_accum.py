@@ -1,0 +1,183 @@
+"""Gradient accumulation (train.micro_batches = K, GradCache: train/grad_cache.py): memory and speed against K = 1
+at the same global batch, measured on the trainer's own compiled step (`loop.build`, `step.compile_step`).
+
+    # XLA's memory analysis per device for K = 1, 4, 16 (compiles only, allocates nothing), and the largest
+    # global batch that fits a device of --capacity-gb for each K (linear in the batch: two compiles per K)
+    .venv/bin/python tools/bench_accum.py memory --config configs/geoalignclip.py --batch 32 --micro 1,4,16
+    # does a batch fit? FarSLIP's 160 per GPU, 4 local crops, bf16, block remat, K = 8
+    .venv/bin/python tools/bench_accum.py memory --config configs/farslip.py --batch 160 --micro 8 \
+        --dtype bfloat16 --remat block --no-fit
+    # step time, K = 4 vs K = 1, interleaved (K1, K4, K1, ...), medians
+    .venv/bin/python tools/bench_accum.py speed --config configs/demo.py --batch 32 --micro 1,4 --iters 5
+
+Memory: argument (state + batch), output, alias (donated state written in place) and temporaries (activations,
+gradients, the cache) as XLA's memory analysis reports them for the compiled step on this backend; "total" =
+argument + output - alias + temp, the per-device peak the step needs. "cache" is the size of the towers'
+outputs for the whole global batch (what GradCache keeps between its passes; its gradient is as large again).
+Batches are synthetic (the recipe's batch spec: random pixels, captions that fill --caption-tokens tokens, valid
+boxes), the parameters random (config.init is not read). The last printed line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ of this checkout
+
+from geoalign_jax.data import pipeline  # noqa: E402
+from geoalign_jax.losses import objective as objective_lib  # noqa: E402
+from geoalign_jax.parallel import mesh as mesh_lib  # noqa: E402
+from geoalign_jax.parallel import multihost  # noqa: E402
+from geoalign_jax.params_checkpoint import abstract_params  # noqa: E402
+from geoalign_jax.train import loop  # noqa: E402
+from geoalign_jax.train import step as step_lib  # noqa: E402
+
+GIB = 2**30
+
+
+def load_config(path: str, batch: int, micro: int, dtype: str, remat: str):
+    """The recipe at `path` ("file.py" or "file.py:arg") with the benchmark's batch, K, numerics and a single
+    device; random initial parameters."""
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_recipe", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.data.batch_size = batch
+    config.train.micro_batches = micro
+    config.train.remat = remat
+    if dtype:
+        config.model.overrides.dtype = dtype
+    config.init.kind = "scratch"
+    config.init.path = ""
+    config.eval.tasks = ()
+    config.eval.every_steps = 0
+    for axis in ("data", "fsdp", "tensor"):
+        config.mesh[axis] = 1
+    return config
+
+
+def cache_bytes(setup: loop.Setup) -> int:
+    """Bytes of the towers' outputs for the global batch (GradCache's cache)."""
+    outputs = jax.eval_shape(
+        lambda params, batch: objective_lib.compute_outputs(setup.model_config, params, batch, setup.loss_config),
+        abstract_params(setup.model_config), dict(setup.batch_spec),
+    )
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(outputs))
+
+
+def compiled_memory(args: argparse.Namespace, batch: int, micro: int) -> dict[str, Any]:
+    setup = loop.build(load_config(args.config, batch, micro, args.dtype, args.remat))
+    compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
+    memory = compiled.memory
+    total = (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
+             - memory.get("alias_size_in_bytes", 0) + memory.get("temp_size_in_bytes", 0))
+    row = {"batch": batch, "micro_batches": micro, "total_gib": total / GIB, "cache_gib": cache_bytes(setup) / GIB,
+           "compile_s": round(compiled.compile_seconds, 1),
+           **{key.replace("_size_in_bytes", "_gib"): value / GIB for key, value in memory.items()
+              if key != "generated_code_size_in_bytes"}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def memory_mode(args: argparse.Namespace) -> dict[str, Any]:
+    rows = {micro: compiled_memory(args, args.batch, micro) for micro in args.micro}
+    result: dict[str, Any] = {"rows": list(rows.values())}
+    if 1 in rows:
+        base = rows[1]["temp_gib"]
+        result["temp_vs_k1"] = {micro: row["temp_gib"] / base for micro, row in rows.items()}
+    if args.fit:
+        capacity = args.capacity_gb * 1e9 / GIB
+        fits = {}
+        for micro, row in rows.items():
+            double = compiled_memory(args, 2 * args.batch, micro)
+            per_example = (double["total_gib"] - row["total_gib"]) / args.batch
+            fixed = row["total_gib"] - per_example * args.batch
+            largest = int((capacity - fixed) / per_example) // micro * micro if per_example > 0 else None
+            fits[micro] = {"fixed_gib": fixed, "per_example_gib": per_example, "largest_batch": largest}
+        result["largest_batch_in"] = {"capacity_gb": args.capacity_gb, **fits}
+    return result
+
+
+def synthetic_batch(setup: loop.Setup, caption_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random pixels, captions of `caption_tokens` tokens ending in EOT, boxes inside the image, masks on."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for key, spec in setup.batch_spec.items():
+        shape, dtype = spec.shape, np.dtype(spec.dtype)
+        if dtype == np.bool_:
+            batch[key] = np.ones(shape, bool)
+        elif key.endswith("boxes"):
+            start = rng.uniform(0.0, 0.4, size=shape[:-1] + (2,))
+            batch[key] = np.concatenate([start, start + 0.5], axis=-1).astype(dtype)
+        elif key.endswith("category"):
+            batch[key] = rng.integers(0, 5, size=shape).astype(dtype)
+        elif np.issubdtype(dtype, np.integer):
+            tokens = np.zeros(shape, dtype)
+            length = min(caption_tokens, shape[-1] - 1)
+            tokens[..., :length] = rng.integers(1, 49000, size=shape[:-1] + (length,))
+            tokens[..., length] = 49407
+            batch[key] = tokens
+        else:
+            batch[key] = rng.normal(size=shape).astype(dtype)
+    return batch
+
+
+def speed_mode(args: argparse.Namespace) -> dict[str, Any]:
+    runs = {}
+    for micro in args.micro:
+        setup = loop.build(load_config(args.config, args.batch, micro, args.dtype, args.remat))
+        compiled = step_lib.compile_step(setup.train_step, setup.abstract_state, setup.shardings, setup.batch_spec, setup.mesh)
+        batch = multihost.host_batch_to_global(synthetic_batch(setup, args.caption_tokens), mesh_lib.batch_sharding(setup.mesh))
+        state = loop.initial_state(setup)
+        state, metrics = compiled.run(state, batch)  # warm-up
+        jax.block_until_ready(metrics)
+        runs[micro] = {"compiled": compiled, "batch": batch, "state": state, "times": [],
+                       "compile_s": compiled.compile_seconds}
+    for _ in range(args.iters):
+        for micro, run in runs.items():
+            start = time.perf_counter()
+            run["state"], metrics = run["compiled"].run(run["state"], run["batch"])
+            jax.block_until_ready(metrics)
+            run["times"].append(time.perf_counter() - start)
+    medians = {micro: statistics.median(run["times"]) for micro, run in runs.items()}
+    base = medians.get(1) or next(iter(medians.values()))
+    return {"step_s": medians, "vs_k1": {micro: value / base for micro, value in medians.items()},
+            "compile_s": {micro: round(run["compile_s"], 1) for micro, run in runs.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("memory", "speed"))
+    parser.add_argument("--config", required=True, help="a recipe file, optionally with its argument: configs/farslip.py:s1")
+    parser.add_argument("--batch", type=int, required=True, help="global batch")
+    parser.add_argument("--micro", default="1,4", help="comma-separated micro-batch counts K")
+    parser.add_argument("--dtype", default="", help="compute dtype (default: the recipe's)")
+    parser.add_argument("--remat", default="none", choices=("none", "block"))
+    parser.add_argument("--iters", type=int, default=5, help="speed: timed steps per K (median)")
+    parser.add_argument("--caption-tokens", type=int, default=20, help="speed: tokens per caption (RS captions: 15-20)")
+    parser.add_argument("--capacity-gb", type=float, default=80.0, help="memory: device memory for the fit (1e9 bytes)")
+    parser.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True,
+                        help="memory: also compile at twice the batch to find the largest batch that fits")
+    args = parser.parse_args(argv)
+    args.micro = [int(value) for value in args.micro.split(",")]
+    result = memory_mode(args) if args.mode == "memory" else speed_mode(args)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(json.dumps({"mode": args.mode, "config": args.config, "batch": args.batch, "dtype": args.dtype or "recipe",
+                      "remat": args.remat, "backend": jax.default_backend(), "load_average": load, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
