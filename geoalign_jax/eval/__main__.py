@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                "segmentation a folder of 'prepare segmentation'.")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with --checkpoint WORKDIR: read this step (default: the newest step that reads back whole)")
     weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
@@ -92,8 +94,8 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if args.checkpoint:
         from geoalign_jax.params_checkpoint import load_params
 
-        config, params = load_params(args.checkpoint)
-        return config, params, f"checkpoint {args.checkpoint}"
+        config, params = load_params(args.checkpoint, step=args.step)  # logs the step it read
+        return config, params, f"checkpoint {args.checkpoint}" + (f" step {args.step}" if args.step is not None else "")
     if args.open_clip or args.hf:
         from geoalign_jax.convert.pretrained import load_pretrained
 
@@ -139,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("segmentation tasks need the JAX backend (SegEarth-OV's dense last layer)")
     if args.backend == "open_clip" and args.dense != "last":
         parser.error("--dense segearth exists only for the JAX backend")
+    if args.step is not None and not args.checkpoint:
+        parser.error("--step needs --checkpoint (a trainer workdir)")
     if args.exclude_overlap and not args.train_data:
         parser.error("--exclude-overlap needs --train-data")
     try:  # before loading any weights: a refused training split should cost nothing

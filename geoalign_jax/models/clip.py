@@ -117,6 +117,19 @@ def model_names() -> list[str]:
     return sorted(_NAMED_CONFIGS)
 
 
+def override_types() -> dict[str, type]:
+    """Every field `get_model_config` overrides, by its override name (`embed_dim`, `vision_width`,
+    `text_context_length`, ...) -> its type; `remat` is left out (the trainer sets it from `train.remat`)."""
+    types = {}
+    for prefix, cls in (("", CLIPConfig), ("vision_", VisionConfig), ("text_", TextConfig)):
+        for field in dataclasses.fields(cls):
+            if field.name in ("vision", "text", "remat") and cls is CLIPConfig:
+                continue
+            default = field.default
+            types[prefix + field.name] = float if field.name == "init_logit_bias" else type(default)
+    return types
+
+
 def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     """A named architecture, e.g. "ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14", "tiny".
 
