@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -27,15 +28,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from geoalign_jax import checkpoint_steps
 from geoalign_jax.models.clip import CLIPConfig, Params, init_params
 from geoalign_jax.parallel import multihost
+
+logger = logging.getLogger(__name__)
 
 PARAMS_FORMAT = "geoalign-params"
 PARAMS_VERSION = 1
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 EMA_DIR = "ema"  # a trainer step's EMA of the parameters (train.ema_decay > 0), the same tree as params/
-TRAINER_CHECKPOINTS_DIR = "checkpoints"
+TRAINER_CHECKPOINTS_DIR = checkpoint_steps.CHECKPOINTS_DIR
 
 
 def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -45,10 +49,10 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     if (path / CONFIG_FILE).is_file():
         return path / CONFIG_FILE, path / PARAMS_DIR
     if (path / TRAINER_CHECKPOINTS_DIR).is_dir():
-        steps = ocp.utils.checkpoint_steps(path / TRAINER_CHECKPOINTS_DIR)
+        steps = checkpoint_steps.finished_steps(path / TRAINER_CHECKPOINTS_DIR)
         if not steps:
             raise FileNotFoundError(f"{path} is a trainer workdir without any finished checkpoint")
-        path = path / TRAINER_CHECKPOINTS_DIR / str(max(steps))
+        path = path / TRAINER_CHECKPOINTS_DIR / str(steps[0])
     if (path / PARAMS_DIR).is_dir() and (path.parent / CONFIG_FILE).is_file():
         return path.parent / CONFIG_FILE, path / PARAMS_DIR
     raise FileNotFoundError(
@@ -124,18 +128,28 @@ def read_model_config(path: str | pathlib.Path) -> CLIPConfig:
     return CLIPConfig.from_dict(meta["model"])
 
 
-def load_params(
-    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, ema: bool = False
-) -> tuple[CLIPConfig, Params]:
-    """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params).
+def _step_candidates(path: pathlib.Path, step: int | None) -> list[pathlib.Path]:
+    """The folders `load_params` may read, in order: a trainer workdir's steps newest first (only `step` when
+    given), or the one checkpoint / step folder `path` names."""
+    checkpoints = path / TRAINER_CHECKPOINTS_DIR
+    if not (checkpoints.is_dir() and not (path / CONFIG_FILE).is_file()):
+        if step is not None:
+            raise ValueError(f"--step {step}: {path} is not a trainer workdir (a step is chosen among its "
+                             f"{TRAINER_CHECKPOINTS_DIR}/)")
+        return [path]
+    steps = checkpoint_steps.finished_steps(checkpoints)
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"{checkpoints} has no finished step {step} (steps: {sorted(steps) or 'none'})")
+        steps = [step]
+    if not steps:
+        raise FileNotFoundError(f"{path} is a trainer workdir without any finished checkpoint")
+    return [checkpoints / str(number) for number in steps]
 
-    `ema`: the step's EMA of the parameters instead (a trainer workdir or step trained with train.ema_decay).
 
-    With `expected_config`, a checkpoint of another architecture is refused before reading weights;
-    numerics (dtype, param_dtype, remat) are not architecture: the expected config's are returned.
-    """
-    path = pathlib.Path(path).absolute()
-    config = read_model_config(path)
+def _read_params(path: pathlib.Path, config: CLIPConfig, *, ema: bool = False) -> Params:
+    """The parameter tree under `path` (a checkpoint or one step; `ema`: the step's EMA weights) checked
+    against its digest and `config`."""
     _, params_dir = locate(path)
     if ema:
         params_dir = params_dir.parent / EMA_DIR
@@ -144,20 +158,66 @@ def load_params(
                 f"{path}: no EMA weights ({params_dir} is absent: only trainer checkpoints of a run with "
                 "train.ema_decay > 0 have them)"
             )
+    if path.parent.name == TRAINER_CHECKPOINTS_DIR:
+        checkpoint_steps.verify_digest(path, under=params_dir.name)
     target = abstract_params(config)
-    if expected_config is not None:
-        same_numerics = dataclasses.replace(
-            config, dtype=expected_config.dtype, param_dtype=expected_config.param_dtype, remat=expected_config.remat
-        )
-        if same_numerics != expected_config:
-            check_param_shapes(abstract_params(expected_config), target, source=str(path))
-            raise ValueError(f"{path}: model config {config} differs from the expected {expected_config}")
-        config = expected_config
-        target = abstract_params(config)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(params_dir)
         stored_tree = getattr(stored, "item_metadata", stored)
         stored_tree = getattr(stored_tree, "tree", stored_tree)
         check_param_shapes(target, stored_tree, source=str(path))
-        params = checkpointer.restore(params_dir, target)
+        return checkpointer.restore(params_dir, target)
+
+
+def load_params(
+    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, step: int | None = None,
+    ema: bool = False,
+) -> tuple[CLIPConfig, Params]:
+    """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params).
+
+    `ema`: the step's EMA of the parameters instead (a trainer workdir or step trained with train.ema_decay).
+
+    With `expected_config`, a checkpoint of another architecture is refused before reading weights;
+    numerics (dtype, param_dtype, remat) are not architecture: the expected config's are returned.
+
+    A trainer workdir is read at its newest step that reads back whole (checkpoint_steps.py), or at `step`;
+    a damaged step is skipped with a one-line warning and left in place (reading changes nothing), and the
+    step read is logged. Nothing readable: DamagedStepError / NoIntactStepError (ValueErrors, one line).
+    """
+    path = pathlib.Path(path).absolute()
+    candidates = _step_candidates(path, step)
+    config = read_model_config(path)
+    if expected_config is not None:
+        same_numerics = dataclasses.replace(
+            config, dtype=expected_config.dtype, param_dtype=expected_config.param_dtype, remat=expected_config.remat
+        )
+        if same_numerics != expected_config:
+            check_param_shapes(abstract_params(expected_config), abstract_params(config), source=str(path))
+            raise ValueError(f"{path}: model config {config} differs from the expected {expected_config}")
+        config = expected_config
+    if step is not None or candidates == [path]:  # one folder named: its failure is the error
+        try:
+            params = _read_params(candidates[0], config, ema=ema)
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 - orbax / tensorstore: many types, many lines
+            raise checkpoint_steps.DamagedStepError(
+                f"{candidates[0]} does not read back: {checkpoint_steps.reason(error)}") from None
+        if step is not None:
+            logger.info("reading checkpoint step %d of %s", step, candidates[0].parent)
+        return config, jax.tree.map(np.asarray, params)
+    checkpoints = candidates[0].parent
+
+    def skip(number: int, why: str) -> None:
+        logger.warning(checkpoint_steps.damaged_line(checkpoints, number, why, "skipped (left in place)"))
+
+    found = checkpoint_steps.newest_intact(
+        [int(folder.name) for folder in candidates], lambda number: _read_params(checkpoints / str(number), config, ema=ema),
+        on_damaged=skip,
+    )
+    if found is None:
+        raise checkpoint_steps.NoIntactStepError(
+            f"{checkpoints}: no intact checkpoint step (tried {', '.join(folder.name for folder in candidates)})")
+    number, params = found
+    logger.info("reading checkpoint step %d of %s", number, checkpoints)
     return config, jax.tree.map(np.asarray, params)

@@ -11,7 +11,10 @@ python -m geoalign_jax.prepare mgrs       --json text_info.json --images MGRS/gl
 python -m geoalign_jax.prepare webdataset --shards 'RS5M/{pub11,rs3}-train-{0000..0031}.tar' --out data/rs5m --name rs5m
 python -m geoalign_jax.prepare csv        --csv train=SkyScript_train.csv --csv val=SkyScript_val.csv --out data/skyscript --name skyscript
 python -m geoalign_jax.prepare labels-csv --csv bench/aid/aid_img_txt_pairs_test.csv --classnames bench/aid/classnames.txt --image-root bench --out data/aid --name aid
+python -m geoalign_jax.prepare segmentation --preset loveda --images LoveDA/img_dir/val --masks LoveDA/ann_dir/val --out data/loveda
 ```
+`segmentation` (image + label-map mask folders, for `evaluate --tasks segmentation:...`) writes a folder of its own
+(data/prepare_segmentation.py) and takes only its own options.
 Every format also takes `--out --workers --num-shards|--records-per-shard --max-bad-fraction --min-box-visible
 --overwrite --no-progress`. Prints the summary; exit status 1 (nothing written) on too much bad input or a
 configuration that cannot be used, 2 on bad command-line usage.
@@ -34,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
-                               prepare_formats)
+                               prepare_formats, prepare_segmentation)
 from geoalign_jax.data.skip_accounting import ConversionError
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
@@ -282,6 +285,8 @@ FORMATS: dict[str, Format] = {
 }
 
 
+SEGMENTATION_HELP = ("images + single-channel label-map masks matched by file stem (open-vocabulary segmentation; "
+                     "--preset for FarSLIP's 8 benchmarks)")
 FINGERPRINTS_HELP = "write the missing image fingerprint sidecars of prepared shards (for the overlap check)"
 
 
@@ -326,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         fmt.add_arguments(command)
         add_common_arguments(command)
     _fingerprints_arguments(commands.add_parser("fingerprints", help=FINGERPRINTS_HELP, description=FINGERPRINTS_HELP))
+    prepare_segmentation.add_arguments(commands.add_parser("segmentation", help=SEGMENTATION_HELP,
+                                                           description=SEGMENTATION_HELP))
     return parser
 
 
@@ -333,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
+    if args.format == "segmentation":
+        return prepare_segmentation.run_cli(args)
     if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
         from geoalign_jax.data import bucket_output
 

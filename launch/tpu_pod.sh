@@ -68,14 +68,26 @@ spot_flag=()
 [ "$spot" = false ] || spot_flag=(--spot)
 if [ "$queued" = true ]; then kind="queued resource"; else kind="TPU VM"; fi
 
-# Read-only: the TPU's state ("" when it does not exist, or gcloud cannot say).
+# Read-only: the TPU's state ("" when it does not exist). Any other gcloud failure (no project set, no
+# credentials, no such zone) stops the script with gcloud's own message: a TPU gcloud cannot describe is not
+# "absent", and a dry run must not plan to create it.
 tpu_state() {
   command -v gcloud >/dev/null || return 0
+  local errors out status=0
+  errors="$(mktemp)"
   if [ "$queued" = true ]; then
-    gcloud compute tpus queued-resources describe "$name" "${scope[@]}" --format='value(state.state)' 2>/dev/null || true
+    out="$(gcloud compute tpus queued-resources describe "$name" "${scope[@]}" --format='value(state.state)' 2>"$errors")" || status=$?
   else
-    gcloud compute tpus tpu-vm describe "$name" "${scope[@]}" --format='value(state)' 2>/dev/null || true
+    out="$(gcloud compute tpus tpu-vm describe "$name" "${scope[@]}" --format='value(state)' 2>"$errors")" || status=$?
   fi
+  local message
+  message="$(tr '\n' ' ' < "$errors")"
+  rm -f "$errors"
+  if [ "$status" -ne 0 ]; then
+    [[ "$message" =~ NOT_FOUND|"not found"|"was not found" ]] && return 0
+    die "gcloud cannot describe $kind $name (exit status $status): ${message:-no message}"
+  fi
+  printf '%s\n' "$out"
 }
 
 create_tpu() {

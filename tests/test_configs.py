@@ -77,3 +77,19 @@ def test_bad_configs_are_refused_with_the_field_named():
     config.loss.scene_kind = "siglip"
     with pytest.raises(ValueError, match="init_logit_bias"):
         experiment.check_config(config)
+
+
+def test_every_model_field_has_a_typed_unset_override():
+    """Every CLIPConfig field can be set as --config.model.overrides.FIELD, whether or not the recipe set it
+    (the command line itself: tests/test_workdir_faults.py)."""
+    from geoalign_jax.models import clip
+
+    config = experiment.get_config()
+    assert set(config.model.overrides) == set(clip.override_types()) >= {
+        "embed_dim", "init_logit_bias", "quick_gelu", "vision_width", "vision_patch_size", "text_layers"}
+    assert experiment.model_config(config) == clip.get_model_config(config.model.name)  # unset: the named model's
+    config.model.overrides.vision_width, config.model.overrides.init_logit_bias = 128, -10.0
+    model = experiment.model_config(config)
+    assert (model.vision.width, model.init_logit_bias, model.text.width) == (128, -10.0, 512)
+    with pytest.raises(TypeError):
+        config.model.overrides.vision_layers = "six"

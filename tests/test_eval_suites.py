@@ -74,8 +74,7 @@ def test_farslip_suite_reads_the_layout_records_the_authors_split_and_writes_the
     specs, skipped = suites.discover("farslip", bench)
     assert [spec.prefix for spec in specs] == ["zeroshot/aid", "zeroshot/nwpu"]
     assert set(skipped) >= {"zeroshot/SkyScript_cls", "zeroshot/fmow", "retrieval/rsicd", "segmentation/loveda"}
-    if "segmentation" not in runner.TASK_KINDS:
-        assert skipped["segmentation/loveda"] == suites.SEGMENTATION_UNAVAILABLE
+    assert skipped["segmentation/loveda"] == "not in the benchmark root (segmentation/loveda not found)"
     with pytest.raises(runner.TaskError, match=r"split 'train' is a training split.*split_by"):
         runner.run_tasks(CONFIG, params, [runner.TaskSpec(**{**specs[1].__dict__, "split_by": None})],
                           embedder=embedder, progress=False, describe_model=False)
@@ -98,6 +97,46 @@ def test_farslip_suite_reads_the_layout_records_the_authors_split_and_writes_the
     assert cells[1] == "skipped" and cells[-1] == "n/a (2 of 8 run)"
     assert "| FarSLIP-s2 ViT-B/16 (published) | 57.98 | 73.95 |" in table
     assert "assets/classification.png" in table and "zeroshot/fmow: not in the benchmark root" in table
+
+
+def test_farslip_suite_puts_the_segmentation_miou_in_the_ovss_row(shared_data, params, embedder, tmp_path):
+    """segmentation/loveda (prepared with its preset, real AID crops, random masks) is scored with the preset's
+    protocol: its mIoU is the task's own and lands in the LoveDA column; a folder of another preset is skipped."""
+    from PIL import Image
+
+    from geoalign_jax.data import prepare_segmentation, segmentation_presets
+    from geoalign_jax.eval import seg_task
+
+    assert [c.task.split("/")[1] for c in paper_tables.OVSS_COLUMNS] == \
+        ["openearthmap", "loveda", "potsdam", "vaihingen", "udd5", "vdd", "uavid", "isaid"]
+    assert {c.task.split("/")[1] for c in paper_tables.OVSS_COLUMNS} == set(segmentation_presets.PRESETS)
+    raw, rng = tmp_path / "raw", np.random.default_rng(0)
+    (raw / "img").mkdir(parents=True)
+    (raw / "ann").mkdir()
+    for index, file in enumerate(sorted((shared_data / "aid_sample").glob("*/*.jpg"))[:2]):
+        image = np.asarray(Image.open(file).convert("RGB"))[:40, :56]
+        Image.fromarray(image).save(raw / "img" / f"tile_{index}.png")
+        Image.fromarray(rng.integers(0, 7, image.shape[:2]).astype(np.uint8)).save(raw / "ann" / f"tile_{index}.png")
+    seg_root = tmp_path / "bench" / "segmentation"
+    prepare_segmentation.prepare_segmentation(raw / "img", raw / "ann", seg_root / "loveda", preset="loveda")
+    prepare_segmentation.prepare_segmentation(raw / "img", raw / "ann", seg_root / "potsdam", preset="vaihingen")
+    specs, skipped = suites.discover("farslip", tmp_path / "bench")
+    assert [spec.prefix for spec in specs] == ["segmentation/loveda"]
+    assert skipped["segmentation/potsdam"] == "segmentation/potsdam was prepared with preset 'vaihingen', not 'potsdam'"
+    result = suites.run_suite(specs, skipped, model_config=CONFIG, params=params, embedder=embedder, progress=False)
+    miou = result.report.metrics["segmentation/loveda/mIoU"]
+    own = seg_task.evaluate_segmentation(CONFIG, params, seg_root / "loveda", embed_texts=embedder.embed_texts,
+                                         matmul_precision=embedder.matmul_precision)
+    assert own.options.threshold == 0.3 and own.options.resize == (448, 448)  # LoveDA's SegEarth-OV settings
+    assert 0.0 < miou == pytest.approx(own.metrics["mIoU"], abs=1e-9)
+    assert result.report.provenance["tasks"]["segmentation/loveda"]["split"] == "val"
+    table = suites.format_tables(suites.get_suite("farslip"), result.report.metrics, result.skipped,
+                                 result.report.notes, "tiny")
+    lines = table.splitlines()
+    ours = next(line for line in lines[lines.index("## Open-vocabulary semantic segmentation, mIoU (%)"):]
+                if line.startswith("| ours |"))
+    cells = [cell.strip() for cell in ours.strip("|").split("|")]
+    assert cells[1:5] == ["skipped", f"{miou:.2f}", "skipped", "skipped"] and cells[-1] == "n/a (1 of 8 run)"
 
 
 def test_suite_cli_writes_table_md_and_results(bench, tmp_path):

@@ -24,7 +24,9 @@ printf '%s\n' "$*" >> "$FAKE_GCLOUD_LOG"
 state="$(cat "$FAKE_TPU_STATE_FILE")"
 case "$*" in
   *" describe "*networkEndpoints*) [ "$state" = READY ] || exit 1; echo "10.130.0.2;10.130.0.3" ;;
-  *" describe "*) [ "$state" != absent ] || { echo "ERROR: NOT_FOUND" >&2; exit 1; }; echo "$state" ;;
+  *" describe "*) [ "$state" != absent ] || { echo "ERROR: NOT_FOUND" >&2; exit 1; }
+                 [ "$state" != no-project ] || { echo "ERROR: (gcloud) The required property [project] is not currently set." >&2; exit 1; }
+                 echo "$state" ;;
   *" create "*) echo READY > "$FAKE_TPU_STATE_FILE" ;;
   *" delete "*) echo absent > "$FAKE_TPU_STATE_FILE" ;;
   *geoalign_jax.train*)
@@ -234,10 +236,27 @@ def test_slurm_tasks_get_the_environment_initialize_distributed_reads(tmp_path):
             ("gpu-node07:12345", 2, process_id)
 
 
-def test_slurm_outside_a_job_says_to_use_sbatch(tmp_path):
-    result = _run("gpu_slurm.sbatch", ["--config", "configs/demo.py", "--workdir", "w", "--dry-run"],
-                  {**_tools(tmp_path), "GEOALIGN_ROOT": str(REPO_ROOT)}, cwd=tmp_path)
+def test_slurm_outside_a_job_says_to_use_sbatch_and_dry_runs_with_a_host_list_without_scontrol(tmp_path):
+    env = {**_tools(tmp_path), "GEOALIGN_ROOT": str(REPO_ROOT)}
+    result = _run("gpu_slurm.sbatch", ["--config", "configs/demo.py", "--workdir", "w"], env, cwd=tmp_path)
     assert result.returncode == 2 and "SLURM_JOB_ID is not set: submit this script with sbatch" in result.stderr
+    result = _run("gpu_slurm.sbatch", ["--config", "configs/demo.py", "--workdir", "w", "--dry-run"], env, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: --dry-run outside a SLURM job needs --hosts H1,H2,... (the job's nodes)\n"
+    (tmp_path / "bin" / "scontrol").unlink()
+    result = _run("gpu_slurm.sbatch", ["--config", "configs/demo.py", "--workdir", "w", "--dry-run", "--hosts", "a1,a2"],
+                  env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "# job 0: 2 nodes (a1 a2), 2 tasks, coordinator a1:61440" in result.stdout
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("# task ")] == \
+        ["# task 0 on a1", "# task 1 on a2"]
+
+
+def test_tpu_dry_run_shows_gclouds_own_error_when_it_cannot_describe_the_tpu(tmp_path):
+    env = _tools(tmp_path)
+    (tmp_path / "tpu_state").write_text("no-project\n")
+    result = _run("tpu_pod.sh", [*TPU_ARGS, "--dry-run"], env)
+    assert result.returncode == 2 and not _commands(result.stdout)  # plans nothing, creates nothing
+    assert "gcloud cannot describe TPU VM geo-pod (exit status 1): ERROR: (gcloud) The required property [project] is not currently set." in result.stderr
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_node.sh", "gpu_slurm.sbatch"])

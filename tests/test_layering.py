@@ -17,6 +17,7 @@ FORBIDDEN = {
     "eval": {"losses", "train"},  # RoI-Align comes from models/, parameters from params_checkpoint
     "convert": {"losses", "train", "eval"},
     "params_checkpoint": {"losses", "train", "eval", "convert", "data"},
+    "checkpoint_steps": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
     "batch_contract": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
     # leaves every room may use (plain Python): they import no room
     **{leaf: {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint", "batch_contract",

@@ -76,8 +76,8 @@ def test_module_cli_from_another_folder_exit_codes_and_summary(tmp_path):
             "--out", "out", "--workers", "1", "--no-progress"]
     failed = _run_module(args, tmp_path)
     assert failed.returncode == 1, failed.stderr
-    assert "unknown file: 1 (e.g. pairs.tsv:4 (imgs/gone.png))" in failed.stderr and "NOTHING written" in failed.stderr
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert "missing image: 1 (e.g. pairs.tsv:4 (imgs/gone.png))" in failed.stderr and "NOTHING written" in failed.stderr
+    assert not (tmp_path / "out").exists()  # nothing written: not even an empty --out folder
 
     done = _run_module(args + ["--max-bad-fraction", "0.5"], tmp_path)
     assert done.returncode == 0, done.stderr

@@ -98,10 +98,10 @@ def test_karpathy_fixture_skips_and_reports_every_bad_input(tmp_path):
     summary = prepare_formats.prepare_karpathy(json_path, images, out, split_map={"restval": "train"},
                                           max_bad_fraction=1.0, num_shards=2, **QUIET)
     assert summary.written == {"train": 2, "test": 1}
-    assert summary.skipped == {"broken image": 1, "unknown file": 1, "no captions": 1, "empty caption": 3,
+    assert summary.skipped == {"broken image": 1, "missing image": 1, "no captions": 1, "empty caption": 3,
                                "malformed annotation": 1}
     assert summary.skipped_examples["broken image"] == ["broken.jpg"]
-    assert summary.skipped_examples["unknown file"] == ["missing.jpg"]
+    assert summary.skipped_examples["missing image"] == ["missing.jpg"]
     assert summary.skipped_examples["no captions"] == ["c.jpg"]
     assert summary.skipped_examples["malformed annotation"] == ["dataset_toy.json:images[6]"]
     # inputs: 7 entries, 4 dropped; annotations: captions of the 4 images that loaded (a, b, c, e), 3 blank
@@ -127,7 +127,7 @@ def test_karpathy_fails_past_bad_fraction_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="inputs skipped") as error:
         prepare_formats.prepare_karpathy(json_path, images, out, max_bad_fraction=0.05, **QUIET)
-    assert error.value.summary.skipped["unknown file"] == 1
+    assert error.value.summary.skipped["missing image"] == 1
     assert "missing.jpg" in str(error.value) and "broken.jpg" in str(error.value)
     assert not (out / "manifest.json").exists() and not list(out.glob("*.array_record")) \
         and not list(out.glob(".tmp*"))
@@ -139,7 +139,7 @@ def test_real_caption_jsons_without_images_fail_as_unknown_files(shared_data, tm
     with pytest.raises(ConversionError, match="every input was skipped") as error:
         prepare_formats.prepare_karpathy(json_path, tmp_path / "no_images", tmp_path / "out", workers=2, **QUIET)
     summary = error.value.summary
-    assert summary.skipped == {"unknown file": expected} and summary.records_seen == expected
+    assert summary.skipped == {"missing image": expected} and summary.records_seen == expected
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -270,7 +270,7 @@ def test_dota_fixture_headers_malformed_lines_and_clipping(tmp_path):
     out = tmp_path / "out"
     summary = prepare_detection.prepare_dota(images, labels, out, split="val", max_bad_fraction=0.7, **QUIET)
     assert summary.skipped == {"box outside image": 2, "malformed line": 1, "degenerate box": 1,
-                               "unknown file": 1, "no label file": 1}
+                               "missing image": 1, "no label file": 1}
     assert summary.skipped_examples["malformed line"] == ["A.txt:6"]
     assert summary.skipped_examples["no label file"] == ["C.png"]
     got = {r["id"]: r for r in _records(out, "val")}
@@ -323,7 +323,7 @@ def test_jsonl_fixture(tmp_path):
     out = tmp_path / "out"
     summary = prepare_formats.prepare_jsonl(path, out, name="corpus", max_bad_fraction=1.0, **QUIET)
     assert summary.written == {"train": 1, "val": 1}
-    assert summary.skipped == {"malformed line": 5, "unknown file": 1, "no text": 1, "duplicate id": 1,
+    assert summary.skipped == {"malformed line": 5, "missing image": 1, "no text": 1, "duplicate id": 1,
                                "empty caption": 3, "box outside image": 1, "degenerate box": 1,
                                "region without text": 1}
     malformed = summary.skipped_examples["malformed line"]
@@ -332,7 +332,7 @@ def test_jsonl_fixture(tmp_path):
     assert "bad JSON" in malformed[0] and "missing 'image'" in malformed[1] and "colour" in malformed[2]
     assert "regions[0].box" in malformed[3] and "'captions' must be a list of strings" in malformed[4]
     assert summary.skipped_examples["duplicate id"] == ["corpus.jsonl:9"]
-    assert summary.skipped_examples["unknown file"] == ["corpus.jsonl:7 (imgs/missing.png)"]
+    assert summary.skipped_examples["missing image"] == ["corpus.jsonl:7 (imgs/missing.png)"]
     (scene,) = _records(out, "train")
     assert scene["id"] == "scene-1" and scene["captions"] == ["two planes", "an airport"]
     assert scene["long_caption"] == "A long view of an airport with two planes."
@@ -433,7 +433,7 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
             "--no-progress"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "unknown file: 1 (e.g. missing.jpg)" in err and "NOTHING written" in err
+    assert "missing image: 1 (e.g. missing.jpg)" in err and "NOTHING written" in err
     assert cli.main(argv + ["--max-bad-fraction", "0.9", "--split-map", "restval=train"]) == 0
     out = capsys.readouterr().out
     assert "train: 2 records in 1 shards" in out and "broken image: 1 (e.g. broken.jpg)" in out

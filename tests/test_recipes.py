@@ -71,7 +71,7 @@ def tiny_override(config, train_shards: str):
     """The recipe on a model and data small enough for two CPU steps; its objective and data switches kept."""
     image = 32
     config.model.name = "tiny"
-    if "vision_image_size" in config.model.overrides:
+    if config.model.overrides.vision_image_size is not None:  # the recipe sets it (every field has a placeholder)
         config.model.overrides.vision_image_size = image
     config.data.train_shards = train_shards
     config.data.batch_size = 4

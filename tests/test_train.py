@@ -157,6 +157,8 @@ def test_a_resumed_log_drops_records_logged_after_the_checkpoint(tmp_path, capsy
 
     records = [json.loads(line, parse_constant=strict) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 4] and records[3] == {"step": 4, "loss": None, "grad_norm": 2.0}
+    aside = (tmp_path / "metrics.jsonl.after_3").read_text().splitlines()  # set aside, not lost
+    assert [json.loads(line)["step"] for line in aside] == [4, 5]
     assert "eval/zeroshot/aid/top1 0.625" in capsys.readouterr().out
     log.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')  # damaged before the end: not guessed at
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
@@ -483,7 +485,8 @@ def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_f
     checkpointer = checkpoint_lib.Checkpointer(rerun, keep=1)
     try:
         checkpointer.write_model_config(dataclasses.replace(model_config, remat=True, dtype="bfloat16"))
-        with pytest.raises(ValueError, match=r"model_config.json: the checkpoints in this workdir are of model"):
+        with pytest.raises(ValueError, match=r"model_config.json: the checkpoints in this workdir are of another model "
+                                              r"\(model.embed_dim: 32 -> 64\); use another --workdir"):
             checkpointer.write_model_config(dataclasses.replace(model_config, embed_dim=model_config.embed_dim * 2))
     finally:
         checkpointer.close()

@@ -1,6 +1,7 @@
 """The trainer under jax.distributed with two local processes (2 CPU devices each, one 4-device mesh): both
 train, a SIGTERM to one process makes both save the same step and stop, the rerun resumes there, and the
-resumed run ends bitwise equal to an uninterrupted one. Only process 0 writes the metrics log and the
+resumed run ends bitwise equal to an uninterrupted one (a damaged newer step, which only process 0's digest
+check catches, is skipped by both). Only process 0 writes the metrics log and the
 evaluation's results.json (whose parameter hash is that of the parameters sharded over both); each process
 checkpoints its own data-iterator position. The processes run tests/train_multihost_worker.py.
 """
@@ -48,6 +49,8 @@ def test_two_processes_train_save_on_sigterm_together_and_resume_bitwise(tmp_pat
     step_dir = out / "interrupted" / "checkpoints" / "6"  # (the preemption step itself is rotated out: keep = 2)
     assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == ["process_0-of-2.json",
                                                                                  "process_1-of-2.json"]
+    # A damaged step after it (tests/train_multihost_worker.py) was set aside by both processes together.
+    assert (out / "interrupted" / "checkpoints" / f"{stopped_at + 1}.damaged").is_dir()
     # Both resumed from it and finished; the result is bit for bit the uninterrupted run's.
     for result in results:
         assert result["resumed"][:3] == ["finished", stopped_at, 6]

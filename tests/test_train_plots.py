@@ -49,3 +49,21 @@ def test_a_damaged_or_empty_log_is_refused_naming_it(tmp_path, capsys):
         plots.plot_training_curves(tmp_path / "evals_only")
     assert plots.main([str(tmp_path / "missing")]) == 2
     assert "no metrics log" in capsys.readouterr().err
+
+
+def test_a_short_run_shows_its_points_and_says_why_a_panel_is_empty(tmp_path, monkeypatch):
+    """One logged step: drawn with a marker (a line through one point draws nothing); empty panels say why."""
+    drawn, empty = [], []
+    draw, say_empty = plots._draw, plots._say_empty
+
+    def spy(axis, steps, values, *args, **style):
+        count = draw(axis, steps, values, *args, **style)
+        drawn.append((count, axis.lines[-1].get_marker() if count else None))
+        return count
+
+    monkeypatch.setattr(plots, "_draw", spy)
+    monkeypatch.setattr(plots, "_say_empty", lambda axis, count, why: (count or empty.append(why), say_empty(axis, count, why)))
+    _write_log(tmp_path / "run", [{"step": 1, "loss": 2.0, "learning_rate": 1e-4, "grad_norm": None}])
+    plots.plot_training_curves(tmp_path / "run")
+    assert drawn[:2] == [(1, "o"), (1, "o")] and (0, None) in drawn  # loss, learning rate; no grad_norm
+    assert empty[0] == "no finite gradient norm or logit scale logged" and empty[1].startswith("no evaluation in this run")

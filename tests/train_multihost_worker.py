@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import sys
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 import jax  # noqa: E402
 
+import bad_files  # noqa: E402
 from geoalign_jax.parallel import multihost  # noqa: E402
 
 NUM_STEPS = 6
@@ -65,6 +67,15 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     interrupted = loop.run(config, args.out / "interrupted", progress=False, on_step=preempt)
+    # A damaged newer step (a copy of the saved one, a block zeroed: its digest fails on process 0 only, which
+    # reads it): both processes must skip it together and resume from the saved step.
+    checkpoints = args.out / "interrupted" / "checkpoints"
+    if jax.process_index() == 0:
+        damaged = checkpoints / str(interrupted.step + 1)
+        shutil.copytree(checkpoints / str(interrupted.step), damaged)
+        bad_files.zero_block(max((p for p in (damaged / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size),
+                             size=64)
+    multihost.sync_barrier("test:damaged_step")
     resumed = loop.run(config, args.out / "interrupted", progress=False)
     from geoalign_jax.eval import provenance
 

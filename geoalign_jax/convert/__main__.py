@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="parameters checkpoint -> open_clip local-dir folder or HF folder")
     export.add_argument("--params", required=True, type=pathlib.Path,
                         help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
+    export.add_argument("--step", type=int, default=None,
+                        help="with a trainer workdir: export this step (default: the newest step that reads back whole)")
     export.add_argument("--format", required=True, choices=FORMATS)
     export.add_argument("--out", required=True, type=pathlib.Path, help="output folder (must be absent or empty)")
     export.add_argument("--ema", action="store_true",
@@ -57,13 +59,14 @@ def _check_out_dir(out: pathlib.Path) -> None:
         raise ValueError(f"--out {out} exists and is not an empty folder")
 
 
-def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path, *, ema: bool = False) -> list[pathlib.Path]:
-    """Loads a parameters checkpoint (`ema`: a trainer checkpoint's EMA weights) and writes it in `fmt`; returns
-    the files written."""
+def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path, *, step: int | None = None,
+               ema: bool = False) -> list[pathlib.Path]:
+    """Loads a parameters checkpoint (a trainer workdir: its newest intact step, or `step`; the step read is
+    logged; `ema`: a trainer checkpoint's EMA weights) and writes it in `fmt`; returns the files written."""
     from geoalign_jax.params_checkpoint import load_params
 
     _check_out_dir(out)
-    config, params = load_params(params_path, ema=ema)
+    config, params = load_params(params_path, step=step, ema=ema)
     print(f"read {params_path}: {layout.summarize(config, params)}")
     exporter = open_clip.export_open_clip if fmt == "open_clip" else hf.export_hf
     return exporter(config, params, out)
@@ -90,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
-            written = run_export(args.params, args.format, args.out, ema=args.ema)
+            written = run_export(args.params, args.format, args.out, step=args.step, ema=args.ema)
             for path in written:
                 print(f"wrote {path}")
         else:

@@ -221,8 +221,7 @@ def export_hf(config: CLIPConfig, params: Params, out_dir: str | pathlib.Path) -
         import transformers
     except ImportError as error:
         raise ImportError("exporting to the Hugging Face format needs transformers: pip install transformers") from error
-    from safetensors.numpy import save_file
-
+    from geoalign_jax.convert.weight_files import save_safetensors
     from geoalign_jax.tokenizer import write_hf_tokenizer_files
 
     out_dir = pathlib.Path(out_dir)
@@ -230,7 +229,7 @@ def export_hf(config: CLIPConfig, params: Params, out_dir: str | pathlib.Path) -
     state_dict = params_to_hf(config, params)
     hf_config = transformers.CLIPConfig(architectures=["CLIPModel"], dtype="float32", **hf_config_dict(config))
     hf_config.save_pretrained(out_dir)
-    save_file(state_dict, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(state_dict, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     write_hf_tokenizer_files(out_dir, context_length=config.text.context_length)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(
         out_dir, local_files_only=True, model_max_length=config.text.context_length

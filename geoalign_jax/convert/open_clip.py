@@ -264,7 +264,7 @@ def export_open_clip(config: CLIPConfig, params: Params, out_dir: str | pathlib.
     `open_clip.create_model_and_transforms("local-dir:" + out_dir)` loads it strictly, as it is; no torch
     is needed to write it.
     """
-    from safetensors.numpy import save_file
+    from geoalign_jax.convert.weight_files import save_safetensors
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,5 +277,5 @@ def export_open_clip(config: CLIPConfig, params: Params, out_dir: str | pathlib.
     config_path = out_dir / CONFIG_FILE
     config_path.write_text(json.dumps(meta, indent=2))
     weights_path = out_dir / WEIGHTS_FILE
-    save_file(params_to_open_clip(config, params), str(weights_path), metadata={"format": "pt"})
+    save_safetensors(params_to_open_clip(config, params), weights_path, metadata={"format": "pt"})
     return [config_path, weights_path]

@@ -1,15 +1,21 @@
-"""Reading PyTorch weight files: state dicts from `.safetensors` / `.pt` / `.bin` / `.pth`, and a model
-folder's JSON files.
+"""Reading and writing PyTorch weight files: state dicts from `.safetensors` / `.pt` / `.bin` / `.pth`, a
+model folder's JSON files, and the `.safetensors` file an export writes.
 
 Reading never unpickles arbitrary objects: `.safetensors` files are read with safetensors (no torch),
 `.pt`/`.bin`/`.pth` files only with `torch.load(path, map_location="cpu", weights_only=True)`. A file that
 cannot be read (empty, truncated, damaged, not that format) raises `WeightsFileError`, one line naming the
 file and what is wrong; zip-format torch files are checked entry by entry against their CRC-32 first, so a
 changed block fails instead of loading as wrong weights (safetensors and legacy torch files carry no checksum).
+
+Writing: safetensors' writer creates its file with mode 0600 (owner only) whatever the umask, while every other
+file the project writes (the JSON beside it, checkpoints) gets the user's normal permissions; on a shared file
+system an export would be unreadable for the rest of the team. `save_safetensors` writes through safetensors
+and then gives the file the mode an ordinary `open()` would have (0666 less the umask).
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import warnings
 import zipfile
@@ -194,3 +200,24 @@ def as_float32(state_dict: Mapping[str, np.ndarray]) -> StateDict:
         key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
         for key, value in state_dict.items()
     }
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where there is one: setting it to read it is not thread-safe)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors.numpy.save_file, with the file's mode from the umask (see the module docstring)."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())

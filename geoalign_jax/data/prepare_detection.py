@@ -168,7 +168,7 @@ def prepare_dota(
 ) -> ConversionSummary:
     """Convert DOTA-style `labelTxt/*.txt` files with their images (same stem, any image suffix).
 
-    One record per label file; a label file without an image is an 'unknown file', an image without a label
+    One record per label file; a label file without an image is a 'missing image', an image without a label
     file is a 'no label file' skip. Category names are the region text; `category_id` indexes `categories`
     (default: the sorted category names found), listed in the manifest's `category_names`. Large scenes are
     stored whole: tile them first (e.g. with the DOTA devkit) if needed.

@@ -17,7 +17,7 @@ RECORD = "record"  # a whole input (image / line) was dropped
 ANNOTATION = "annotation"  # one caption, region or hard negative of a kept record was dropped
 
 # Reasons shared by every prepare format, so reports and tests use the same words.
-UNKNOWN_FILE = "unknown file"
+UNKNOWN_FILE = "missing image"  # the image file the annotation names does not exist
 BROKEN_IMAGE = "broken image"
 UNSUPPORTED_IMAGE_MODE = "unsupported image mode"
 EMPTY_CAPTION = "empty caption"

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from geoalign_jax.data import fingerprints, records, text_stats
+from geoalign_jax.data.output_folder import leaves_no_empty_folder
 from geoalign_jax.data.parallel_map import ordered_parallel_map
 from geoalign_jax.data.record_builder import BuildOptions, ImageTask, RecordBuilder
 from geoalign_jax.data.skip_accounting import ConversionError, SkipLog
@@ -324,6 +325,7 @@ def check_split_name(split: Any) -> str:
     return split
 
 
+@leaves_no_empty_folder
 @_interrupts_raise()
 def write_dataset(
     tasks: Iterable[ImageTask],

@@ -38,15 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m geoalign_jax.evaluate",
         description="Zero-shot classification, image-text retrieval and region classification of a CLIP model.",
-        epilog="Task syntax: KIND:NAME=PATH[,key=value...]; KIND in zeroshot, retrieval, regions. Keys: split, "
-               "limit, templates (farslip|rs|single), dataset (zero-shot class table), protocol (standard|"
-               "skyscript|skyscript-raw|both), methods (crop+roi), text (retrieval: short|long, long = long_caption), "
-               "split_by (farslip: a training split the paper's authors evaluate), and for CSV files classnames, "
-               "image_root, caption_column. PATH: a record folder (manifest.json), for zeroshot a tree of class "
-               "folders, or a FarSLIP/SkyScript CSV (zeroshot: filepath,label + classnames.txt; retrieval: "
-               "filepath,title).")
+        epilog="Task syntax: KIND:NAME=PATH[,key=value...]; KIND in zeroshot, retrieval, regions, segmentation. Keys: "
+               "split, limit, templates (farslip|rs|single|openai_imagenet), dataset (zero-shot class table), protocol "
+               "(standard|skyscript|skyscript-raw|both), methods (crop+roi), text (retrieval: short|long, long = "
+               "long_caption), split_by (farslip: a training split the paper's authors evaluate), and for CSV files "
+               "classnames, image_root, caption_column; segmentation (SegEarth-OV protocol): crop, stride, logit_scale, "
+               "cls_token_lambda, threshold, background, resize (N|NxM|none), dense (segearth|last), templates, "
+               "window_batch. PATH: a record folder (manifest.json), for zeroshot a tree of class folders, or a "
+               "FarSLIP/SkyScript CSV (zeroshot: filepath,label + classnames.txt; retrieval: filepath,title), for "
+               "segmentation a folder of 'prepare segmentation'.")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with --checkpoint WORKDIR: read this step (default: the newest step that reads back whole)")
     weights.add_argument("--open-clip", "--open_clip", help="open_clip weights file or folder (open_clip_config.json + weights)")
     weights.add_argument("--hf", help="transformers CLIPModel folder (config.json + model.safetensors)")
     weights.add_argument("--model", help="named architecture with random weights (e.g. tiny), for smoke tests")
@@ -90,8 +94,8 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if args.checkpoint:
         from geoalign_jax.params_checkpoint import load_params
 
-        config, params = load_params(args.checkpoint)
-        return config, params, f"checkpoint {args.checkpoint}"
+        config, params = load_params(args.checkpoint, step=args.step)  # logs the step it read
+        return config, params, f"checkpoint {args.checkpoint}" + (f" step {args.step}" if args.step is not None else "")
     if args.open_clip or args.hf:
         from geoalign_jax.convert.pretrained import load_pretrained
 
@@ -133,8 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"task {task.kind}:{task.name}: data path not found: {task.path}")
     if args.backend == "open_clip" and not (args.open_clip and pathlib.Path(args.open_clip).is_dir()):
         parser.error("--backend open_clip needs --open-clip pointing at an open_clip folder (local-dir layout)")
+    if args.backend == "open_clip" and any(task.kind == "segmentation" for task in tasks):
+        parser.error("segmentation tasks need the JAX backend (SegEarth-OV's dense last layer)")
     if args.backend == "open_clip" and args.dense != "last":
         parser.error("--dense segearth exists only for the JAX backend")
+    if args.step is not None and not args.checkpoint:
+        parser.error("--step needs --checkpoint (a trainer workdir)")
     if args.exclude_overlap and not args.train_data:
         parser.error("--exclude-overlap needs --train-data")
     try:  # before loading any weights: a refused training split should cost nothing

@@ -103,6 +103,7 @@ class JaxEmbedder:
         self.text_batch_size = text_batch_size
         self._tokenize = Tokenizer(config.text.context_length)
         self.dense = dense
+        self.matmul_precision = matmul_precision
         self._params = jax.device_put(params)
         self._image_fn, self._embedding_fn, self._text_fn = _compiled_towers(config, dense, matmul_precision)
 

@@ -77,6 +77,9 @@ def write_plots(details: dict[str, dict[str, Any]], out_dir: str | pathlib.Path)
                                           detail["class_ids"], detail["per_class_accuracy"]))
         elif detail["kind"] == "retrieval":
             written.append(plot_recall(out / _file_name(prefix, "recall"), prefix, detail["protocols"]))
+        elif detail["kind"] == "segmentation":
+            written.append(plot_per_class(out / _file_name(prefix, "per_class_iou"), f"{prefix} (IoU)",
+                                          detail["class_names"], detail["per_class_iou"]))
         elif detail["kind"] == "regions":
             for method, accuracy in detail["methods"].items():
                 written.append(plot_per_class(out / _file_name(prefix, f"{method}_per_class"),

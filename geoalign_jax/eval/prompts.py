@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from geoalign_jax.eval.openai_templates import OPENAI_IMAGENET_TEMPLATES
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "farslip": (
         "a satellite photo of {}.",
@@ -41,6 +43,8 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": (
         "a satellite photo of {}.",
     ),
+    # OpenAI's 80 ImageNet templates: SegEarth-OV's segmentation queries (eval/segmentation.py).
+    "openai_imagenet": OPENAI_IMAGENET_TEMPLATES,
 }
 
 DEFAULT_TEMPLATE_SET = "farslip"

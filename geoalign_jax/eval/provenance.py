@@ -99,7 +99,16 @@ def region_items(data: Any, digests: Sequence[bytes]) -> list[bytes]:
             for digest, image_regions in zip(digests, data.regions)]
 
 
-_ITEMS = {"zeroshot": classification_items, "retrieval": retrieval_items, "regions": region_items}
+def segmentation_items(data: Any, digests: Sequence[bytes]) -> list[bytes]:
+    """An image with its mask file and the class names (seg_data.SegmentationSet)."""
+    return [item_digest(digest, mask=hashlib.sha256((data.root / entry["mask"]).read_bytes()).hexdigest(),
+                        classes=data.classes, ignore_index=data.ignore_index,
+                        reduce_zero_label=data.reduce_zero_label)
+            for digest, entry in zip(digests, data.images.entries)]
+
+
+_ITEMS = {"zeroshot": classification_items, "retrieval": retrieval_items, "regions": region_items,
+          "segmentation": segmentation_items}
 
 
 def content_hashes(kind: str, data: Any, digests: Sequence[bytes]) -> dict[str, str]:

@@ -6,7 +6,7 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 _HEADLINE = ("top1", "top5", "mean_per_class", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
-             "t2i_R@10", "i2t_mean", "t2i_mean", "mean_recall")
+             "t2i_R@10", "i2t_mean", "t2i_mean", "mean_recall", "mIoU", "mAcc", "aAcc")
 
 
 def format_table(metrics: Mapping[str, float], notes: Mapping[str, Sequence[str]] | None = None) -> str:

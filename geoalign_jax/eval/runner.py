@@ -11,13 +11,8 @@ honest: a training split is evaluated only with ``allow_train_split`` (``split_g
 leaving the overlapping ones out. The embedding backend is pluggable (``embed.JaxEmbedder`` by default,
 ``embed.OpenClipEmbedder`` for a torch export), so the same metrics code scores both.
 
-Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]`` with KIND in zeroshot,
-retrieval, regions; keys: ``split``, ``limit`` (first N images), ``templates`` (farslip | rs | single),
-``dataset`` (class table for zero-shot prompts, default NAME), ``protocol`` (retrieval: standard |
-skyscript | skyscript-raw | both), ``methods`` (regions: crop+roi, crop, roi), ``text`` (retrieval: short |
-long, see ``long_text``), ``split_by`` (a training split evaluated because a paper's authors do, see
-``benchmark_root``); a PATH that is a CSV file (FarSLIP / SkyScript layout, ``label_csv``) also takes
-``classnames``, ``image_root`` and ``caption_column``.
+Task syntax (CLI and ``parse_task``): ``KIND:NAME=PATH[,key=value...]``, see ``task_spec`` (``TaskSpec``,
+``parse_task``, ``TaskError`` and ``TASK_KINDS`` live there and are importable from here).
 """
 from __future__ import annotations
 
@@ -30,106 +25,13 @@ import numpy as np
 
 from geoalign_jax.data import filesystem
 from geoalign_jax.eval import (benchmark_root, classnames, datasets, embed, label_csv, long_text, metrics, overlap,
-                               preprocess, prompts, provenance, regions, retrieval, zeroshot)
+                               preprocess, prompts, provenance, regions, retrieval, seg_data, seg_task, segmentation,
+                               zeroshot)
+
+# The task syntax; re-exported because it is documented as runner.TaskSpec, runner.parse_task, ...
+from geoalign_jax.eval.task_spec import TASK_KINDS, TaskError, TaskSpec, parse_task  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-TASK_KINDS = ("zeroshot", "retrieval", "regions")
-_TASK_KEYS = {
-    "zeroshot": {"split", "limit", "templates", "dataset", "classnames", "image_root", "split_by"},
-    "retrieval": {"split", "limit", "protocol", "text", "caption_column", "image_root", "split_by"},
-    "regions": {"split", "limit", "templates", "methods"},
-}
-
-
-class TaskError(ValueError):
-    """A task description that cannot be run; the message names the task."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """One evaluation: what kind, a name for the results, where the data are, and options."""
-
-    kind: str
-    name: str
-    path: str
-    split: str | None = None
-    limit: int | None = None
-    templates: str = prompts.DEFAULT_TEMPLATE_SET
-    dataset: str | None = None
-    protocol: str = "standard"
-    methods: tuple[str, ...] = regions.REGION_METHODS
-    classnames: str | None = None  # label-column CSV: its classnames.txt (label_csv)
-    image_root: str | None = None  # CSV: folder the image paths are relative to (default: the CSV's folder)
-    caption_column: str | None = None  # caption CSV: the caption column (default "title")
-    split_by: str | None = None  # whose split choice this is: a key of benchmark_root.SPLIT_CHOICES
-    text: str = "short"  # retrieval: "short" (captions) or "long" (long_caption)
-
-    def __post_init__(self) -> None:
-        task = f"task {self.kind}:{self.name}"
-        if self.kind not in TASK_KINDS:
-            raise TaskError(f"{task}: unknown kind {self.kind!r} (known: {', '.join(TASK_KINDS)})")
-        if not self.name or any(ch in self.name for ch in "/ "):
-            raise TaskError(f"task name {self.name!r} must be non-empty without '/' or spaces")
-        if self.limit is not None and self.limit < 1:
-            raise TaskError(f"{task}: limit must be >= 1, got {self.limit}")
-        if self.templates not in prompts.TEMPLATE_SETS:
-            raise TaskError(f"{task}: unknown templates {self.templates!r} "
-                            f"(known: {', '.join(sorted(prompts.TEMPLATE_SETS))})")
-        if self.kind == "retrieval":
-            for protocol in self.protocols:
-                try:
-                    retrieval.get_protocol(protocol)
-                except ValueError as error:
-                    raise TaskError(f"{task}: {error}") from None
-        if self.split_by is not None and self.split_by not in benchmark_root.SPLIT_CHOICES:
-            raise TaskError(f"{task}: split_by must be one of {sorted(benchmark_root.SPLIT_CHOICES)}, "
-                            f"got {self.split_by!r}")
-        if self.text not in long_text.TEXT_KINDS:
-            raise TaskError(f"{task}: text must be one of {long_text.TEXT_KINDS}, got {self.text!r}")
-        bad_methods = [m for m in self.methods if m not in regions.REGION_METHODS]
-        if bad_methods or not self.methods:
-            raise TaskError(f"{task}: methods must be among {regions.REGION_METHODS}, got {self.methods}")
-
-    @property
-    def protocols(self) -> tuple[str, ...]:
-        return ("standard", "skyscript") if self.protocol == "both" else (self.protocol,)
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.kind}/{self.name}"
-
-
-def parse_task(text: str) -> TaskSpec:
-    """``KIND:NAME=PATH[,key=value...]`` -> TaskSpec, with errors that quote the offending task."""
-    head, sep, rest = text.partition(":")
-    if not sep:
-        raise TaskError(f"task {text!r}: expected KIND:NAME=PATH[,key=value...], e.g. zeroshot:aid=/data/aid")
-    kind = head.strip()
-    if kind not in TASK_KINDS:
-        raise TaskError(f"task {text!r}: unknown kind {kind!r} (known: {', '.join(TASK_KINDS)})")
-    name, sep, rest = rest.partition("=")
-    if not sep or not rest:
-        raise TaskError(f"task {text!r}: missing '=PATH' after the task name")
-    path, *options = rest.split(",")
-    kwargs: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        key = key.strip()
-        if not sep:
-            raise TaskError(f"task {text!r}: option {option!r} is not key=value")
-        if key not in _TASK_KEYS[kind]:
-            raise TaskError(f"task {text!r}: unknown option {key!r} for {kind} (known: {sorted(_TASK_KEYS[kind])})")
-        if key == "limit":
-            try:
-                kwargs[key] = int(value)
-            except ValueError:
-                raise TaskError(f"task {text!r}: limit must be an integer, got {value!r}") from None
-        elif key == "methods":
-            kwargs[key] = tuple(m for m in value.replace("+", " ").split() if m)
-        else:
-            kwargs[key] = value
-    return TaskSpec(kind=kind, name=name.strip(), path=path.strip(), **kwargs)
 
 
 @dataclasses.dataclass
@@ -299,6 +201,11 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
     from geoalign_jax.data import sources
 
     root = filesystem.path(spec.path)
+    if spec.kind == "segmentation":
+        try:
+            return seg_data.resolve_split(root, spec.split)
+        except datasets.EvalDataError as error:
+            raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from None
     if label_csv.is_csv_file(root):  # a benchmark CSV: its name says the split (aid_img_txt_pairs_test.csv)
         split = spec.split or label_csv.split_of_file(root)
         return split, root.absolute().parent.name, []
@@ -330,6 +237,8 @@ def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow:
 
 
 def _load(spec: TaskSpec, skip_bad_records: bool) -> Any:
+    if spec.kind == "segmentation":
+        return seg_data.load_segmentation(spec.path, split=spec.split, limit=spec.limit)
     if label_csv.is_csv_file(spec.path):
         return benchmark_root.load_csv_task(spec)
     if spec.kind == "zeroshot":
@@ -379,14 +288,17 @@ class _Runner:
                     notes.append(note)
             task_metrics, details = getattr(self, spec.kind)(spec, data)
             notes.extend(long_text.truncation_notes(task_metrics))
-        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError) as error:
+        except (datasets.EvalDataError, overlap.OverlapError, FileNotFoundError, segmentation.SegmentationOptionError
+                ) as error:
             raise TaskError(f"task {spec.kind}:{spec.name}: {error}") from error
         if overlap_result is not None:
             task_metrics.update(overlap_result.metrics())
         templates = prompts.get_templates(spec.templates) if spec.kind in ("zeroshot", "regions") else None
+        protocol = (details.pop("protocol") if spec.kind == "segmentation"
+                    else provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
         record = provenance.task_provenance(
             spec, data, digests, dataset=dataset_name, split=split, ties=self.ties, templates=templates,
-            protocol=provenance.protocol_description(spec, ties=self.ties, dense=self.dense))
+            protocol=protocol)
         record["training_split_allowed"] = bool(split is not None and is_training_split(split))
         record["split_choice"] = benchmark_root.split_choice_record(spec.split_by, split)
         record["overlap"] = overlap_result.to_json() if overlap_result is not None else None
@@ -400,7 +312,8 @@ class _Runner:
         if len(drop) == len(digests):
             raise TaskError(f"task {spec.kind}:{spec.name}: every one of its {len(digests)} images is also in the "
                             "training data; nothing is left to evaluate")
-        return overlap.without_images(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
+        without = seg_task.without_images if spec.kind == "segmentation" else overlap.without_images
+        return without(data, sorted(drop)), [d for i, d in enumerate(digests) if i not in drop]
 
     def _embed_images(self, images: Any, count: int, desc: str) -> np.ndarray:
         size = self.embedder.image_size
@@ -476,6 +389,10 @@ class _Runner:
             result.update({f"{method}/{key}": value for key, value in method_metrics.items()})
             details["methods"][method] = metrics.per_class_accuracy(logits, labels, ties=self.ties).tolist()
         return result, details
+
+    def segmentation(self, spec: TaskSpec, data: seg_data.SegmentationSet) -> tuple[dict[str, float], dict[str, Any]]:
+        result, details = seg_task.run_task(self.embedder, data, dict(spec.options), self.progress, spec.prefix)
+        return {**result, **self._skips(spec, data.skipped)}, details
 
     def _roi_features(self, data: datasets.RegionSet, spec: TaskSpec) -> np.ndarray:
         pooler = regions.RoiPooler(map_batch=self.batch_size)

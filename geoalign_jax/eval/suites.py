@@ -13,7 +13,8 @@ Benchmark root layout (every part optional):
 - converted record folders (``python -m geoalign_jax.prepare``) named ``rsitmd``, ``rsicd`` (Karpathy JSON,
   standard protocol, test split), ``nwpu_vhr10``, ``rrsis_d`` (regions), ``dgtrsd`` (records with
   ``long_caption``: long-text retrieval);
-- ``segmentation/<preset>`` prepared segmentation folders (OVSS; used when the segmentation task kind exists).
+- ``segmentation/<preset>`` segmentation folders (``python -m geoalign_jax.prepare segmentation --preset
+  <preset>``; OVSS, SegEarth-OV's protocol with the preset's settings, mIoU in the OVSS table).
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
-from geoalign_jax.eval import benchmark_root, datasets, runner, paper_tables
+from geoalign_jax.eval import benchmark_root, datasets, paper_tables, runner, seg_data
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_UNAVAILABLE = "segmentation task not available"
 Discovery = tuple[list[runner.TaskSpec], dict[str, str]]
 
 
@@ -72,18 +72,23 @@ def _add(specs: list[runner.TaskSpec], skipped: dict[str, str], prefix: str, spe
 
 
 def _segmentation_tasks(root: pathlib.Path) -> Discovery:
-    """OVSS tasks from ``root/segmentation/<preset>``; all skipped while the task kind does not exist.
-    Hook: once ``segmentation`` is in ``runner.TASK_KINDS`` its tasks are parsed like CLI tasks."""
-    names = [column.metric.split("/")[1] for column in paper_tables.OVSS_COLUMNS]
-    if "segmentation" not in runner.TASK_KINDS:
-        return [], {f"segmentation/{name}": SEGMENTATION_UNAVAILABLE for name in names}
+    """OVSS tasks from ``root/segmentation/<preset>`` (``prepare segmentation --preset <preset>``), each run
+    with its preset's protocol (SegEarth-OV's defaults, as FarSLIP reports them). A folder prepared with
+    another preset is skipped, so its mIoU never lands in the wrong column."""
     specs, skipped = [], {}
-    for name in names:
+    for name in (column.metric.split("/")[1] for column in paper_tables.OVSS_COLUMNS):
         path = root / "segmentation" / name
-        if path.is_dir():
-            specs.append(runner.parse_task(f"segmentation:{name}={path}"))
-        else:
+        if not path.is_dir():
             skipped[f"segmentation/{name}"] = f"not in the benchmark root (segmentation/{name} not found)"
+            continue
+        try:
+            preset = seg_data.read_manifest(path).get("preset")
+        except datasets.EvalDataError:
+            preset = None  # the run reports the folder's problem as failed, naming the file
+        if preset not in (None, name):
+            skipped[f"segmentation/{name}"] = f"segmentation/{name} was prepared with preset {preset!r}, not {name!r}"
+            continue
+        specs.append(runner.TaskSpec(kind="segmentation", name=name, path=str(path)))
     return specs, skipped
 
 

@@ -117,6 +117,19 @@ def model_names() -> list[str]:
     return sorted(_NAMED_CONFIGS)
 
 
+def override_types() -> dict[str, type]:
+    """Every field `get_model_config` overrides, by its override name (`embed_dim`, `vision_width`,
+    `text_context_length`, ...) -> its type; `remat` is left out (the trainer sets it from `train.remat`)."""
+    types = {}
+    for prefix, cls in (("", CLIPConfig), ("vision_", VisionConfig), ("text_", TextConfig)):
+        for field in dataclasses.fields(cls):
+            if field.name in ("vision", "text", "remat") and cls is CLIPConfig:
+                continue
+            default = field.default
+            types[prefix + field.name] = float if field.name == "init_logit_bias" else type(default)
+    return types
+
+
 def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     """A named architecture, e.g. "ViT-B-32", "ViT-B-16-quickgelu", "ViT-L-14", "tiny".
 
@@ -171,6 +184,9 @@ class CLIP(nn.Module):
     def encode_image(self, image: Array, dense: DenseFeatures = "last") -> tuple[Array, Array]:
         return self.visual(image, dense)
 
+    def encode_image_dense(self, image: Array, dense: DenseFeatures = "segearth") -> tuple[Array, Array]:
+        return self.visual.dense_tokens(image, dense)
+
     def encode_text(self, tokens: Array) -> tuple[Array, Array]:
         return self.text(tokens)
 
@@ -212,6 +228,14 @@ def encode_image(
     flat = image.reshape((-1,) + image.shape[-3:])
     embedding, patches = CLIP(config).apply({"params": params}, flat, dense, method=CLIP.encode_image)
     return embedding.reshape(lead + embedding.shape[1:]), patches.reshape(lead + patches.shape[1:])
+
+
+def encode_image_dense(
+    config: CLIPConfig, params: Params, image: Array, *, dense: DenseFeatures = "segearth"
+) -> tuple[Array, Array]:
+    """image [B, H, W, 3] normalised -> (class row [B, E], patch tokens [B, gh, gw, E]) of the dense output
+    (`VisionTransformer.dense_tokens`): what open-vocabulary segmentation scores. Unnormalised."""
+    return CLIP(config).apply({"params": params}, image, dense, method=CLIP.encode_image_dense)
 
 
 def encode_text(config: CLIPConfig, params: Params, tokens: Array) -> tuple[Array, Array]:

@@ -82,6 +82,36 @@ class VisionTransformer(nn.Module):
 
         H, W other than `image_size` interpolate the position embedding (open_clip's resize).
         """
+        x, penultimate, pooled, (batch, gh, gw) = self._trunk(image)
+        embedding = self._project(pooled)
+        if dense == "segearth":
+            patch_tokens = self._project(self.transformer.segearth(penultimate)[:, 1:])
+        elif dense == "last":
+            patch_tokens = self._project(x[:, 1:])
+        else:
+            raise ValueError(f"dense features must be 'last' or 'segearth', got {dense!r}")
+        patch_tokens = patch_tokens.reshape(batch, gh, gw, -1)
+        return embedding.astype(jnp.float32), patch_tokens.astype(jnp.float32)
+
+    def dense_tokens(self, image: Array, dense: DenseFeatures = "segearth") -> tuple[Array, Array]:
+        """image [B, H, W, 3] -> (class row [B, E], patch tokens [B, gh, gw, E]) of one dense output,
+        both after ln_post and proj, float32.
+
+        Why the class row of the dense output and not the embedding: SegEarth-OV's CLS-token term scores
+        the class token of the same modified last layer as the patches (for "last" both are the same).
+        """
+        x, penultimate, _, (batch, gh, gw) = self._trunk(image)
+        if dense == "segearth":
+            tokens = self._project(self.transformer.segearth(penultimate))
+        elif dense == "last":
+            tokens = self._project(x)
+        else:
+            raise ValueError(f"dense features must be 'last' or 'segearth', got {dense!r}")
+        return tokens[:, 0].astype(jnp.float32), tokens[:, 1:].reshape(batch, gh, gw, -1).astype(jnp.float32)
+
+    def _trunk(self, image: Array) -> tuple[Array, Array, Array, tuple[int, int, int]]:
+        """Patches, class token, position embedding, ln_pre and the blocks: (last block output, its input,
+        the class row of the last block, (B, gh, gw))."""
         if image.ndim != 4 or image.shape[-1] != 3:
             raise ValueError(f"image must be [B, H, W, 3], got {image.shape}")
         if image.shape[1] % self.patch_size or image.shape[2] % self.patch_size:
@@ -94,12 +124,4 @@ class VisionTransformer(nn.Module):
         x = x + resize_image_posemb(self.positional_embedding, (gh, gw)).astype(self.dtype)
         x = self.ln_pre(x)
         x, penultimate, pooled = self.transformer(x, pool_rows=0)  # the class token
-        embedding = self._project(pooled)
-        if dense == "segearth":
-            patch_tokens = self._project(self.transformer.segearth(penultimate)[:, 1:])
-        elif dense == "last":
-            patch_tokens = self._project(x[:, 1:])
-        else:
-            raise ValueError(f"dense features must be 'last' or 'segearth', got {dense!r}")
-        patch_tokens = patch_tokens.reshape(batch, gh, gw, -1)
-        return embedding.astype(jnp.float32), patch_tokens.astype(jnp.float32)
+        return x, penultimate, pooled, (batch, gh, gw)

@@ -395,15 +395,16 @@ def broadcast_json(value: Any) -> Any:
     return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
 
 
-def agree_on_failure(message: str) -> str:
+def agree_on_failure(message: str, *, failed_to: str = "could not start") -> str:
     """Every process learns whether any process failed (a collective; `message` is "" where none did) and
     gets the message to raise with: a failed process its own, the others process 0's, or one naming the
-    processes that failed; "" on every process when none failed."""
+    processes that failed ("process(es) [1] {failed_to} (see their logs)"); "" on every process when none
+    failed."""
     if jax.process_count() > 1:
         failed = np.asarray(gather_host_values(np.int32(bool(message)))).ravel()
         first = broadcast_json(message)
         if not message and failed.any():
-            message = first or f"process(es) {np.flatnonzero(failed).tolist()} could not start (see their logs)"
+            message = first or f"process(es) {np.flatnonzero(failed).tolist()} {failed_to} (see their logs)"
     return message
 
 

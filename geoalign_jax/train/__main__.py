@@ -9,8 +9,10 @@ the latest one. Multi-host: start one such process per host (see parallel/multih
 variables); every process runs the same command. Exit status: 0 finished, 0 after a preemption save (the
 scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config or an input that cannot be
 used (a missing, truncated or damaged `init.path`, training shard or evaluation dataset: one line naming it,
-before anything compiles). The process re-executes itself once with tcmalloc preloaded when the machine has it
-and it is not loaded (geoalign_jax/host_allocator.py; GEOALIGN_ALLOCATOR=system keeps the system allocator).
+before anything compiles), a workdir another trainer holds, or no intact checkpoint step. Errors are one line
+(train/cli_errors.py); `--debug` or GEOALIGN_DEBUG=1 adds the traceback. The process re-executes itself once
+with tcmalloc preloaded when the machine has it and it is not loaded (geoalign_jax/host_allocator.py;
+GEOALIGN_ALLOCATOR=system keeps the system allocator).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from geoalign_jax import host_allocator
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/NAME.py[:ARG])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config.json, metrics.jsonl, tb/, checkpoints/")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_DEBUG = flags.DEFINE_bool("debug", False, "print the traceback of an error (also: GEOALIGN_DEBUG=1)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +39,10 @@ def main(argv: list[str]) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     # Before anything touches a jax backend, and never at import time (grain workers re-import modules).
     from geoalign_jax.parallel import multihost
+    from geoalign_jax.train import cli_errors
 
+    cli_errors.quiet_library_logs()
+    debug = _DEBUG.value or cli_errors.debug_wanted([])
     multihost.initialize_distributed()
     import jax
 
@@ -48,13 +54,14 @@ def main(argv: list[str]) -> int:
         config = _CONFIG.value  # config_flags loads the file lazily: a missing/broken file raises here
         setup = loop.build(config)  # validate first: a bad config is exit status 2 with the field named
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {cli_errors.describe(ValueError(str(error)), None)}", file=sys.stderr)
         return 2
     try:
         result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value, setup=setup)
-    except loop.InputError as error:  # initial weights, training shards or evaluation data unusable
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - every failure is a line (and a traceback under --debug)
+        return cli_errors.report(error, _WORKDIR.value, debug=debug)
     logging.info("run %s at step %d", result.status, result.step)
     return 0
 
@@ -66,9 +73,37 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
         text = str(error).replace("\\n", "\n").replace("\\'", "'")
-        message = ": ".join(line.strip(" '\"") for line in text.splitlines() if line.strip(" '\""))
-        print(f"error: bad command-line config: {message}", file=sys.stderr)
+        lines = [_unquoted(line) for line in text.splitlines() if _unquoted(line)]
+        if any(line.startswith("Traceback (most recent call last)") for line in lines):
+            # the recipe's get_config(arg) raised: its own message (e.g. the choices of `arg`), not the traceback
+            if "--debug" in argv or _debug_env():
+                print(text, file=sys.stderr)
+            flag = next((line.split(": Error", 1)[0] for line in lines if line.startswith("flag --")), "--config")
+            lines = [flag, lines[-1]]
+        print(f"error: bad command-line config: {': '.join(lines)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _unquoted(line: str) -> str:
+    """A line of an error's repr without the quotes the repr added: a pair around it, or one left over at an
+    end (a quote inside is kept: `got 's9'`, `'12.5'`)."""
+    line = line.strip()
+    while line:
+        if len(line) >= 2 and line[0] in "'\"" and line[-1] == line[0]:
+            line = line[1:-1].strip()
+        elif line[0] in "'\"" and line.count(line[0]) % 2:
+            line = line[1:].strip()
+        elif line[-1] in "'\"" and line.count(line[-1]) % 2:
+            line = line[:-1].strip()
+        else:
+            return line
+    return line
+
+
+def _debug_env() -> bool:
+    from geoalign_jax.train import cli_errors
+
+    return cli_errors.debug_wanted([])
 
 
 def entry() -> None:

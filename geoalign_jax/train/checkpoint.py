@@ -11,6 +11,8 @@ model_config.json     the architecture (params_checkpoint's format), written by 
 <step>/ema/           the EMA of the parameters (train.ema_decay > 0), the same tree as params/ (read by
                       params_checkpoint.load_params(..., ema=True), `convert export --ema`)
 <step>/data/          the grain iterator position, one process_<i>-of-<n>.json per process (grain's handler)
+<step>/digest.json    size and CRC-32 of every file of the step, written by process 0 after orbax commits it
+<step>.damaged/       a step that did not read back, set aside by a resuming run (checkpoint_steps.py)
 ```
 Every process calls `save` / `restore` (orbax writes and reads each process's shards). Restoring reads the
 arrays straight into the shardings of the given target, so a checkpoint written on one mesh restores on any
@@ -23,6 +25,7 @@ itself.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import pathlib
 import signal
@@ -34,7 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from geoalign_jax import params_checkpoint
+from geoalign_jax import checkpoint_steps, params_checkpoint
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import multihost
 from geoalign_jax.train import state as state_lib
@@ -57,6 +60,18 @@ def _state_item(state: TrainState) -> dict[str, Any]:
     if state.teacher is not None:
         item["teacher"] = state.teacher
     return item
+
+
+def _model_differences(stored: clip.CLIPConfig, wanted: clip.CLIPConfig) -> str:
+    """'model.vision.image_size: 64 -> 32; ...': each field that differs, with both values."""
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {key: value for name, item in tree.items() for key, value in flat(item, f"{prefix}.{name}").items()}
+        return {prefix: tree}
+
+    before, after = flat(stored.to_dict(), "model"), flat(wanted.to_dict(), "model")
+    return "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(before.keys() | after.keys())
+                     if before.get(key) != after.get(key))
 
 
 class Checkpointer:
@@ -89,6 +104,12 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._async = async_save
+        self._undigested: list[int] = []  # steps saved (async: maybe not committed yet) without a digest job
+        # Process 0 writes each step's digest.json in this thread once orbax has committed the step: off the
+        # training loop's path (README "What a run survives" has its cost).
+        self._digester = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-digest")
+        self._digests: list[concurrent.futures.Future] = []
 
     def write_model_config(self, model_config: clip.CLIPConfig) -> None:
         """Writes checkpoints/model_config.json (process 0). Once a step is saved, a resumed run must have the
@@ -103,8 +124,8 @@ class Checkpointer:
             stored = params_checkpoint.read_model_config(self.directory)  # this very file, no step needed
             if not state_lib.same_architecture(model_config, stored):
                 raise ValueError(
-                    f"{path}: the checkpoints in this workdir are of model {stored}, the config asks for "
-                    f"{model_config}; use another --workdir"
+                    f"{path}: the checkpoints in this workdir are of another model "
+                    f"({_model_differences(stored, model_config)}); use another --workdir"
                 )
             if stored != model_config:
                 logger.info("resuming with other numerics than the checkpoints' (dtype, param_dtype, remat): %s",
@@ -137,8 +158,65 @@ class Checkpointer:
         if state.ema is not None:
             items[EMA_ITEM] = ocp.args.StandardSave(state.ema)
         args = ocp.args.Composite(**items)
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self.manager.save(step, args=args, metrics=metrics, force=True)  # first waits for the previous save
+        self._digest_committed()  # the previous (async) steps are committed now
+        self._undigested.append(step)
+        if not self._async:
+            self._digest_committed()
         return step
+
+    def _digest_committed(self) -> None:
+        """Queues the digest of every committed step that has none (process 0)."""
+        steps, self._undigested = self._undigested, []
+        if jax.process_index() == 0:
+            self._digests += [self._digester.submit(self._write_digest, step) for step in steps]
+
+    def _write_digest(self, step: int) -> None:
+        try:
+            checkpoint_steps.write_digest(self.directory / str(step))
+        except OSError as error:  # removed meanwhile by the keep policy, or the disk is full: restorable as before
+            logger.warning("no digest.json for checkpoint step %d (%s): it is checked by restoring alone", step,
+                           checkpoint_steps.reason(error))
+
+    def restore_newest_intact(self, target: TrainState, iterator: grain.DatasetIterator) -> tuple[int, TrainState]:
+        """Restores the newest step that reads back whole (digest and orbax restore, see `restore`); each
+        damaged step newer than it is moved aside to `<step>.damaged` by process 0 and reported in one line.
+        Every process decides alike (the reasons are agreed by a collective). NoIntactStepError when no
+        step reads back."""
+        def agree(own: str) -> str:
+            return multihost.agree_on_failure(own, failed_to="could not read it")
+
+        def read(step: int) -> TrainState:
+            # The digest first, agreed on: no process starts orbax's restore of a step that another one skips.
+            mismatch = ""
+            if jax.process_index() == 0:
+                try:
+                    checkpoint_steps.verify_digest(self.directory / str(step))
+                except checkpoint_steps.DamagedStepError as error:
+                    mismatch = str(error)
+            mismatch = agree(mismatch)
+            if mismatch:
+                raise checkpoint_steps.DamagedStepError(mismatch)
+            return self.restore(step, target, iterator)
+
+        def set_aside(step: int, why: str) -> None:
+            if jax.process_index() == 0:
+                moved = checkpoint_steps.set_aside(self.directory / str(step))
+                logger.warning(checkpoint_steps.damaged_line(self.directory, step, why, f"moved to {moved.name}"))
+            multihost.sync_barrier("checkpoint:set_aside")
+            self.manager.reload()
+
+        steps = self.all_steps()
+        for step in steps:
+            self._check_process_count(step)  # a refusal about this run, not damage: raised as it is
+        found = checkpoint_steps.newest_intact(steps, read, on_damaged=set_aside, agree=agree)
+        if found is None:
+            raise checkpoint_steps.NoIntactStepError(
+                f"{self.directory}: no checkpoint step reads back (moved aside: "
+                f"{', '.join(f'{step}{checkpoint_steps.DAMAGED_SUFFIX}' for step in sorted(steps))}); run again to "
+                "start from step 0, or move a step folder back"
+            )
+        return found
 
     def restore(self, step: int, target: TrainState, iterator: grain.DatasetIterator) -> TrainState:
         """Reads step `step` into `target`'s shapes and shardings (ShapeDtypeStructs with shardings) and moves
@@ -183,8 +261,12 @@ class Checkpointer:
             )
 
     def wait(self) -> None:
-        """Blocks until every pending async save is on disk (raises if one failed)."""
+        """Blocks until every pending async save is on disk (raises if one failed) and has its digest."""
         self.manager.wait_until_finished()
+        self._digest_committed()
+        for future in self._digests:
+            future.result()
+        self._digests = []
 
     def close(self) -> None:
         # orbax's close() does not wait for the temporary-folder cleanup its constructor starts in a thread: a
@@ -194,6 +276,7 @@ class Checkpointer:
         if await_cleanup is not None:
             await_cleanup()
         self.manager.close()
+        self._digester.shutdown(wait=True)
 
 
 class Preemption:

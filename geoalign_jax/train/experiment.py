@@ -5,7 +5,8 @@ The recipes in `configs/` are data: each starts from `get_config()` here and cha
 is a plain `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision style) with these
 sections, each documented once where its defaults are defined:
 - `model`: `name` (a `models.clip.get_model_config` name, e.g. "ViT-B-16-quickgelu") and `overrides`
-  (`vision_*` / `text_*` / top-level CLIPConfig fields; remat is `train.remat`);
+  (every `vision_*` / `text_*` / top-level CLIPConfig field, None = the named model's value; remat is
+  `train.remat`);
 - `data`: `geoalign_jax.data.pipeline.default_data_config()`;
 - `loss`: `geoalign_jax.losses.objective.default_loss_config()`;
 - `train`, `optim`, `mesh`, `checkpoint`, `init` (where the weights of a fresh run come from), `eval`:
@@ -38,7 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict()
     config.model.name = "ViT-B-16-quickgelu"
-    config.model.overrides = ml_collections.ConfigDict()
+    # Every CLIPConfig field, unset (None: the named model's value) and typed, so that any of them can be set
+    # from the command line (`--config.model.overrides.vision_width=128`) whether or not the recipe sets it.
+    config.model.overrides = ml_collections.ConfigDict(
+        {name: ml_collections.config_dict.placeholder(kind) for name, kind in clip.override_types().items()})
     config.data = pipeline.default_data_config()
     config.data.long_context_length = 0  # a 77-position text tower; long-text configs turn it on
     config.loss = objective.default_loss_config()
@@ -48,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> clip.CLIPConfig:
     """The model a config names, with the numerics the trainer sets (remat from `train.remat`)."""
-    overrides = dict(config.model.overrides)
+    overrides = {name: value for name, value in config.model.overrides.items() if value is not None}
     if "train" in config:
         overrides["remat"] = config.train.remat != "none"
     return clip.get_model_config(config.model.name, **overrides)

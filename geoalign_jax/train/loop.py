@@ -5,9 +5,10 @@ puts them in order. Helpers of other rooms: the schema and the resume comparison
 collectives `parallel/multihost.py`, the overlap check and the results' provenance `eval/`.
 
 WORKDIR holds `config.json` (the resolved config), `metrics.jsonl`, `tb/`, `checkpoints/` and, with
-`eval.tasks`, `eval/step_<N>/results.json`. Running again in a WORKDIR with checkpoints resumes from the latest
-one: parameters, optimizer state, teacher, counters and each process's data-iterator position, so the
-continued run is the one that was interrupted.
+`eval.tasks`, `eval/step_<N>/results.json`. One trainer at a time holds a WORKDIR (`workdir_lock.py`). Running
+again in a WORKDIR with checkpoints resumes from the newest step that reads back whole (damaged steps are set
+aside, `checkpoint_steps.py`): parameters, optimizer state, teacher, counters and each process's data-iterator
+position, so the continued run is the one that was interrupted.
 
 Before the first compile a fresh run reads its initial weights (`config.init`), every process opens its
 training shards, and process 0 checks the evaluation tasks' images against the training shards (overlap,
@@ -44,6 +45,7 @@ from geoalign_jax.train import metrics as metrics_lib
 from geoalign_jax.train import optim as optim_lib
 from geoalign_jax.train import state as state_lib
 from geoalign_jax.train import step as step_lib
+from geoalign_jax.train import workdir_lock
 
 if TYPE_CHECKING:
     from geoalign_jax.eval import TrainImages
@@ -423,17 +425,19 @@ def run(
     setup = setup if setup is not None else build(config)  # phase 1
     num_steps = int(config.train.num_steps)
     ckpt_config = config.checkpoint
-    checkpointer = checkpoint_lib.Checkpointer(
-        workdir, keep=int(ckpt_config.keep), async_save=bool(ckpt_config.async_save),
-        best_metric=str(ckpt_config.best_metric), best_mode=str(ckpt_config.best_mode),
-        keep_best=int(ckpt_config.keep_best),
-    )
     # Every resource is released however the run ends (a failed compile, an input error, an interrupt):
     # the SIGTERM handler uninstalled, files closed, pending checkpoint writes finished (LIFO).
     with contextlib.ExitStack() as resources:
+        # phase 2: the workdir (one trainer at a time) and the inputs
+        lock = workdir_lock.acquire_for_run(workdir)  # before orbax touches checkpoints/ (it removes tmp folders)
+        resources.callback(lambda: lock and lock.release())
+        checkpointer = checkpoint_lib.Checkpointer(
+            workdir, keep=int(ckpt_config.keep), async_save=bool(ckpt_config.async_save),
+            best_metric=str(ckpt_config.best_metric), best_mode=str(ckpt_config.best_mode),
+            keep_best=int(ckpt_config.keep_best),
+        )
         resources.callback(checkpointer.close)
         resources.callback(checkpointer.wait)
-        # phase 2: inputs
         checkpointer.write_model_config(setup.model_config)
         resumed_from = checkpointer.latest_step()
         _write_config(workdir, config, resuming=resumed_from is not None)
@@ -442,7 +446,7 @@ def run(
         # phase 3: state
         if resumed_from is not None:
             target = state_lib.with_shardings(setup.abstract_state, setup.shardings)
-            state = checkpointer.restore(resumed_from, target, inputs.iterator)
+            resumed_from, state = checkpointer.restore_newest_intact(target, inputs.iterator)  # damaged: set aside
             logger.info("resumed from step %d of %s", resumed_from, checkpointer.directory)
         else:
             state = state_from_params(setup, inputs.host_params)

@@ -122,12 +122,14 @@ class MetricsWriter:
 
 
 def _drop_records_after(path: pathlib.Path, step: int) -> None:
-    """Keeps the records up to `step`. A last line that is not JSON was cut by a kill mid-write and is
-    dropped (logged); a damaged line before it is an error naming the file and line."""
+    """Keeps the records up to `step`; later ones (logged after the checkpoint a run resumes from) are
+    appended to `metrics.jsonl.after_<step>`, set aside rather than lost or interleaved with the rerun. A last
+    line that is not JSON was cut by a kill mid-write and is dropped (logged); a damaged line before it is an
+    error naming the file and line."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
+    kept, later = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -138,8 +140,12 @@ def _drop_records_after(path: pathlib.Path, step: int) -> None:
                 logger.warning("%s: dropped its last line, cut short (%s): %r", path, error, line[:80])
                 continue
             raise ValueError(f"{path} line {number} is not JSON ({error}); repair or remove it") from None
-        if record.get("step", 0) <= step:
-            kept.append(line)
+        (kept if record.get("step", 0) <= step else later).append(line)
+    if later:
+        aside = path.with_name(f"{path.name}.after_{step}")
+        with aside.open("a", encoding="utf-8") as stream:
+            stream.write("".join(line + "\n" for line in later))
+        logger.warning("%s: %d record(s) of steps after %d moved to %s", path, len(later), step, aside.name)
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 

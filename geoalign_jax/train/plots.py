@@ -48,6 +48,23 @@ def _series(records: Sequence[Mapping[str, float]], key: str) -> tuple[list[int]
     return [step for step, _ in points], [value for _, value in points]
 
 
+def _draw(axis, steps: list[int], values: list[float], *args, **style) -> int:
+    """Plots a series; a short one (a run of a few logged steps) with markers, since a line through one point
+    draws nothing. Returns the number of points drawn."""
+    if not values:
+        return 0
+    if len(values) < 3:
+        style.setdefault("marker", "o")
+    axis.plot(steps, values, *args, **style)
+    return len(values)
+
+
+def _say_empty(axis, drawn: int, why: str) -> None:
+    """A panel with nothing to draw says why, instead of showing empty axes."""
+    if not drawn:
+        axis.text(0.5, 0.5, why, ha="center", va="center", transform=axis.transAxes, fontsize=9, color="gray")
+
+
 def eval_keys(records: Sequence[Mapping[str, float]]) -> list[str]:
     """The headline evaluation metrics logged by the run (eval/.../top1, eval/.../mean_recall)."""
     keys = {key for record in records for key in record if key.startswith("eval/") and key.endswith(_EVAL_SUFFIXES)}
@@ -71,34 +88,37 @@ def plot_training_curves(workdir: str | pathlib.Path, out: str | pathlib.Path | 
     losses, schedule, health, evaluation = axes.ravel()
 
     terms = sorted({key for record in train for key in record if key.endswith("/loss")})
-    steps, values = _series(train, "loss")
-    losses.plot(steps, values, color="black", linewidth=2, label="total (weighted)")
+    drawn = _draw(losses, *_series(train, "loss"), color="black", linewidth=2, label="total (weighted)")
     for term in terms:
         steps, values = _series(train, term)
         if values and min(values) > 0:
-            losses.plot(steps, values, label=term.removesuffix("/loss"))
+            drawn += _draw(losses, steps, values, label=term.removesuffix("/loss"))
+    _say_empty(losses, drawn, "no finite loss logged (every logged step was skipped as non-finite)")
     losses.set_yscale("log")
     losses.set_title("loss terms (unweighted)", fontsize=10)
     losses.legend(fontsize=7, ncol=2)
 
-    steps, values = _series(train, "learning_rate")
-    schedule.plot(steps, values, color="tab:purple")
+    _say_empty(schedule, _draw(schedule, *_series(train, "learning_rate"), color="tab:purple"),
+               "no learning rate logged")
     schedule.set_title("learning rate", fontsize=10)
     schedule.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
+    drawn = 0
     for key, colour in (("grad_norm", "tab:red"), ("logit_scale", "tab:green")):
-        steps, values = _series(train, key)
-        health.plot(steps, values, color=colour, label=key + (" (exp, the temperature's inverse)" if key == "logit_scale" else ""))
+        drawn += _draw(health, *_series(train, key), color=colour,
+                       label=key + (" (exp, the temperature's inverse)" if key == "logit_scale" else ""))
+    _say_empty(health, drawn, "no finite gradient norm or logit scale logged")
     health.set_yscale("log")
     health.set_title("gradient norm (before clipping) and logit scale", fontsize=10)
-    health.legend(fontsize=7)
+    if drawn:
+        health.legend(fontsize=7)
 
     keys = eval_keys(records)
     for index, key in enumerate(keys):
         steps, values = _series(records, key)
         colour = f"C{index % 10}"
         name = key.removeprefix("eval/")
-        evaluation.plot(steps, values, "-o", color=colour, markersize=3, label=name)
+        _draw(evaluation, steps, values, color=colour, marker="o", markersize=3, label=name)
         if chance and name in chance:
             evaluation.axhline(chance[name], color=colour, linestyle="--", linewidth=1)
     evaluation.set_ylim(0, 100)
@@ -106,6 +126,8 @@ def plot_training_curves(workdir: str | pathlib.Path, out: str | pathlib.Path | 
                          "evaluation: none logged (config.eval.tasks)", fontsize=10)
     if keys:
         evaluation.legend(fontsize=7)
+    _say_empty(evaluation, len(keys), "no evaluation in this run (config.eval.tasks is empty)\nor none reached yet "
+               "(config.eval.every_steps)")
 
     for axis in axes.ravel():
         axis.set_xlabel("step")

@@ -1,0 +1,179 @@
+"""Which step of a trainer's `checkpoints/` to read, and whether it is whole.
+
+The trainer (train/checkpoint.py), `evaluate --checkpoint` and `convert export --params` share this choice:
+the newest step that reads back whole. orbax commits a step atomically (a kill while writing leaves a temporary
+folder, never a half step), but a file damaged after the commit (a truncated or zeroed copy, a disk that
+returns other bytes) is only noticed when it is read. So after orbax commits a step, process 0 writes
+`checkpoints/<step>/digest.json`: the size of every file of the step and the CRC-32 of each 64 MiB segment. Before a step is read its
+files are checked against it; a step that fails the check or fails to restore is damaged.
+
+The trainer moves a damaged step aside to `checkpoints/<step>.damaged` (never deletes it: `mv` it back to
+retry), logs one line naming the step and the reason and tries the step before it; on a multi-host run every
+process agrees on the same step (the trainer passes `parallel.multihost.agree_on_failure` as `agree`).
+Evaluate and export are read-only: they skip a damaged step with the same one-line warning and leave it in
+place. A step without digest.json (written before digests existed, or killed between orbax's commit and the
+digest) is read without the file check.
+
+CRC-32 (zlib) rather than a cryptographic hash: this guards against accidents, not adversaries, and zlib's
+CRC-32 hashes several GB/s on one core (README "What a run survives" has the measured cost).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import mmap
+import os
+import pathlib
+import zlib
+from typing import Callable, Sequence, TypeVar
+
+import orbax.checkpoint as ocp
+
+from geoalign_jax.error_text import one_line
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/
+DIGEST_FILE = "digest.json"
+DIGEST_FORMAT = "geoalign-step-digest"
+DAMAGED_SUFFIX = ".damaged"
+SEGMENT_BYTES = 64 << 20  # each file's CRC-32 is kept per segment, so that segments are hashed in parallel
+
+T = TypeVar("T")
+
+
+class DamagedStepError(ValueError):
+    """A checkpoint step that does not read back whole; the message names the step folder and the reason."""
+
+
+class NoIntactStepError(ValueError):
+    """A checkpoints folder in which no step reads back whole (the CLIs: one line, exit status 2)."""
+
+
+def finished_steps(checkpoints_dir: str | pathlib.Path) -> list[int]:
+    """The steps orbax has committed under `checkpoints_dir`, newest first (`N.damaged` and temporary folders
+    are not steps)."""
+    return sorted(ocp.utils.checkpoint_steps(pathlib.Path(checkpoints_dir)), reverse=True)
+
+
+def reason(error: BaseException, limit: int = 300) -> str:
+    """A read failure as one short line: orbax / tensorstore messages span many lines and repeat the path,
+    so the innermost cause is shown (tensorstore's own words: `OUT_OF_RANGE ...`, `ZSTD ...`)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return one_line(f"{type(error).__name__}: {one_line(error, limit=None)}", limit)
+
+
+def _segment_crc32(path: pathlib.Path, start: int, length: int) -> str:
+    with path.open("rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return f"{zlib.crc32(memoryview(view)[start:start + length]):08x}"  # no copy; zlib releases the GIL
+
+
+def _segments(path: pathlib.Path, size: int) -> list[tuple[pathlib.Path, int, int]]:
+    return [(path, start, min(SEGMENT_BYTES, size - start)) for start in range(0, size, SEGMENT_BYTES)]
+
+
+def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(path for path in step_dir.rglob("*") if path.is_file() and path.name != DIGEST_FILE)
+
+
+def _crcs(jobs: list[tuple[pathlib.Path, int, int]]) -> list[str]:
+    """CRC-32 of each (file, start, length) segment, several at once (the saves are large, the cores many)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda job: _segment_crc32(*job), jobs))
+
+
+def compute_digest(step_dir: str | pathlib.Path) -> dict[str, list]:
+    """{path relative to the step folder: [size in bytes, [CRC-32 hex of each SEGMENT_BYTES segment]]}."""
+    step_dir = pathlib.Path(step_dir)
+    sizes = {path: path.stat().st_size for path in _step_files(step_dir)}
+    jobs = [job for path, size in sizes.items() for job in _segments(path, size)]
+    crcs = iter(_crcs(jobs))
+    return {path.relative_to(step_dir).as_posix(): [size, [next(crcs) for _ in _segments(path, size)]]
+            for path, size in sizes.items()}
+
+
+def write_digest(step_dir: str | pathlib.Path) -> None:
+    """Writes `step_dir`/digest.json (process 0, after orbax committed the step), atomically."""
+    step_dir = pathlib.Path(step_dir)
+    text = json.dumps({"format": DIGEST_FORMAT, "version": 1, "segment_bytes": SEGMENT_BYTES,
+                       "files": compute_digest(step_dir)}, indent=0)
+    partial = step_dir / (DIGEST_FILE + ".tmp")
+    partial.write_text(text)
+    partial.replace(step_dir / DIGEST_FILE)
+
+
+def verify_digest(step_dir: str | pathlib.Path, under: str = "") -> bool:
+    """Checks the files of `step_dir` (only those below `under`, e.g. "params", when given) against its
+    digest.json; DamagedStepError naming the first missing, resized or changed file. False when the step has
+    no digest (nothing to check), True when it matched."""
+    step_dir = pathlib.Path(step_dir)
+    digest_path = step_dir / DIGEST_FILE
+    if not digest_path.is_file():
+        return False
+    try:
+        digest = json.loads(digest_path.read_text())
+        files, segment_bytes = digest["files"], int(digest["segment_bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DamagedStepError(f"{step_dir}: {DIGEST_FILE} is unreadable ({reason(error)})") from None
+    if segment_bytes != SEGMENT_BYTES:
+        raise DamagedStepError(f"{step_dir}: {DIGEST_FILE} has segments of {segment_bytes} bytes, not {SEGMENT_BYTES}")
+    prefix = f"{under.rstrip('/')}/" if under else ""
+    checked = {name: entry for name, entry in sorted(files.items()) if name.startswith(prefix)}
+    for name, (size, _) in checked.items():
+        path = step_dir / name
+        if not path.is_file():
+            raise DamagedStepError(f"{step_dir}: {name} is missing")
+        if path.stat().st_size != size:
+            raise DamagedStepError(f"{step_dir}: {name} has {path.stat().st_size} bytes, {size} were saved")
+    jobs = [job for name, (size, _) in checked.items() for job in _segments(step_dir / name, size)]
+    found = iter(_crcs(jobs))
+    for name, (size, crcs) in checked.items():
+        if [next(found) for _ in _segments(step_dir / name, size)] != crcs:
+            raise DamagedStepError(f"{step_dir}: {name} changed since it was saved (content digest mismatch)")
+    return True
+
+
+def set_aside(step_dir: str | pathlib.Path) -> pathlib.Path:
+    """Renames a damaged step folder to `<step>.damaged` (`.damaged.2`, ... when that exists); returns it."""
+    step_dir = pathlib.Path(step_dir)
+    target = step_dir.with_name(step_dir.name + DAMAGED_SUFFIX)
+    number = 1
+    while target.exists():
+        number += 1
+        target = step_dir.with_name(f"{step_dir.name}{DAMAGED_SUFFIX}.{number}")
+    step_dir.rename(target)
+    return target
+
+
+def newest_intact(
+    steps: Sequence[int], read: Callable[[int], T], *, on_damaged: Callable[[int, str], None],
+    agree: Callable[[str], str] = lambda own: own,
+) -> tuple[int, T] | None:
+    """Tries `read(step)` from the newest step down; a step whose read raises (any error: orbax, tensorstore,
+    decompression, a missing file, DamagedStepError) is reported to `on_damaged(step, reason)` and the next
+    one is tried. `agree(own_reason) -> reason` makes several processes decide alike (a collective: every
+    process calls it once per step tried). Returns (step, what read returned), or None when no step reads."""
+    for step in sorted(steps, reverse=True):
+        try:
+            value, own = read(step), ""
+        except Exception as error:  # noqa: BLE001 - any failure to read a step makes it damaged
+            logger.debug("step %d does not read back", step, exc_info=True)
+            value, own = None, reason(error)
+        why = agree(own)
+        if not why:
+            return step, value
+        on_damaged(step, why)
+    return None
+
+
+def damaged_line(checkpoints_dir: pathlib.Path, step: int, why: str, action: str) -> str:
+    """The one line that reports a damaged step (`action`: what was done about it)."""
+    return f"checkpoint step {step} in {checkpoints_dir} is damaged ({why}); {action}"
+
+
+__all__ = [
+    "CHECKPOINTS_DIR", "DAMAGED_SUFFIX", "DIGEST_FILE", "DamagedStepError", "NoIntactStepError", "compute_digest",
+    "damaged_line", "finished_steps", "newest_intact", "reason", "set_aside", "verify_digest", "write_digest",
+]

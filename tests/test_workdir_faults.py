@@ -1,0 +1,231 @@
+"""What a run's workdir survives (README "What a run survives"): a damaged checkpoint step is set aside and the
+run resumes from the newest intact one; evaluate / export read the same step and take --step; one trainer per
+workdir (a lock on disks, a lease on gs://); refusals of the CLI are one line with exit status 2."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import bad_files
+import train_fixtures
+from train_fixtures import tiny_config
+from geoalign_jax import checkpoint_steps
+from geoalign_jax.params_checkpoint import load_params
+from geoalign_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    return train_fixtures.use_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> str:
+    return train_fixtures.make_data(tmp_path_factory.mktemp("train_data"), num_train=16)
+
+
+def _largest_file(step_dir):
+    return max((path for path in (step_dir / "params").rglob("*") if path.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(cache_env, scenes, tmp_path, caplog, capsys):
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    config = tiny_config(scenes, **{"train.num_steps": 2, "checkpoint.every_steps": 1})
+    loop.run(config, workdir, progress=False)
+    assert (checkpoints / "2" / checkpoint_steps.DIGEST_FILE).is_file()
+    # Silent corruption: same size, other bytes (orbax alone might read zeros back as weights).
+    bad_files.zero_block(_largest_file(checkpoints / "2"), size=64)
+    with pytest.raises(checkpoint_steps.DamagedStepError, match=r"content digest mismatch"):
+        checkpoint_steps.verify_digest(checkpoints / "2")
+
+    caplog.set_level(logging.INFO)
+    resumed = loop.run(tiny_config(scenes, **{"train.num_steps": 3, "checkpoint.every_steps": 1}), workdir, progress=False)
+    assert (resumed.resumed_from, resumed.step) == (1, 3)
+    assert (checkpoints / "2.damaged").is_dir() and sorted(checkpoint_steps.finished_steps(checkpoints)) == [2, 3]
+    lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint step 2" in lines[0] and "moved to 2.damaged" in lines[0]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # each step once; the old step 2 set aside
+    assert json.loads((workdir / "metrics.jsonl.after_1").read_text())["step"] == 2
+
+    # Read-only readers: a truncated step without digest (orbax's own error) is skipped, left in place.
+    (checkpoints / "3" / checkpoint_steps.DIGEST_FILE).unlink()
+    bad_files.truncate(_largest_file(checkpoints / "3"))
+    caplog.clear()
+    load_params(workdir)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint step 3" in m and "skipped (left in place)" in m for m in messages)
+    assert any(m.startswith("reading checkpoint step 2 of ") for m in messages) and (checkpoints / "3").is_dir()
+    from geoalign_jax.convert import __main__ as convert_cli
+
+    capsys.readouterr()
+    code = convert_cli.main(["export", "--params", str(workdir), "--step", "3", "--format", "open_clip",
+                             "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "3 does not read back" in err, err
+    with pytest.raises(FileNotFoundError, match=r"no finished step 7 \(steps: \[2, 3\]\)"):
+        load_params(workdir, step=7)
+    # The intact step exports; the weights file gets the umask's permissions, as the JSON beside it.
+    from geoalign_jax.convert.weight_files import current_umask
+
+    assert convert_cli.main(["export", "--params", str(workdir), "--step", "2", "--format", "open_clip",
+                             "--out", str(tmp_path / "out")]) == 0
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o666 & ~current_umask()} and len(modes) == 2, modes
+    checkpoint_steps.set_aside(checkpoints / "2")
+    checkpoint_steps.set_aside(checkpoints / "3")
+    assert sorted(p.name for p in checkpoints.glob("2.damaged*")) == ["2.damaged", "2.damaged.2"]
+    with pytest.raises(FileNotFoundError, match="without any finished checkpoint"):
+        load_params(workdir)
+
+
+def test_every_process_skips_a_step_that_one_process_cannot_read():
+    # The agreement itself is parallel.multihost.agree_on_failure, run by two real processes in
+    # tests/test_train_multihost.py (a step only process 0's digest check rejects is skipped by both).
+    tried, damaged = [], []
+
+    def read(step):
+        tried.append(step)
+        if step > 4:
+            raise OSError(f"step {step}\nmany\nlines")
+        return f"state {step}"
+
+    found = checkpoint_steps.newest_intact([2, 6, 4, 8], read, on_damaged=lambda step, why: damaged.append((step, why)))
+    assert found == (4, "state 4") and tried == [8, 6, 4]
+    assert damaged == [(8, "OSError: step 8 many lines"), (6, "OSError: step 6 many lines")]
+    # one process's failure decides for all: the agreed reason makes every process skip step 4 too
+    found = checkpoint_steps.newest_intact([4, 2], lambda step: step, on_damaged=lambda *_: None,
+                                           agree=lambda own: "failed on process 1" if not tried.append(0) and len(tried) == 4 else own)
+    assert found == (2, 2)
+
+
+class _MemoryStore:
+    """A lease object with GCS's generation preconditions, in memory."""
+
+    def __init__(self):
+        self.text, self.generation = None, 0
+
+    def read(self):
+        return None if self.text is None else (self.text, self.generation)
+
+    def create(self, text):
+        return None if self.text is not None else self._put(text)
+
+    def replace(self, text, generation):
+        return None if self.text is None or generation != self.generation else self._put(text)
+
+    def delete(self, generation):
+        if generation == self.generation:
+            self.text = None
+
+    def _put(self, text):
+        self.text, self.generation = text, self.generation + 1
+        return self.generation
+
+
+def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
+    from geoalign_jax.train import workdir_lock
+
+    workdir = tmp_path / "w"
+    held = workdir_lock.acquire(workdir)
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"in use by another trainer \(host \S+, pid {os.getpid()}, "
+                                                            r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; .*run.lock\)"):
+        workdir_lock.acquire(workdir)
+    held.release()
+    # kill -9 of the holder leaves nothing that blocks the next start
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from geoalign_jax.train import workdir_lock as w; "
+         "w.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(workdir)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(train_fixtures.REPO_ROOT)})
+    try:
+        assert child.stdout.readline() == "held\n"
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"pid {child.pid},"):
+            workdir_lock.acquire(workdir)
+    finally:
+        child.kill()
+        child.wait()
+    workdir_lock.acquire(workdir).release()
+
+    # gs://: a lease with a heartbeat; a stale one is taken over with a warning, and its old owner learns it lost
+    store, now = _MemoryStore(), [1000.0]
+    lease = lambda: workdir_lock.Lease(store, "gs://b/w/run.lease", stale_s=600, clock=lambda: now[0])  # noqa: E731
+    first = lease().acquire()
+    now[0] += 500
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid \d+, .*lease gs://b/w/run.lease, heartbeat 500 s ago"):
+        lease().acquire()
+    assert first.heartbeat()
+    now[0] += 599
+    with pytest.raises(workdir_lock.WorkdirBusyError):
+        lease().acquire()
+    now[0] += 2
+    caplog.set_level(logging.WARNING)
+    second = lease().acquire()
+    assert "taking over the stale lease gs://b/w/run.lease" in caplog.text and not first.heartbeat()
+    first.release()  # it lost the lease: releasing leaves the new owner's object alone
+    assert store.text is not None
+    second.release()
+    assert store.text is None
+
+
+def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):
+    """A workdir another trainer holds; a bad recipe argument (the recipe's own message, not a traceback); a
+    model override the recipe does not set is accepted, a mistyped one refused with the closest name."""
+    from geoalign_jax.train import workdir_lock
+
+    env = {**os.environ, "PYTHONPATH": str(train_fixtures.REPO_ROOT), "GEOALIGN_ALLOCATOR": "system"}
+    env.pop("GEOALIGN_DEBUG", None)
+    command = [sys.executable, "-m", "geoalign_jax.train", "--workdir", str(tmp_path / "w"), "--noprogress",
+               "--config", "configs/demo.py", f"--config.data.train_shards={scenes}"]
+    run = lambda *args: subprocess.run([*command, *args], cwd=train_fixtures.REPO_ROOT, capture_output=True,  # noqa: E731
+                                       text=True, env=env, timeout=300)
+    held = workdir_lock.acquire(tmp_path / "w")
+    try:  # overrides the demo recipe does not set: parsed and validated (build), then the workdir is refused
+        busy = run("--config.model.overrides.init_logit_bias=-10", "--config.model.overrides.vision_layers=1")
+    finally:
+        held.release()
+    recipe = subprocess.run(command[:-3] + ["--config", "configs/farslip.py:s9"], cwd=train_fixtures.REPO_ROOT,
+                            capture_output=True, text=True, env=env, timeout=300)
+    typo = run("--config.model.overrides.vision_widht=128")
+    for result, words in ((busy, f"in use by another trainer (host {socket.gethostname()}, pid {os.getpid()}"),
+                          (recipe, "--config=configs/farslip.py:s9: ValueError: farslip config: stage must be 's1' or 's2', got 's9'"),
+                          (typo, 'bad command-line config: vision_widht: Did you mean "vision_width" instead of "vision_widht"?')):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and words in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_complete_step(tmp_path, capsys):
+    import errno
+
+    from geoalign_jax.train import cli_errors, workdir_lock
+
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    try:  # as an async save reports it: the OSError under orbax's own error
+        raise RuntimeError("save failed\n" * 50) from OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/6/x")
+    except RuntimeError as error:
+        full = error
+    assert cli_errors.report(full, tmp_path, debug=False) == 1
+    assert capsys.readouterr().err == (
+        "error: no space left on device writing /w/checkpoints/6/x; the newest complete checkpoint is step 4 in "
+        f"{tmp_path}/checkpoints (the same command resumes from it once there is space) (the traceback: --debug or "
+        "GEOALIGN_DEBUG=1)\n")
+    try:
+        {}["x"]
+    except KeyError as error:
+        assert cli_errors.report(error, tmp_path, debug=True) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: KeyError: 'x'\n")
+    assert [cli_errors.exit_status(e) for e in (ValueError("v"), workdir_lock.WorkdirBusyError("b"), OSError("o"))] == [2, 2, 1]
+    cli_errors.quiet_library_logs()  # the three harmless library lines the CLI leaves out
+    noise = [logging.makeLogRecord({"name": "absl", "msg": "Metadata file does not exist: /w/checkpoints/2/x"}),
+             logging.makeLogRecord({"name": "absl", "msg": "Saving checkpoint"})]
+    assert [all(f.filter(r) for f in logging.getLogger("absl").filters) for r in noise] == [False, True]
+    assert not logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("tensorboardX.summary").isEnabledFor(logging.INFO)
