@@ -69,10 +69,12 @@ def load_config(path: str, batch: int, micro: int, dtype: str, remat: str):
 
 
 def cache_bytes(setup: loop.Setup) -> int:
-    """Bytes of the towers' outputs for the global batch (GradCache's cache)."""
+    """Bytes of the towers' outputs for the global batch (GradCache's cache), the teacher's crop branch included
+    (a "frozen" or "ema" distillation teacher is read from the state)."""
     outputs = jax.eval_shape(
-        lambda params, batch: objective_lib.compute_outputs(setup.model_config, params, batch, setup.loss_config),
-        abstract_params(setup.model_config), dict(setup.batch_spec),
+        lambda params, batch, teacher: objective_lib.compute_outputs(
+            setup.model_config, params, batch, setup.loss_config, teacher_params=teacher),
+        abstract_params(setup.model_config), dict(setup.batch_spec), setup.abstract_state.teacher,
     )
     return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(outputs))
 
