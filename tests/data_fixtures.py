@@ -53,3 +53,27 @@ class MeanEmbedder:
 
     def embed_texts(self, texts):
         return np.stack([np.array([len(t) % 3, 1.0, len(t) % 5], np.float32) for t in texts])
+
+
+def small_data_config(train_shards, **overrides):
+    """The data config the pipeline tests start from: small batches and images, few read threads."""
+    from geoalign_jax.data import pipeline
+
+    config = pipeline.default_data_config()
+    config.train_shards = str(train_shards)
+    config.batch_size = 4
+    config.image_size = 32
+    config.read_threads = 2
+    config.read_buffer_size = 8
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def assert_batches_equal(expected, actual):
+    """Two lists of host batches hold the same keys and bitwise equal arrays."""
+    assert len(expected) == len(actual)
+    for step, (a, b) in enumerate(zip(expected, actual)):
+        assert sorted(a) == sorted(b), f"batch {step}: keys differ"
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step} key {key}")

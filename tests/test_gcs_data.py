@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from data_fixtures import load_demo_module
+from data_fixtures import assert_batches_equal as _assert_batches_equal, load_demo_module, small_data_config
 from gcs_fixtures import gcs, healthy  # noqa: F401 - fixtures
 from geoalign_jax.data import filesystem, pipeline, sources
 
@@ -29,25 +29,7 @@ def remote(gcs, demo) -> str:
 
 
 def _config(train_shards, **overrides):
-    config = pipeline.default_data_config()
-    config.train_shards = str(train_shards)
-    config.batch_size = 4
-    config.image_size = 32
-    config.read_threads = 2
-    config.read_buffer_size = 8
-    config.num_hard_negatives = 2
-    config.long_context_length = 0
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
-
-
-def _assert_batches_equal(expected, actual):
-    assert len(expected) == len(actual)
-    for step, (a, b) in enumerate(zip(expected, actual)):
-        assert sorted(a) == sorted(b)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step} key {key}")
+    return small_data_config(train_shards, num_hard_negatives=2, long_context_length=0, **overrides)
 
 
 def test_folder_and_glob_in_a_bucket_list_the_same_shards_as_local(healthy, demo, remote):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import load_demo_module
+from data_fixtures import assert_batches_equal as _assert_batches_equal, load_demo_module, small_data_config as _config
 from geoalign_jax import batch_contract, tokenizer
-from geoalign_jax.data import pipeline, records, sources, transforms
+from geoalign_jax.data import pipeline, records, sources
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_TRAIN = 32
@@ -50,26 +50,6 @@ def corrupt_glob(demo_dir, tmp_path_factory) -> str:
     writer.write(records.encode_record({k: v for k, v in truncated.items() if k not in ("format", "version")}))
     writer.close()
     return str(folder / "*.array_record")
-
-
-def _config(train_shards, **overrides):
-    config = pipeline.default_data_config()
-    config.train_shards = str(train_shards)
-    config.batch_size = 4
-    config.image_size = 32
-    config.read_threads = 2
-    config.read_buffer_size = 8
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
-
-
-def _assert_batches_equal(expected, actual):
-    assert len(expected) == len(actual)
-    for step, (a, b) in enumerate(zip(expected, actual)):
-        assert sorted(a) == sorted(b), f"batch {step}: keys differ"
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step} key {key}")
 
 
 def test_batch_has_the_contract_shapes_with_everything_on(demo_dir):
