@@ -8,6 +8,8 @@ at the same global batch, measured on the trainer's own compiled step (`loop.bui
     # does a batch fit? FarSLIP's 160 per GPU, 4 local crops, bf16, block remat, K = 8
     .venv/bin/python tools/bench_accum.py memory --config configs/farslip.py --batch 160 --micro 8 \
         --dtype bfloat16 --remat block --no-fit
+    # does this backend's schedule keep block remat's saving? the image tower's gradient alone, remat off and on
+    .venv/bin/python tools/bench_accum.py remat --config configs/farslip.py:s1 --batch 16 --dtype bfloat16
     # step time, K = 4 vs K = 1, interleaved (K1, K4, K1, ...), medians
     .venv/bin/python tools/bench_accum.py speed --config configs/demo.py --batch 32 --micro 1,4 --iters 5
 
@@ -143,6 +145,29 @@ def largest_batch(args: argparse.Namespace, row: dict[str, Any], capacity: float
     return result
 
 
+def remat_mode(args: argparse.Namespace) -> dict[str, Any]:
+    """The gradient of the recipe's image tower alone (--batch images, the sum of its outputs as the loss),
+    compiled without and with `train.remat=block`: XLA's temporaries and the rematerialised blocks in the jaxpr.
+    Why: whether the backend's schedule keeps remat's saving shows here in two small compiles (use_cpu_scheduler)."""
+    from geoalign_jax.models import clip
+    from geoalign_jax.train import experiment
+
+    rows = {}
+    for remat in ("none", "block"):
+        model_config = experiment.model_config(load_config(args.config, args.batch, 1, args.dtype, remat))
+        size = model_config.vision.image_size
+        image = jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.float32)
+        gradient = jax.grad(lambda params, x: sum(jnp.sum(out) for out in clip.encode_image(model_config, params, x)))
+        params = abstract_params(model_config)
+        jaxpr = str(jax.make_jaxpr(gradient)(params, image))
+        checkpointed = jaxpr.count("remat2[") + jaxpr.count("checkpoint[")  # the primitive's printed names
+        memory = jax.jit(gradient).lower(params, image).compile().memory_analysis()
+        rows[remat] = {"temp_gib": memory.temp_size_in_bytes / GIB, "checkpointed_blocks": checkpointed,
+                       "layers": model_config.vision.layers}
+        print(json.dumps({"remat": remat, **rows[remat]}), flush=True)
+    return {"rows": rows, "block_vs_none": rows["block"]["temp_gib"] / rows["none"]["temp_gib"]}
+
+
 def synthetic_batch(setup: loop.Setup, caption_tokens: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random pixels, captions of `caption_tokens` tokens ending in EOT, boxes inside the image, masks on."""
     rng = np.random.default_rng(seed)
@@ -196,9 +221,9 @@ def use_cpu_scheduler(kind: str) -> None:
     Why: XLA:CPU schedules for concurrency by default (breadth first: every instruction as early as its
     operands allow), which hoists the backward pass's recomputation of a rematerialised block next to the
     forward pass, so its activations are live at once and `train.remat=block` looks useless on the CPU
-    (ViT-B/16 vision tower, 4 blocks, batch 16, fp32: temporaries 1.46 GiB without remat, 1.65 GiB with).
-    The memory-minimising scheduler keeps the recomputation where the backward pass needs it (1.15 -> 0.57
-    GiB), closer to what a GPU/TPU compile does under its memory limit. Must run before jax starts a backend."""
+    (`remat --config configs/farslip.py:s1 --batch 16 --dtype bfloat16`: temporaries 3.39 GiB without remat,
+    3.39 GiB with). The memory-minimising scheduler keeps most of the recomputation where the backward pass
+    needs it (2.35 -> 1.24 GiB), closer to what a GPU/TPU compile does under its memory limit. Must run before jax starts a backend."""
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
     if flag in os.environ.get("XLA_FLAGS", ""):
         return  # the caller chose
@@ -208,7 +233,7 @@ def use_cpu_scheduler(kind: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("memory", "speed"))
+    parser.add_argument("mode", choices=("memory", "remat", "speed"))
     parser.add_argument("--config", required=True, help="a recipe file, optionally with its argument: configs/farslip.py:s1")
     parser.add_argument("--batch", type=int, required=True, help="global batch")
     parser.add_argument("--micro", default="1,4", help="comma-separated micro-batch counts K")
@@ -227,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use_cpu_scheduler(args.cpu_scheduler)
     args.micro = [int(value) for value in args.micro.split(",")]
-    result = memory_mode(args) if args.mode == "memory" else speed_mode(args)
+    result = {"memory": memory_mode, "remat": remat_mode, "speed": speed_mode}[args.mode](args)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(json.dumps({"mode": args.mode, "config": args.config, "batch": args.batch, "dtype": args.dtype or "recipe",
-                      "remat": args.remat, "cpu_scheduler": args.cpu_scheduler, "backend": jax.default_backend(), "load_average": load, **result}))
+                      "remat": "none,block" if args.mode == "remat" else args.remat, "cpu_scheduler": args.cpu_scheduler, "backend": jax.default_backend(), "load_average": load, **result}))
     return 0
 
 
