@@ -19,6 +19,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from geoalign_jax import cli_logging
 from geoalign_jax.convert import hf, infer_config, layout, open_clip
 from geoalign_jax.error_text import one_line
 from geoalign_jax.convert.pretrained import FORMATS, load_pretrained
@@ -89,7 +90,7 @@ def run_import(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging.setup()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":

@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from geoalign_jax import cli_logging
 from geoalign_jax.error_text import one_line
 
 log = logging.getLogger("geoalign_jax.eval")
@@ -113,7 +114,7 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging.setup()
 
     from geoalign_jax.data import filesystem
     from geoalign_jax.eval import embed, overlap, plots, report, runner, suites

@@ -1,0 +1,67 @@
+"""The evaluate and convert CLIs show their INFO lines ("reading checkpoint step N of ...": which step of a
+workdir they read) and leave out orbax's harmless "Metadata file does not exist", although importing orbax has
+already configured logging at WARNING through absl (geoalign_jax/cli_logging.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import train_fixtures
+
+_CHILD = """
+import logging
+import geoalign_jax.convert.__main__  # imports orbax: absl calls logging.basicConfig() at WARNING
+assert logging.getLogger().handlers, "orbax no longer configures logging on import: simplify cli_logging.setup"
+from geoalign_jax import cli_logging
+cli_logging.setup()
+logging.getLogger("geoalign_jax.params_checkpoint").info("reading checkpoint step 20 of /w/checkpoints")
+logging.getLogger("absl").warning("Metadata file does not exist: /w/checkpoints/20/params/_CHECKPOINT_METADATA")
+logging.getLogger("absl").info("orbax writes a file")
+logging.getLogger("absl").warning("a real orbax warning")
+"""
+
+
+def test_cli_logging_shows_info_once_and_leaves_out_the_library_noise():
+    env = {**os.environ, "PYTHONPATH": str(train_fixtures.REPO_ROOT)}
+    child = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300,
+                           cwd=train_fixtures.REPO_ROOT)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stderr.splitlines() == ["INFO geoalign_jax.params_checkpoint: reading checkpoint step 20 of /w/checkpoints",
+                                         "WARNING absl: a real orbax warning"], child.stderr
+
+
+def test_a_failed_async_save_is_one_line_per_library_error_and_the_full_disk_line_names_the_file(tmp_path, capsys):
+    """orbax logs a failed save's traceback from each background thread (826 lines for a demo run on a full
+    tmpfs): without --debug each such record is one line; the CLI's last line names the file tensorstore could
+    not write (its message quotes the path) and the newest complete step."""
+    import logging
+
+    from geoalign_jax import cli_logging
+    from geoalign_jax.train import cli_errors
+
+    message = ('RESOURCE_EXHAUSTED: Error writing "text.ln_final.bias/0" in OCDBT database at local file '
+               '"/w/checkpoints/30.orbax-checkpoint-tmp/params/ocdbt.process_0/": Failed writing: '
+               '"/w/checkpoints/30.orbax-checkpoint-tmp/params/ocdbt.process_0/d/a16b": Failed to write 659456 '
+               'bytes to file 7: No space left on device [source locations=\'tensorstore/kvstore/file/...\']')
+    try:
+        raise ValueError(message)
+    except ValueError:
+        record = logging.makeLogRecord({"name": "absl", "levelno": logging.ERROR, "msg": "Save failed:\n%s",
+                                        "args": ("thread save_finalize",), "exc_info": sys.exc_info()})
+    kept = logging.makeLogRecord({"name": "absl", "msg": "Save failed:\n%s", "args": ("x",)})
+    try:
+        cli_logging.quiet_library_logs(keep_tracebacks=False)
+        assert all(f.filter(record) for f in logging.getLogger("absl").filters)
+        assert (record.getMessage(), record.exc_info) == ("Save failed: thread save_finalize", None)
+        cli_logging.quiet_library_logs(keep_tracebacks=True)  # --debug: the record as the library wrote it
+        assert len(logging.getLogger("absl").filters) == 1 and logging.getLogger("absl").filters[0].filter(kept)
+        assert kept.getMessage() == "Save failed:\nx"
+    finally:
+        cli_logging.quiet_library_logs()
+    (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+    assert cli_errors.report(ValueError(message), tmp_path, debug=False) == 1
+    assert capsys.readouterr().err == (
+        "error: no space left on device writing /w/checkpoints/30.orbax-checkpoint-tmp/params/ocdbt.process_0/d/a16b;"
+        f" the newest complete checkpoint is step 20 in {tmp_path}/checkpoints (the same command resumes from it once"
+        " there is space) (the traceback: --debug or GEOALIGN_DEBUG=1)\n")
