@@ -39,6 +39,7 @@ from typing import Any
 from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
                                prepare_formats, prepare_segmentation)
 from geoalign_jax.data.skip_accounting import ConversionError
+from geoalign_jax.error_text import run_main
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
 # Command-line plumbing every format shares
@@ -351,4 +352,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from geoalign_jax import cli_logging
 from geoalign_jax.convert import hf, infer_config, layout, open_clip
-from geoalign_jax.error_text import one_line
+from geoalign_jax.error_text import one_line, run_main
 from geoalign_jax.convert.pretrained import FORMATS, load_pretrained
 
 
@@ -110,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

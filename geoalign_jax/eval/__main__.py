@@ -30,7 +30,7 @@ import time
 from typing import Any, Sequence
 
 from geoalign_jax import cli_logging
-from geoalign_jax.error_text import one_line
+from geoalign_jax.error_text import one_line, run_main
 
 log = logging.getLogger("geoalign_jax.eval")
 
@@ -208,4 +208,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

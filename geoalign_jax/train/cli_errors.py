@@ -19,16 +19,15 @@ import traceback
 
 from geoalign_jax import checkpoint_steps
 from geoalign_jax.cli_logging import quiet_library_logs
-from geoalign_jax.error_text import one_line
+from geoalign_jax.error_text import DEBUG_ENV, debug_env, one_line
 from geoalign_jax.train.workdir_lock import WorkdirBusyError
 
-DEBUG_ENV = "GEOALIGN_DEBUG"
 
 
 def debug_wanted(argv: list[str] | None = None) -> bool:
     """--debug on the command line or GEOALIGN_DEBUG set to anything but "", "0", "false"."""
     argv = sys.argv if argv is None else argv
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
+    return "--debug" in argv or debug_env()
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -1,6 +1,8 @@
-"""The evaluate and convert CLIs show their INFO lines ("reading checkpoint step N of ...": which step of a
-workdir they read) and leave out orbax's harmless "Metadata file does not exist", although importing orbax has
-already configured logging at WARNING through absl (geoalign_jax/cli_logging.py)."""
+"""What the CLIs print when something goes wrong (README "What a run survives"): evaluate and convert show
+their INFO lines ("reading checkpoint step N of ...": which step of a workdir they read) and leave out orbax's
+harmless "Metadata file does not exist", although importing orbax has already configured logging at WARNING
+through absl (geoalign_jax/cli_logging.py); a failed async save is one line per library error and a full disk
+names the file; evaluate / convert / prepare fail in one line; a refused resume names only the refused fields."""
 from __future__ import annotations
 
 import os
@@ -65,3 +67,43 @@ def test_a_failed_async_save_is_one_line_per_library_error_and_the_full_disk_lin
         "error: no space left on device writing /w/checkpoints/30.orbax-checkpoint-tmp/params/ocdbt.process_0/d/a16b;"
         f" the newest complete checkpoint is step 20 in {tmp_path}/checkpoints (the same command resumes from it once"
         " there is space) (the traceback: --debug or GEOALIGN_DEBUG=1)\n")
+
+
+def test_evaluate_convert_prepare_fail_in_one_line_unless_geoalign_debug(monkeypatch, capsys):
+    """Their `__main__` runs main through error_text.run_main: an unexpected error (here an --out that cannot
+    be created, which evaluate printed as a 22-line traceback) is one line with exit status 1."""
+    from geoalign_jax.error_text import run_main
+
+    def main() -> int:
+        raise FileNotFoundError(2, "No such file or directory", "/proc/nope")
+
+    monkeypatch.delenv("GEOALIGN_DEBUG", raising=False)
+    assert run_main(main) == 1
+    assert capsys.readouterr().err == ("error: FileNotFoundError: [Errno 2] No such file or directory: '/proc/nope' "
+                                       "(the traceback: GEOALIGN_DEBUG=1)\n")
+    assert run_main(lambda: 2) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("GEOALIGN_DEBUG", "1")
+    assert run_main(main) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and err.endswith("'/proc/nope'\n")
+    for cli in ("evaluate.py", "eval/__main__.py", "convert/__main__.py", "prepare.py"):
+        source = (train_fixtures.REPO_ROOT / "geoalign_jax" / cli).read_text()
+        assert 'if __name__ == "__main__":\n    sys.exit(run_main(main))' in source, cli
+
+
+def test_a_refused_resume_names_only_the_data_order_fields_with_both_values(tmp_path):
+    """Resuming with another data.batch_size and another train.num_steps: the refusal names the field that is
+    refused, with both values, not the allowed change beside it (it listed every changed field before)."""
+    import json
+
+    import pytest
+
+    from geoalign_jax.train import experiment
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"data": {"batch_size": 8, "seed": 0}, "train": {"num_steps": 30}}))
+    with pytest.raises(ValueError) as refused:
+        experiment.compare_resumed_config(path, {"data": {"batch_size": 4, "seed": 0}, "train": {"num_steps": 40}})
+    assert str(refused.value).startswith(f"the data order changed since the checkpoints in {tmp_path} were written "
+                                         "(data.batch_size: 8 -> 4); ")
+    experiment.compare_resumed_config(path, {"data": {"batch_size": 8, "seed": 0}, "train": {"num_steps": 40}})
