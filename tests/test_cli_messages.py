@@ -107,3 +107,20 @@ def test_a_refused_resume_names_only_the_data_order_fields_with_both_values(tmp_
     assert str(refused.value).startswith(f"the data order changed since the checkpoints in {tmp_path} were written "
                                          "(data.batch_size: 8 -> 4); ")
     experiment.compare_resumed_config(path, {"data": {"batch_size": 8, "seed": 0}, "train": {"num_steps": 40}})
+
+
+def test_evaluate_refuses_an_out_it_cannot_create_before_any_work(tmp_path, capsys):
+    """An --out under a file (or on a read-only disk): one line, exit 2, before any weights or data are read
+    (it failed with a traceback after the whole evaluation); a usable --out is not left behind by a refusal."""
+    from geoalign_jax.eval.__main__ import main
+
+    (tmp_path / "a_file").write_text("x")
+    code = main(["--model", "tiny", "--tasks", f"zeroshot:x={tmp_path}", "--out", str(tmp_path / "a_file" / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: --out {tmp_path}/a_file/out: cannot create it (") and err.count("\n") == 1
+    # a creatable --out passes the check and is removed again: the refusal of the (empty) task after it leaves
+    # nothing behind
+    (tmp_path / "empty").mkdir()
+    code = main(["--model", "tiny", "--tasks", f"zeroshot:x={tmp_path / 'empty'}", "--out", str(tmp_path / "new" / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" not in err and not (tmp_path / "new").exists(), err
