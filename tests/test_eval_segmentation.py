@@ -159,6 +159,24 @@ def test_templates_are_open_clips_openai_imagenet_set():
     assert prompts.get_templates("openai_imagenet") == tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
+@pytest.mark.parametrize("old, grid", [(14, (13, 13)), (14, (13, 14)), (14, (7, 12)), (4, (3, 4))])
+def test_window_position_embedding_is_segearths_interpolation(old, grid):
+    """Windows of another size take SegEarth-OV's interpolate_pos_encoding (torch bicubic, no antialiasing,
+    scale (g + 0.1) / old), which differs from open_clip's resize that the tower uses otherwise."""
+    import torch
+    import torch.nn.functional as F
+
+    from geoalign_jax.models import posemb
+
+    table = np.random.default_rng(0).normal(size=(1 + old * old, 5)).astype(np.float32)
+    source = torch.from_numpy(table[1:]).reshape(1, old, old, 5).permute(0, 3, 1, 2)
+    expected = F.interpolate(source, scale_factor=((grid[0] + 0.1) / old, (grid[1] + 0.1) / old), mode="bicubic")
+    ours = np.asarray(posemb.resize_image_posemb_segearth(table, grid))
+    np.testing.assert_allclose(ours[1:], expected.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), atol=2e-5)
+    np.testing.assert_array_equal(ours[0], table[0])
+    assert np.abs(ours - np.asarray(posemb.resize_image_posemb(table, grid))).max() > 1e-2
+
+
 def test_geometry_follows_mmcv_and_segearth():
     assert segmentation.rescaled_size(1024, 1024, (448, 448)) == (448, 448)
     assert segmentation.rescaled_size(512, 1024, (448, 448)) == (224, 448)  # long side to 448, aspect kept
