@@ -292,3 +292,17 @@ def test_trainer_config_accepts_segmentation_tasks_and_guards_their_split(tmp_pa
     assert train_config._check_eval_tasks((task,), allow_train_split=False) == ["segmentation/toy"]
     with pytest.raises(ValueError, match="split 'train' is a training split"):
         train_config._check_eval_tasks((task + ",split=train",), allow_train_split=False)
+
+
+def test_reduce_zero_label_flag_overrides_a_preset_either_way():
+    """`--no-reduce-zero-label` switches LoveDA's preset value off; no flag keeps the preset's value."""
+    import argparse
+
+    from geoalign_jax.data import prepare_segmentation
+
+    parser = argparse.ArgumentParser()
+    prepare_segmentation.add_arguments(parser)
+    required = ["--images", "i", "--masks", "m", "--out", "o", "--preset", "loveda"]
+    assert parser.parse_args(required).reduce_zero_label is None
+    assert parser.parse_args(required + ["--reduce-zero-label"]).reduce_zero_label is True
+    assert parser.parse_args(required + ["--no-reduce-zero-label"]).reduce_zero_label is False
