@@ -124,3 +124,15 @@ def test_evaluate_refuses_an_out_it_cannot_create_before_any_work(tmp_path, caps
     code = main(["--model", "tiny", "--tasks", f"zeroshot:x={tmp_path / 'empty'}", "--out", str(tmp_path / "new" / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "--out" not in err and not (tmp_path / "new").exists(), err
+
+
+def test_a_recipe_without_an_argument_refuses_one_instead_of_ignoring_it():
+    import importlib
+
+    import pytest
+
+    for name in ("dgtrs", "geoalignclip", "clip_baseline"):
+        recipe = importlib.import_module(f"configs.{name}")
+        with pytest.raises(ValueError, match=r"this recipe takes no argument after ':' \(got 'zz9'\)"):
+            recipe.get_config("zz9")
+        assert recipe.get_config().model.name and recipe.get_config("").model.name

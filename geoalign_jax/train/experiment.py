@@ -34,8 +34,12 @@ logger = logging.getLogger(__name__)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Scene-level CLIP fine-tuning defaults; method configs start from this and change what differs."""
-    del arg
+    """Scene-level CLIP fine-tuning defaults; method configs start from this and change what differs.
+
+    A recipe without an argument of its own passes `arg` on: one given anyway (`configs/dgtrs.py:s9`) is refused
+    rather than silently ignored (a recipe with choices, such as farslip's stage, parses its own and names them)."""
+    if arg:
+        raise ValueError(f"this recipe takes no argument after ':' (got {arg!r})")
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict()
     config.model.name = "ViT-B-16-quickgelu"
