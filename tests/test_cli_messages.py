@@ -136,3 +136,16 @@ def test_a_recipe_without_an_argument_refuses_one_instead_of_ignoring_it():
         with pytest.raises(ValueError, match=r"this recipe takes no argument after ':' \(got 'zz9'\)"):
             recipe.get_config("zz9")
         assert recipe.get_config().model.name and recipe.get_config("").model.name
+
+
+def test_a_damaged_model_config_is_named(tmp_path):
+    """convert export / evaluate --checkpoint on a workdir whose model_config.json is cut said only
+    "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"."""
+    import pytest
+
+    from geoalign_jax.params_checkpoint import read_model_config
+
+    (tmp_path / "params").mkdir()  # a parameters checkpoint; a workdir's checkpoints/model_config.json alike
+    (tmp_path / "model_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/model_config.json: not a readable JSON file \("):
+        read_model_config(tmp_path)
