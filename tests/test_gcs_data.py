@@ -167,11 +167,27 @@ def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, 
     assert "holds no manifest.json, so no trainer reads it" in capsys.readouterr().err
     with pytest.raises(sources.SourceError, match="no manifest.json"):  # the old one went before the shards
         sources.shard_paths(out, "train")
+    with pytest.raises(sources.SourceError, match=r"may mix two datasets"):  # and a glob of its shards too
+        sources.shard_paths(out + "/*.array_record", "train")
     monkeypatch.undo()
     assert prepare.main([*command, "--out", out, "--overwrite"]) == 0
     assert len(sources.RecordSource.from_dir(out, "train")) == 6
-    assert prepare.main(["fingerprints", out, "--no-progress"]) == 1
-    assert f"error: {out}: sidecars are written to local folders only" in capsys.readouterr().err
+    assert len(sources.shard_paths(out + "/*.array_record", "train")) == 1  # the marker went with success
+    stray = f"{out[len('gs://'):]}/aid-train-00000-of-00002.array_record"  # an old shard an overwrite left
+    healthy.fs.pipe_file(stray, b"old")
+    with pytest.raises(sources.SourceError, match=r"does not list .*aid-train-00000-of-00002\.array_record"):
+        sources.shard_paths(out + "/*.array_record", "train")
+    healthy.fs.rm_file(stray)
+
+    # `prepare fingerprints gs://...`: a lost sidecar is written again into the bucket, as locally
+    sidecar = f"{out[len('gs://'):]}/aid-train-00000-of-00001.hashes.npy"
+    healthy.fs.rm_file(sidecar)
+    assert prepare.main(["fingerprints", out, "--no-progress", "--workers", "1"]) == 0
+    assert "1 sidecars written" in capsys.readouterr().out
+    assert healthy.fs.cat(sidecar) == (tmp_path / "local" / "aid-train-00000-of-00001.hashes.npy").read_bytes()
+    assert sources.read_manifest(out)["image_hashes"] == sources.read_manifest(tmp_path / "local")["image_hashes"]
+    assert prepare.main(["fingerprints", out + "/*.array_record", "--no-progress", "--workers", "1"]) == 0
+    assert "1 already there" in capsys.readouterr().out
 
 
 def test_storage_errors_are_told_apart():
