@@ -63,6 +63,19 @@ def test_a_read_killed_mid_record_is_resumed_with_the_right_bytes(healthy, demo,
     assert healthy.proxy.cuts == 1 and healthy.proxy.media_requests >= before + 2  # cut, then read again
 
 
+def test_a_read_the_cpp_reader_retried_by_itself_is_counted(healthy, demo, remote):
+    """google-cloud-cpp retries a 503 inside ArrayRecord's reader, unseen by `filesystem.retry`; the back-off
+    it sleeps first (1 s or more) is what makes the read counted, as a slow one."""
+    local = sources.RecordSource.from_dir(demo, "train", raw=True)
+    bucket = sources.RecordSource.from_dir(remote, "train", raw=True)
+    bucket[0]
+    before, failures = dict(filesystem.RETRIES), healthy.proxy.failures
+    healthy.proxy.fail_downloads(1, 503)
+    assert bucket[NUM_TRAIN - 1] == local[NUM_TRAIN - 1] and healthy.proxy.failures == failures + 1
+    assert filesystem.RETRIES["slow_record"] == before.get("slow_record", 0) + 1
+    assert filesystem.RETRIES["record"] == before.get("record", 0)  # no error ever reached Python
+
+
 def test_transient_failures_are_retried_with_backoff_and_counted(monkeypatch):
     delays, calls = [], []
 

@@ -6,6 +6,13 @@ Two numbers per setting and storage:
   reader: one ranged GET per record in flight per thread), no decoding; the storage's share of the cost.
 * examples/s per worker of the full pipeline (decode, augment, tokenise, batch) with the same settings.
 The ratio bucket/local is printed beside each; "concurrent reads per worker" = grain read threads.
+
+``--mechanisms`` (no pipeline runs) times, in the same run and with the same read threads, the reader a user
+could pick instead of ArrayRecord's own: a grain source over gcsfs ranged reads. ArrayRecord's Python reader
+takes a path only (a local file, or gs:// for its C++ reader), not a Python file object, and no riegeli
+parser is installed, so that source is timed as its upper bound: one gcsfs ranged GET per record, of as many
+bytes as the record takes in its shard, with no parsing (`RangedReadSource`). A gcsfuse mount cannot run
+here (no FUSE in this container).
 """
 from __future__ import annotations
 
@@ -26,11 +33,47 @@ BUCKET = "geoalign-bench"
 def raw_records_per_s(shards: str, split: str, *, threads: int, buffer_size: int, num_records: int,
                       warmup: int) -> float:
     """Raw records/s of one process reading a shuffled order of the split through grain's read threads."""
-    import grain
-
     from geoalign_jax.data import sources
 
-    source = sources.RecordSource.from_dir(shards, split, raw=True)
+    return _records_per_s(sources.RecordSource.from_dir(shards, split, raw=True), threads=threads,
+                          buffer_size=buffer_size, num_records=num_records, warmup=warmup)
+
+
+class RangedReadSource:
+    """One gcsfs ranged read per record: record i of a shard is the byte range of its share of the shard's
+    size (shares in proportion to the records' lengths), so the bytes and the requests are those of a real
+    Python ArrayRecord source, and the time is a lower bound of one (it parses nothing)."""
+
+    def __init__(self, local_shards: Sequence[str], remote_shards: Sequence[str]):
+        from geoalign_jax.data import sources
+
+        self._ranges: list[tuple[str, int, int]] = []
+        for local, remote in zip(local_shards, remote_shards):
+            source = sources.RecordSource([local], raw=True)
+            lengths = [len(source[i]) for i in range(len(source))]
+            scale = os.path.getsize(local) / sum(lengths)
+            start = 0.0
+            for length in lengths:
+                end = start + length * scale
+                self._ranges.append((remote[len("gs://"):], int(start), int(end)))
+                start = end
+        self._fs = None
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def __getitem__(self, index: int) -> bytes:
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.filesystem("gs")  # data/filesystem.configure() chose the emulator's class
+        key, start, end = self._ranges[index]
+        return self._fs.cat_file(key, start=start, end=end)
+
+
+def _records_per_s(source, *, threads: int, buffer_size: int, num_records: int, warmup: int) -> float:
+    import grain
+
     dataset = grain.MapDataset.source(source).seed(0).shuffle().repeat(None)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer_size)))
     for _ in range(warmup):
@@ -41,8 +84,27 @@ def raw_records_per_s(shards: str, split: str, *, threads: int, buffer_size: int
     return num_records / (time.perf_counter() - start)
 
 
+def compare_mechanisms(data: str, remote: str, split: str, *, read_threads: Sequence[int],
+                       buffer_sizes: Sequence[int], num_records: int) -> None:
+    """Raw records/s per worker from the bucket: ArrayRecord's C++ GCS reader vs gcsfs ranged reads."""
+    from geoalign_jax.data import filesystem, sources
+
+    filesystem.configure()
+    local_shards = sources.shard_paths(data, split)
+    ranged = RangedReadSource(local_shards, sources.shard_paths(remote, split))
+    for threads in read_threads:
+        for buffer_size in buffer_sizes:
+            options = dict(threads=threads, buffer_size=buffer_size, num_records=num_records,
+                           warmup=buffer_size + threads)
+            native = _records_per_s(sources.RecordSource.from_dir(remote, split, raw=True), **options)
+            python = _records_per_s(ranged, **options)
+            print(f"{threads} concurrent reads per worker, prefetch {buffer_size}: ArrayRecord C++ GCS reader "
+                  f"{native:8.1f} records/s, gcsfs ranged reads (no parsing) {python:8.1f} records/s, "
+                  f"C++/gcsfs {native / python:.2f} (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def compare(config, data: str, bench: Callable[..., dict], *, workers: Sequence[int], read_threads: Sequence[int],
-            buffer_sizes: Sequence[int], warmup_batches: int, num_batches: int) -> None:
+            buffer_sizes: Sequence[int], warmup_batches: int, num_batches: int, mechanisms: bool = False) -> None:
     import gcsfs.core
 
     from geoalign_jax.data import filesystem
@@ -56,6 +118,10 @@ def compare(config, data: str, bench: Callable[..., dict], *, workers: Sequence[
         print(f"bucket: {remote} on the gcp-storage-emulator at {endpoint} (loopback); load: "
               f"{os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
         num_records = max(200, num_batches * int(config.batch_size))
+        if mechanisms:
+            compare_mechanisms(data, remote, config.train_split, read_threads=read_threads,
+                               buffer_sizes=buffer_sizes, num_records=num_records)
+            return
         for threads in read_threads:
             for buffer_size in buffer_sizes:
                 rates = {name: raw_records_per_s(where, config.train_split, threads=threads, buffer_size=buffer_size,
