@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,7 @@ class RangedReadSource:
                 self._ranges.append((remote[len("gs://"):], int(start), int(end)))
                 start = end
         self._fs = None
+        self.stopped = False  # set before the emulator goes: grain's read-ahead threads may still call in
 
     def __len__(self) -> int:
         return len(self._ranges)
@@ -68,7 +70,7 @@ class RangedReadSource:
 
             self._fs = fsspec.filesystem("gs")  # data/filesystem.configure() chose the emulator's class
         key, start, end = self._ranges[index]
-        return self._fs.cat_file(key, start=start, end=end)
+        return b"" if self.stopped else self._fs.cat_file(key, start=start, end=end)
 
 
 def _records_per_s(source, *, threads: int, buffer_size: int, num_records: int, warmup: int) -> float:
@@ -76,31 +78,44 @@ def _records_per_s(source, *, threads: int, buffer_size: int, num_records: int, 
 
     dataset = grain.MapDataset.source(source).seed(0).shuffle().repeat(None)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer_size)))
-    for _ in range(warmup):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(num_records):
-        next(iterator)
-    return num_records / (time.perf_counter() - start)
+    try:
+        for _ in range(warmup):
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(num_records):
+            next(iterator)
+        return num_records / (time.perf_counter() - start)
+    finally:
+        if hasattr(iterator, "close"):  # stop the read-ahead threads before the emulator goes
+            iterator.close()
 
 
 def compare_mechanisms(data: str, remote: str, split: str, *, read_threads: Sequence[int],
-                       buffer_sizes: Sequence[int], num_records: int) -> None:
-    """Raw records/s per worker from the bucket: ArrayRecord's C++ GCS reader vs gcsfs ranged reads."""
+                       buffer_sizes: Sequence[int], num_records: int, rounds: int = 3) -> None:
+    """Raw records/s per worker from the bucket: ArrayRecord's C++ GCS reader vs gcsfs ranged reads, measured
+    alternately ``rounds`` times per setting (medians printed: this machine's load moves single runs 3x)."""
     from geoalign_jax.data import filesystem, sources
 
     filesystem.configure()
-    local_shards = sources.shard_paths(data, split)
-    ranged = RangedReadSource(local_shards, sources.shard_paths(remote, split))
+    native_source = sources.RecordSource.from_dir(remote, split, raw=True)
+    ranged = RangedReadSource(sources.shard_paths(data, split), sources.shard_paths(remote, split))
     for threads in read_threads:
         for buffer_size in buffer_sizes:
             options = dict(threads=threads, buffer_size=buffer_size, num_records=num_records,
                            warmup=buffer_size + threads)
-            native = _records_per_s(sources.RecordSource.from_dir(remote, split, raw=True), **options)
-            python = _records_per_s(ranged, **options)
+            slow_before = filesystem.RETRIES["slow_record"]
+            native, python = [], []
+            for _ in range(rounds):
+                native.append(_records_per_s(native_source, **options))
+                python.append(_records_per_s(ranged, **options))
+            n, p = statistics.median(native), statistics.median(python)
             print(f"{threads} concurrent reads per worker, prefetch {buffer_size}: ArrayRecord C++ GCS reader "
-                  f"{native:8.1f} records/s, gcsfs ranged reads (no parsing) {python:8.1f} records/s, "
-                  f"C++/gcsfs {native / python:.2f} (load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"{n:7.1f} records/s ({min(native):.0f}-{max(native):.0f}), gcsfs ranged reads (no parsing) "
+                  f"{p:7.1f} ({min(python):.0f}-{max(python):.0f}), C++/gcsfs {n / p:.2f}; C++ reads of 1 s or "
+                  f"more (retried by the C++ reader, or slow): {filesystem.RETRIES['slow_record'] - slow_before}; "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    ranged.stopped = True
+    time.sleep(1.0)  # let reads already in flight finish while the emulator still answers
 
 
 def compare(config, data: str, bench: Callable[..., dict], *, workers: Sequence[int], read_threads: Sequence[int],
