@@ -57,10 +57,11 @@ def test_a_read_killed_mid_record_is_resumed_with_the_right_bytes(healthy, demo,
     local = sources.RecordSource.from_dir(demo, "train", raw=True)
     bucket = sources.RecordSource.from_dir(remote, "train", raw=True)
     bucket[0]  # open the shard reader first, so the cut hits a record read
-    before = healthy.proxy.media_requests
+    before, slow = healthy.proxy.media_requests, filesystem.RETRIES["slow_record"]
     healthy.proxy.cut_downloads(1, after_bytes=64)
     assert bucket[NUM_TRAIN // 2 + 1] == local[NUM_TRAIN // 2 + 1]
     assert healthy.proxy.cuts == 1 and healthy.proxy.media_requests >= before + 2  # cut, then read again
+    assert filesystem.RETRIES["slow_record"] == slow + 1  # the C++ reader resumed it after its back-off
 
 
 def test_a_read_the_cpp_reader_retried_by_itself_is_counted(healthy, demo, remote):
