@@ -30,7 +30,8 @@ reads: ``CLOUD_STORAGE_EMULATOR_ENDPOINT``, ``CLOUD_STORAGE_ENABLE_TRACING``, ``
 ``GOOGLE_CLOUD_CPP_ENABLE_CLOG=yes``) goes to the process's stderr and logs each ranged GET, a retry as
 one more GET of the same object, which tells a retry from the next read only by guessing. What Python does
 see is time: before each of its retries the C++ reader sleeps at least ``NATIVE_FIRST_BACKOFF_S``, so a
-record read that took that long is counted in ``RETRIES["slow_record"]`` and logged naming the record.
+record read that took that long is counted in ``RETRIES["slow_record"]`` and logged naming the record (the
+1st, 2nd, 4th, 8th ... of them).
 That count covers every read the C++ reader retried (at least one retry each, whatever their number) and
 also reads that were just slow; a cut that libcurl reconnects at once is in neither. gcsfs's own retries
 (metadata, uploads) are not counted either. ``RETRIES`` is per process (each grain worker has its own).
@@ -196,9 +197,12 @@ def retry(operation: Callable[[], _T], *, what: str | Callable[[], str], kind: s
             result = operation()
             if kind == "record" and (took := time.perf_counter() - started) >= NATIVE_FIRST_BACKOFF_S:
                 RETRIES["slow_record"] += 1
-                logger.warning("%s: the read took %.1f s: ArrayRecord's C++ reader retried it (it backs off %.0f s "
-                               "or more before each retry), or the bucket was slow", what if isinstance(what, str)
-                               else what(), took, NATIVE_FIRST_BACKOFF_S)
+                count = RETRIES["slow_record"]
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: a slow bucket must not flood the log
+                    logger.warning("%s: the read took %.1f s: ArrayRecord's C++ reader retried it (it backs off "
+                                   "%.0f s or more before each retry), or the bucket was slow (%d such reads in "
+                                   "this process)", what if isinstance(what, str) else what(), took,
+                                   NATIVE_FIRST_BACKOFF_S, count)
             return result
         except Exception as error:  # noqa: BLE001 - classified below; anything not transient propagates
             if error_kind(error) != "transient" or attempt == MAX_ATTEMPTS:
