@@ -7,12 +7,14 @@ Two numbers per setting and storage:
 * examples/s per worker of the full pipeline (decode, augment, tokenise, batch) with the same settings.
 The ratio bucket/local is printed beside each; "concurrent reads per worker" = grain read threads.
 
-``--mechanisms`` (no pipeline runs) times, in the same run and with the same read threads, the reader a user
-could pick instead of ArrayRecord's own: a grain source over gcsfs ranged reads. ArrayRecord's Python reader
+``--mechanisms`` times, in the same run and with the same read threads, the reader a user could pick instead
+of ArrayRecord's own: a grain source over gcsfs ranged reads, raw and in the full pipeline (one process). ArrayRecord's Python reader
 takes a path only (a local file, or gs:// for its C++ reader), not a Python file object, and no riegeli
 parser is installed, so that source is timed as its upper bound: one gcsfs ranged GET per record, of as many
 bytes as the record takes in its shard, with no parsing (`RangedReadSource`). A gcsfuse mount cannot run
-here (no FUSE in this container).
+here (no FUSE in this container). In the pipeline the gcsfs source fetches each record's byte range, then
+hands the pipeline that record from the local copy (`RangedThenLocal`): the network and GIL cost of gcsfs,
+without the parsing.
 """
 from __future__ import annotations
 
@@ -73,6 +75,24 @@ class RangedReadSource:
         return b"" if self.stopped else self._fs.cat_file(key, start=start, end=end)
 
 
+class RangedThenLocal:
+    """The training pipeline's source for the gcsfs mechanism: record i's byte range is fetched with gcsfs (its
+    cost), then record i itself comes from the local shards (the parsing a real gcsfs source would do)."""
+
+    def __init__(self, local, ranged: RangedReadSource):
+        self._local, self._ranged = local, ranged
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    def __getitem__(self, index: int):
+        self._ranged[index]
+        return self._local[index]
+
+    def locate(self, index: int) -> tuple[str, int]:
+        return self._local.locate(index)
+
+
 def _records_per_s(source, *, threads: int, buffer_size: int, num_records: int, warmup: int) -> float:
     import grain
 
@@ -90,15 +110,33 @@ def _records_per_s(source, *, threads: int, buffer_size: int, num_records: int, 
             iterator.close()
 
 
-def compare_mechanisms(data: str, remote: str, split: str, *, read_threads: Sequence[int],
-                       buffer_sizes: Sequence[int], num_records: int, rounds: int = 3) -> None:
-    """Raw records/s per worker from the bucket: ArrayRecord's C++ GCS reader vs gcsfs ranged reads, measured
-    alternately ``rounds`` times per setting (medians printed: this machine's load moves single runs 3x)."""
+def _pipeline_examples_per_s(config, bench: Callable[..., dict], source, **options) -> float:
+    """examples/s of the full pipeline in one process (workers=0); ``source`` replaces the pipeline's own."""
+    from unittest import mock
+
+    from geoalign_jax.data import pipeline
+
+    if source is None:
+        return bench(config, workers=0, **options)["examples_per_s"]
+    with mock.patch.object(pipeline, "open_train_source", lambda _config: source):
+        return bench(config, workers=0, **options)["examples_per_s"]
+
+
+def compare_mechanisms(config, bench: Callable[..., dict], data: str, remote: str, *, read_threads: Sequence[int],
+                       buffer_sizes: Sequence[int], num_records: int, warmup_batches: int, num_batches: int,
+                       rounds: int = 3) -> None:
+    """Raw records/s and pipeline examples/s per worker from the bucket: ArrayRecord's C++ GCS reader vs gcsfs
+    ranged reads, measured alternately ``rounds`` times per setting (medians printed: this machine's load
+    moves single runs 3x)."""
     from geoalign_jax.data import filesystem, sources
+
+    split = config.train_split
 
     filesystem.configure()
     native_source = sources.RecordSource.from_dir(remote, split, raw=True)
-    ranged = RangedReadSource(sources.shard_paths(data, split), sources.shard_paths(remote, split))
+    local_paths = sources.shard_paths(data, split)
+    ranged = RangedReadSource(local_paths, sources.shard_paths(remote, split))
+    ranged_pipeline_source = RangedThenLocal(sources.RecordSource(local_paths, raw=True, unreadable="mark"), ranged)
     for threads in read_threads:
         for buffer_size in buffer_sizes:
             options = dict(threads=threads, buffer_size=buffer_size, num_records=num_records,
@@ -114,6 +152,22 @@ def compare_mechanisms(data: str, remote: str, split: str, *, read_threads: Sequ
                   f"{p:7.1f} ({min(python):.0f}-{max(python):.0f}), C++/gcsfs {n / p:.2f}; C++ reads of 1 s or "
                   f"more (retried by the C++ reader, or slow): {filesystem.RETRIES['slow_record'] - slow_before}; "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
+            trial = config.copy_and_resolve_references()
+            trial.read_threads, trial.read_buffer_size = threads, buffer_size
+            native_trial = trial.copy_and_resolve_references()
+            native_trial.train_shards = remote
+            trial.train_shards = data
+            native, python, local = [], [], []
+            timing = dict(warmup_batches=warmup_batches, num_batches=num_batches)
+            for _ in range(rounds):
+                native.append(_pipeline_examples_per_s(native_trial, bench, None, **timing))
+                python.append(_pipeline_examples_per_s(trial, bench, ranged_pipeline_source, **timing))
+                local.append(_pipeline_examples_per_s(trial, bench, None, **timing))
+            n, p, d = (statistics.median(rates) for rates in (native, python, local))
+            print(f"  pipeline, workers=0: C++ GCS reader {n:6.1f} examples/s ({min(native):.0f}-{max(native):.0f}),"
+                  f" gcsfs ranged reads {p:6.1f} ({min(python):.0f}-{max(python):.0f}), local disk {d:6.1f} "
+                  f"({min(local):.0f}-{max(local):.0f}); C++/gcsfs {n / p:.2f}, C++/local {n / d:.2f}, gcsfs/local "
+                  f"{p / d:.2f}; load {os.getloadavg()[0]:.1f}", flush=True)
     ranged.stopped = True
     time.sleep(1.0)  # let reads already in flight finish while the emulator still answers
 
@@ -134,8 +188,8 @@ def compare(config, data: str, bench: Callable[..., dict], *, workers: Sequence[
               f"{os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
         num_records = max(200, num_batches * int(config.batch_size))
         if mechanisms:
-            compare_mechanisms(data, remote, config.train_split, read_threads=read_threads,
-                               buffer_sizes=buffer_sizes, num_records=num_records)
+            compare_mechanisms(config, bench, data, remote, read_threads=read_threads, buffer_sizes=buffer_sizes,
+                               num_records=num_records, warmup_batches=warmup_batches, num_batches=num_batches)
             return
         for threads in read_threads:
             for buffer_size in buffer_sizes:

@@ -25,8 +25,9 @@ pipeline, from the bucket and from local disk in the same run, with the bucket/l
     python tools/bench_data.py --bucket --workers 0 --read-threads 2 8 16 --read-buffer-sizes 32 128
 
 ``--bucket --mechanisms`` instead times the two ways to read records from the bucket against each other in
-one run (raw records/s per worker): ArrayRecord's own C++ GCS reader, and a grain source over gcsfs ranged
-reads (its upper bound: same bytes and requests, no parsing; tools/bench_bucket.py says why):
+one run (raw records/s, and examples/s of the full pipeline in one process): ArrayRecord's own C++ GCS reader,
+and a grain source over gcsfs ranged reads (its upper bound: same bytes and requests, no parsing;
+tools/bench_bucket.py says why):
 
     python tools/bench_data.py --bucket --mechanisms --read-threads 1 4 --read-buffer-sizes 32
 """
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", action="store_true",
                         help="also read the shards from a local GCS emulator and print bucket/local ratios")
     parser.add_argument("--mechanisms", action="store_true",
-                        help="with --bucket: raw reads of ArrayRecord's C++ GCS reader vs gcsfs ranged reads only")
+                        help="with --bucket: ArrayRecord's C++ GCS reader vs gcsfs ranged reads (raw and pipeline)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
