@@ -20,21 +20,21 @@ itself; what still fails reaches ``retry`` below, which backs off, retries and c
 raises after ``MAX_ATTEMPTS``. A missing object or a refused permission is never retried:
 ``error_text.one_line`` turns it into one line naming the object.
 
-What is counted, and what cannot be. The C++ reader's own retries are invisible to Python: array-record
-0.8.6 builds its reader on a default ``google::cloud::storage::Client()`` (python/array_record_module.cc),
-whose retry policy (up to 15 min, back-off 1 s doubling to 5 min, a stalled download cut after 120 s) is set
-by C++ options that neither the Python API nor an environment variable reaches (the variables the library
-reads: ``CLOUD_STORAGE_EMULATOR_ENDPOINT``, ``CLOUD_STORAGE_ENABLE_TRACING``, ``GOOGLE_CLOUD_CPP_ENABLE_CLOG``,
+What is counted, and what cannot be. The C++ reader's own retries are invisible to Python: array-record 0.8.6
+builds its reader on a default ``google::cloud::storage::Client()`` (python/array_record_module.cc), whose retry
+policy (up to 15 min, back-off 1 s doubling to 5 min, a stalled download cut after 120 s) is set by C++ options
+that neither the Python API nor an environment variable reaches (the variables the library reads:
+``CLOUD_STORAGE_EMULATOR_ENDPOINT``, ``CLOUD_STORAGE_ENABLE_TRACING``, ``GOOGLE_CLOUD_CPP_ENABLE_CLOG``,
 ``GOOGLE_CLOUD_PROJECT`` and a few more; none sets a retry policy), so it cannot be made to fail fast for
 ``retry`` to count. Its request trace (``CLOUD_STORAGE_ENABLE_TRACING=raw-client`` with
-``GOOGLE_CLOUD_CPP_ENABLE_CLOG=yes``) goes to the process's stderr and logs each ranged GET, a retry as
-one more GET of the same object, which tells a retry from the next read only by guessing. What Python does
-see is time: before each of its retries the C++ reader sleeps at least ``NATIVE_FIRST_BACKOFF_S``, so a
-record read that took that long is counted in ``RETRIES["slow_record"]`` and logged naming the record (the
-1st, 2nd, 4th, 8th ... of them).
-That count covers every read the C++ reader retried (at least one retry each, whatever their number) and
-also reads that were just slow; a cut that libcurl reconnects at once is in neither. gcsfs's own retries
-(metadata, uploads) are not counted either. ``RETRIES`` is per process (each grain worker has its own).
+``GOOGLE_CLOUD_CPP_ENABLE_CLOG=yes``) goes to the process's stderr and logs each ranged GET, a retry as one more
+GET of the same object, which tells a retry from the next read only by guessing. What Python does see is time:
+before each of its retries the C++ reader sleeps at least ``NATIVE_FIRST_BACKOFF_S``, so a record read that took
+that long is counted in ``RETRIES["slow_record"]`` and logged naming the record (the 1st, 2nd, 4th, 8th ... of
+them). That count covers every read the C++ reader retried (at least one retry each, whatever their number) and
+also reads that were just slow; a dropped connection that libcurl reopens at once (no back-off) is not seen.
+gcsfs's own retries (metadata, uploads) are not counted either. ``RETRIES`` is per process (each grain worker
+has its own).
 """
 from __future__ import annotations
 
