@@ -25,6 +25,7 @@ python -m geoalign_jax.prepare fingerprints data/rsicd 'data/extra/*.array_recor
 writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards prepared by older versions, or
 copied without them, lack, so the train/test overlap check stops decoding every training image on each
 run; it lists them in the manifest's `image_hashes`. Exit status 1 naming each shard it cannot read.
+Locations may be `gs://` (the sidecars and the manifest are uploaded beside the shards, each object whole).
 """
 from __future__ import annotations
 
@@ -301,11 +302,6 @@ def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fingerprints(args: argparse.Namespace) -> int:
     """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
-    remote = [location for location in args.locations if filesystem.is_gcs(location)]
-    if remote:
-        print(f"error: {remote[0]}: sidecars are written to local folders only; prepare the dataset with "
-              "--out gs://... (it uploads them), or add them locally and upload the folder", file=sys.stderr)
-        return 1
     try:
         report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
     except fingerprints.ShardReadError as error:

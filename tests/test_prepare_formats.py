@@ -586,6 +586,16 @@ def test_failed_overwrite_keeps_the_old_dataset_and_success_removes_unlisted_sha
     assert sorted(p.name for p in out.iterdir()) == ["d-train-00000-of-00001.array_record",
                                                      "d-train-00000-of-00001.hashes.npy", "manifest.json"]
     assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
+    # a shard glob is held to the folder's manifest: an old shard left there (a failed overwrite) is named
+    assert sources.shard_paths(str(out / "d-*.array_record"), "train") == [
+        str(out / "d-train-00000-of-00001.array_record")]
+    (out / "d-train-00002-of-00003.array_record").write_bytes(before["d-train-00002-of-00003.array_record"])
+    with pytest.raises(sources.SourceError, match=r"manifest.json does not list .*d-train-00002-of-00003"):
+        sources.shard_paths(str(out / "d-*.array_record"), "train")
+    bare = tmp_path / "bare"  # shards copied without a manifest are read as they are
+    bare.mkdir()
+    (bare / "d-train-00002-of-00003.array_record").write_bytes(before["d-train-00002-of-00003.array_record"])
+    assert len(sources.RecordSource.from_dir(str(bare / "*.array_record"), "train")) == 1
 
 
 def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
