@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -333,12 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_input_folder(args: argparse.Namespace) -> str | None:
+    """The one-line refusal for an `--images` / `--image-root` folder that does not exist (else every image of
+    the dataset would be skipped as missing, one by one); None when the folders given exist."""
+    for option in ("images", "image_root"):
+        folder = getattr(args, option, None)
+        if isinstance(folder, str) and not filesystem.is_gcs(folder) and not pathlib.Path(folder).is_dir():
+            return f"--{option.replace('_', '-')} {folder}: no such folder"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
     if args.format == "segmentation":
         return prepare_segmentation.run_cli(args)
+    if (missing := missing_input_folder(args)) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
         from geoalign_jax.data import bucket_output
 
