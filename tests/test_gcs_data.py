@@ -198,6 +198,10 @@ def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, 
     # `prepare fingerprints gs://...`: a lost sidecar is written again into the bucket, as locally
     sidecar = f"{out[len('gs://'):]}/aid-train-00000-of-00001.hashes.npy"
     healthy.fs.rm_file(sidecar)
+    from geoalign_jax.eval import overlap  # what the overlap check tells the user to run, then running it
+
+    assert overlap.sidecar_command(sources.shard_paths(out, "train")) == \
+        f"python -m geoalign_jax.prepare fingerprints '{out}'"
     assert prepare.main(["fingerprints", out, "--no-progress", "--workers", "1"]) == 0
     assert "1 sidecars written" in capsys.readouterr().out
     assert healthy.fs.cat(sidecar) == (tmp_path / "local" / "aid-train-00000-of-00001.hashes.npy").read_bytes()
