@@ -210,6 +210,23 @@ def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, 
     assert "1 already there" in capsys.readouterr().out
 
 
+def test_prepare_segmentation_refuses_a_bucket_rather_than_writing_a_local_gs_folder(tmp_path, monkeypatch, capsys):
+    from geoalign_jax import prepare
+
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "masks" / "a.png")
+    (tmp_path / "classes.txt").write_text("road\nwater\n")
+    assert prepare.main(["segmentation", "--images", "images", "--masks", "masks", "--classes", "classes.txt",
+                         "--out", "gs://b/seg"]) == 1
+    assert "--out gs://b/seg: a segmentation folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.txt", "images", "masks"]
+
+
 def test_storage_errors_are_told_apart():
     from gcsfs.retry import HttpError
 
