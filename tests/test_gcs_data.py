@@ -210,6 +210,42 @@ def test_prepare_to_a_bucket_publishes_the_local_dataset_manifest_last(healthy, 
     assert "1 already there" in capsys.readouterr().out
 
 
+def test_prepare_to_a_bucket_names_a_refused_write_and_survives_a_marker_it_cannot_delete(
+        healthy, class_folders, monkeypatch, capsys):
+    from geoalign_jax import prepare
+    from geoalign_jax.data import bucket_output
+
+    command = ["folders", "--root", str(class_folders), "--name", "aid", "--split", "train", "--no-progress",
+               "--workers", "1", "--out", healthy.url("prepared", "refused")]
+    real_fs = bucket_output._bucket_fs()
+    refused = []
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(real_fs, name)
+
+        def pipe_file(self, remote, data):
+            raise OSError(f"Forbidden: {remote}")
+
+        def rm_file(self, remote):
+            if remote.endswith(".prepare-unfinished"):
+                refused.append(remote)
+                raise OSError(f"Forbidden: {remote}")
+            return real_fs.rm_file(remote)
+
+    monkeypatch.setattr(bucket_output, "_bucket_fs", lambda: Refusing())
+    assert prepare.main(command) == 1  # the marker is the first write: nothing reached the bucket
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: writing {command[-1]}/.prepare-unfinished failed (Forbidden") and "\n" not in error
+    assert not healthy.fs.exists(command[-1][len("gs://"):] + "/manifest.json")
+
+    monkeypatch.setattr(Refusing, "pipe_file", lambda self, remote, data: real_fs.pipe_file(remote, data))
+    assert prepare.main(command) == 0 and refused  # published; the marker it could not delete is named
+    assert "warning: could not delete" in capsys.readouterr().err
+    assert len(sources.RecordSource.from_dir(command[-1], "train")) == 6
+    assert len(sources.shard_paths(command[-1] + "/*.array_record", "train")) == 1  # a marker beside a manifest
+
+
 def test_prepare_segmentation_refuses_a_bucket_rather_than_writing_a_local_gs_folder(tmp_path, monkeypatch, capsys):
     from geoalign_jax import prepare
 
