@@ -79,7 +79,7 @@ def test_a_read_the_cpp_reader_retried_by_itself_is_counted(healthy, demo, remot
     assert filesystem.RETRIES["record"] == before.get("record", 0)  # no error ever reached Python
 
 
-def test_transient_failures_are_retried_with_backoff_and_counted(monkeypatch):
+def test_transient_failures_are_retried_with_backoff_and_counted(monkeypatch, caplog):
     delays, calls = [], []
 
     def flaky():
@@ -91,6 +91,8 @@ def test_transient_failures_are_retried_with_backoff_and_counted(monkeypatch):
     before = filesystem.RETRIES["record"]
     assert filesystem.retry(flaky, what="gs://b/x record 3", kind="record", sleep=delays.append) == b"record"
     assert filesystem.RETRIES["record"] - before == 2 and delays == [0.5, 1.0]
+    assert "gs://b/x record 3: transient error (UNAVAILABLE" in caplog.text  # the running total is logged
+    assert f"retry 2 of 3 in 1.0 s ({before + 2} record retries in this process)" in caplog.text
     with pytest.raises(RuntimeError, match="chunk hash mismatch at byte 5003"):  # damaged bytes: no retry
         filesystem.retry(lambda: (_ for _ in ()).throw(RuntimeError("chunk hash mismatch at byte 5003")),
                          what="x", sleep=delays.append)

@@ -209,9 +209,9 @@ def retry(operation: Callable[[], _T], *, what: str | Callable[[], str], kind: s
                 raise
             delay = FIRST_BACKOFF_S * 2 ** (attempt - 1)
             RETRIES[kind] += 1
-            logger.warning("%s: transient error (%s); retry %d of %d in %.1f s", what if isinstance(what, str)
-                           else what(), one_line(error, limit=None),
-                           attempt, MAX_ATTEMPTS - 1, delay)
+            logger.warning("%s: transient error (%s); retry %d of %d in %.1f s (%d %s retries in this process)",
+                           what if isinstance(what, str) else what(), one_line(error, limit=None),
+                           attempt, MAX_ATTEMPTS - 1, delay, RETRIES[kind], kind)
             sleep(delay)
     raise AssertionError("unreachable")
 
