@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from typing import Any
 from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
                                prepare_formats, prepare_segmentation)
 from geoalign_jax.data.skip_accounting import ConversionError
+from geoalign_jax.error_text import run_main
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
 # Command-line plumbing every format shares
@@ -332,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_input_folder(args: argparse.Namespace) -> str | None:
+    """The one-line refusal for an `--images` / `--image-root` folder that does not exist (else every image of
+    the dataset would be skipped as missing, one by one); None when the folders given exist."""
+    for option in ("images", "image_root"):
+        folder = getattr(args, option, None)
+        if isinstance(folder, str) and not filesystem.is_gcs(folder) and not pathlib.Path(folder).is_dir():
+            return f"--{option.replace('_', '-')} {folder}: no such folder"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
@@ -342,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "to local disk only; prepare it locally, then copy it to the bucket", file=sys.stderr)
             return 1
         return prepare_segmentation.run_cli(args)
+    if (missing := missing_input_folder(args)) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
         from geoalign_jax.data import bucket_output
 
@@ -351,4 +366,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -621,3 +621,21 @@ def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
     valid = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "caption": "a field"}])
     with pytest.raises(TypeError, match="worker"):
         prepare_formats.prepare_jsonl(valid, tmp_path / "o", name="x", worker=2)  # a misspelt option is refused
+
+
+def test_an_image_folder_that_does_not_exist_is_one_line_naming_it(tmp_path, capsys):
+    """Not one "missing image" skip per record: the folder itself is named, before anything is read or made."""
+    from geoalign_jax.prepare import main as prepare_main
+
+    json_path, _ = _karpathy_fixture(tmp_path)
+    out = tmp_path / "o"
+    assert prepare_main(["karpathy", "--json", str(json_path), "--images", str(tmp_path / "nowhere"),
+                         "--out", str(out), "--workers", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --images {tmp_path / 'nowhere'}: no such folder"
+    assert not out.exists()
+    (tmp_path / "pairs.jsonl").write_text('{"image": "a.png", "caption": "a field"}\n')
+    assert prepare_main(["jsonl", "--jsonl", str(tmp_path / "pairs.jsonl"), "--name", "p", "--image-root",
+                         str(tmp_path / "gone"),
+                         "--out", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --image-root {tmp_path / 'gone'}: no such folder"
+    assert not out.exists()
