@@ -31,7 +31,7 @@ that neither the Python API nor an environment variable reaches (the variables t
 GET of the same object, which tells a retry from the next read only by guessing. What Python does see is time:
 before each of its retries the C++ reader sleeps at least ``NATIVE_FIRST_BACKOFF_S``, so a record read that took
 that long is counted in ``RETRIES["slow_record"]`` and logged naming the record (the 1st, 2nd, 4th, 8th ... of
-them). That count covers every read the C++ reader retried (at least one retry each, whatever their number) and
+them). That count covers every read the C++ reader retried after a back-off (once, however many retries) and
 also reads that were just slow; a dropped connection that is reopened at once (no back-off) is not seen: measured
 on the emulator, a download cut during the first record read of a shard was re-requested at once in 3 of 8 runs
 (in a shard already read from, 8 of 8 waited the back-off).
