@@ -106,31 +106,7 @@ def test_every_process_skips_a_step_that_one_process_cannot_read():
     assert found == (2, 2)
 
 
-class _MemoryStore:
-    """A lease object with GCS's generation preconditions, in memory."""
-
-    def __init__(self):
-        self.text, self.generation = None, 0
-
-    def read(self):
-        return None if self.text is None else (self.text, self.generation)
-
-    def create(self, text):
-        return None if self.text is not None else self._put(text)
-
-    def replace(self, text, generation):
-        return None if self.text is None or generation != self.generation else self._put(text)
-
-    def delete(self, generation):
-        if generation == self.generation:
-            self.text = None
-
-    def _put(self, text):
-        self.text, self.generation = text, self.generation + 1
-        return self.generation
-
-
-def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
+def test_one_workdir_one_run_on_a_disk(tmp_path):
     from geoalign_jax.train import workdir_lock
 
     workdir = tmp_path / "w"
@@ -153,25 +129,7 @@ def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
         child.wait()
     workdir_lock.acquire(workdir).release()
 
-    # gs://: a lease with a heartbeat; a stale one is taken over with a warning, and its old owner learns it lost
-    store, now = _MemoryStore(), [1000.0]
-    lease = lambda: workdir_lock.Lease(store, "gs://b/w/run.lease", stale_s=600, clock=lambda: now[0])  # noqa: E731
-    first = lease().acquire()
-    now[0] += 500
-    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid \d+, .*lease gs://b/w/run.lease, heartbeat 500 s ago"):
-        lease().acquire()
-    assert first.heartbeat()
-    now[0] += 599
-    with pytest.raises(workdir_lock.WorkdirBusyError):
-        lease().acquire()
-    now[0] += 2
-    caplog.set_level(logging.WARNING)
-    second = lease().acquire()
-    assert "taking over the stale lease gs://b/w/run.lease" in caplog.text and not first.heartbeat()
-    first.release()  # it lost the lease: releasing leaves the new owner's object alone
-    assert store.text is not None
-    second.release()
-    assert store.text is None
+    # gs://: the lease, tested on the GCS emulator in test_gcs_workdir.py
 
 
 def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):
