@@ -50,7 +50,8 @@ def _imported_rooms(path: pathlib.Path) -> list[tuple[str, str]]:
             relative = "." * node.level + (node.module or "")
             base = importlib.util.resolve_name(relative, package) if node.level else node.module
             # `from geoalign_jax import tokenizer`: the room is the imported name
-            targets = [f"{base}.{alias.name}" for alias in node.names] if base == "geoalign_jax" else [base]
+            targets = [f"{base}.{alias.name}" if base == "geoalign_jax" or f"{base}.{alias.name}" == FILESYSTEM_LEAF
+                       else base for alias in node.names]
         else:
             continue
         for target in targets:

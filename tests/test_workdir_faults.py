@@ -86,6 +86,36 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
         load_params(workdir)
 
 
+def test_digests_of_earlier_versions_and_of_a_bucket_are_checked_on_a_local_step(tmp_path):
+    """A digest.json written before ISA-L (zlib's CRC-32, no "checksums" key) and one of a gs:// step (the
+    objects' CRC32C and MD5, copied down with the step) still check the files."""
+    import base64
+    import hashlib
+    import zlib
+
+    import google_crc32c
+
+    step = tmp_path / "7"
+    (step / "params").mkdir(parents=True)
+    (step / "params" / "a").write_bytes(bytes(range(256)) * 300)
+    (step / "b").write_bytes(b"metadata")
+    files = {name: [(step / name).stat().st_size, [f"{zlib.crc32((step / name).read_bytes()):08x}"]]
+             for name in ("params/a", "b")}
+    digest = step / checkpoint_steps.DIGEST_FILE
+    digest.write_text(json.dumps({"format": "geoalign-step-digest", "version": 1, "segment_bytes": 64 << 20,
+                                  "files": files}))
+    assert checkpoint_steps.verify_digest(step)
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731 - as GCS lists them
+    objects = {name: [size, b64(google_crc32c.Checksum((step / name).read_bytes()).digest()),
+                      b64(hashlib.md5((step / name).read_bytes()).digest())] for name, (size, _) in files.items()}
+    digest.write_text(json.dumps({"format": "geoalign-step-digest", "version": 1, "segment_bytes": 64 << 20,
+                                  "checksums": checkpoint_steps.OBJECT_CHECKSUMS, "files": objects}))
+    assert checkpoint_steps.verify_digest(step)
+    bad_files.zero_block(step / "params" / "a", size=64)
+    with pytest.raises(checkpoint_steps.DamagedStepError, match=r"params/a changed since it was saved"):
+        checkpoint_steps.verify_digest(step)
+
+
 def test_every_process_skips_a_step_that_one_process_cannot_read():
     # The agreement itself is parallel.multihost.agree_on_failure, run by two real processes in
     # tests/test_train_multihost.py (a step only process 0's digest check rejects is skipped by both).
