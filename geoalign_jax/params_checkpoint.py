@@ -120,7 +120,10 @@ def model_config_json(config: CLIPConfig) -> str:
 def read_model_config(path: str | pathlib.Path) -> CLIPConfig:
     """The architecture stored beside a parameters checkpoint (or a trainer workdir / step, see `locate`)."""
     config_path, _ = locate(path)
-    meta = json.loads(config_path.read_text())
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:  # a cut or damaged file: name it (json's message names no file)
+        raise ValueError(f"{config_path}: not a readable JSON file ({error})") from None
     if meta.get("format") != PARAMS_FORMAT or meta.get("version") != PARAMS_VERSION:
         raise ValueError(
             f"{config_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "

@@ -21,10 +21,10 @@ FORBIDDEN = {
     "batch_contract": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint"},
     # leaves every room may use (plain Python): they import no room
     **{leaf: {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint", "batch_contract",
-              "tokenizer"} for leaf in ("config_checks", "error_text")},
+              "tokenizer"} for leaf in ("config_checks", "error_text", "cli_logging")},
     # runs before anything else in a CLI process (it may re-execute it): imports no room
     "host_allocator": {"models", "losses", "data", "eval", "train", "convert", "parallel", "params_checkpoint",
-                       "batch_contract", "config_checks", "error_text", "tokenizer"},
+                       "batch_contract", "config_checks", "error_text", "cli_logging", "tokenizer"},
 }
 
 

@@ -19,8 +19,9 @@ import pathlib
 import sys
 from typing import Sequence
 
+from geoalign_jax import cli_logging
 from geoalign_jax.convert import hf, infer_config, layout, open_clip
-from geoalign_jax.error_text import one_line
+from geoalign_jax.error_text import one_line, run_main
 from geoalign_jax.convert.pretrained import FORMATS, load_pretrained
 
 
@@ -89,7 +90,7 @@ def run_import(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging.setup()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
@@ -109,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

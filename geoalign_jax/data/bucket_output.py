@@ -4,14 +4,17 @@ the order that keeps a reader safe, as the local writer does (data/writers.py `w
 1. refuse at once, before preparing, when the bucket folder holds a dataset and ``--overwrite`` is not given;
 2. prepare into a staging folder on local disk (the shard writer's atomic output; nothing is uploaded when
    the preparation fails or is interrupted);
-3. with ``--overwrite``: delete the old ``manifest.json`` first, so no reader takes old and new shards for one
-   dataset while the shards are replaced;
+3. upload the marker ``records.UNFINISHED_NAME`` (a shard glob refuses a folder holding it), then, with
+   ``--overwrite``, delete the old ``manifest.json``, so no reader takes old and new shards for one dataset
+   while the shards are replaced;
 4. upload every shard and sidecar (a GCS object becomes visible only once its upload is complete);
-5. upload ``manifest.json`` last: only now is the folder a dataset a trainer reads;
-6. delete the old shards the new manifest does not list.
+5. upload ``manifest.json`` last: only now is the folder a dataset a trainer reads; then delete the marker;
+6. delete the old shards the new manifest does not list (until then a glob that matches them is refused:
+   the manifest does not list them, data/glob_check.py).
 
-A run that fails in 3-5 leaves no manifest, so `sources.shard_paths` refuses the folder ("no manifest.json"),
-and the next run with ``--overwrite`` replaces what it left. Staging needs local disk for one dataset.
+A run that fails in 3-5 leaves no manifest and the marker, so `sources.shard_paths` refuses the folder ("no
+manifest.json") and any shard glob into it, and the next run with ``--overwrite`` replaces what it left.
+Staging needs local disk for one dataset.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-from geoalign_jax.data import filesystem
+from geoalign_jax.data import filesystem, records
 from geoalign_jax.error_text import one_line
 
 MANIFEST_NAME = "manifest.json"
@@ -65,6 +68,8 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
         raise BucketOutputError(f"{staging}: the conversion wrote no {MANIFEST_NAME}; nothing uploaded")
     names.remove(MANIFEST_NAME)
     target = out.rstrip("/")
+    marker = filesystem.join(target, records.UNFINISHED_NAME)
+    filesystem.retry(lambda: fs.pipe_file(_key(marker), b""), what=marker)
     if old_files is not None:
         filesystem.retry(lambda: fs.rm_file(_key(filesystem.join(target, MANIFEST_NAME))),
                          what=filesystem.join(target, MANIFEST_NAME))
@@ -76,6 +81,7 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
             raise BucketOutputError(f"uploading {destination} failed ({one_line(error, limit=None)}); "
                                     f"{target} holds no {MANIFEST_NAME}, so no trainer reads it; rerun with "
                                     "--overwrite") from None
+    filesystem.retry(lambda: fs.rm_file(_key(marker)), what=marker)
     stale = sorted(set(old_files or []) - set(names))
     for name in stale:
         try:

@@ -17,9 +17,25 @@ token: orbax checkpoints in a gs:// workdir), and selects gcsfs's plain JSON-API
 first probe the bucket type over gRPC, which an emulator does not serve (a 60 s stall).
 
 Faults: gcsfs retries transient HTTP errors itself, and the C++ reader retries and resumes a cut download
-itself (exponential back-off); what still fails reaches ``retry`` below, which backs off, retries and counts
-(``RETRIES``), and raises after ``MAX_ATTEMPTS``. A missing object or a refused permission is never retried:
+itself; what still fails reaches ``retry`` below, which backs off, retries and counts (``RETRIES``), and
+raises after ``MAX_ATTEMPTS``. A missing object or a refused permission is never retried:
 ``error_text.one_line`` turns it into one line naming the object.
+
+What is counted, and what cannot be. The C++ reader's own retries are invisible to Python: array-record 0.8.6
+builds its reader on a default ``google::cloud::storage::Client()`` (python/array_record_module.cc), whose retry
+policy (up to 15 min, back-off 1 s doubling to 5 min, a stalled download cut after 120 s) is set by C++ options
+that neither the Python API nor an environment variable reaches (the variables the library reads:
+``CLOUD_STORAGE_EMULATOR_ENDPOINT``, ``CLOUD_STORAGE_ENABLE_TRACING``, ``GOOGLE_CLOUD_CPP_ENABLE_CLOG``,
+``GOOGLE_CLOUD_PROJECT`` and a few more; none sets a retry policy), so it cannot be made to fail fast for
+``retry`` to count. Its request trace (``CLOUD_STORAGE_ENABLE_TRACING=raw-client`` with
+``GOOGLE_CLOUD_CPP_ENABLE_CLOG=yes``) goes to the process's stderr and logs each ranged GET, a retry as one more
+GET of the same object, which tells a retry from the next read only by guessing. What Python does see is time:
+before each of its retries the C++ reader sleeps at least ``NATIVE_FIRST_BACKOFF_S``, so a record read that took
+that long is counted in ``RETRIES["slow_record"]`` and logged naming the record (the 1st, 2nd, 4th, 8th ... of
+them). That count covers every read the C++ reader retried (at least one retry each, whatever their number) and
+also reads that were just slow; a dropped connection that libcurl reopens at once (no back-off) is not seen.
+gcsfs's own retries (metadata, uploads) are not counted either. ``RETRIES`` is per process (each grain worker
+has its own).
 """
 from __future__ import annotations
 
@@ -49,8 +65,12 @@ TENSORSTORE_EMULATOR_ENV, TENSORSTORE_TOKEN_ENV = "TENSORSTORE_GCS_HTTP_URL", "G
 MAX_ATTEMPTS = 4
 #: First back-off in seconds; doubled after every failed attempt.
 FIRST_BACKOFF_S = 0.5
-#: Retries done by `retry`, by kind of operation ("record", "metadata"), in this process.
+#: Retries done by `retry`, by kind of operation ("record", "metadata"), and record reads that took at least
+#: NATIVE_FIRST_BACKOFF_S ("slow_record": the C++ reader retried them, or they were slow), in this process.
 RETRIES: collections.Counter[str] = collections.Counter()
+#: google-cloud-cpp's first back-off (its ExponentialBackoffPolicy draws each delay from [d, 2d], d = 1 s,
+#: 2 s, ...): a record read that took this long was retried by ArrayRecord's C++ reader, or was slow.
+NATIVE_FIRST_BACKOFF_S = 1.0
 
 _T = TypeVar("_T")
 _configured_lock = threading.Lock()
@@ -175,10 +195,21 @@ def error_kind(error: BaseException) -> str:
 def retry(operation: Callable[[], _T], *, what: str | Callable[[], str], kind: str = "metadata",
           sleep: Callable[[float], None] = time.sleep) -> _T:
     """``operation()``, retried with exponential back-off while it fails transiently (each retry counted in
-    ``RETRIES[kind]`` and logged naming ``what``); other failures propagate at once."""
+    ``RETRIES[kind]`` and logged naming ``what``); other failures propagate at once. A "record" read that took
+    ``NATIVE_FIRST_BACKOFF_S`` or longer is counted in ``RETRIES["slow_record"]`` (module docstring)."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        started = time.perf_counter()
         try:
-            return operation()
+            result = operation()
+            if kind == "record" and (took := time.perf_counter() - started) >= NATIVE_FIRST_BACKOFF_S:
+                RETRIES["slow_record"] += 1
+                count = RETRIES["slow_record"]
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: a slow bucket must not flood the log
+                    logger.warning("%s: the read took %.1f s: ArrayRecord's C++ reader retried it (it backs off "
+                                   "%.0f s or more before each retry), or the bucket was slow (%d such reads in "
+                                   "this process)", what if isinstance(what, str) else what(), took,
+                                   NATIVE_FIRST_BACKOFF_S, count)
+            return result
         except Exception as error:  # noqa: BLE001 - classified below; anything not transient propagates
             if error_kind(error) != "transient" or attempt == MAX_ATTEMPTS:
                 raise
