@@ -25,12 +25,14 @@ python -m geoalign_jax.prepare fingerprints data/rsicd 'data/extra/*.array_recor
 writes the image fingerprint sidecars (`<shard>.hashes.npy`) that shards prepared by older versions, or
 copied without them, lack, so the train/test overlap check stops decoding every training image on each
 run; it lists them in the manifest's `image_hashes`. Exit status 1 naming each shard it cannot read.
+Locations may be `gs://` (the sidecars and the manifest are uploaded beside the shards, each object whole).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import pathlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -39,6 +41,7 @@ from typing import Any
 from geoalign_jax.data import (filesystem, fingerprints, prepare_corpora, prepare_csv, prepare_detection,
                                prepare_formats, prepare_segmentation)
 from geoalign_jax.data.skip_accounting import ConversionError
+from geoalign_jax.error_text import run_main
 from geoalign_jax.data.writers import MANIFEST_NAME, ConversionSummary
 
 # Command-line plumbing every format shares
@@ -300,11 +303,6 @@ def _fingerprints_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fingerprints(args: argparse.Namespace) -> int:
     """Print what was written; exit status 1 naming every shard that cannot be read (it gets no sidecar)."""
-    remote = [location for location in args.locations if filesystem.is_gcs(location)]
-    if remote:
-        print(f"error: {remote[0]}: sidecars are written to local folders only; prepare the dataset with "
-              "--out gs://... (it uploads them), or add them locally and upload the folder", file=sys.stderr)
-        return 1
     try:
         report = fingerprints.add_sidecars(args.locations, workers=args.workers, progress=not args.no_progress)
     except fingerprints.ShardReadError as error:
@@ -336,12 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_input_folder(args: argparse.Namespace) -> str | None:
+    """The one-line refusal for an `--images` / `--image-root` folder that does not exist (else every image of
+    the dataset would be skipped as missing, one by one); None when the folders given exist."""
+    for option in ("images", "image_root"):
+        folder = getattr(args, option, None)
+        if isinstance(folder, str) and not filesystem.is_gcs(folder) and not pathlib.Path(folder).is_dir():
+            return f"--{option.replace('_', '-')} {folder}: no such folder"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.format == "fingerprints":
         return _fingerprints(args)
     if args.format == "segmentation":
+        if filesystem.is_gcs(args.out):  # pathlib would write a local folder "gs:/..." instead
+            print(f"error: --out {args.out}: a segmentation folder (images, masks, segmentation.json) is written "
+                  "to local disk only; prepare it locally, then copy it to the bucket", file=sys.stderr)
+            return 1
         return prepare_segmentation.run_cli(args)
+    if (missing := missing_input_folder(args)) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     if filesystem.is_gcs(args.out):  # staged locally, then uploaded with the manifest last
         from geoalign_jax.data import bucket_output
 
@@ -351,4 +366,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -154,6 +154,8 @@ def test_a_kill_while_shards_are_renamed_leaves_no_manifest(sources_a_b, tmp_pat
     _stop(_start_paused(tmp_path, "publish", sources_a_b[1], out, overwrite=True), signal.SIGKILL)
     left = set(os.listdir(out))
     assert "manifest.json" not in left and set(old_shards) <= left  # one new shard in place, old ones around
+    with pytest.raises(sources.SourceError, match=r"\.prepare-unfinished is there\), so its shards may mix"):
+        sources.shard_paths(str(out / "*.array_record"), "train")  # a glob of them is refused as well
     with pytest.raises(prepare_formats.ConversionError, match=r"3 shards of 'noise' without a manifest.json .*--overwrite"):
         _convert(sources_a_b[1], out)
     _convert(sources_a_b[1], out, overwrite=True)

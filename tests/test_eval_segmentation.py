@@ -159,6 +159,24 @@ def test_templates_are_open_clips_openai_imagenet_set():
     assert prompts.get_templates("openai_imagenet") == tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
+@pytest.mark.parametrize("old, grid", [(14, (13, 13)), (14, (13, 14)), (14, (7, 12)), (4, (3, 4))])
+def test_window_position_embedding_is_segearths_interpolation(old, grid):
+    """Windows of another size take SegEarth-OV's interpolate_pos_encoding (torch bicubic, no antialiasing,
+    scale (g + 0.1) / old), which differs from open_clip's resize that the tower uses otherwise."""
+    import torch
+    import torch.nn.functional as F
+
+    from geoalign_jax.models import posemb
+
+    table = np.random.default_rng(0).normal(size=(1 + old * old, 5)).astype(np.float32)
+    source = torch.from_numpy(table[1:]).reshape(1, old, old, 5).permute(0, 3, 1, 2)
+    expected = F.interpolate(source, scale_factor=((grid[0] + 0.1) / old, (grid[1] + 0.1) / old), mode="bicubic")
+    ours = np.asarray(posemb.resize_image_posemb_segearth(table, grid))
+    np.testing.assert_allclose(ours[1:], expected.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), atol=2e-5)
+    np.testing.assert_array_equal(ours[0], table[0])
+    assert np.abs(ours - np.asarray(posemb.resize_image_posemb(table, grid))).max() > 1e-2
+
+
 def test_geometry_follows_mmcv_and_segearth():
     assert segmentation.rescaled_size(1024, 1024, (448, 448)) == (448, 448)
     assert segmentation.rescaled_size(512, 1024, (448, 448)) == (224, 448)  # long side to 448, aspect kept
@@ -274,3 +292,17 @@ def test_trainer_config_accepts_segmentation_tasks_and_guards_their_split(tmp_pa
     assert train_config._check_eval_tasks((task,), allow_train_split=False) == ["segmentation/toy"]
     with pytest.raises(ValueError, match="split 'train' is a training split"):
         train_config._check_eval_tasks((task + ",split=train",), allow_train_split=False)
+
+
+def test_reduce_zero_label_flag_overrides_a_preset_either_way():
+    """`--no-reduce-zero-label` switches LoveDA's preset value off; no flag keeps the preset's value."""
+    import argparse
+
+    from geoalign_jax.data import prepare_segmentation
+
+    parser = argparse.ArgumentParser()
+    prepare_segmentation.add_arguments(parser)
+    required = ["--images", "i", "--masks", "m", "--out", "o", "--preset", "loveda"]
+    assert parser.parse_args(required).reduce_zero_label is None
+    assert parser.parse_args(required + ["--reduce-zero-label"]).reduce_zero_label is True
+    assert parser.parse_args(required + ["--no-reduce-zero-label"]).reduce_zero_label is False

@@ -265,6 +265,24 @@ def test_bad_caption_csv_and_task_options_are_refused(shared_data, tmp_path):
         suites.discover("clip", tmp_path)
 
 
+def test_split_by_admits_only_the_authors_files_on_their_split(tmp_path):
+    """split_by=farslip lets a training split past the guard only for a file FarSLIP reads on that split: on any
+    other training data, or another split of FarSLIP's file, it is refused naming why (not a switch)."""
+    ours = runner.parse_task(f"zeroshot:nwpu={tmp_path / 'nwpu' / 'img_txt_pairs_train.csv'},split_by=farslip")
+    assert "evaluated because the authors do" in runner.split_guard(ours, "train", [], allow=False)
+    for task, split, message in (
+            (f"zeroshot:mine={tmp_path / 'mine' / 'img_txt_pairs_train.csv'},split_by=farslip", "train",
+             r"split_by=farslip: .*mine.*is not one of the files"),
+            (f"zeroshot:nwpu={tmp_path / 'nwpu' / 'img_txt_pairs_train.csv'},split=val,split_by=farslip", "val",
+             r"the authors read nwpu/img_txt_pairs_train.csv as split 'train', this task asks for 'val'"),
+            (f"retrieval:rs5m={tmp_path / 'rs5m'},split=train,split_by=farslip", "train", "is not one of the files")):
+        with pytest.raises(runner.TaskError, match=message):
+            runner.split_guard(runner.parse_task(task), split, ["train"], allow=False)
+    retrieval = runner.parse_task(f"retrieval:rsicd={tmp_path / 'retrieval/RSICD/RSICD_img_txt_pairs_test.csv'},"
+                                  "split_by=farslip")
+    assert runner.split_guard(retrieval, "test", [], allow=False) is None
+
+
 def test_class_lists_ship_for_seven_farslip_sets_and_flag_a_different_list():
     from geoalign_jax.eval import classnames
 

@@ -586,6 +586,20 @@ def test_failed_overwrite_keeps_the_old_dataset_and_success_removes_unlisted_sha
     assert sorted(p.name for p in out.iterdir()) == ["d-train-00000-of-00001.array_record",
                                                      "d-train-00000-of-00001.hashes.npy", "manifest.json"]
     assert [r["id"] for r in _records(out, "train")] == ["a0", "a1", "a2"]
+    # a shard glob is held to the folder's manifest: an old shard left there (a failed overwrite) is named
+    assert sources.shard_paths(str(out / "d-*.array_record"), "train") == [
+        str(out / "d-train-00000-of-00001.array_record")]
+    # killed after the new manifest was in place but before the marker went: a good folder, its glob is read
+    (out / ".prepare-unfinished").write_bytes(b"")
+    assert sources.shard_paths(str(out / "d-*.array_record"), "train") == [
+        str(out / "d-train-00000-of-00001.array_record")]
+    (out / "d-train-00002-of-00003.array_record").write_bytes(before["d-train-00002-of-00003.array_record"])
+    with pytest.raises(sources.SourceError, match=r"manifest.json does not list .*d-train-00002-of-00003"):
+        sources.shard_paths(str(out / "d-*.array_record"), "train")
+    bare = tmp_path / "bare"  # shards copied without a manifest are read as they are
+    bare.mkdir()
+    (bare / "d-train-00002-of-00003.array_record").write_bytes(before["d-train-00002-of-00003.array_record"])
+    assert len(sources.RecordSource.from_dir(str(bare / "*.array_record"), "train")) == 1
 
 
 def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
@@ -607,3 +621,21 @@ def test_write_takes_a_lazy_task_stream_with_expected_counts(tmp_path):
     valid = _small_jsonl(tmp_path, [{"image": "imgs/a.png", "caption": "a field"}])
     with pytest.raises(TypeError, match="worker"):
         prepare_formats.prepare_jsonl(valid, tmp_path / "o", name="x", worker=2)  # a misspelt option is refused
+
+
+def test_an_image_folder_that_does_not_exist_is_one_line_naming_it(tmp_path, capsys):
+    """Not one "missing image" skip per record: the folder itself is named, before anything is read or made."""
+    from geoalign_jax.prepare import main as prepare_main
+
+    json_path, _ = _karpathy_fixture(tmp_path)
+    out = tmp_path / "o"
+    assert prepare_main(["karpathy", "--json", str(json_path), "--images", str(tmp_path / "nowhere"),
+                         "--out", str(out), "--workers", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --images {tmp_path / 'nowhere'}: no such folder"
+    assert not out.exists()
+    (tmp_path / "pairs.jsonl").write_text('{"image": "a.png", "caption": "a field"}\n')
+    assert prepare_main(["jsonl", "--jsonl", str(tmp_path / "pairs.jsonl"), "--name", "p", "--image-root",
+                         str(tmp_path / "gone"),
+                         "--out", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --image-root {tmp_path / 'gone'}: no such folder"
+    assert not out.exists()

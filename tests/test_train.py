@@ -293,7 +293,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     assert (tmp_path / "interrupted" / "checkpoints" / "3").is_dir()  # saved at the signal, not at a multiple of 4
     reordered = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4, "train.micro_batches": 4,
                                        "train.ema_decay": 0.9, "data.seed": 1})
-    with pytest.raises(ValueError, match=r"data.seed changed since the checkpoints .*data.seed: 0 -> 1"):
+    with pytest.raises(ValueError, match=r"data order changed since the checkpoints .*\(data.seed: 0 -> 1\)"):
         loop.run(reordered, tmp_path / "interrupted", progress=False)  # refused before it touches anything
     resumed = loop.run(config, tmp_path / "interrupted", progress=False)
     assert (resumed.status, resumed.resumed_from, resumed.step) == ("finished", 3, 6)

@@ -23,6 +23,13 @@ per worker, for each ``--read-threads`` / ``--read-buffer-sizes`` setting) and e
 pipeline, from the bucket and from local disk in the same run, with the bucket/local ratio:
 
     python tools/bench_data.py --bucket --workers 0 --read-threads 2 8 16 --read-buffer-sizes 32 128
+
+``--bucket --mechanisms`` instead times the two ways to read records from the bucket against each other in
+one run (raw records/s, and examples/s of the full pipeline in one process): ArrayRecord's own C++ GCS reader,
+and a grain source over gcsfs ranged reads (its upper bound: same bytes and requests, no parsing;
+tools/bench_bucket.py says why):
+
+    python tools/bench_data.py --bucket --mechanisms --read-threads 1 4 --read-buffer-sizes 32
 """
 from __future__ import annotations
 
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples prefetched per process (with --bucket: each value is measured)")
     parser.add_argument("--bucket", action="store_true",
                         help="also read the shards from a local GCS emulator and print bucket/local ratios")
+    parser.add_argument("--mechanisms", action="store_true",
+                        help="with --bucket: ArrayRecord's C++ GCS reader vs gcsfs ranged reads (raw and pipeline)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
             bench_bucket.compare(config, data, bench, workers=args.workers, read_threads=args.read_threads,
                                  buffer_sizes=args.read_buffer_sizes, warmup_batches=args.warmup_batches,
-                                 num_batches=args.num_batches)
+                                 num_batches=args.num_batches, mechanisms=args.mechanisms)
             return 0
         print(f"data: {data if args.data else 'RSICD sample JPEGs (224x224) + synthetic regions/negatives'}; "
               f"batch {args.batch_size}, {args.image_size} px, R={args.max_regions}, K={args.hard_negatives}, "

@@ -48,7 +48,8 @@ class TorchSegEarth:
         if (grid_h, grid_w) == (old, old):
             return posemb
         grid = posemb[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", antialias=True, align_corners=False)
+        # SegEarth-OV's interpolate_pos_encoding: scale factors (g + 0.1) / old, bicubic, no antialiasing
+        grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / old, (grid_w + 0.1) / old), mode="bicubic")
         return torch.cat([posemb[:1], grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
 
     def _segearth_attention(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ import pathlib
 import sys
 from typing import Sequence
 
+from geoalign_jax import cli_logging
 from geoalign_jax.convert import hf, infer_config, layout, open_clip
-from geoalign_jax.error_text import one_line
+from geoalign_jax.error_text import one_line, run_main
 from geoalign_jax.convert.pretrained import FORMATS, load_pretrained
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="parameters checkpoint -> open_clip local-dir folder or HF folder")
-    export.add_argument("--params", required=True, type=pathlib.Path,
+    export.add_argument("--params", required=True,  # a str: gs:// would not survive pathlib
                         help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     export.add_argument("--step", type=int, default=None,
                         help="with a trainer workdir: export this step (default: the newest step that reads back whole)")
@@ -59,7 +60,7 @@ def _check_out_dir(out: pathlib.Path) -> None:
         raise ValueError(f"--out {out} exists and is not an empty folder")
 
 
-def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path, *, step: int | None = None,
+def run_export(params_path: str | pathlib.Path, fmt: str, out: pathlib.Path, *, step: int | None = None,
                ema: bool = False) -> list[pathlib.Path]:
     """Loads a parameters checkpoint (a trainer workdir: its newest intact step, or `step`; the step read is
     logged; `ema`: a trainer checkpoint's EMA weights) and writes it in `fmt`; returns the files written."""
@@ -89,7 +90,7 @@ def run_import(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging.setup()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
@@ -109,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

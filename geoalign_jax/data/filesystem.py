@@ -12,13 +12,32 @@ Two mechanisms, each the maintained one for its job (README, "Training data in a
 Endpoint: a real bucket is reached with the machine's default credentials (a TPU VM's service account).
 ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`` (the variable Google's Python clients read) points both
 mechanisms at a local emulator instead: ``configure()`` copies it to ``CLOUD_STORAGE_EMULATOR_ENDPOINT``
-(the one google-cloud-cpp reads) and selects gcsfs's plain JSON-API file system, whose default class would
+(the one google-cloud-cpp reads) and to ``TENSORSTORE_GCS_HTTP_URL`` (tensorstore's, with a placeholder
+token: orbax checkpoints in a gs:// workdir), and selects gcsfs's plain JSON-API file system, whose default class would
 first probe the bucket type over gRPC, which an emulator does not serve (a 60 s stall).
 
 Faults: gcsfs retries transient HTTP errors itself, and the C++ reader retries and resumes a cut download
-itself (exponential back-off); what still fails reaches ``retry`` below, which backs off, retries and counts
-(``RETRIES``), and raises after ``MAX_ATTEMPTS``. A missing object or a refused permission is never retried:
+itself; what still fails reaches ``retry`` below, which backs off, retries and counts (``RETRIES``), and
+raises after ``MAX_ATTEMPTS``. A missing object or a refused permission is never retried:
 ``error_text.one_line`` turns it into one line naming the object.
+
+What is counted, and what cannot be. The C++ reader's own retries are invisible to Python: array-record 0.8.6
+builds its reader on a default ``google::cloud::storage::Client()`` (python/array_record_module.cc), whose retry
+policy (up to 15 min, back-off 1 s doubling to 5 min, a stalled download cut after 120 s) is set by C++ options
+that neither the Python API nor an environment variable reaches (the variables the library reads:
+``CLOUD_STORAGE_EMULATOR_ENDPOINT``, ``CLOUD_STORAGE_ENABLE_TRACING``, ``GOOGLE_CLOUD_CPP_ENABLE_CLOG``,
+``GOOGLE_CLOUD_PROJECT`` and a few more; none sets a retry policy), so it cannot be made to fail fast for
+``retry`` to count. Its request trace (``CLOUD_STORAGE_ENABLE_TRACING=raw-client`` with
+``GOOGLE_CLOUD_CPP_ENABLE_CLOG=yes``) goes to the process's stderr and logs each ranged GET, a retry as one more
+GET of the same object, which tells a retry from the next read only by guessing. What Python does see is time:
+before each of its retries the C++ reader sleeps at least ``NATIVE_FIRST_BACKOFF_S``, so a record read that took
+that long is counted in ``RETRIES["slow_record"]`` and logged naming the record (the 1st, 2nd, 4th, 8th ... of
+them). That count covers every read the C++ reader retried after a back-off (once, however many retries) and
+also reads that were just slow; a dropped connection that is reopened at once (no back-off) is not seen: measured
+on the emulator, a download cut during the first record read of a shard was re-requested at once in 3 of 8 runs
+(in a shard already read from, 8 of 8 waited the back-off).
+gcsfs's own retries (metadata, uploads) are not counted either. ``RETRIES`` is per process (each grain worker
+has its own).
 """
 from __future__ import annotations
 
@@ -41,12 +60,19 @@ GCS_PREFIX = "gs://"
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 #: Where google-cloud-cpp (ArrayRecord's GCS reader) looks for it.
 NATIVE_EMULATOR_ENV = "CLOUD_STORAGE_EMULATOR_ENDPOINT"
+#: Where tensorstore (orbax's checkpoints in a gs:// workdir) looks for it, and the bearer token it then sends
+#: instead of asking for credentials (an emulator checks none).
+TENSORSTORE_EMULATOR_ENV, TENSORSTORE_TOKEN_ENV = "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"
 #: Attempts of one operation in `retry` (the clients below it have retried already).
 MAX_ATTEMPTS = 4
 #: First back-off in seconds; doubled after every failed attempt.
 FIRST_BACKOFF_S = 0.5
-#: Retries done by `retry`, by kind of operation ("record", "metadata"), in this process.
+#: Retries done by `retry`, by kind of operation ("record", "metadata"), and record reads that took at least
+#: NATIVE_FIRST_BACKOFF_S ("slow_record": the C++ reader retried them, or they were slow), in this process.
 RETRIES: collections.Counter[str] = collections.Counter()
+#: google-cloud-cpp's first back-off (its ExponentialBackoffPolicy draws each delay from [d, 2d], d = 1 s,
+#: 2 s, ...): a record read that took this long was retried by ArrayRecord's C++ reader, or was slow.
+NATIVE_FIRST_BACKOFF_S = 1.0
 
 _T = TypeVar("_T")
 _configured_lock = threading.Lock()
@@ -94,6 +120,8 @@ def configure() -> None:
             if not endpoint.startswith(("http://", "https://")):
                 endpoint = f"http://{endpoint}"
             os.environ.setdefault(NATIVE_EMULATOR_ENV, endpoint)
+            os.environ.setdefault(TENSORSTORE_EMULATOR_ENV, endpoint)
+            os.environ.setdefault(TENSORSTORE_TOKEN_ENV, "emulator")
             import gcsfs.core
 
             for protocol in ("gs", "gcs"):
@@ -169,18 +197,29 @@ def error_kind(error: BaseException) -> str:
 def retry(operation: Callable[[], _T], *, what: str | Callable[[], str], kind: str = "metadata",
           sleep: Callable[[float], None] = time.sleep) -> _T:
     """``operation()``, retried with exponential back-off while it fails transiently (each retry counted in
-    ``RETRIES[kind]`` and logged naming ``what``); other failures propagate at once."""
+    ``RETRIES[kind]`` and logged naming ``what``); other failures propagate at once. A "record" read that took
+    ``NATIVE_FIRST_BACKOFF_S`` or longer is counted in ``RETRIES["slow_record"]`` (module docstring)."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
+        started = time.perf_counter()
         try:
-            return operation()
+            result = operation()
+            if kind == "record" and (took := time.perf_counter() - started) >= NATIVE_FIRST_BACKOFF_S:
+                RETRIES["slow_record"] += 1
+                count = RETRIES["slow_record"]
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: a slow bucket must not flood the log
+                    logger.warning("%s: the read took %.1f s: ArrayRecord's C++ reader retried it (it backs off "
+                                   "%.0f s or more before each retry), or the bucket was slow (%d such reads in "
+                                   "this process)", what if isinstance(what, str) else what(), took,
+                                   NATIVE_FIRST_BACKOFF_S, count)
+            return result
         except Exception as error:  # noqa: BLE001 - classified below; anything not transient propagates
             if error_kind(error) != "transient" or attempt == MAX_ATTEMPTS:
                 raise
             delay = FIRST_BACKOFF_S * 2 ** (attempt - 1)
             RETRIES[kind] += 1
-            logger.warning("%s: transient error (%s); retry %d of %d in %.1f s", what if isinstance(what, str)
-                           else what(), one_line(error, limit=None),
-                           attempt, MAX_ATTEMPTS - 1, delay)
+            logger.warning("%s: transient error (%s); retry %d of %d in %.1f s (%d %s retries in this process)",
+                           what if isinstance(what, str) else what(), one_line(error, limit=None),
+                           attempt, MAX_ATTEMPTS - 1, delay, RETRIES[kind], kind)
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -251,3 +290,27 @@ def glob(pattern: str) -> list[str]:
     base = GCS_PREFIX + "/".join(parts[:first])
     rest = "/".join(parts[first:])
     return sorted(os.fspath(p) for p in _checked(lambda: list(path(base).glob(rest)), pattern))
+
+
+def list_objects(prefix: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every object under the ``gs://`` folder ``prefix`` (recursively), by name relative to it: the server's
+    metadata (``size``, ``crc32c``, ``md5Hash``, ``generation``), one listing request per 1000 objects."""
+    prefix = os.fspath(prefix).rstrip("/")
+    path(prefix)  # configure
+    import fsspec
+
+    found = _checked(lambda: fsspec.filesystem("gs").find(prefix[len(GCS_PREFIX):], detail=True), prefix)
+    base = prefix[len(GCS_PREFIX):] + "/"
+    return {name[len(base):]: info for name, info in found.items() if name.startswith(base)}
+
+
+def rename_folder(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Renames a folder; in a bucket (which has no folders) every object under it is copied, then deleted."""
+    source, target = os.fspath(source), os.fspath(target)
+    if not is_gcs(source):
+        os.rename(source, target)
+        return
+    path(source)  # configure
+    import fsspec
+
+    _checked(lambda: fsspec.filesystem("gs").mv(source, target, recursive=True), source)

@@ -125,7 +125,12 @@ def write_sidecar(path: str | os.PathLike, rows: np.ndarray) -> None:
 
 
 def replace_file(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it, flushed to disk, then renamed over it."""
+    """Write ``data`` to ``path`` through a temporary file beside it, flushed to disk, then renamed over it.
+    In a bucket the object is uploaded whole: readers see the old object or the new one, never a part."""
+    if filesystem.is_gcs(path):
+        location = os.fspath(path)
+        filesystem.retry(lambda: filesystem.path(location).write_bytes(data), what=location)
+        return
     path = pathlib.Path(path)
     temp = path.with_name(f".tmp-{path.name}")
     with open(temp, "wb") as handle:
@@ -340,23 +345,27 @@ class SidecarReport:
 
 def _location_shards(location: str) -> tuple[list[str], list[str]]:
     """(shard paths, folders whose manifest may list them) of a prepared folder (every split), a shard file
-    or a glob of shard files (``.array_record``); ShardReadError naming the location when there are none."""
-    import glob as globbing
-
+    or a glob of shard files (``.array_record``); ShardReadError naming the location when there are none.
+    Local or ``gs://`` (data/filesystem.py); a storage error is a ShardReadError naming the object."""
     from geoalign_jax.data import sources
 
-    if any(ch in location for ch in "*?["):
-        paths = [p for p in sorted(globbing.glob(location)) if p.endswith(SHARD_SUFFIX) and os.path.isfile(p)]
-        if not paths:
-            raise ShardReadError(f"no {SHARD_SUFFIX} files match {location}")
-        return paths, sorted({os.path.dirname(p) or "." for p in paths})
-    if os.path.isfile(location):
-        return [location], [os.path.dirname(location) or "."]
-    if not os.path.isdir(location):
-        raise ShardReadError(f"{location}: no such folder or file")
-    if not os.path.isfile(os.path.join(location, sources.MANIFEST_NAME)):
-        raise ShardReadError(f"no {sources.MANIFEST_NAME} in {location}: give its shards as a glob, e.g. "
-                             f"'{os.path.join(location, '*' + SHARD_SUFFIX)}'")
+    try:
+        if any(ch in location for ch in "*?["):
+            matches = [p for p in filesystem.glob(location) if p.endswith(SHARD_SUFFIX)]
+            absent = set(filesystem.missing_files(matches))
+            paths = [p for p in matches if p not in absent]
+            if not paths:
+                raise ShardReadError(f"no {SHARD_SUFFIX} files match {location}")
+            return paths, sorted({filesystem.dirname(p) or "." for p in paths})
+        if filesystem.isfile(location):
+            return [location], [filesystem.dirname(location) or "."]
+        if not filesystem.is_gcs(location) and not os.path.isdir(location):
+            raise ShardReadError(f"{location}: no such folder or file")
+        if not filesystem.isfile(filesystem.join(location, sources.MANIFEST_NAME)):
+            raise ShardReadError(f"no {sources.MANIFEST_NAME} in {location}: give its shards as a glob, e.g. "
+                                 f"'{filesystem.join(location, '*' + SHARD_SUFFIX)}'")
+    except filesystem.StorageError as error:
+        raise ShardReadError(str(error)) from None
     try:
         manifest = sources.read_manifest(location)
         paths = [p for split in manifest["splits"] for p in sources.shard_paths(location, split)]
@@ -374,8 +383,8 @@ def _list_in_manifests(folders: Sequence[str], shard_paths: Sequence[str], repor
 
     listed: set[str] = set()
     for folder in folders:
-        manifest_path = os.path.join(folder, sources.MANIFEST_NAME)
-        if not os.path.isfile(manifest_path):
+        manifest_path = filesystem.join(folder, sources.MANIFEST_NAME)
+        if not filesystem.isfile(manifest_path):
             continue
         try:
             manifest = sources.read_manifest(folder)
@@ -385,8 +394,8 @@ def _list_in_manifests(folders: Sequence[str], shard_paths: Sequence[str], repor
         hashes = dict(manifest.get("image_hashes") or {})
         added = []
         for split, entry in manifest["splits"].items():
-            shards = [os.path.join(folder, shard) for shard in entry["shards"]]
-            listed.update(os.path.abspath(shard) for shard in shards)
+            shards = [filesystem.join(folder, shard) for shard in entry["shards"]]
+            listed.update(filesystem.absolute(shard) for shard in shards)
             names = [sidecar_path(shard).as_posix() for shard in entry["shards"]]
             if all(sidecar_path(shard).is_file() for shard in shards) and hashes.get(split) != names:
                 hashes[split] = names
@@ -395,7 +404,7 @@ def _list_in_manifests(folders: Sequence[str], shard_paths: Sequence[str], repor
             manifest["image_hashes"] = dict(sorted(hashes.items()))
             replace_file(manifest_path, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
         report.manifests[manifest_path] = added
-    report.unlisted = [p for p in shard_paths if os.path.abspath(p) not in listed]
+    report.unlisted = [p for p in shard_paths if filesystem.absolute(p) not in listed]
 
 
 def add_sidecars(locations: Sequence[str | os.PathLike], *, workers: int = 1, progress: bool = False

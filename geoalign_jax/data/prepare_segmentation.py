@@ -250,8 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "background class and resize (explicit options override)")
     parser.add_argument("--split", default=None, help="split name (default: the preset's, else test)")
     parser.add_argument("--ignore-index", type=int, default=None, help="label value that is not scored (255)")
-    parser.add_argument("--reduce-zero-label", action="store_true", default=None,
-                        help="label 0 is ignored and 1..C are the classes (mmseg's reduce_zero_label)")
+    parser.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                        help="label 0 is ignored and 1..C are the classes (mmseg's reduce_zero_label; "
+                             "--no-reduce-zero-label turns a preset's off; default: the preset's, else off)")
     parser.add_argument("--name", default=None, help="dataset name (default: preset or folder name)")
     parser.add_argument("--image-suffix", default=None, help="only images ending so (default: any image)")
     parser.add_argument("--mask-suffix", default=None,

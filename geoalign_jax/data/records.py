@@ -23,6 +23,10 @@ import msgpack
 
 FORMAT_NAME = "geoalign-record"
 FORMAT_VERSION = 1
+#: Present in a dataset folder while `prepare` puts shards into place (written before the first shard is
+#: renamed / uploaded or the old manifest removed, deleted once the new manifest is in place): a reader of a
+#: shard glob refuses such a folder, whose shards may be part old dataset, part new.
+UNFINISHED_NAME = ".prepare-unfinished"
 
 #: Fields every example must carry (the image and where it comes from).
 REQUIRED_FIELDS = ("id", "source", "split", "image", "width", "height")

@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, SupportsIndex
 
-from geoalign_jax.data import filesystem, records
+from geoalign_jax.data import filesystem, glob_check, records
 from geoalign_jax.error_text import one_line
 
 MANIFEST_NAME = "manifest.json"
@@ -195,6 +195,8 @@ def shard_paths(dir_or_glob: str | os.PathLike, split: str) -> list[str]:
         paths = [p for p in matches if (parsed := parse_shard_name(p)) is not None and parsed[1] == split]
         if not paths:
             raise SourceError(f"no shards of split {split!r} match {location} ({len(matches)} files matched the glob)")
+        if problem := glob_check.mixed_dataset_problem(paths, location, read_manifest, MANIFEST_NAME):
+            raise SourceError(problem)  # a folder `prepare` is writing, or shards left from another run
         return paths
     if _isfile(location):
         return [location]

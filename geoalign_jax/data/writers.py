@@ -8,8 +8,9 @@ a bad fraction), write byte-identical shards whatever the worker count, and leav
 Interrupted conversions: shards are written under temporary names and the manifest, written last and
 atomically (temp + rename, after every shard is on disk), is what makes a folder a dataset. SIGINT and
 SIGTERM remove the temporary shards (`ConversionInterrupted`); after a SIGKILL or a power cut the folder
-holds no manifest (an overwritten dataset's manifest is removed before its shards are replaced), and the
-next run cleans the leftovers (`--overwrite` for shards already renamed into place).
+holds no manifest (an overwritten dataset's manifest is removed before its shards are replaced) but holds
+`records.UNFINISHED_NAME` (so a shard glob refuses it too: data/glob_check.py), and the next run cleans the
+leftovers (`--overwrite` for shards already renamed into place).
 
 This module never imports jax: worker processes are started with 'spawn', and jax must not be forked.
 """
@@ -406,7 +407,11 @@ def write_dataset(
         raise ConversionError(f"{name}: {problem}; nothing written.\n{summary.format()}", summary)
     for writer in writers.values():
         writer.close()
-    if old_shards is not None:  # from here on the folder holds no manifest until the new one is complete
+    # From here until the new manifest is in place the folder may mix old and new shards: the marker makes a
+    # shard glob refuse it (data/glob_check.py), the missing manifest makes reading the folder refused.
+    (out_path / records.UNFINISHED_NAME).write_bytes(b"")
+    _fsync(out_path)
+    if old_shards is not None:
         (out_path / MANIFEST_NAME).unlink(missing_ok=True)
         _fsync(out_path)
     summary.shards = {split: writer.publish() for split, writer in writers.items() if writer.count}
@@ -432,6 +437,7 @@ def write_dataset(
     temp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     _fsync(temp_manifest)
     os.replace(temp_manifest, manifest_path)
+    (out_path / records.UNFINISHED_NAME).unlink()
     _fsync(out_path)
     _remove_stale_shards(out_path, name, old_shards or [],
                          [*(s for names in summary.shards.values() for s in names),

@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from geoalign_jax.error_text import one_line
+from geoalign_jax import cli_logging
+from geoalign_jax.error_text import one_line, run_main
 
 log = logging.getLogger("geoalign_jax.eval")
 
@@ -110,10 +111,23 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return config, clip.init_params(config, jax.random.key(args.seed)), f"random {args.model} (seed {args.seed})"
 
 
+def _unusable_out(out: pathlib.Path) -> str | None:
+    """Why the results folder cannot be created (None: it can); a folder created to find out is removed again,
+    so a refused or failed evaluation leaves nothing behind."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create it ({one_line(error)})"
+    for folder in created:  # deepest first
+        folder.rmdir()
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging.setup()
 
     from geoalign_jax.data import filesystem
     from geoalign_jax.eval import embed, overlap, plots, report, runner, suites
@@ -145,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--step needs --checkpoint (a trainer workdir)")
     if args.exclude_overlap and not args.train_data:
         parser.error("--exclude-overlap needs --train-data")
+    unusable = _unusable_out(pathlib.Path(args.out))
+    if unusable:  # before any work: an --out that cannot be written should not cost an evaluation
+        print(f"error: --out {args.out}: {unusable}", file=sys.stderr)
+        return 2
     try:  # before loading any weights: a refused training split should cost nothing
         for task in tasks:
             split, _, splits = runner.resolve_split(task)
@@ -207,4 +225,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -102,6 +102,28 @@ def class_list_mismatch(dataset: str, names: list[str]) -> str | None:
             + (f" (not in it: {unknown[:5]})" if unknown else ""))
 
 
+def _authors_files(split_by: str) -> tuple[str, ...]:
+    """The files (relative to a benchmark root) whose split ``split_by``'s authors chose."""
+    if split_by == "farslip":
+        return tuple(entry.csv for entry in FARSLIP_CLASSIFICATION) + tuple(s.csv for s in RETRIEVAL_SETS)
+    raise KeyError(split_by)
+
+
+def authors_split_problem(split_by: str, path: str, split: str | None) -> str | None:
+    """Why a task that says it follows ``split_by``'s split choice does not (its data are not one of the files
+    those authors evaluate, or another split of it is asked), or None. Without this check ``split_by`` would
+    let any training split past the guard."""
+    parts = pathlib.PurePath(path).parts
+    for relative in _authors_files(split_by):
+        tail = pathlib.PurePosixPath(relative).parts
+        if tuple(parts[-len(tail):]) == tail:
+            chosen = label_csv.split_of_file(relative)
+            return None if split == chosen else (f"the authors read {relative} as split {chosen!r}, "
+                                                 f"this task asks for {split!r}")
+    return (f"{path} is not one of the files whose split {SPLIT_CHOICES[split_by]} chose "
+            f"({', '.join(_authors_files(split_by))})")
+
+
 def authors_split_note(split_by: str, split: str) -> str:
     """The table note of a training split evaluated because the paper's authors evaluate it."""
     return (f"split {split!r} is a training split, evaluated because the authors do ({SPLIT_CHOICES[split_by]}): "

@@ -222,7 +222,12 @@ def resolve_split(spec: TaskSpec) -> tuple[str | None, str, list[str]]:
 
 
 def split_guard(spec: TaskSpec, split: str | None, splits: Sequence[str], allow: bool) -> str | None:
-    """None for a test / val split; for a training split a TaskError, or with ``allow`` the note to print."""
+    """None for a test / val split; for a training split a TaskError, or with ``allow`` the note to print.
+    A task naming whose split choice it follows (``split_by``) must be one of those authors' files on their split
+    (a TaskError otherwise, whatever the split): then its training split is allowed, and said so."""
+    if spec.split_by is not None and (
+            problem := benchmark_root.authors_split_problem(spec.split_by, spec.path, split)) is not None:
+        raise TaskError(f"task {spec.kind}:{spec.name}: split_by={spec.split_by}: {problem}")
     if split is None or not is_training_split(split):
         return None
     only = " (the only split in its manifest)" if list(splits) == [split] else ""

@@ -9,7 +9,9 @@ Read from SegEarth-OV's ``segearth_segmentor.py`` (github.com/likyoo/SegEarth-OV
 3. Sliding windows (crop 224, stride 112, the last window of a row / column moved back inside the image;
    an image smaller than the crop is one window); a window whose side is not a multiple of the patch is
    zero-padded (normalised space) to one, centred, and its logits cut back. Window sizes other than the
-   model's interpolate the position embedding bicubically (the tower's open_clip resize).
+   model's interpolate the position embedding as SegEarth-OV's ``interpolate_pos_encoding`` does (torch
+   bicubic without antialiasing at scale (g + 0.1) / old: ``posemb.resize_image_posemb_segearth``, not the
+   tower's open_clip resize).
 4. Per window: the dense output (``dense``: "segearth" = the modified last layer), its patch tokens and
    its class row after ``ln_post`` and the projection, each L2-normalised; patch logits = cosine to every
    query, plus ``cls_token_lambda`` (-0.3) times the class row's cosines; bilinear upsampling of the logit
@@ -235,7 +237,8 @@ def _window_function(config: Any, dense: str, window: tuple[int, int], matmul_pr
         context = jax.default_matmul_precision(matmul_precision) if matmul_precision else contextlib.nullcontext()
         with context:
             pixels = jnp.pad(windows, ((0, 0), (top, bottom), (left, right), (0, 0)))
-            class_row, patches = clip.encode_image_dense(config, params, pixels, dense=dense)
+            class_row, patches = clip.encode_image_dense(config, params, pixels, dense=dense,
+                                                         posemb_resize="segearth")
             patches = patches / jnp.linalg.norm(patches, axis=-1, keepdims=True)
             class_row = class_row / jnp.linalg.norm(class_row, axis=-1, keepdims=True)
             logits = jnp.einsum("bhwe,qe->bhwq", patches, queries)

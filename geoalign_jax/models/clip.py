@@ -184,8 +184,9 @@ class CLIP(nn.Module):
     def encode_image(self, image: Array, dense: DenseFeatures = "last") -> tuple[Array, Array]:
         return self.visual(image, dense)
 
-    def encode_image_dense(self, image: Array, dense: DenseFeatures = "segearth") -> tuple[Array, Array]:
-        return self.visual.dense_tokens(image, dense)
+    def encode_image_dense(self, image: Array, dense: DenseFeatures = "segearth",
+                           posemb_resize: str = "open_clip") -> tuple[Array, Array]:
+        return self.visual.dense_tokens(image, dense, posemb_resize)
 
     def encode_text(self, tokens: Array) -> tuple[Array, Array]:
         return self.text(tokens)
@@ -231,11 +232,13 @@ def encode_image(
 
 
 def encode_image_dense(
-    config: CLIPConfig, params: Params, image: Array, *, dense: DenseFeatures = "segearth"
+    config: CLIPConfig, params: Params, image: Array, *, dense: DenseFeatures = "segearth",
+    posemb_resize: str = "open_clip",
 ) -> tuple[Array, Array]:
     """image [B, H, W, 3] normalised -> (class row [B, E], patch tokens [B, gh, gw, E]) of the dense output
-    (`VisionTransformer.dense_tokens`): what open-vocabulary segmentation scores. Unnormalised."""
-    return CLIP(config).apply({"params": params}, image, dense, method=CLIP.encode_image_dense)
+    (`VisionTransformer.dense_tokens`): what open-vocabulary segmentation scores. Unnormalised.
+    posemb_resize: "open_clip" or "segearth" (SegEarth-OV's position-embedding interpolation for windows)."""
+    return CLIP(config).apply({"params": params}, image, dense, posemb_resize, method=CLIP.encode_image_dense)
 
 
 def encode_text(config: CLIPConfig, params: Params, tokens: Array) -> tuple[Array, Array]:

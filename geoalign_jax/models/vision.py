@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from geoalign_jax.models.layers import Transformer, layer_norm, partitioned
-from geoalign_jax.models.posemb import resize_image_posemb
+from geoalign_jax.models.posemb import POSEMB_RESIZES, resize_image_posemb, resize_image_posemb_segearth
 
 Array = jax.Array
 DenseFeatures = Literal["last", "segearth"]
@@ -93,14 +93,17 @@ class VisionTransformer(nn.Module):
         patch_tokens = patch_tokens.reshape(batch, gh, gw, -1)
         return embedding.astype(jnp.float32), patch_tokens.astype(jnp.float32)
 
-    def dense_tokens(self, image: Array, dense: DenseFeatures = "segearth") -> tuple[Array, Array]:
+    def dense_tokens(self, image: Array, dense: DenseFeatures = "segearth",
+                     posemb_resize: str = "open_clip") -> tuple[Array, Array]:
         """image [B, H, W, 3] -> (class row [B, E], patch tokens [B, gh, gw, E]) of one dense output,
         both after ln_post and proj, float32.
 
         Why the class row of the dense output and not the embedding: SegEarth-OV's CLS-token term scores
         the class token of the same modified last layer as the patches (for "last" both are the same).
+        posemb_resize: how another input size resizes the position embedding, "open_clip" (the tower's) or
+        "segearth" (SegEarth-OV's sliding windows: `posemb.resize_image_posemb_segearth`).
         """
-        x, penultimate, _, (batch, gh, gw) = self._trunk(image)
+        x, penultimate, _, (batch, gh, gw) = self._trunk(image, posemb_resize)
         if dense == "segearth":
             tokens = self._project(self.transformer.segearth(penultimate))
         elif dense == "last":
@@ -109,7 +112,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"dense features must be 'last' or 'segearth', got {dense!r}")
         return tokens[:, 0].astype(jnp.float32), tokens[:, 1:].reshape(batch, gh, gw, -1).astype(jnp.float32)
 
-    def _trunk(self, image: Array) -> tuple[Array, Array, Array, tuple[int, int, int]]:
+    def _trunk(self, image: Array, posemb_resize: str = "open_clip"
+               ) -> tuple[Array, Array, Array, tuple[int, int, int]]:
         """Patches, class token, position embedding, ln_pre and the blocks: (last block output, its input,
         the class row of the last block, (B, gh, gw))."""
         if image.ndim != 4 or image.shape[-1] != 3:
@@ -121,7 +125,10 @@ class VisionTransformer(nn.Module):
         x = x.reshape(batch, gh * gw, width)
         cls = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (batch, 1, width))
         x = jnp.concatenate([cls, x], axis=1)
-        x = x + resize_image_posemb(self.positional_embedding, (gh, gw)).astype(self.dtype)
+        if posemb_resize not in POSEMB_RESIZES:
+            raise ValueError(f"posemb_resize must be one of {POSEMB_RESIZES}, got {posemb_resize!r}")
+        resize = resize_image_posemb_segearth if posemb_resize == "segearth" else resize_image_posemb
+        x = x + resize(self.positional_embedding, (gh, gw)).astype(self.dtype)
         x = self.ln_pre(x)
         x, penultimate, pooled = self.transformer(x, pool_rows=0)  # the class token
         return x, penultimate, pooled, (batch, gh, gw)

@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
     from geoalign_jax.parallel import multihost
     from geoalign_jax.train import cli_errors
 
-    cli_errors.quiet_library_logs()
     debug = _DEBUG.value or cli_errors.debug_wanted([])
+    cli_errors.quiet_library_logs(keep_tracebacks=debug)
     multihost.initialize_distributed()
     import jax
 

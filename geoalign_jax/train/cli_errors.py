@@ -5,44 +5,29 @@ held by another trainer, a workdir whose checkpoints are of another model or dat
 step. Exit status 1, a failure: anything else (a full disk, a non-finite run, a bug); at most a few lines, the
 first says what failed. `--debug` or GEOALIGN_DEBUG=1 prints the traceback as well.
 
-Library log noise the CLI silences (each is harmless and said once here): orbax's "Metadata file does not
-exist" (a checkpoint written before orbax kept that file, or a step it is reading for the first time),
-jax's "Unable to initialize backend 'tpu'" (jax probes every platform it knows on a machine without one) and
-tensorboardX's "Summary name ... is illegal" (tags such as `recall@1` are written with `_` for `@`).
+The library log noise the CLI silences (three harmless messages) is named, and why each is harmless said, in
+geoalign_jax/cli_logging.py, which the evaluate and convert CLIs use as well.
 """
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import pathlib
+import re
 import sys
 import traceback
 
 from geoalign_jax import checkpoint_steps
-from geoalign_jax.error_text import one_line
+from geoalign_jax.cli_logging import quiet_library_logs
+from geoalign_jax.error_text import DEBUG_ENV, debug_env, one_line
 from geoalign_jax.train.workdir_lock import WorkdirBusyError
 
-DEBUG_ENV = "GEOALIGN_DEBUG"
-_NOISE = ("Metadata file does not exist",)
 
 
 def debug_wanted(argv: list[str] | None = None) -> bool:
     """--debug on the command line or GEOALIGN_DEBUG set to anything but "", "0", "false"."""
     argv = sys.argv if argv is None else argv
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
-
-
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(str(record.msg).startswith(text) for text in _NOISE)
-
-
-def quiet_library_logs() -> None:
-    """Silences the three harmless library messages named in the module docstring."""
-    logging.getLogger("absl").addFilter(_DropNoise())
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    logging.getLogger("tensorboardX.summary").setLevel(logging.WARNING)
+    return "--debug" in argv or debug_env()
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -65,8 +50,16 @@ def _disk_full(error: BaseException) -> OSError | None:
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
             return cause
         if "No space left on device" in str(cause):
-            return OSError(errno.ENOSPC, "No space left on device", getattr(cause, "filename", None))
+            return OSError(errno.ENOSPC, "No space left on device",
+                           getattr(cause, "filename", None) or _quoted_path(str(cause)))
     return None
+
+
+def _quoted_path(message: str) -> str | None:
+    """The file a tensorstore / orbax write error names: the last quoted absolute path before "No space left"
+    (`... Failed writing: "/w/checkpoints/30.orbax-checkpoint-tmp/.../d/1f2e": Failed to write ...`)."""
+    paths = re.findall(r'"((?:/|[a-z][a-z0-9+]*://)[^"]+)"', message.split("No space left on device")[0])
+    return paths[-1] if paths else None
 
 
 def describe(error: BaseException, workdir: str | os.PathLike | None) -> str:

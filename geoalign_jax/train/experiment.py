@@ -34,8 +34,12 @@ logger = logging.getLogger(__name__)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Scene-level CLIP fine-tuning defaults; method configs start from this and change what differs."""
-    del arg
+    """Scene-level CLIP fine-tuning defaults; method configs start from this and change what differs.
+
+    A recipe without an argument of its own passes `arg` on: one given anyway (`configs/dgtrs.py:s9`) is refused
+    rather than silently ignored (a recipe with choices, such as farslip's stage, parses its own and names them)."""
+    if arg:
+        raise ValueError(f"this recipe takes no argument after ':' (got {arg!r})")
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict()
     config.model.name = "ViT-B-16-quickgelu"
@@ -153,9 +157,10 @@ def compare_resumed_config(path: pathlib.Path, config: dict[str, Any]) -> None:
         return
     shown = "; ".join(f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
     order = [key for key in changed if key in {f"data.{field}" for field in DATA_ORDER_FIELDS}]
-    if order:
+    if order:  # only the refused fields: a changed train.num_steps beside them is allowed, not the reason
         raise ValueError(
-            f"{', '.join(order)} changed since the checkpoints in {path.parent} were written ({shown}); the "
-            f"restored data position would point into another stream: keep them, or use another --workdir"
+            f"the data order changed since the checkpoints in {path.parent} were written "
+            f"({'; '.join(f'{key}: {before.get(key)!r} -> {after.get(key)!r}' for key in order)}); the restored data "
+            f"position would point into another stream: keep them, or use another --workdir"
         )
     logger.warning("resuming with a changed config (%s will hold the new one): %s", path, shown)
