@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from geoalign_jax import checkpoint_steps
+from geoalign_jax.data import filesystem
 from geoalign_jax.models.clip import CLIPConfig, Params, init_params
 from geoalign_jax.parallel import multihost
 
@@ -45,7 +46,7 @@ TRAINER_CHECKPOINTS_DIR = checkpoint_steps.CHECKPOINTS_DIR
 def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """(model_config.json, params tree folder) of a parameters checkpoint, a trainer workdir (latest step) or
     one step of a trainer's checkpoints; FileNotFoundError saying what was looked for otherwise."""
-    path = pathlib.Path(path).absolute()
+    path = filesystem.path(filesystem.absolute(path))  # a folder or gs://
     if (path / CONFIG_FILE).is_file():
         return path / CONFIG_FILE, path / PARAMS_DIR
     if (path / TRAINER_CHECKPOINTS_DIR).is_dir():
@@ -187,7 +188,7 @@ def load_params(
     a damaged step is skipped with a one-line warning and left in place (reading changes nothing), and the
     step read is logged. Nothing readable: DamagedStepError / NoIntactStepError (ValueErrors, one line).
     """
-    path = pathlib.Path(path).absolute()
+    path = filesystem.path(filesystem.absolute(path))  # a folder or gs://
     candidates = _step_candidates(path, step)
     config = read_model_config(path)
     if expected_config is not None:
@@ -210,6 +211,9 @@ def load_params(
             logger.info("reading checkpoint step %d of %s", step, candidates[0].parent)
         return config, jax.tree.map(np.asarray, params)
     checkpoints = candidates[0].parent
+    if ema and not any((folder / EMA_DIR).is_dir() for folder in candidates):
+        raise FileNotFoundError(f"{checkpoints}: the checkpoints hold no EMA weights (no step has {EMA_DIR}/: "
+                                "train.ema_decay was not set for this run); read them without --ema")
 
     def skip(number: int, why: str) -> None:
         logger.warning(checkpoint_steps.damaged_line(checkpoints, number, why, "skipped (left in place)"))

@@ -349,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "fingerprints":
         return _fingerprints(args)
     if args.format == "segmentation":
+        if filesystem.is_gcs(args.out):  # pathlib would write a local folder "gs:/..." instead
+            print(f"error: --out {args.out}: a segmentation folder (images, masks, segmentation.json) is written "
+                  "to local disk only; prepare it locally, then copy it to the bucket", file=sys.stderr)
+            return 1
         return prepare_segmentation.run_cli(args)
     if (missing := missing_input_folder(args)) is not None:
         print(f"error: {missing}", file=sys.stderr)

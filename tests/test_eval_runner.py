@@ -126,6 +126,22 @@ def test_jax_embedder_pads_to_one_compiled_shape(params):
         embedder.embed_images(images[:, :16])
 
 
+def test_a_stream_runs_even_batches_of_one_compiled_shape(params):
+    from geoalign_jax.models import text
+
+    assert [embed.even_batch_rows(n, 64) for n in (0, 1, 24, 64, 65, 600, 1000)] == [64, 1, 24, 64, 33, 60, 63]
+    buckets = text.length_buckets(77)
+    short, long = tokenizer.tokenize(["a satellite photo of a pond.", "x"]), tokenizer.tokenize(["word " * 40])
+    assert embed.text_tokens_needed(short, buckets) == 32 and embed.text_tokens_needed(long, buckets) == 77
+    embedder = embed.JaxEmbedder(CONFIG, params, batch_size=15)
+    compiled, rows_run = embedder._embedding_fn, []
+    embedder._embedding_fn = lambda p, x: rows_run.append(x.shape[0]) or compiled(p, x)
+    images = np.random.default_rng(1).normal(size=(40, 32, 32, 3)).astype(np.float32)
+    streamed = embed.embed_all(embedder, lambda i: images[i:i + 1], 40, 40, batch_size=15, progress=False)
+    np.testing.assert_allclose(streamed, np.asarray(clip.encode_image(CONFIG, params, images)[0]), atol=1e-5)
+    assert rows_run == [14, 14, 14]  # 14 + 14 + 12 padded to 14, not 15 + 15 + 10 padded to 15
+
+
 def test_rebatch_keeps_order_across_uneven_pieces():
     pieces = [np.arange(n0, n1) for n0, n1 in [(0, 3), (3, 3), (3, 10), (10, 11)]]
     batches = list(embed.rebatch(pieces, 4))

@@ -28,6 +28,11 @@ FORBIDDEN = {
 }
 
 
+# data/filesystem.py (local paths and gs:// behind one API) imports only error_text: a leaf in data/'s folder,
+# which checkpoint_steps and params_checkpoint use for gs:// workdirs without importing the rest of data/.
+FILESYSTEM_LEAF = "geoalign_jax.data.filesystem"
+
+
 def _module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -45,12 +50,15 @@ def _imported_rooms(path: pathlib.Path) -> list[tuple[str, str]]:
             relative = "." * node.level + (node.module or "")
             base = importlib.util.resolve_name(relative, package) if node.level else node.module
             # `from geoalign_jax import tokenizer`: the room is the imported name
-            targets = [f"{base}.{alias.name}" for alias in node.names] if base == "geoalign_jax" else [base]
+            targets = [f"{base}.{alias.name}" if base == "geoalign_jax" or f"{base}.{alias.name}" == FILESYSTEM_LEAF
+                       else base for alias in node.names]
         else:
             continue
         for target in targets:
             parts = (target or "").split(".")
-            if parts[0] == "geoalign_jax" and len(parts) > 1:
+            if target == FILESYSTEM_LEAF:  # the one file-system layer, a leaf any room may reach (see above)
+                found.append(("filesystem", target))
+            elif parts[0] == "geoalign_jax" and len(parts) > 1:
                 found.append((parts[1], target))
             elif parts[0] == "configs":  # the recipes: above the package, so no room may reach them
                 found.append(("configs", target))

@@ -589,6 +589,10 @@ def test_failed_overwrite_keeps_the_old_dataset_and_success_removes_unlisted_sha
     # a shard glob is held to the folder's manifest: an old shard left there (a failed overwrite) is named
     assert sources.shard_paths(str(out / "d-*.array_record"), "train") == [
         str(out / "d-train-00000-of-00001.array_record")]
+    # killed after the new manifest was in place but before the marker went: a good folder, its glob is read
+    (out / ".prepare-unfinished").write_bytes(b"")
+    assert sources.shard_paths(str(out / "d-*.array_record"), "train") == [
+        str(out / "d-train-00000-of-00001.array_record")]
     (out / "d-train-00002-of-00003.array_record").write_bytes(before["d-train-00002-of-00003.array_record"])
     with pytest.raises(sources.SourceError, match=r"manifest.json does not list .*d-train-00002-of-00003"):
         sources.shard_paths(str(out / "d-*.array_record"), "train")

@@ -86,6 +86,36 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
         load_params(workdir)
 
 
+def test_digests_of_earlier_versions_and_of_a_bucket_are_checked_on_a_local_step(tmp_path):
+    """A digest.json written before ISA-L (zlib's CRC-32, no "checksums" key) and one of a gs:// step (the
+    objects' CRC32C and MD5, copied down with the step) still check the files."""
+    import base64
+    import hashlib
+    import zlib
+
+    import google_crc32c
+
+    step = tmp_path / "7"
+    (step / "params").mkdir(parents=True)
+    (step / "params" / "a").write_bytes(bytes(range(256)) * 300)
+    (step / "b").write_bytes(b"metadata")
+    files = {name: [(step / name).stat().st_size, [f"{zlib.crc32((step / name).read_bytes()):08x}"]]
+             for name in ("params/a", "b")}
+    digest = step / checkpoint_steps.DIGEST_FILE
+    digest.write_text(json.dumps({"format": "geoalign-step-digest", "version": 1, "segment_bytes": 64 << 20,
+                                  "files": files}))
+    assert checkpoint_steps.verify_digest(step)
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731 - as GCS lists them
+    objects = {name: [size, b64(google_crc32c.Checksum((step / name).read_bytes()).digest()),
+                      b64(hashlib.md5((step / name).read_bytes()).digest())] for name, (size, _) in files.items()}
+    digest.write_text(json.dumps({"format": "geoalign-step-digest", "version": 1, "segment_bytes": 64 << 20,
+                                  "checksums": checkpoint_steps.OBJECT_CHECKSUMS, "files": objects}))
+    assert checkpoint_steps.verify_digest(step)
+    bad_files.zero_block(step / "params" / "a", size=64)
+    with pytest.raises(checkpoint_steps.DamagedStepError, match=r"params/a changed since it was saved"):
+        checkpoint_steps.verify_digest(step)
+
+
 def test_every_process_skips_a_step_that_one_process_cannot_read():
     # The agreement itself is parallel.multihost.agree_on_failure, run by two real processes in
     # tests/test_train_multihost.py (a step only process 0's digest check rejects is skipped by both).
@@ -106,31 +136,7 @@ def test_every_process_skips_a_step_that_one_process_cannot_read():
     assert found == (2, 2)
 
 
-class _MemoryStore:
-    """A lease object with GCS's generation preconditions, in memory."""
-
-    def __init__(self):
-        self.text, self.generation = None, 0
-
-    def read(self):
-        return None if self.text is None else (self.text, self.generation)
-
-    def create(self, text):
-        return None if self.text is not None else self._put(text)
-
-    def replace(self, text, generation):
-        return None if self.text is None or generation != self.generation else self._put(text)
-
-    def delete(self, generation):
-        if generation == self.generation:
-            self.text = None
-
-    def _put(self, text):
-        self.text, self.generation = text, self.generation + 1
-        return self.generation
-
-
-def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
+def test_one_workdir_one_run_on_a_disk(tmp_path):
     from geoalign_jax.train import workdir_lock
 
     workdir = tmp_path / "w"
@@ -153,25 +159,7 @@ def test_one_workdir_one_run_on_a_disk_and_on_a_gs_lease(tmp_path, caplog):
         child.wait()
     workdir_lock.acquire(workdir).release()
 
-    # gs://: a lease with a heartbeat; a stale one is taken over with a warning, and its old owner learns it lost
-    store, now = _MemoryStore(), [1000.0]
-    lease = lambda: workdir_lock.Lease(store, "gs://b/w/run.lease", stale_s=600, clock=lambda: now[0])  # noqa: E731
-    first = lease().acquire()
-    now[0] += 500
-    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid \d+, .*lease gs://b/w/run.lease, heartbeat 500 s ago"):
-        lease().acquire()
-    assert first.heartbeat()
-    now[0] += 599
-    with pytest.raises(workdir_lock.WorkdirBusyError):
-        lease().acquire()
-    now[0] += 2
-    caplog.set_level(logging.WARNING)
-    second = lease().acquire()
-    assert "taking over the stale lease gs://b/w/run.lease" in caplog.text and not first.heartbeat()
-    first.release()  # it lost the lease: releasing leaves the new owner's object alone
-    assert store.text is not None
-    second.release()
-    assert store.text is None
+    # gs://: the lease, tested on the GCS emulator in test_gcs_workdir.py
 
 
 def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):

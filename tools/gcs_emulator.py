@@ -1,6 +1,6 @@
 """A local GCS for tests and benchmarks: `gcp-storage-emulator` on 127.0.0.1, plus an optional fault proxy.
 
-Two gaps of the emulator package against a real bucket are closed when it is started from here (nothing
+Three gaps of the emulator package against a real bucket are closed when it is started from here (nothing
 else of it is changed):
 
 * it serves one request at a time (``http.server.HTTPServer``). ArrayRecord's GCS reader keeps a download
@@ -8,6 +8,9 @@ else of it is changed):
   bucket serves requests concurrently. Started here it runs on ``ThreadingHTTPServer``.
 * it ignores suffix ranges (``Range: bytes=-N``, "the last N bytes"), returning the whole object, which
   ArrayRecord's reader asks for to prefetch a shard's footer. Here they are answered as GCS does.
+* it ignores generation preconditions (``ifGenerationMatch``) on uploads and deletes, which the trainer's
+  workdir lease (train/workdir_lock.py) relies on, and sends no ``x-goog-generation`` with a download, on
+  which tensorstore's conditional writes build. Here both are as GCS does them (a failed precondition: 412).
 
 `FaultProxy` sits between a client and the emulator (also on 127.0.0.1) and, when armed, cuts media
 downloads after a few body bytes (the "killed read" of a flaky network) or answers 503 a given number of
@@ -62,12 +65,49 @@ def _patch_emulator() -> None:
                 size = 0
             headers = request._request_handler.headers
             headers.replace_header("Range", f"bytes={max(0, size - int(match.group(1)))}-")
+        try:  # GCS names the generation read (tensorstore's conditional writes build on it)
+            response["x-goog-generation"] = str(storage.get_file_obj(
+                request.params["bucket_name"], request.params["object_id"])["generation"])
+        except Exception:  # noqa: BLE001 - the original handler answers a missing object
+            pass
         return original_download(request, response, storage, *args, **kwargs)
 
     objects.download = download  # objects.get(alt=media) calls it by module name
+    original_insert, original_delete = objects.insert, objects.delete
+    preconditions = threading.Lock()  # the check and the write as one step, as GCS does them
+
+    def generation_mismatch(request, response, storage, object_id: str | None) -> bool:
+        """GCS's ``ifGenerationMatch`` (0: only if no live object); answers 412 when it does not hold."""
+        wanted = request.query.get("ifGenerationMatch")
+        if not wanted or object_id is None:
+            return False
+        try:
+            current = int(storage.get_file_obj(request.params["bucket_name"], object_id)["generation"])
+        except Exception:  # noqa: BLE001 - the emulator's NotFound: no live object
+            current = 0
+        if current == int(wanted[0]):
+            return False
+        response.status = http.HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "conditionNotMet",
+                                 "errors": [{"reason": "conditionNotMet", "message": "Precondition Failed"}]}})
+        return True
+
+    def insert(request, response, storage, *args, **kwargs):
+        name = request.query.get("name", [None])[0]
+        if name is None and isinstance(request.data, dict):
+            name = (request.data.get("meta") or {}).get("name")
+        with preconditions:
+            if not generation_mismatch(request, response, storage, name):
+                return original_insert(request, response, storage, *args, **kwargs)
+
+    def delete(request, response, storage, *args, **kwargs):
+        with preconditions:
+            if not generation_mismatch(request, response, storage, request.params.get("object_id")):
+                return original_delete(request, response, storage, *args, **kwargs)
+
+    replaced = {original_download: download, original_insert: insert, original_delete: delete}
     emulator_server.HANDLERS = tuple(
-        (pattern, {method: (download if handler is original_download else handler)
-                   for method, handler in handlers.items()})
+        (pattern, {method: replaced.get(handler, handler) for method, handler in handlers.items()})
         for pattern, handlers in emulator_server.HANDLERS)
 
 

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="parameters checkpoint -> open_clip local-dir folder or HF folder")
-    export.add_argument("--params", required=True, type=pathlib.Path,
+    export.add_argument("--params", required=True,  # a str: gs:// would not survive pathlib
                         help="geoalign-jax parameters checkpoint, trainer workdir (latest step) or one step of its checkpoints/")
     export.add_argument("--step", type=int, default=None,
                         help="with a trainer workdir: export this step (default: the newest step that reads back whole)")
@@ -60,7 +60,7 @@ def _check_out_dir(out: pathlib.Path) -> None:
         raise ValueError(f"--out {out} exists and is not an empty folder")
 
 
-def run_export(params_path: pathlib.Path, fmt: str, out: pathlib.Path, *, step: int | None = None,
+def run_export(params_path: str | pathlib.Path, fmt: str, out: pathlib.Path, *, step: int | None = None,
                ema: bool = False) -> list[pathlib.Path]:
     """Loads a parameters checkpoint (a trainer workdir: its newest intact step, or `step`; the step read is
     logged; `ema`: a trainer checkpoint's EMA weights) and writes it in `fmt`; returns the files written."""

@@ -12,7 +12,9 @@ the order that keeps a reader safe, as the local writer does (data/writers.py `w
 6. delete the old shards the new manifest does not list (until then a glob that matches them is refused:
    the manifest does not list them, data/glob_check.py).
 
-A run that fails in 3-5 leaves no manifest and the marker, so `sources.shard_paths` refuses the folder ("no
+Every failure is one line naming the object. One in 6, or in deleting the marker, leaves a published dataset
+and is a warning (a marker beside a manifest changes nothing, data/glob_check.py). A run that fails in 3-5
+leaves no manifest and the marker, so `sources.shard_paths` refuses the folder ("no
 manifest.json") and any shard glob into it, and the next run with ``--overwrite`` replaces what it left.
 Staging needs local disk for one dataset.
 """
@@ -45,6 +47,15 @@ def _key(location: str) -> str:
     return location[len(filesystem.GCS_PREFIX):]
 
 
+def _step(operation: Callable[[], object], doing: str, state: str) -> None:
+    """``operation()`` with `filesystem.retry`; a failure as a one-line BucketOutputError saying what was
+    being done and in what state the bucket folder is."""
+    try:
+        filesystem.retry(operation, what=doing)
+    except Exception as error:  # noqa: BLE001 - a refused write, an outage past the retries
+        raise BucketOutputError(f"{doing} failed ({one_line(error, limit=None)}); {state}") from None
+
+
 def check_target(out: str, overwrite: bool) -> list[str] | None:
     """The shard names of the dataset already in ``out`` (None when there is none); BucketOutputError without
     ``overwrite`` when there is one."""
@@ -69,10 +80,11 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
     names.remove(MANIFEST_NAME)
     target = out.rstrip("/")
     marker = filesystem.join(target, records.UNFINISHED_NAME)
-    filesystem.retry(lambda: fs.pipe_file(_key(marker), b""), what=marker)
+    _step(lambda: fs.pipe_file(_key(marker), b""), f"writing {marker}", f"{target} is as it was")
     if old_files is not None:
-        filesystem.retry(lambda: fs.rm_file(_key(filesystem.join(target, MANIFEST_NAME))),
-                         what=filesystem.join(target, MANIFEST_NAME))
+        old_manifest = filesystem.join(target, MANIFEST_NAME)
+        _step(lambda: fs.rm_file(_key(old_manifest)), f"deleting the old {old_manifest}",
+              f"the old dataset in {target} is still whole")
     for name in [*names, MANIFEST_NAME]:  # the manifest last: it is what makes the folder a dataset
         destination = filesystem.join(target, name)
         try:
@@ -81,13 +93,18 @@ def publish(staging: str, out: str, old_files: list[str] | None) -> list[str]:
             raise BucketOutputError(f"uploading {destination} failed ({one_line(error, limit=None)}); "
                                     f"{target} holds no {MANIFEST_NAME}, so no trainer reads it; rerun with "
                                     "--overwrite") from None
-    filesystem.retry(lambda: fs.rm_file(_key(marker)), what=marker)
-    stale = sorted(set(old_files or []) - set(names))
-    for name in stale:
+    # The dataset is complete from here: a marker or old shards left behind are warned about, not fatal (a
+    # manifest beside the marker is read as usual; a glob refuses the shards that manifest does not list).
+    leftovers = [(records.UNFINISHED_NAME, marker)]
+    leftovers += [(name, filesystem.join(target, name)) for name in sorted(set(old_files or []) - set(names))]
+    for name, location in leftovers:
         try:
-            fs.rm_file(_key(filesystem.join(target, name)))
+            filesystem.retry(lambda: fs.rm_file(_key(location)), what=location)
         except FileNotFoundError:
             pass
+        except Exception as error:  # noqa: BLE001 - named, and the published dataset stays usable
+            print(f"warning: could not delete {location} ({one_line(error, limit=None)}); the dataset is "
+                  f"published; delete {name} by hand", file=sys.stderr)
     fs.invalidate_cache()
     return [*names, MANIFEST_NAME]
 

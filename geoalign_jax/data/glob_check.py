@@ -6,9 +6,12 @@ holds old and new shards side by side: the old manifest is gone (so reading the 
 would still match both. So a glob's matches are checked folder by folder:
 
 * a folder holding `records.UNFINISHED_NAME` (written by `prepare` before it renames or uploads its first
-  shard, deleted once the new manifest is in place) is refused;
+  shard, deleted once the new manifest is in place) and no manifest is refused;
 * in a folder with a manifest, every matched shard must be one the manifest lists (others are left from an
-  earlier run: the old shards an overwrite had not deleted yet);
+  earlier run: the old shards an overwrite had not deleted yet). A marker beside a manifest does not matter:
+  `prepare` removes the old manifest before it puts the first new shard into place and writes the new one
+  after the last, so the shards a manifest lists are always one whole dataset (a run killed between writing
+  the manifest and deleting the marker leaves a good folder, read as such);
 * shards in a folder without a manifest (copied bare, written by another tool) are taken as they are.
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ def mixed_dataset_problem(paths: Sequence[str], pattern: str, read_manifest: Cal
             absent = set(filesystem.missing_files([manifest_path, unfinished_path]))  # one listing in a bucket
         except filesystem.StorageError as error:  # refused or still failing: it names the object
             return str(error)
-        if unfinished_path not in absent:
+        if manifest_path in absent and unfinished_path not in absent:
             return (f"{pattern}: {folder} is being written by `prepare`, or a run of it did not finish "
                     f"({records.UNFINISHED_NAME} is there), so its shards may mix two datasets; rerun that "
                     "prepare command with --overwrite")

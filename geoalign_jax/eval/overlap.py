@@ -150,10 +150,7 @@ def sidecar_command(shard_paths: Sequence[str]) -> str:
     else a glob of each folder's shards."""
     from geoalign_jax.data import sources
 
-    if any(filesystem.is_gcs(p) for p in shard_paths):  # `prepare fingerprints` refuses gs:// (local only)
-        return ("python -m geoalign_jax.prepare fingerprints on a local copy of the folder, then upload its "
-                f"*{fingerprints.SIDECAR_SUFFIX} beside the shards (or prepare the dataset again with --out gs://...)")
-    targets = []
+    targets = []  # local or gs://: `prepare fingerprints` writes the sidecars into a bucket folder too
     for folder in sorted({filesystem.dirname(filesystem.absolute(p)) for p in shard_paths}):
         has_manifest = filesystem.isfile(filesystem.join(folder, sources.MANIFEST_NAME))
         targets.append(folder if has_manifest else filesystem.join(folder, "*" + fingerprints.SHARD_SUFFIX))

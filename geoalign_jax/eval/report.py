@@ -5,6 +5,8 @@ import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
+from geoalign_jax.data import filesystem
+
 _HEADLINE = ("top1", "top5", "mean_per_class", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
              "t2i_R@10", "i2t_mean", "t2i_mean", "mean_recall", "mIoU", "mAcc", "aAcc")
 
@@ -40,7 +42,7 @@ def write_results(path: str | pathlib.Path, metrics: Mapping[str, float], detail
                   notes: Mapping[str, Sequence[str]] | None = None) -> pathlib.Path:
     """results.json: {"run": how it was run, "metrics": flat dict, "details": per-task arrays, "provenance":
     model, software and per-task data hashes (``eval.provenance``), "notes": per-task warnings}."""
-    path = pathlib.Path(path)
+    path = filesystem.path(path)  # a folder, or gs:// (a trainer's workdir in a bucket)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = _finite_or_none({"run": dict(run_info), "metrics": dict(metrics), "details": dict(details),
                                "provenance": dict(provenance or {}),

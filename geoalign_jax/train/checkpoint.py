@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import pathlib
+import os
 import signal
 import threading
 from typing import Any
@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from geoalign_jax import checkpoint_steps, params_checkpoint
+from geoalign_jax.data import filesystem
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import multihost
 from geoalign_jax.train import state as state_lib
@@ -79,7 +80,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        workdir: str | pathlib.Path,
+        workdir: str | os.PathLike,
         *,
         keep: int,
         async_save: bool = True,
@@ -87,7 +88,8 @@ class Checkpointer:
         best_mode: str = "max",
         keep_best: int = 1,
     ):
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
+        # a folder, or gs:// (orbax writes there through tensorstore's GCS driver; data/filesystem.py)
+        self.directory = filesystem.path(filesystem.join(filesystem.absolute(workdir), CHECKPOINTS_DIR))
         self.best_metric = best_metric
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
         if best_metric:
@@ -132,9 +134,7 @@ class Checkpointer:
                             model_config)
         elif jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".tmp")
-            partial.write_text(params_checkpoint.model_config_json(model_config))
-            partial.replace(path)
+            checkpoint_steps.write_atomic(path, params_checkpoint.model_config_json(model_config))
         multihost.sync_barrier("checkpoint:model_config")
 
     def latest_step(self) -> int | None:

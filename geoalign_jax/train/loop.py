@@ -33,7 +33,7 @@ import numpy as np
 
 from geoalign_jax import params_checkpoint
 from geoalign_jax.error_text import one_line
-from geoalign_jax.data import pipeline
+from geoalign_jax.data import filesystem, pipeline
 from geoalign_jax.losses import objective as objective_lib
 from geoalign_jax.models import clip
 from geoalign_jax.parallel import mesh as mesh_lib
@@ -150,7 +150,7 @@ def build(config: ml_collections.ConfigDict, *, devices: list[jax.Device] | None
 # Phase 2, inputs: config.json, the initial weights, the training iterator, the evaluation's overlap check and
 # the truncation statistics; any of them unusable on any process is an InputError on every process
 
-def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
+def _write_config(workdir: Any, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
     plain = config_lib.as_plain_dict(config)
     if resuming:
         experiment.compare_resumed_config(workdir / CONFIG_FILE, plain)
@@ -273,7 +273,7 @@ def _log_compile(writer: metrics_lib.MetricsWriter, setup: Setup, compiled: step
 # Phase 5, the loop: step, evaluate, log, checkpoint; stop at train.num_steps, on a preemption notice, or on
 # too many non-finite steps in a row
 
-def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: pathlib.Path,
+def _evaluate(setup: Setup, state: state_lib.TrainState, step: int, workdir: Any,
               train_images: TrainImages | None) -> dict[str, float]:
     """Runs config.eval.tasks with the current parameters; process 0 writes WORKDIR/eval/step_<step>/results.json
     and every process gets the metrics.
@@ -344,7 +344,7 @@ class _NonFiniteGuard:
 
 
 def _train(setup: Setup, compiled: step_lib.CompiledStep, state: state_lib.TrainState, step: int, *,
-           workdir: pathlib.Path, inputs: _Inputs, writer: metrics_lib.MetricsWriter,
+           workdir: Any, inputs: _Inputs, writer: metrics_lib.MetricsWriter,
            checkpointer: checkpoint_lib.Checkpointer, preemption: checkpoint_lib.Preemption,
            saved_step: int | None, on_step: Callable[[int], None] | None,
            ) -> tuple[state_lib.TrainState, int, str, dict[str, float]]:
@@ -421,7 +421,7 @@ def run(
     preemption notice, after which every process has saved the same step. `on_step(step)` is called after
     each step is dispatched (tests use it to deliver a signal at a known step). `setup`: `build(config)`
     when the caller has it already (the CLI validates the config with it first)."""
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = filesystem.path(filesystem.absolute(workdir))  # a folder, or gs:// (data/filesystem.py)
     setup = setup if setup is not None else build(config)  # phase 1
     num_steps = int(config.train.num_steps)
     ckpt_config = config.checkpoint

@@ -2,6 +2,9 @@
 with a "step" key) and TensorBoard event files in WORKDIR/tb (tensorboardX). A fresh run's step-0 record holds
 the fractions of training texts longer than their context (`data/truncated/<kind>`, see train/loop.py). Only
 process 0 writes; the other processes get a writer that does nothing, so the loop calls it unconditionally.
+In a gs:// workdir (which has no appends) metrics.jsonl is rewritten whole at most every BUCKET_UPLOAD_S and
+at the end, and TensorBoard's event file uploaded every TENSORBOARD_FLUSH_S; a TensorBoard that cannot write
+is said in one line and the run goes on (metrics.jsonl holds every value).
 
 MFU = (FLOPs of the compiled step per device, from XLA's cost analysis) / step time / (the device's peak
 dense bf16 FLOP/s). Peaks are listed for the accelerators we know; elsewhere (CPUs) MFU is not reported and
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Any, Mapping
@@ -21,10 +25,15 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from geoalign_jax.data import filesystem
+from geoalign_jax.error_text import one_line
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
+TENSORBOARD_FLUSH_S = 60  # tensorboardX's own flushes (write() flushes too; in a bucket each one uploads the file)
+BUCKET_UPLOAD_S = 60.0  # a gs:// workdir's metrics.jsonl is rewritten at most this often (and at the end)
 
 #: Peak dense bf16 FLOP/s per device by `device_kind` prefix (vendor data sheets; per chip for TPUs).
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -72,13 +81,15 @@ class MetricsWriter:
         self._jsonl = None
         if not self.enabled:
             return
-        workdir = pathlib.Path(workdir)
+        workdir = filesystem.path(workdir)  # a folder, or gs://
         workdir.mkdir(parents=True, exist_ok=True)
         _drop_records_after(workdir / METRICS_FILE, initial_step)
-        self._jsonl = (workdir / METRICS_FILE).open("a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
+        if filesystem.is_gcs(workdir):
+            self._jsonl = _ObjectLog(workdir / METRICS_FILE)
+        else:
+            self._jsonl = (workdir / METRICS_FILE).open("a", encoding="utf-8")
+        self._tb = _open_tensorboard(os.fspath(workdir / TENSORBOARD_DIR), initial_step)
+        self._flush_each_write = not filesystem.is_gcs(workdir)  # in a bucket: every TENSORBOARD_FLUSH_S
         if progress:
             from tqdm import tqdm
 
@@ -97,10 +108,17 @@ class MetricsWriter:
         record = {"step": int(step), **{key: value if math.isfinite(value) else None for key, value in values.items()}}
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(key, value, global_step=int(step))
-        self._tb.flush()
+        if self._tb is not None:
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self._tb.add_scalar(key, value, global_step=int(step))
+                if self._flush_each_write:
+                    self._tb.flush()
+            except Exception as error:  # noqa: BLE001 - TensorBoard is a view; metrics.jsonl holds every value
+                logger.warning("TensorBoard: stopped writing event files (%s); metrics.jsonl keeps every logged "
+                               "value", one_line(error))
+                self._tb = None
         self.console(format_line(step, values))
 
     def console(self, line: str) -> None:
@@ -116,12 +134,54 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception as error:  # noqa: BLE001 - as in write()
+                logger.warning("TensorBoard: the last event file did not close (%s)", one_line(error))
         if self._jsonl is not None:
             self._jsonl.close()
 
 
-def _drop_records_after(path: pathlib.Path, step: int) -> None:
+def _open_tensorboard(logdir: str, initial_step: int) -> Any:
+    """tensorboardX's writer on `logdir` (a folder or gs://), or None, said in one line, when it cannot write
+    there: TensorBoard is a view of what metrics.jsonl holds, never a reason to stop a run."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        # In a bucket tensorboardX uploads the whole event file at each flush: every TENSORBOARD_FLUSH_S.
+        return SummaryWriter(logdir=logdir, purge_step=initial_step + 1 if initial_step else None,
+                             flush_secs=TENSORBOARD_FLUSH_S)
+    except Exception as error:  # noqa: BLE001 - any failure: no TensorBoard, said once
+        logger.warning("TensorBoard: cannot write event files in %s (%s); metrics.jsonl keeps every logged value",
+                       logdir, one_line(error))
+        return None
+
+
+class _ObjectLog:
+    """metrics.jsonl in a bucket, which has no appends: the whole object is rewritten at most every
+    `BUCKET_UPLOAD_S` seconds and at close (a run killed meanwhile loses the records of those seconds from
+    the log; they are still in the console output)."""
+
+    def __init__(self, path: Any):
+        self._path = path
+        self._text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        self._uploaded_at = time.monotonic()
+        self._pending = False
+
+    def write(self, text: str) -> None:
+        self._text += text
+        self._pending = True
+
+    def flush(self, *, now: bool = False) -> None:
+        if self._pending and (now or time.monotonic() - self._uploaded_at >= BUCKET_UPLOAD_S):
+            self._path.write_text(self._text, encoding="utf-8")
+            self._uploaded_at, self._pending = time.monotonic(), False
+
+    def close(self) -> None:
+        self.flush(now=True)
+
+
+def _drop_records_after(path: Any, step: int) -> None:
     """Keeps the records up to `step`; later ones (logged after the checkpoint a run resumes from) are
     appended to `metrics.jsonl.after_<step>`, set aside rather than lost or interleaved with the rerun. A last
     line that is not JSON was cut by a kill mid-write and is dropped (logged); a damaged line before it is an
@@ -142,9 +202,9 @@ def _drop_records_after(path: pathlib.Path, step: int) -> None:
             raise ValueError(f"{path} line {number} is not JSON ({error}); repair or remove it") from None
         (kept if record.get("step", 0) <= step else later).append(line)
     if later:
-        aside = path.with_name(f"{path.name}.after_{step}")
-        with aside.open("a", encoding="utf-8") as stream:
-            stream.write("".join(line + "\n" for line in later))
+        aside = path.parent / f"{path.name}.after_{step}"
+        earlier = aside.read_text(encoding="utf-8") if aside.is_file() else ""  # a bucket has no appends
+        aside.write_text(earlier + "".join(line + "\n" for line in later), encoding="utf-8")
         logger.warning("%s: %d record(s) of steps after %d moved to %s", path, len(later), step, aside.name)
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -102,18 +102,22 @@ class GcsLeaseStore:
 
     def __init__(self, url: str):
         from google.api_core import exceptions
-        from google.cloud import storage
+        from google.cloud import storage  # reads STORAGE_EMULATOR_HOST itself (data/filesystem.py)
 
-        bucket, _, name = url.removeprefix("gs://").partition("/")
-        self._blob = storage.Client().bucket(bucket).blob(name)
+        bucket, _, self._name = url.removeprefix("gs://").partition("/")
+        self._bucket = storage.Client().bucket(bucket)
+        self._blob = self._bucket.blob(self._name)
         self._conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
 
     def read(self) -> tuple[str, int] | None:
-        try:
-            text = self._blob.download_as_text()
-        except self._conflict:
+        blob = self._bucket.get_blob(self._name)  # the generation first, then that generation's text
+        if blob is None:
             return None
-        return text, int(self._blob.generation)
+        generation = int(blob.generation)
+        try:
+            return blob.download_as_text(if_generation_match=generation), generation
+        except self._conflict:  # replaced or deleted meanwhile
+            return None
 
     def _write(self, text: str, generation: int) -> int | None:
         try:
@@ -207,13 +211,13 @@ def acquire(workdir: str | os.PathLike, *, process_index: int = 0, process_count
     error: WorkdirBusyError | None = None
     if process_index == 0:
         try:
-            text = str(workdir)
+            text = os.fspath(workdir)
             if text.startswith("gs://"):
                 lease = Lease(GcsLeaseStore(f"{text.rstrip('/')}/{LEASE_FILE}"), f"{text.rstrip('/')}/{LEASE_FILE}")
                 held = lease.acquire()
                 lease.start_heartbeat()
             else:
-                held = FileLock(pathlib.Path(workdir)).acquire()
+                held = FileLock(pathlib.Path(text)).acquire()
         except WorkdirBusyError as busy:
             error = busy
     if process_count > 1 and agree is not None and agree(error is not None) and error is None:

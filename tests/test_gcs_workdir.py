@@ -1,0 +1,99 @@
+"""A trainer workdir in a bucket (gs://, the emulator on 127.0.0.1, see gcs_fixtures.py): checkpoints (orbax
+through tensorstore's GCS driver), their digests, config.json, metrics.jsonl and the workdir lease all live
+there; a damaged step is set aside and the rerun resumes with the losses of an uninterrupted run; a second
+trainer is refused by the lease; export reads the newest intact step from the bucket."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+import train_fixtures
+from gcs_fixtures import gcs, healthy  # noqa: F401 - fixtures
+from train_fixtures import assert_bitwise_equal, tiny_config
+from geoalign_jax import checkpoint_steps
+from geoalign_jax.params_checkpoint import load_params
+from geoalign_jax.train import loop, workdir_lock
+
+
+def test_a_gs_workdir_trains_is_leased_heals_and_resumes_like_an_uninterrupted_run(healthy, tmp_path, caplog, capsys):
+    train_fixtures.use_compilation_cache(tmp_path / "jax_cache")
+    scenes = train_fixtures.make_data(tmp_path / "data", num_train=16)
+    config = lambda steps: tiny_config(scenes, **{"train.num_steps": steps, "checkpoint.every_steps": 1})  # noqa: E731
+    workdir = healthy.url("runs", "gs_workdir")
+    fs = healthy.fs
+    first = loop.run(config(2), workdir, progress=False)
+    assert (first.status, first.step) == ("finished", 2)
+    names = set(fs.find(f"{healthy.name}/runs/gs_workdir"))
+    for name in ("config.json", "metrics.jsonl", "checkpoints/model_config.json", "checkpoints/2/digest.json"):
+        assert f"{healthy.name}/runs/gs_workdir/{name}" in names, name
+    assert any("/runs/gs_workdir/tb/" in name for name in names)  # TensorBoard wrote its event file there
+    assert not any(name.endswith(workdir_lock.LEASE_FILE) for name in names)  # released at the end
+    digest = json.loads(fs.cat(f"{healthy.name}/runs/gs_workdir/checkpoints/2/digest.json"))
+    assert digest["checksums"] == checkpoint_steps.OBJECT_CHECKSUMS and len(digest["files"]) > 5
+
+    # A trainer that holds the lease (here: this process) refuses a second one, before it touches the workdir.
+    held = workdir_lock.acquire(workdir)
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"in use by another trainer \(host .*lease gs://"):
+        loop.run(config(3), workdir, progress=False)
+    held.release()
+
+    # Silent damage of step 2 in the bucket (same size, other bytes): the digest (the server's checksums)
+    # notices it, the rerun sets the step aside and resumes from step 1.
+    target = max((name for name in names if "/checkpoints/2/params/" in name), key=lambda name: fs.size(name))
+    fs.pipe(target, bytes(fs.size(target)))
+    fs.invalidate_cache()
+    with pytest.raises(checkpoint_steps.DamagedStepError, match="content digest mismatch"):
+        checkpoint_steps.verify_digest(f"{workdir}/checkpoints/2")
+    caplog.set_level(logging.INFO)
+    resumed = loop.run(config(3), workdir, progress=False)
+    assert (resumed.resumed_from, resumed.step) == (1, 3)
+    assert any("checkpoint step 2" in r.getMessage() and "moved to 2.damaged" in r.getMessage() for r in caplog.records)
+    assert checkpoint_steps.finished_steps(f"{workdir}/checkpoints") == [3, 2]
+    assert fs.isdir(f"{healthy.name}/runs/gs_workdir/checkpoints/2.damaged")
+    uninterrupted = loop.run(config(3), tmp_path / "local", progress=False)
+    assert_bitwise_equal(uninterrupted.state.params, resumed.state.params)
+    records = [json.loads(line) for line in fs.cat(f"{healthy.name}/runs/gs_workdir/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # each step once; the old step 2 set aside
+
+    # Export reads the newest intact step from the bucket; --ema on checkpoints without EMA weights: one line.
+    _, params = load_params(workdir)
+    assert_bitwise_equal(jax_params(resumed.state.params), params)
+    from geoalign_jax.convert import __main__ as convert_cli
+
+    capsys.readouterr()
+    assert convert_cli.main(["export", "--params", workdir, "--ema", "--format", "open_clip",
+                             "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hold no EMA weights" in err and "train.ema_decay was not set" in err, err
+
+
+def jax_params(tree):
+    import jax
+    import numpy as np
+
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def test_the_workdir_lease_on_a_bucket_refuses_a_second_owner_and_is_taken_over_when_stale(healthy, caplog):
+    """The lease object itself on the emulator, with GCS's generation preconditions (tools/gcs_emulator.py)."""
+    url = healthy.url("runs", "leased", workdir_lock.LEASE_FILE)
+    now = [1000.0]
+    lease = lambda: workdir_lock.Lease(workdir_lock.GcsLeaseStore(url), url, stale_s=600, clock=lambda: now[0])  # noqa: E731
+    first = lease().acquire()
+    now[0] += 500
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=r"pid \d+, .*lease gs://.*, heartbeat 500 s ago"):
+        lease().acquire()
+    assert first.heartbeat()
+    now[0] += 599
+    with pytest.raises(workdir_lock.WorkdirBusyError):
+        lease().acquire()
+    now[0] += 2
+    caplog.set_level(logging.WARNING)
+    second = lease().acquire()
+    assert "taking over the stale lease gs://" in caplog.text and not first.heartbeat()
+    first.release()  # it lost the lease: releasing leaves the new owner's object alone
+    assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == second.holder["owner"]
+    second.release()
+    assert workdir_lock.GcsLeaseStore(url).read() is None
