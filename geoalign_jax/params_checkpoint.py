@@ -157,8 +157,8 @@ def _read_params(path: pathlib.Path, config: CLIPConfig, *, ema: bool = False) -
     _, params_dir = locate(path)
     if ema:
         params_dir = params_dir.parent / EMA_DIR
-        if not params_dir.is_dir():
-            raise FileNotFoundError(
+        if not params_dir.is_dir():  # a ValueError: one named step is refused as such, not as "does not read back"
+            raise ValueError(
                 f"{path}: no EMA weights ({params_dir} is absent: only trainer checkpoints of a run with "
                 "train.ema_decay > 0 have them)"
             )

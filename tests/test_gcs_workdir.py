@@ -67,6 +67,10 @@ def test_a_gs_workdir_trains_is_leased_heals_and_resumes_like_an_uninterrupted_r
                              "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hold no EMA weights" in err and "train.ema_decay was not set" in err, err
+    assert convert_cli.main(["export", "--params", f"{workdir}/checkpoints/3", "--ema", "--format", "open_clip",
+                             "--out", str(tmp_path / "out")]) == 2  # one step named: its own line, no "damaged"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no EMA weights" in err and "does not read back" not in err, err
 
 
 def jax_params(tree):
