@@ -142,7 +142,6 @@ def largest_batch(args: argparse.Namespace, row: dict[str, Any], capacity: float
     confirmed = max(fitting) if fitting else None
     return {"fixed_gib": fixed, "per_example_gib": per_example, "predicted_batch": first_prediction,
             "largest_confirmed_batch": confirmed, "compiled_total_gib": dict(sorted(points.items()))}
-    return result
 
 
 def remat_mode(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,20 +214,30 @@ def speed_mode(args: argparse.Namespace) -> dict[str, Any]:
             "compile_s": {micro: round(run["compile_s"], 1) for micro, run in runs.items()}}
 
 
-def use_cpu_scheduler(kind: str) -> None:
-    """Chooses XLA:CPU's instruction scheduler, which decides what the CPU memory analysis reports.
+def use_cpu_scheduler(kind: str) -> str:
+    """Chooses XLA:CPU's instruction scheduler, which decides what the CPU memory analysis reports; returns the
+    one in effect ("memory" or "concurrency": a flag already in XLA_FLAGS wins over `kind`).
 
     Why: XLA:CPU schedules for concurrency by default (breadth first: every instruction as early as its
     operands allow), which hoists the backward pass's recomputation of a rematerialised block next to the
     forward pass, so its activations are live at once and `train.remat=block` looks useless on the CPU
     (`remat --config configs/farslip.py:s1 --batch 16 --dtype bfloat16`: temporaries 3.39 GiB without remat,
     3.39 GiB with). The memory-minimising scheduler keeps most of the recomputation where the backward pass
-    needs it (2.35 -> 1.24 GiB), closer to what a GPU/TPU compile does under its memory limit. Must run before jax starts a backend."""
+    needs it (2.35 -> 1.24 GiB), closer to what a GPU/TPU compile does under its memory limit. Must run before jax
+    starts a backend: XLA reads XLA_FLAGS once, when the first backend is created (importing jax does not)."""
     flag = "--xla_cpu_enable_concurrency_optimized_scheduler"
-    if flag in os.environ.get("XLA_FLAGS", ""):
-        return  # the caller chose
+    chosen = [word for word in os.environ.get("XLA_FLAGS", "").split() if word.startswith(flag)]
+    if chosen:  # the caller chose
+        return "memory" if chosen[-1].partition("=")[2].lower() in ("false", "0") else "concurrency"
+    try:  # private, but the only way to tell; a flag set after a backend started would silently do nothing
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:
+        backends_are_initialized = lambda: False  # noqa: E731
+    if backends_are_initialized():
+        raise RuntimeError("--cpu-scheduler: a jax backend already started in this process; XLA_FLAGS is read once")
     value = "false" if kind == "memory" else "true"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={value}".strip()
+    return kind
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="XLA:CPU's scheduler: 'memory' minimises peak memory (remat shows), 'concurrency' is "
                              "XLA:CPU's default (use_cpu_scheduler)")
     args = parser.parse_args(argv)
-    use_cpu_scheduler(args.cpu_scheduler)
+    args.cpu_scheduler = use_cpu_scheduler(args.cpu_scheduler)
     args.micro = [int(value) for value in args.micro.split(",")]
     result = {"memory": memory_mode, "remat": remat_mode, "speed": speed_mode}[args.mode](args)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
