@@ -59,7 +59,11 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
     (checkpoints / "3" / checkpoint_steps.DIGEST_FILE).unlink()
     bad_files.truncate(_largest_file(checkpoints / "3"))
     caplog.clear()
-    load_params(workdir)
+    from geoalign_jax.eval import __main__ as eval_cli
+
+    # evaluate --checkpoint WORKDIR (no --step): results.json's "weights" names the step it read
+    eval_args = eval_cli.build_parser().parse_args(["--checkpoint", str(workdir), "--tasks", "t", "--out", "o"])
+    assert eval_cli.load_weights(eval_args)[2] == f"checkpoint {workdir} step 2"
     messages = [r.getMessage() for r in caplog.records]
     assert any("checkpoint step 3" in m and "skipped (left in place)" in m for m in messages)
     assert any(m.startswith("reading checkpoint step 2 of ") for m in messages) and (checkpoints / "3").is_dir()
