@@ -97,3 +97,37 @@ def test_the_workdir_lease_on_a_bucket_refuses_a_second_owner_and_is_taken_over_
     assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == second.holder["owner"]
     second.release()
     assert workdir_lock.GcsLeaseStore(url).read() is None
+
+
+def test_trainers_racing_for_a_lease_on_a_bucket_exactly_one_wins(healthy):
+    """Four trainers start at once (on a fresh workdir, then on a stale lease): GCS's generation preconditions
+    (the emulator's, tools/gcs_emulator.py) let exactly one of them take the lease each time."""
+    import concurrent.futures
+    import threading
+
+    url = healthy.url("runs", "raced", workdir_lock.LEASE_FILE)
+    now = [1000.0]
+
+    def race() -> list[workdir_lock.Lease]:
+        leases = [workdir_lock.Lease(workdir_lock.GcsLeaseStore(url), url, stale_s=600, clock=lambda: now[0])
+                  for _ in range(4)]
+        start = threading.Barrier(len(leases))
+
+        def take(lease):
+            start.wait()
+            try:
+                return lease.acquire()
+            except workdir_lock.WorkdirBusyError:
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(len(leases)) as pool:
+            return [lease for lease in pool.map(take, leases) if lease is not None]
+
+    first = race()
+    assert len(first) == 1
+    now[0] += 601  # its heartbeat stopped (a killed trainer): stale
+    second = race()
+    assert len(second) == 1 and second[0].holder["owner"] != first[0].holder["owner"]
+    assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == second[0].holder["owner"]
+    assert not first[0].heartbeat()
+    second[0].release()
