@@ -131,3 +131,26 @@ def test_trainers_racing_for_a_lease_on_a_bucket_exactly_one_wins(healthy):
     assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == second[0].holder["owner"]
     assert not first[0].heartbeat()
     second[0].release()
+
+
+def test_a_bucket_digest_of_objects_without_md5_checks_crc32c_and_says_so(healthy, caplog):
+    """A composite object (a parallel composite upload) has no MD5 in GCS: the digest falls back to size and
+    CRC32C, which still finds changed bytes, and says in one warning that it did."""
+    step = healthy.url("runs", "composite", "checkpoints", "4")
+    fs, base = healthy.fs, step.removeprefix("gs://")
+    fs.pipe({f"{base}/params/a": bytes(range(256)) * 40, f"{base}/b": b"metadata"})
+    fs.invalidate_cache()
+    files = checkpoint_steps.compute_digest(step)
+    assert all(size and crc32c and md5 for size, crc32c, md5 in files.values()), files  # the emulator gives both
+    files["params/a"][2] = None  # as GCS lists a composite object
+    fs.pipe(f"{base}/{checkpoint_steps.DIGEST_FILE}", json.dumps(
+        {"format": "geoalign-step-digest", "version": 1, "checksums": checkpoint_steps.OBJECT_CHECKSUMS,
+         "segment_bytes": checkpoint_steps.SEGMENT_BYTES, "files": files}).encode())
+    fs.invalidate_cache()
+    caplog.set_level(logging.WARNING)
+    assert checkpoint_steps.verify_digest(step)
+    assert "1 of 2 object(s) have no MD5 (composite objects?), e.g. params/a: checked by size and CRC32C" in caplog.text
+    fs.pipe(f"{base}/params/a", bytes(256 * 40))  # same size, other bytes
+    fs.invalidate_cache()
+    with pytest.raises(checkpoint_steps.DamagedStepError, match="params/a changed since it was saved"):
+        checkpoint_steps.verify_digest(step)
