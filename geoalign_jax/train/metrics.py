@@ -158,9 +158,10 @@ def _open_tensorboard(logdir: str, initial_step: int) -> Any:
 
 
 class _ObjectLog:
-    """metrics.jsonl in a bucket, which has no appends: the whole object is rewritten at most every
-    `BUCKET_UPLOAD_S` seconds and at close (a run killed meanwhile loses the records of those seconds from
-    the log; they are still in the console output)."""
+    """metrics.jsonl in a bucket, which has no appends: the whole object is rewritten by the first record
+    written `BUCKET_UPLOAD_S` seconds or more after the last upload, and at close (a run killed meanwhile loses
+    the records since the last upload, at most BUCKET_UPLOAD_S plus one logging interval of them, from the log;
+    they are still in the console output)."""
 
     def __init__(self, path: Any):
         self._path = path
