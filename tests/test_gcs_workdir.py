@@ -154,3 +154,23 @@ def test_a_bucket_digest_of_objects_without_md5_checks_crc32c_and_says_so(health
     fs.invalidate_cache()
     with pytest.raises(checkpoint_steps.DamagedStepError, match="params/a changed since it was saved"):
         checkpoint_steps.verify_digest(step)
+
+
+def test_tensorboard_in_a_bucket_uploads_nothing_after_close(healthy):
+    """tensorboardX's own gs:// writer uploads its event file again when it is garbage-collected, which its atexit
+    hook delays to the interpreter's exit (a 120 s hang and a traceback when the bucket no longer answers)."""
+    from geoalign_jax.train import metrics
+
+    writer = metrics.MetricsWriter(healthy.url("runs", "tb_close"), total_steps=1, initial_step=0, progress=False)
+    writer.write(1, {"loss": 1.0})
+    event_writer = writer._tb.file_writer.event_writer._ev_writer._py_recordio_writer  # (the close drops it)
+    writer.close()
+    fs, events = healthy.fs, f"{healthy.name}/runs/tb_close/{metrics.TENSORBOARD_DIR}"
+    fs.invalidate_cache()
+    [event_file] = fs.find(events)
+    assert fs.size(event_file) > 0
+    fs.rm(event_file)
+    fs.invalidate_cache()
+    event_writer.close()  # what the atexit hook and the garbage collection at the exit do
+    fs.invalidate_cache()
+    assert fs.find(events) == []
