@@ -47,7 +47,7 @@ def test_aid_class_table_matches_the_sample_folders(shared_data):
     assert classnames.dataset_class_identifiers("AID") == folders
     sizes = {name: len(classnames.dataset_class_names(name)) for name in classnames.DATASET_CLASSES}
     assert sizes == {"ucm": 21, "aid": 30, "resisc45": 45, "eurosat": 10, "whu_rs19": 19, "rsscn7": 7,
-                     "patternnet": 38, "fmow": 62}
+                     "patternnet": 38, "fmow": 62, "millionaid": 51, "rsicb256": 35}
     assert classnames.prompt_names_for(["DenseResidential", "sea_lake", "SeaLake"], "eurosat")[1:] == \
         ["lake or sea", "lake or sea"]
     assert classnames.readable_class_name("footballField") == "football field"

@@ -283,15 +283,19 @@ def test_split_by_admits_only_the_authors_files_on_their_split(tmp_path):
     assert runner.split_guard(retrieval, "test", [], allow=False) is None
 
 
-def test_class_lists_ship_for_five_farslip_sets_and_flag_a_different_list():
+def test_class_lists_ship_for_seven_farslip_sets_and_flag_a_different_list():
     from geoalign_jax.eval import classnames
 
     assert len(classnames.dataset_class_names("fmow")) == 62 and len(classnames.dataset_class_names("nwpu")) == 45
+    assert len(classnames.dataset_class_names("millionaid")) == 51 and len(classnames.dataset_class_names("rsicb")) == 35
+    assert benchmark_root.class_list_mismatch("rsicb", sorted(classnames.RSICB256.values(), reverse=True)) is None
+    assert "not in it: ['city_avenue']" in benchmark_root.class_list_mismatch(  # RSI-CB128's, not RSI-CB256's
+        "rsicb", list(classnames.RSICB256)[:-1] + ["city_avenue"])
     aid_readable = list(classnames.AID.values())
     assert benchmark_root.class_list_mismatch("aid", aid_readable) is None
     assert benchmark_root.class_list_mismatch("aid", list(classnames.AID)) is None
     assert "not in it: ['volcano']" in benchmark_root.class_list_mismatch("aid", aid_readable[:-1] + ["volcano"])
-    assert benchmark_root.class_list_mismatch("millionaid", ["anything"]) is None  # nothing shipped to compare
+    assert benchmark_root.class_list_mismatch("SkyScript_cls", ["anything"]) is None  # nothing shipped to compare
 
 
 def test_prepare_labels_csv_writes_records_and_counts_bad_rows(bench, tmp_path):

@@ -47,3 +47,35 @@ def test_a_missing_evaluation_folder_in_a_bucket_is_named(healthy, tmp_path, cap
     with pytest.raises(SystemExit):
         main(["--model", "tiny", "--tasks", f"retrieval:x={missing}", "--no_progress", "--out", str(tmp_path)])
     assert f"data path not found: {missing}" in capsys.readouterr().err
+
+
+def test_a_segmentation_folder_in_a_bucket_reads_like_the_local_one(healthy, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from geoalign_jax.data import prepare_segmentation
+    from geoalign_jax.eval import datasets, provenance, seg_data
+    from geoalign_jax.eval.task_spec import parse_task
+
+    rng = np.random.default_rng(0)
+    for folder in ("img", "ann"):
+        (tmp_path / folder).mkdir()
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / f"t{index}.png")
+        Image.fromarray(rng.integers(1, 3, (12, 16), dtype=np.uint8)).save(tmp_path / "ann" / f"t{index}.png")
+    prepare_segmentation.prepare_segmentation(tmp_path / "img", tmp_path / "ann", tmp_path / "seg",
+                                              classes=[["a"], ["b"]], split="val", reduce_zero_label=True)
+    remote = healthy.upload(tmp_path / "seg", "eval", "seg")
+    local, bucket = seg_data.load_segmentation(tmp_path / "seg"), seg_data.load_segmentation(remote)
+    assert seg_data.is_segmentation_dir(remote) and not seg_data.is_segmentation_dir(healthy.url("eval"))
+    assert runner.resolve_split(parse_task(f"segmentation:seg={remote}"))[:2] == ("val", "seg")
+    assert bucket.images.where(1).startswith(remote + "/") and bucket.description.endswith(local.description[-40:])
+    for index in range(2):
+        for ours, theirs in zip(bucket.pair(index), local.pair(index)):
+            np.testing.assert_array_equal(ours, theirs)
+    digests = provenance.image_digests(local.images)
+    assert provenance.image_digests(bucket.images) == digests
+    assert provenance.segmentation_items(bucket, digests) == provenance.segmentation_items(local, digests)
+    healthy.fs.rm(f"{healthy.name}/eval/seg/val/masks/t1.png")
+    with pytest.raises(datasets.EvalDataError, match=r"gs://.*/t1.png: cannot read the mask"):
+        bucket.pair(1)

@@ -279,10 +279,16 @@ def _next_batch(config, checkpoint_step_dir: pathlib.Path) -> dict[str, np.ndarr
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_path):
-    """With 4 micro-batches (GradCache) and the EMA of the parameters, which checkpoints keep and export reads."""
+    """With 4 micro-batches (GradCache) and the EMA of the parameters, which checkpoints keep and export reads.
+    Both runs evaluate at step 6 (4 training images): the straight one the EMA (eval.use_ema), the resumed one
+    the raw parameters; each results.json must hash the weights it names."""
+    evaluated_at_6 = {"eval.tasks": (f"retrieval:seen={scenes},split=train,limit=4",), "eval.every_steps": 6,
+                      "eval.batch_size": 4, "eval.allow_train_split": True}
     config = tiny_config(scenes, **{"train.num_steps": 6, "checkpoint.every_steps": 4, "train.micro_batches": 4,
-                                    "train.ema_decay": 0.9})
-    straight = loop.run(config, tmp_path / "straight", progress=False)
+                                    "train.ema_decay": 0.9, **evaluated_at_6})
+    with_ema_evaluated = config.copy_and_resolve_references()
+    with_ema_evaluated.eval.use_ema = True
+    straight = loop.run(with_ema_evaluated, tmp_path / "straight", progress=False)
 
     def preempt_at_3(step: int) -> None:
         if step == 3:
@@ -302,6 +308,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_
     assert_bitwise_equal(straight.state.opt_state, resumed.state.opt_state)
     assert_bitwise_equal(straight.state.ema, resumed.state.ema)
     _check_ema_and_its_export(straight.state, tmp_path / "straight", tmp_path / "export")
+    for run, weights in ((tmp_path / "straight", straight.state.ema), (tmp_path / "interrupted", resumed.state.params)):
+        written = json.loads((run / "eval" / "step_6" / "results.json").read_text())
+        assert written["provenance"]["model"]["parameter_hash"] == provenance.parameter_hash(weights), run.name
+        assert ("(EMA, train.ema_decay 0.9)" in written["run"]["weights"]) == (run.name == "straight")
     for step in (4, 6):  # step 4: saved while training went on (the iterator state is taken before save returns)
         data_file = pathlib.Path("checkpoints", str(step), "data", "process_0-of-1.json")
         assert (tmp_path / "straight" / data_file).read_text() == (tmp_path / "interrupted" / data_file).read_text()

@@ -23,7 +23,7 @@ import os
 import pathlib
 import shutil
 import sys
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image
@@ -75,10 +75,11 @@ def reduce_labels(mask: np.ndarray, ignore_index: int, reduce_zero_label: bool) 
     return np.where((labels == 0) | (labels == ignore_index), ignore_index, labels - 1)
 
 
-def read_mask(path: pathlib.Path | str) -> np.ndarray:
-    """A single-channel label map -> [H, W] integers; ValueError naming the file otherwise."""
+def read_mask(path: pathlib.Path | str, data: BinaryIO | None = None) -> np.ndarray:
+    """A single-channel label map -> [H, W] integers; ValueError naming the file otherwise. ``data``: the
+    file's bytes already opened (e.g. read from a bucket), ``path`` then only names it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else data) as image:
             mode = image.mode
             if mode not in _MASK_MODES:
                 raise ValueError(f"mask {path}: not a single-channel label map (PIL mode {mode}); give masks "

@@ -79,10 +79,10 @@ RETRIEVAL_SETS: tuple[CaptionSet, ...] = (
 )
 
 
-#: FarSLIP dataset key -> the class table shipped in ``eval.classnames`` (MillionAID, RSI-CB256 and
-#: SkyScript_cls have none: their lists come from the benchmark's own classnames.txt).
+#: FarSLIP dataset key -> the class table shipped in ``eval.classnames`` (SkyScript_cls has none: no source
+#: of its 70 classes was found outside the benchmark download, so its own classnames.txt is used unchecked).
 SHIPPED_CLASS_TABLES = {"aid": "aid", "eurosat": "eurosat", "fmow": "fmow", "nwpu": "resisc45",
-                        "patternnet": "patternnet"}
+                        "patternnet": "patternnet", "millionaid": "millionaid", "rsicb": "rsicb256"}
 
 
 def class_list_mismatch(dataset: str, names: list[str]) -> str | None:

@@ -91,6 +91,29 @@ FMOW = _readable([
     "toll_booth", "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo",
 ])
 
+# Million-AID's 51 scene classes of the multi-class task (the leaf folders of its release), sorted. Source:
+# microsoft/torchgeo@02ea85b5fe164a68b0478faf0ed20022f8ee1f10:torchgeo/datasets/millionaid.py
+# (`multi_class_categories`, whose "bapsketball_court" is the release's basketball_court folder).
+MILLIONAID = _readable([
+    "apartment", "apron", "bare_land", "baseball_field", "basketball_court", "beach", "bridge", "cemetery",
+    "church", "commercial_area", "dam", "desert", "detached_house", "dry_field", "forest", "golf_course",
+    "greenhouse", "ground_track_field", "helipad", "ice_land", "intersection", "island", "lake", "meadow", "mine",
+    "mobile_home_park", "oil_field", "orchard", "paddy_field", "parking_lot", "pier", "quarry", "railway", "river",
+    "road", "rock_land", "roundabout", "runway", "solar_power_plant", "sparse_shrub_land", "stadium",
+    "storage_tank", "substation", "swimming_pool", "tennis_court", "terraced_field", "train_station", "viaduct",
+    "wastewater_plant", "wind_turbine", "works",
+])
+
+# RSI-CB256's 35 classes (the release's leaf folders), sorted. Source:
+# biasvariancelabs/aitlas@1e326642438f6217fff1b4389a9f3b8507642b98:aitlas/datasets/rsi_cb256.py (`LABELS`).
+RSICB256 = _readable([
+    "airplane", "airport_runway", "artificial_grassland", "avenue", "bare_land", "bridge", "city_building",
+    "coastline", "container", "crossroads", "dam", "desert", "dry_farm", "forest", "green_farmland", "highway",
+    "hirst", "lakeshore", "mangrove", "marina", "mountain", "parkinglot", "pipeline", "residents", "river",
+    "river_protection_forest", "sandbeach", "sapling", "sea", "shrubwood", "snow_mountain", "sparse_forest",
+    "storage_room", "stream", "town",
+])
+
 DATASET_CLASSES: dict[str, dict[str, str]] = {
     "ucm": UCM,
     "aid": AID,
@@ -100,9 +123,12 @@ DATASET_CLASSES: dict[str, dict[str, str]] = {
     "rsscn7": RSSCN7,
     "patternnet": PATTERNNET,
     "fmow": FMOW,
+    "millionaid": MILLIONAID,
+    "rsicb256": RSICB256,
 }
 _ALIASES = {"nwpu": "resisc45", "nwpu_resisc45": "resisc45", "whurs19": "whu_rs19", "whu-rs19": "whu_rs19",
-            "uc_merced": "ucm", "ucmerced": "ucm", "fmow_rgb": "fmow"}
+            "uc_merced": "ucm", "ucmerced": "ucm", "fmow_rgb": "fmow", "million_aid": "millionaid",
+            "million-aid": "millionaid", "rsicb": "rsicb256", "rsi_cb256": "rsicb256", "rsi-cb256": "rsicb256"}
 
 
 def canonical_dataset_name(name: str) -> str | None:

@@ -5,12 +5,20 @@ metrics never know which one produced them, which is how the JAX model and its o
 checked to give the same numbers.
 
 The JAX backend compiles ``encode_image`` / ``encode_text`` once per shape: every call is cut into
-fixed-size batches and the last one is padded (pad rows are dropped from the output), so an
-evaluation compiles one image function and one text function whatever the dataset size. Two
+fixed-size batches and the last one is padded (pad rows are dropped from the output), so a dataset
+compiles one image function and one text function whatever its size (the driver's even batches below
+make that shape depend on the size: a run over several datasets compiles one image function per distinct
+row count, each between half the batch and the batch; at ViT-B/32 on the CPU a compile costs about what
+the pad rows it saves cost on average; on an accelerator it costs more than they do). Two
 exceptions keep CPU evaluation cheap: embeddings alone run a function that does not return patch
 tokens (so XLA drops all of the last block but the pooled row), and a text call no longer than one
 batch (the prompts of a zero-shot classifier) is padded only to the next power of two (>= 8), not
-to the full text batch.
+to the full text batch. The driver cuts a stream of n images into equal batches (600 images at batch 64:
+10 of 60, not 9 of 64 and one of 24 padded to 64) and asks the backend to pad to that size (``pad_to``),
+so no compute goes to pad rows beyond the last batch's remainder. Texts run only as many tokens as the
+call's longest text needs, rounded up to one of the text tower's length buckets (the EOT embedding under
+the causal mask does not depend on later positions), so a zero-shot classifier's short prompts compile and
+run one 32-token tower instead of a switch over the 32- and 77-token ones.
 """
 from __future__ import annotations
 
@@ -26,10 +34,12 @@ class Embedder(Protocol):
 
     image_size: int
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
-        """[n, S, S, 3] preprocessed -> [n, E]."""
+    def embed_images(self, images: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
+        """[n, S, S, 3] preprocessed -> [n, E]. ``pad_to``: the batch rows the caller's batches have (a
+        backend that compiles per shape pads a shorter batch to it; others ignore it)."""
 
-    def embed_images_with_patches(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def embed_images_with_patches(self, images: np.ndarray, *, pad_to: int | None = None
+                                  ) -> tuple[np.ndarray, np.ndarray]:
         """[n, S, S, 3] -> ([n, E], patch tokens [n, gh, gw, E]); needed only for RoI region features."""
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -51,6 +61,25 @@ def text_rows(count: int, batch_size: int) -> int:
     if count >= batch_size:
         return batch_size
     return min(batch_size, max(8, 1 << max(count - 1, 0).bit_length()))
+
+
+def even_batch_rows(count: int, batch_size: int) -> int:
+    """Rows per batch when ``count`` rows are cut into as few batches of at most ``batch_size`` as possible,
+    all of one size but the last (600 at 64 -> 60: ten batches of 60; 100 at 64 -> 50), so padding the
+    last batch to the common size wastes fewer than one row per batch instead of up to a whole batch."""
+    if count <= 0:
+        return batch_size
+    batches = -(-count // batch_size)
+    return -(-count // batches)
+
+
+def text_tokens_needed(tokens: np.ndarray, buckets: Sequence[int]) -> int:
+    """The shortest of ``buckets`` (ascending token lengths) holding every text's EOT token (the largest id,
+    so at ``argmax``) of ``tokens`` [n, L]; L when none does."""
+    if tokens.shape[0] == 0:
+        return tokens.shape[1]
+    needed = int(np.max(np.argmax(tokens, axis=-1))) + 1
+    return next((bucket for bucket in buckets if bucket >= needed), tokens.shape[1])
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,19 +141,21 @@ class JaxEmbedder:
         """The parameters the towers run with (for the parameter hash in results.json)."""
         return self._params
 
-    def _images(self, images: np.ndarray, with_patches: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _images(self, images: np.ndarray, with_patches: bool, pad_to: int | None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
         images = np.asarray(images, dtype=np.float32)
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images must be [n, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+        rows = self.batch_size if pad_to is None else min(pad_to, self.batch_size)
         embeddings, patches = [], []
-        for start in range(0, images.shape[0], self.batch_size):
-            chunk = images[start:start + self.batch_size]
+        for start in range(0, images.shape[0], rows):
+            chunk = images[start:start + rows]
             if with_patches:
-                embedding, patch_tokens = self._image_fn(self._params, _pad_rows(chunk, self.batch_size))
+                embedding, patch_tokens = self._image_fn(self._params, _pad_rows(chunk, rows))
                 patches.append(np.asarray(patch_tokens)[: chunk.shape[0]])
             else:
-                embedding = self._embedding_fn(self._params, _pad_rows(chunk, self.batch_size))
+                embedding = self._embedding_fn(self._params, _pad_rows(chunk, rows))
             embeddings.append(np.asarray(embedding)[: chunk.shape[0]])
         embedding_dim = self.config.embed_dim
         all_embeddings = np.concatenate(embeddings) if embeddings else np.zeros((0, embedding_dim), np.float32)
@@ -132,16 +163,21 @@ class JaxEmbedder:
             return all_embeddings, None
         return all_embeddings, np.concatenate(patches) if patches else None
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
-        return self._images(images, with_patches=False)[0]
+    def embed_images(self, images: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
+        return self._images(images, with_patches=False, pad_to=pad_to)[0]
 
-    def embed_images_with_patches(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        embeddings, patches = self._images(images, with_patches=True)
+    def embed_images_with_patches(self, images: np.ndarray, *, pad_to: int | None = None
+                                  ) -> tuple[np.ndarray, np.ndarray]:
+        embeddings, patches = self._images(images, with_patches=True, pad_to=pad_to)
         assert patches is not None
         return embeddings, patches
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        from geoalign_jax.models import text as text_tower
+
         tokens = self._tokenize(list(texts))
+        if self.config.text.width >= text_tower.MIN_BUCKETED_WIDTH:  # the towers that bucket lengths
+            tokens = tokens[:, :text_tokens_needed(tokens, text_tower.length_buckets(tokens.shape[1]))]
         rows = text_rows(tokens.shape[0], self.text_batch_size)
         outputs = []
         for start in range(0, tokens.shape[0], rows):
@@ -186,7 +222,7 @@ class OpenClipEmbedder:
             raise ValueError(f"images must be [n, {self.image_size}, {self.image_size}, 3], got {images.shape}")
         return self._torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
+    def embed_images(self, images: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
         outputs = []
         with self._torch.no_grad():
             for start in range(0, len(images), self.batch_size):
@@ -194,7 +230,8 @@ class OpenClipEmbedder:
                 outputs.append(self.model.encode_image(batch).float().cpu().numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, self.model.visual.output_dim), np.float32)
 
-    def embed_images_with_patches(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def embed_images_with_patches(self, images: np.ndarray, *, pad_to: int | None = None
+                                  ) -> tuple[np.ndarray, np.ndarray]:
         visual = self.model.visual
         embeddings, patches = [], []
         with self._torch.no_grad():
@@ -266,12 +303,13 @@ def embed_stream(embedder: Embedder, load: Callable[[int], np.ndarray], count: i
                  num_threads: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield (embeddings, patch tokens or None) batch by batch over all rows that ``load`` produces."""
     bar = progress_bar(total_rows, desc, progress)
+    rows = even_batch_rows(total_rows, batch_size)
     try:
-        for batch in rebatch(preprocessed_stream(load, count, num_threads=num_threads), batch_size):
+        for batch in rebatch(preprocessed_stream(load, count, num_threads=num_threads), rows):
             if with_patches:
-                embeddings, patches = embedder.embed_images_with_patches(batch)
+                embeddings, patches = embedder.embed_images_with_patches(batch, pad_to=rows)
             else:
-                embeddings, patches = embedder.embed_images(batch), None
+                embeddings, patches = embedder.embed_images(batch, pad_to=rows), None
             bar.update(batch.shape[0])
             yield embeddings, patches
     finally:

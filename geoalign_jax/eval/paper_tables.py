@@ -9,7 +9,8 @@ sources read is None and prints as "n/a (not in the sources read)". The sources:
   ``img2text_mean`` / ``text2img_mean``), our ``skyscript`` protocol's ``i2t_mean`` / ``t2i_mean``.
 - GeoAlignCLIP (arXiv 2603.09566): no code or table was readable; the numbers are those listed for the paper
   on wizwand.com (benchmark listing of the paper, read 2026-12-06), which do not name the backbone.
-- DGTRS-CLIP (arXiv 2503.19311): its tables were not readable (abstract only). FarSLIP's figures measure
+- DGTRS-CLIP (arXiv 2503.19311): its tables were not readable (abstract only), and its repository's README
+  (github.com/MitsuiChen14/DGTRS @ 7d68e82) has usage and claims but no numbers. FarSLIP's figures measure
   its v1 release LRSCLIP ViT-B/16 under FarSLIP's protocol; those are shown as a reference row, labelled so.
 """
 from __future__ import annotations
@@ -123,7 +124,7 @@ DGTRS_LONG = PaperTable(
      Column("T2I R@1", "retrieval/dgtrsd_long/standard/t2i_R@1"),
      Column("mR", "retrieval/dgtrsd_long/standard/mean_recall")),
     (_row("DGTRS-CLIP", "- - -"),),
-    "DGTRS-CLIP arXiv 2503.19311 (tables not readable; abstract only)",
+    "DGTRS-CLIP arXiv 2503.19311 (tables not readable; abstract only; no numbers in its README @ 7d68e82)",
     note="Ours: records with long_caption at BENCHMARK_ROOT/dgtrsd, text=long, tokenized to the model's context.")
 
 DGTRS_SHORT = PaperTable(
@@ -135,7 +136,7 @@ DGTRS_SHORT = PaperTable(
      Column("RSICD T2I R@1", "retrieval/rsicd/standard/t2i_R@1"),
      Column("RSICD mR", "retrieval/rsicd/standard/mean_recall")),
     (_row("DGTRS-CLIP", "- - - - - -"),),
-    "DGTRS-CLIP arXiv 2503.19311 (tables not readable; abstract only)")
+    "DGTRS-CLIP arXiv 2503.19311 (tables not readable; abstract only; no numbers in its README @ 7d68e82)")
 
 DGTRS_ZEROSHOT = PaperTable(
     "Zero-shot scene classification, top-1 accuracy (%), FarSLIP's protocol and datasets", ZS_COLUMNS,

@@ -4,16 +4,19 @@
 label settings, the split's entries); an image and its mask are decoded on access (``SegmentationSet.pair``),
 the mask reduced as the manifest says (``reduce_zero_label``) and checked: a mask of another size than its
 image or with a value that is neither a class nor the ignore index is an ``EvalDataError`` naming the file.
+The folder may be local or in a bucket (``gs://...``): every file is reached through ``data.filesystem``.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import pathlib
 from typing import Any, Sequence
 
 import numpy as np
 
+from geoalign_jax.data import filesystem
 from geoalign_jax.data import prepare_segmentation as prepared
 from geoalign_jax.data import segmentation_presets
 from geoalign_jax.eval.datasets import EvalDataError
@@ -22,12 +25,13 @@ _SPLIT_PREFERENCE = ("test", "val", "validation")
 
 
 def is_segmentation_dir(path: str | pathlib.Path) -> bool:
-    return (pathlib.Path(path) / prepared.MANIFEST).is_file()
+    return filesystem.isfile(filesystem.join(path, prepared.MANIFEST))
 
 
-def read_manifest(root: str | pathlib.Path) -> dict[str, Any]:
-    """The checked manifest of a segmentation folder; EvalDataError naming the file and field otherwise."""
-    root = pathlib.Path(root)
+def read_manifest(root: Any) -> dict[str, Any]:
+    """The checked manifest of a segmentation folder (a path, or ``filesystem.path`` of a bucket location);
+    EvalDataError naming the file and field otherwise."""
+    root = filesystem.path(root)
     path = root / prepared.MANIFEST
     if not path.is_file():
         raise EvalDataError(f"{root}: not a segmentation folder (no {prepared.MANIFEST}); make one with "
@@ -57,7 +61,7 @@ def read_manifest(root: str | pathlib.Path) -> dict[str, Any]:
     return manifest
 
 
-def choose_split(manifest: dict[str, Any], split: str | None, root: pathlib.Path) -> str:
+def choose_split(manifest: dict[str, Any], split: str | None, root: Any) -> str:
     """The asked split, else test / val / validation, else the only split."""
     splits = sorted(manifest["splits"])
     if split is not None:
@@ -74,15 +78,16 @@ def choose_split(manifest: dict[str, Any], split: str | None, root: pathlib.Path
 
 def resolve_split(root: str | pathlib.Path, split: str | None) -> tuple[str, str, list[str]]:
     """(split that will be evaluated, dataset name, the folder's splits), for the runner's split guard."""
+    root = filesystem.path(root)
     manifest = read_manifest(root)
-    chosen = choose_split(manifest, split, pathlib.Path(root))
-    return chosen, str(manifest.get("name") or pathlib.Path(root).name), sorted(manifest["splits"])
+    chosen = choose_split(manifest, split, root)
+    return chosen, str(manifest.get("name") or root.name), sorted(manifest["splits"])
 
 
 class SegmentationImages:
     """The split's image files (``provenance.image_digests`` reads them)."""
 
-    def __init__(self, root: pathlib.Path, entries: Sequence[dict[str, Any]]) -> None:
+    def __init__(self, root: Any, entries: Sequence[dict[str, Any]]) -> None:
         self.root, self.entries = root, list(entries)
 
     def __len__(self) -> int:
@@ -106,7 +111,7 @@ class SegmentationImages:
 class SegmentationSet:
     """One split: classes (names per class), label settings, protocol settings of its preset, images."""
 
-    root: pathlib.Path
+    root: Any  # pathlib.Path, or etils.epath.Path of a gs:// folder
     name: str
     split: str
     classes: list[list[str]]
@@ -140,7 +145,9 @@ class SegmentationSet:
             raise EvalDataError(str(error)) from None
         mask_path = self.root / entry["mask"]
         try:
-            mask = prepared.read_mask(mask_path)
+            mask = prepared.read_mask(mask_path, io.BytesIO(mask_path.read_bytes()))
+        except OSError as error:
+            raise EvalDataError(f"{mask_path}: cannot read the mask ({error})") from None
         except ValueError as error:
             raise EvalDataError(str(error)) from None
         if mask.shape != image.shape[:2]:
@@ -158,7 +165,7 @@ class SegmentationSet:
 
 def load_segmentation(path: str | pathlib.Path, *, split: str | None = None, limit: int | None = None
                       ) -> SegmentationSet:
-    root = pathlib.Path(path)
+    root = filesystem.path(path)
     manifest = read_manifest(root)
     chosen = choose_split(manifest, split, root)
     entries = manifest["splits"][chosen].get("images") if isinstance(manifest["splits"][chosen], dict) else None
