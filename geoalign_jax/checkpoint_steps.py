@@ -24,9 +24,10 @@ stores and checks uploads against them, so the digest of a step in a bucket reco
 those two server-side checksums from one listing, without reading a byte back; the check compares a new
 listing. (The MD5 matters: tensorstore's OCDBT files end with their own CRC32C, which makes the CRC32C of every
 such file the same constant; it still changes with any damage, but would not tell two intact files apart.)
-A digest of the other kind (a workdir copied between a disk and a bucket) is checked as far as it can be:
-CRC-32 segments by reading the bytes; object checksums on a local copy by size and CRC32C (google-crc32c,
-installed with gcsfs; without it by size alone).
+An object that GCS lists without an MD5 (a composite object, e.g. copied in by a parallel composite upload)
+is checked by size and CRC32C, said in one warning. A digest of the other kind (a workdir copied between a
+disk and a bucket) is checked as far as it can be: CRC-32 segments by reading the bytes; object checksums on
+a local copy by size and CRC32C (google-crc32c, installed with gcsfs; without it by size alone).
 """
 from __future__ import annotations
 
@@ -193,13 +194,21 @@ def verify_digest(step_dir: str | os.PathLike, under: str = "") -> bool:
             raise DamagedStepError(f"{step_dir}: {name} has {sizes[name]} bytes, {size} were saved")
     changed = f"{step_dir}: {{}} changed since it was saved (content digest mismatch)"
     if checksums == OBJECT_CHECKSUMS:
+        without_md5 = []  # objects checked by size and CRC32C alone, or by size alone
         for name, (_, crc32c, md5) in checked.items():
             if listing:  # in a bucket: the server's checksums of the objects now there
                 now = (listing[name].get("crc32c"), listing[name].get("md5Hash"))
                 if any(saved and found and saved != found for saved, found in zip((crc32c, md5), now)):
                     raise DamagedStepError(changed.format(name))
+                if not (md5 and now[1]):
+                    without_md5.append(name)
             elif crc32c and (found := _local_crc32c(step_dir / name)) is not None and found != crc32c:
                 raise DamagedStepError(changed.format(name))
+        if without_md5:  # GCS gives composite objects (parallel composite uploads) no MD5
+            logger.warning("%s: %d of %d object(s) have no MD5 (composite objects?), e.g. %s: checked by size and "
+                           "CRC32C only, which finds damage but not an intact object swapped for another (an OCDBT "
+                           "file ends with its own CRC32C, so every intact one has the same)", step_dir,
+                           len(without_md5), len(checked), without_md5[0])
         return True
     jobs = [job for name, (size, _) in checked.items() for job in _segments(step_dir / name, size)]
     found = iter(_crcs(jobs))

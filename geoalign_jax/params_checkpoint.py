@@ -177,7 +177,18 @@ def load_params(
     path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, step: int | None = None,
     ema: bool = False,
 ) -> tuple[CLIPConfig, Params]:
-    """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params).
+    """Reads a parameters checkpoint (or a trainer workdir / step, see `locate`) -> (config, numpy params);
+    `load_params_and_step` says which trainer step it read as well."""
+    config, params, _ = load_params_and_step(path, expected_config=expected_config, step=step, ema=ema)
+    return config, params
+
+
+def load_params_and_step(
+    path: str | pathlib.Path, *, expected_config: CLIPConfig | None = None, step: int | None = None,
+    ema: bool = False,
+) -> tuple[CLIPConfig, Params, int | None]:
+    """(config, numpy params, the trainer step read: None for a parameters checkpoint) of a parameters
+    checkpoint (or a trainer workdir / step, see `locate`).
 
     `ema`: the step's EMA of the parameters instead (a trainer workdir or step trained with train.ema_decay).
 
@@ -209,7 +220,9 @@ def load_params(
                 f"{candidates[0]} does not read back: {checkpoint_steps.reason(error)}") from None
         if step is not None:
             logger.info("reading checkpoint step %d of %s", step, candidates[0].parent)
-        return config, jax.tree.map(np.asarray, params)
+        elif path.parent.name == TRAINER_CHECKPOINTS_DIR and path.name.isdigit():  # one step's folder named
+            step = int(path.name)
+        return config, jax.tree.map(np.asarray, params), step
     checkpoints = candidates[0].parent
     if ema and not any((folder / EMA_DIR).is_dir() for folder in candidates):
         raise FileNotFoundError(f"{checkpoints}: the checkpoints hold no EMA weights (no step has {EMA_DIR}/: "
@@ -227,4 +240,4 @@ def load_params(
             f"{checkpoints}: no intact checkpoint step (tried {', '.join(folder.name for folder in candidates)})")
     number, params = found
     logger.info("reading checkpoint step %d of %s", number, checkpoints)
-    return config, jax.tree.map(np.asarray, params)
+    return config, jax.tree.map(np.asarray, params), number

@@ -142,6 +142,43 @@ def test_a_stream_runs_even_batches_of_one_compiled_shape(params):
     assert rows_run == [14, 14, 14]  # 14 + 14 + 12 padded to 14, not 15 + 15 + 10 padded to 15
 
 
+def test_texts_cut_to_the_bucket_of_their_last_eot_embed_as_at_full_length():
+    """embed_texts runs only the shortest length bucket holding every EOT token: at each bucket's edge
+    (EOT at index 31 fits 32 tokens, at 32 it needs 33) the embedding equals the untruncated tower's, here
+    with a Long-CLIP context of 248 (buckets 32, 128, 248). The boundary of every bucket is checked on tokens."""
+    from geoalign_jax.models import text as text_lib
+
+    config = clip.get_model_config("tiny", text_width=text_lib.MIN_BUCKETED_WIDTH, text_heads=4,
+                                   text_context_length=248)
+    # Random values of init's shapes (eval_shape: compiling the whole init costs ~15 s on 2 busy cores).
+    rng = np.random.default_rng(5)
+    shapes = jax.eval_shape(lambda key: clip.init_params(config, key), jax.random.key(5))
+    params = jax.tree_util.tree_map_with_path(lambda path, leaf: (
+        np.ones(leaf.shape) if path[-1].key == "scale" else rng.normal(size=leaf.shape) * 0.05).astype(leaf.dtype),
+        shapes)
+
+    @jax.jit
+    def full_length(params, tokens):  # no bucket and no switch: all 248 positions through every block
+        def encode(module, tokens):
+            _, pooled = module.text._encode(tokens, jax.numpy.argmax(tokens, -1))
+            return module.text.ln_final(pooled) @ module.text.text_projection
+
+        return clip.CLIP(config).apply({"params": params}, tokens, method=encode)
+
+    embedder = embed.JaxEmbedder(config, params, text_batch_size=8)
+    compiled, lengths_run = embedder._text_fn, []
+    embedder._text_fn = lambda p, t: lengths_run.append(t.shape[1]) or compiled(p, t)
+    for words, length in ((30, 32), (31, 128)):  # the longest text's EOT at index words + 1
+        texts = ["a pond.", "word " * words]
+        assert int(np.argmax(embedder._tokenize(texts)[1])) == words + 1
+        expected = np.asarray(full_length(params, embedder._tokenize(texts)))
+        np.testing.assert_allclose(embedder.embed_texts(texts), expected, atol=1e-5)
+        assert lengths_run[-1] == length
+    eot_at = lambda k: np.eye(1, 248, k, dtype=np.int32) * 49407  # noqa: E731
+    assert [embed.text_tokens_needed(eot_at(k), text_lib.length_buckets(248)) for k in (0, 31, 32, 127, 128, 247)] \
+        == [32, 32, 128, 128, 248, 248]
+
+
 def test_rebatch_keeps_order_across_uneven_pieces():
     pieces = [np.arange(n0, n1) for n0, n1 in [(0, 3), (3, 3), (3, 10), (10, 11)]]
     batches = list(embed.rebatch(pieces, 4))

@@ -101,3 +101,80 @@ def test_the_workdir_lease_on_a_bucket_refuses_a_second_owner_and_is_taken_over_
     assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == second.holder["owner"]
     second.release()
     assert workdir_lock.GcsLeaseStore(url).read() is None
+
+
+def test_trainers_racing_for_a_lease_on_a_bucket_exactly_one_wins(healthy):
+    """Four trainers start at once (on a fresh workdir, then on a stale lease): GCS's generation preconditions
+    (the emulator's, tools/gcs_emulator.py) let exactly one of them take the lease each time."""
+    import concurrent.futures
+    import threading
+
+    url = healthy.url("runs", "raced", workdir_lock.LEASE_FILE)
+    now = [1000.0]
+
+    def race() -> list[workdir_lock.Lease]:
+        leases = [workdir_lock.Lease(workdir_lock.GcsLeaseStore(url), url, stale_s=600, clock=lambda: now[0])
+                  for _ in range(4)]
+        start = threading.Barrier(len(leases))
+
+        def take(lease):
+            start.wait()
+            try:
+                return lease.acquire()
+            except workdir_lock.WorkdirBusyError:
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(len(leases)) as pool:
+            return [lease for lease in pool.map(take, leases) if lease is not None]
+
+    first = race()
+    assert len(first) == 1
+    now[0] += 601  # its heartbeat stopped (a killed trainer): stale
+    second = race()
+    assert len(second) == 1 and second[0].holder["owner"] != first[0].holder["owner"]
+    assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == second[0].holder["owner"]
+    assert not first[0].heartbeat()
+    second[0].release()
+
+
+def test_a_bucket_digest_of_objects_without_md5_checks_crc32c_and_says_so(healthy, caplog):
+    """A composite object (a parallel composite upload) has no MD5 in GCS: the digest falls back to size and
+    CRC32C, which still finds changed bytes, and says in one warning that it did."""
+    step = healthy.url("runs", "composite", "checkpoints", "4")
+    fs, base = healthy.fs, step.removeprefix("gs://")
+    fs.pipe({f"{base}/params/a": bytes(range(256)) * 40, f"{base}/b": b"metadata"})
+    fs.invalidate_cache()
+    files = checkpoint_steps.compute_digest(step)
+    assert all(size and crc32c and md5 for size, crc32c, md5 in files.values()), files  # the emulator gives both
+    files["params/a"][2] = None  # as GCS lists a composite object
+    fs.pipe(f"{base}/{checkpoint_steps.DIGEST_FILE}", json.dumps(
+        {"format": "geoalign-step-digest", "version": 1, "checksums": checkpoint_steps.OBJECT_CHECKSUMS,
+         "segment_bytes": checkpoint_steps.SEGMENT_BYTES, "files": files}).encode())
+    fs.invalidate_cache()
+    caplog.set_level(logging.WARNING)
+    assert checkpoint_steps.verify_digest(step)
+    assert "1 of 2 object(s) have no MD5 (composite objects?), e.g. params/a: checked by size and CRC32C" in caplog.text
+    fs.pipe(f"{base}/params/a", bytes(256 * 40))  # same size, other bytes
+    fs.invalidate_cache()
+    with pytest.raises(checkpoint_steps.DamagedStepError, match="params/a changed since it was saved"):
+        checkpoint_steps.verify_digest(step)
+
+
+def test_tensorboard_in_a_bucket_uploads_nothing_after_close(healthy):
+    """tensorboardX's own gs:// writer uploads its event file again when it is garbage-collected, which its atexit
+    hook delays to the interpreter's exit (a 120 s hang and a traceback when the bucket no longer answers)."""
+    from geoalign_jax.train import metrics
+
+    writer = metrics.MetricsWriter(healthy.url("runs", "tb_close"), total_steps=1, initial_step=0, progress=False)
+    writer.write(1, {"loss": 1.0})
+    event_writer = writer._tb.file_writer.event_writer._ev_writer._py_recordio_writer  # (the close drops it)
+    writer.close()
+    fs, events = healthy.fs, f"{healthy.name}/runs/tb_close/{metrics.TENSORBOARD_DIR}"
+    fs.invalidate_cache()
+    [event_file] = fs.find(events)
+    assert fs.size(event_file) > 0
+    fs.rm(event_file)
+    fs.invalidate_cache()
+    event_writer.close()  # what the atexit hook and the garbage collection at the exit do
+    fs.invalidate_cache()
+    assert fs.find(events) == []

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,7 +60,11 @@ def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_
     (checkpoints / "3" / checkpoint_steps.DIGEST_FILE).unlink()
     bad_files.truncate(_largest_file(checkpoints / "3"))
     caplog.clear()
-    load_params(workdir)
+    from geoalign_jax.eval import __main__ as eval_cli
+
+    # evaluate --checkpoint WORKDIR (no --step): results.json's "weights" names the step it read
+    eval_args = eval_cli.build_parser().parse_args(["--checkpoint", str(workdir), "--tasks", "t", "--out", "o"])
+    assert eval_cli.load_weights(eval_args)[2] == f"checkpoint {workdir} step 2"
     messages = [r.getMessage() for r in caplog.records]
     assert any("checkpoint step 3" in m and "skipped (left in place)" in m for m in messages)
     assert any(m.startswith("reading checkpoint step 2 of ") for m in messages) and (checkpoints / "3").is_dir()
@@ -160,6 +165,50 @@ def test_one_workdir_one_run_on_a_disk(tmp_path):
     workdir_lock.acquire(workdir).release()
 
     # gs://: the lease, tested on the GCS emulator in test_gcs_workdir.py
+
+
+class _FlakyLeaseStore:
+    """A lease object with generation preconditions whose first heartbeat fails (an unreachable bucket) and
+    whose second is stored but answered as a failed precondition (a retried upload whose first try landed)."""
+
+    def __init__(self):
+        self.text, self.generation, self.replaced = None, 0, 0
+
+    def read(self):
+        return None if self.text is None else (self.text, self.generation)
+
+    def create(self, text):
+        self.text, self.generation = text, 1
+        return 1
+
+    def replace(self, text, generation):
+        self.replaced += 1
+        if self.replaced == 1:
+            raise ConnectionError("bucket unreachable")
+        assert generation == self.generation
+        self.text, self.generation = text, self.generation + 1
+        return None if self.replaced == 2 else self.generation
+
+    def delete(self, generation):
+        if generation == self.generation:
+            self.text = None
+
+
+def test_a_lease_heartbeat_survives_a_failed_write_and_a_lost_answer(caplog):
+    from geoalign_jax.train import workdir_lock
+
+    store = _FlakyLeaseStore()
+    lease = workdir_lock.Lease(store, "gs://b/w/run.lease").acquire()
+    caplog.set_level(logging.WARNING)
+    lease.start_heartbeat(every_s=0.01)
+    for _ in range(500):
+        if store.replaced >= 3:
+            break
+        time.sleep(0.01)
+    lease.release()
+    assert store.replaced >= 3 and store.text is None, (store.replaced, store.text)  # beat on, released its own
+    assert "the heartbeat failed (ConnectionError: bucket unreachable); next try" in caplog.text
+    assert "lost the lease" not in caplog.text
 
 
 def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):

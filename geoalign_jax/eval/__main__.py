@@ -93,10 +93,11 @@ def load_weights(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model config, params, description) from the weights option."""
     quick = {"auto": None, "true": True, "false": False}[args.quick_gelu]
     if args.checkpoint:
-        from geoalign_jax.params_checkpoint import load_params
+        from geoalign_jax.params_checkpoint import load_params_and_step
 
-        config, params = load_params(args.checkpoint, step=args.step)  # logs the step it read
-        return config, params, f"checkpoint {args.checkpoint}" + (f" step {args.step}" if args.step is not None else "")
+        # a trainer workdir without --step: the newest intact step, which results.json must name
+        config, params, step = load_params_and_step(args.checkpoint, step=args.step)
+        return config, params, f"checkpoint {args.checkpoint}" + (f" step {step}" if step is not None else "")
     if args.open_clip or args.hf:
         from geoalign_jax.convert.pretrained import load_pretrained
 

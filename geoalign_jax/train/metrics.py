@@ -146,9 +146,11 @@ def _open_tensorboard(logdir: str, initial_step: int) -> Any:
     """tensorboardX's writer on `logdir` (a folder or gs://), or None, said in one line, when it cannot write
     there: TensorBoard is a view of what metrics.jsonl holds, never a reason to stop a run."""
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter, record_writer
 
-        # In a bucket tensorboardX uploads the whole event file at each flush: every TENSORBOARD_FLUSH_S.
+        if filesystem.is_gcs(logdir):
+            record_writer.register_writer_factory("gs", _BucketEventFiles())
+        # In a bucket the whole event file is uploaded at each flush: every TENSORBOARD_FLUSH_S.
         return SummaryWriter(logdir=logdir, purge_step=initial_step + 1 if initial_step else None,
                              flush_secs=TENSORBOARD_FLUSH_S)
     except Exception as error:  # noqa: BLE001 - any failure: no TensorBoard, said once
@@ -157,10 +159,42 @@ def _open_tensorboard(logdir: str, initial_step: int) -> Any:
         return None
 
 
+class _BucketEventFile:
+    """A TensorBoard event file in a bucket, for tensorboardX: each flush uploads the whole file (through
+    data/filesystem.py); nothing after close. tensorboardX's own gs:// writer uploads once more when it is
+    garbage-collected, which its atexit hook delays to the interpreter's exit: a 120 s hang and a traceback there
+    when the bucket no longer answers (a lost network, a test's stopped emulator)."""
+
+    def __init__(self, path: str):
+        self._path, self._data, self._closed = filesystem.path(path), bytearray(), False
+
+    def write(self, data: bytes) -> None:
+        self._data += data
+
+    def flush(self) -> None:
+        if not self._closed:
+            self._path.write_bytes(bytes(self._data))
+
+    def close(self) -> None:
+        self.flush()
+        self._closed = True
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory for gs:// (`record_writer.register_writer_factory`)."""
+
+    def open(self, path: str) -> _BucketEventFile:
+        return _BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        del path  # a bucket has no folders to create
+
+
 class _ObjectLog:
-    """metrics.jsonl in a bucket, which has no appends: the whole object is rewritten at most every
-    `BUCKET_UPLOAD_S` seconds and at close (a run killed meanwhile loses the records of those seconds from
-    the log; they are still in the console output)."""
+    """metrics.jsonl in a bucket, which has no appends: the whole object is rewritten by the first record
+    written `BUCKET_UPLOAD_S` seconds or more after the last upload, and at close (a run killed meanwhile loses
+    the records since the last upload, at most BUCKET_UPLOAD_S plus one logging interval of them, from the log;
+    they are still in the console output)."""
 
     def __init__(self, path: Any):
         self._path = path

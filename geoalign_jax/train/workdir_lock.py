@@ -10,7 +10,7 @@ precondition), rewritten by a heartbeat every `LEASE_HEARTBEAT_S`, deleted at th
 heartbeat is older than `LEASE_STALE_S` (default 600 s; `GEOALIGN_LEASE_STALE_S` changes it) belongs to a
 run that died without deleting it: the next trainer takes it over with a warning. A heartbeat that finds the
 lease taken by another owner logs an error (two runs would then write the workdir; the other one took over a
-lease this run let go stale).
+lease this run let go stale); one that fails (the bucket unreachable) is logged and tried at the next beat.
 
 Multi-host runs: process 0 holds the lock; if it cannot, every process stops (a collective). Evaluate and
 export only read and take no lock.
@@ -30,6 +30,8 @@ import time
 import uuid
 from typing import Any, Callable, Protocol
 
+from geoalign_jax.error_text import one_line
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -45,6 +47,13 @@ class WorkdirBusyError(RuntimeError):
 def _holder() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "owner": uuid.uuid4().hex,
             "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def _owner(text: str) -> str | None:
+    try:
+        return json.loads(text).get("owner")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _describe(holder: dict[str, Any] | None) -> str:
@@ -183,6 +192,12 @@ class Lease:
             return False
         generation = self.store.replace(self._text(), self.generation)
         if generation is None:
+            # A retried upload whose first try was stored (its answer lost) fails its own precondition:
+            # the lease is still ours if it names our owner id.
+            found = self.store.read()
+            if found is not None and _owner(found[0]) == self.holder["owner"]:
+                self.generation = found[1]
+                return True
             logger.error("lost the lease %s to another trainer: two runs may now write this workdir", self.where)
             self.generation = None
             return False
@@ -191,8 +206,14 @@ class Lease:
 
     def start_heartbeat(self, every_s: float = LEASE_HEARTBEAT_S) -> None:
         def beat() -> None:
-            while not self._stop.wait(every_s) and self.heartbeat():
-                pass
+            while not self._stop.wait(every_s):
+                try:
+                    if not self.heartbeat():
+                        return
+                except Exception as error:  # noqa: BLE001 - a bucket failing now may answer the next beat;
+                    # a dead thread would let the lease go stale while the run goes on
+                    logger.warning("lease %s: the heartbeat failed (%s: %s); next try in %.0f s", self.where,
+                                   type(error).__name__, one_line(error), every_s)
 
         threading.Thread(target=beat, name="workdir-lease", daemon=True).start()
 
