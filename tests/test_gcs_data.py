@@ -363,3 +363,28 @@ def test_opening_a_shard_that_fails_transiently_is_retried_and_counted(healthy, 
     before = filesystem.RETRIES["metadata"]
     assert sources.check_shard(shard) == expected and len(opens) == 3
     assert filesystem.RETRIES["metadata"] - before == 2
+
+
+def test_renaming_a_folder_in_a_bucket_survives_a_retried_delete(healthy, tmp_path, monkeypatch):
+    """A damaged checkpoint step is set aside by renaming its folder (copy, then delete every object); a delete
+    whose first try landed and whose retry finds the object gone must not fail the rename."""
+    import fsspec
+
+    (tmp_path / "step" / "params").mkdir(parents=True)
+    (tmp_path / "step" / "params" / "manifest.ocdbt").write_bytes(b"m")
+    (tmp_path / "step" / "digest.json").write_text("{}")
+    source = healthy.upload(tmp_path / "step", "ckpt", "2")
+    filesystem.path(source)  # configure the emulator endpoint
+    bucket = fsspec.filesystem("gs")
+    original = bucket.rm_file
+
+    def delete_then_report_missing(name, *args, **kwargs):
+        original(name, *args, **kwargs)
+        raise FileNotFoundError(name)  # what a retried DELETE of a deleted object answers
+
+    monkeypatch.setattr(bucket, "rm_file", delete_then_report_missing)
+    filesystem.rename_folder(source, healthy.url("ckpt", "2.damaged"))
+    bucket.invalidate_cache()
+    moved = sorted(name.rsplit("2.damaged/", 1)[1] for name in bucket.find(healthy.url("ckpt", "2.damaged")))
+    assert moved == ["digest.json", "params/manifest.ocdbt"]
+    assert bucket.find(source) == []

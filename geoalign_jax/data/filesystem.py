@@ -313,4 +313,10 @@ def rename_folder(source: str | os.PathLike, target: str | os.PathLike) -> None:
     path(source)  # configure
     import fsspec
 
-    _checked(lambda: fsspec.filesystem("gs").mv(source, target, recursive=True), source)
+    bucket = fsspec.filesystem("gs")
+    _checked(lambda: bucket.copy(source, target, recursive=True), source)  # copying twice is harmless
+    for name in _checked(lambda: bucket.find(source), source):
+        try:
+            _checked(lambda name=name: bucket.rm_file(name), f"{GCS_PREFIX}{name}")
+        except FileNotFoundError:  # a delete retried (by gcsfs or `retry`) after its first try was done
+            pass
