@@ -17,16 +17,22 @@ LONG_CLIP_KEEP = 20
 LONG_CLIP_RATIO = 4
 
 
+def _grid_side(posemb: Array) -> int:
+    """g of a ViT position embedding [1 + g*g, D] (class token first); ValueError when it is not one."""
+    num_patches = posemb.shape[0] - 1
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"position embedding of {posemb.shape[0]} rows is not 1 + a square grid")
+    return side
+
+
 def resize_image_posemb(posemb: Array, new_grid: tuple[int, int]) -> Array:
     """Resizes a ViT position embedding [1 + g*g, D] (class token first) to a new patch grid.
 
     Matches open_clip's `resize_pos_embed` (bicubic, antialias=True, align_corners=False, class token
     kept as is): torch's antialiased bicubic uses the same a=-0.5 Keys kernel as `jax.image.resize`.
     """
-    num_patches = posemb.shape[0] - 1
-    old = int(round(num_patches**0.5))
-    if old * old != num_patches:
-        raise ValueError(f"position embedding of {posemb.shape[0]} rows is not 1 + a square grid")
+    old = _grid_side(posemb)
     gh, gw = new_grid
     if (gh, gw) == (old, old):
         return posemb
@@ -71,10 +77,7 @@ def resize_image_posemb_segearth(posemb: Array, new_grid: tuple[int, int]) -> Ar
     use, instead of open_clip's resize: torch bicubic without antialiasing at scale factor (g + 0.1) / old per
     axis (the 0.1 keeps the output size g), class token kept. Differs from `resize_image_posemb` by ~20% of
     the embedding's norm for 14 -> 13."""
-    num_patches = posemb.shape[0] - 1
-    old = int(round(num_patches**0.5))
-    if old * old != num_patches:
-        raise ValueError(f"position embedding of {posemb.shape[0]} rows is not 1 + a square grid")
+    old = _grid_side(posemb)
     gh, gw = new_grid
     if (gh, gw) == (old, old):
         return posemb
