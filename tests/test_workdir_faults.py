@@ -164,7 +164,7 @@ def test_one_workdir_one_run_on_a_disk(tmp_path):
         child.wait()
     workdir_lock.acquire(workdir).release()
 
-    # gs://: the lease, tested on the GCS emulator in test_gcs_workdir.py
+    # gs://: the lease, tested on the GCS emulator in gcs_workdir_cases.py
 
 
 class _FlakyLeaseStore:
