@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bad_files import make_noise_dataset, truncate, unreadable_indices, wrong_magic, zero_block
+from data_fixtures import small_data_config
 from geoalign_jax.data import pipeline, records, sources
 from geoalign_jax.eval import datasets
 from geoalign_jax.evaluate import main as evaluate_main
@@ -41,15 +42,8 @@ def damaged(clean, tmp_path_factory):
 
 
 def _config(train_shards, **overrides):
-    config = pipeline.default_data_config()
-    config.train_shards = str(train_shards)
-    config.batch_size = 1
-    config.image_size = 32
-    config.read_threads = 2
-    config.read_buffer_size = 4
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    """data_fixtures.small_data_config with one example per batch and a smaller read buffer by default."""
+    return small_data_config(train_shards, **{"batch_size": 1, "read_buffer_size": 4, **overrides})
 
 
 def _one_epoch_in_order(folder):
