@@ -110,7 +110,9 @@ def _worker() -> dict[str, float]:
 
 
 def test_sharded_losses_equal_single_device():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    import process_harness
+
+    env = dict(os.environ, XLA_FLAGS=process_harness.xla_flags(DEVICES), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     completed = subprocess.run(
         [sys.executable, __file__], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900
