@@ -26,10 +26,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def xla_flags(devices: int) -> str:
-    """This process's XLA_FLAGS (the session's compile options, tests/conftest.py) on `devices` CPU devices."""
-    kept = [word for word in os.environ.get("XLA_FLAGS", "").split()
-            if not word.startswith("--xla_force_host_platform_device_count")]
+def xla_flags(devices: int, *, default_codegen: bool = False) -> str:
+    """This process's XLA_FLAGS (the session's compile options, tests/conftest.py) on `devices` CPU devices;
+    `default_codegen`: without those compile options (XLA's default code generation, what training uses)."""
+    import conftest
+
+    dropped = {"--xla_force_host_platform_device_count", *(conftest.TEST_XLA_FLAGS if default_codegen else ())}
+    kept = [word for word in os.environ.get("XLA_FLAGS", "").split() if word.split("=", 1)[0] not in dropped]
     return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
 
 
