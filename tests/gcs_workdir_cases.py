@@ -21,7 +21,6 @@ from geoalign_jax.train import loop, workdir_lock
 
 
 def test_a_gs_workdir_trains_is_leased_heals_and_resumes_like_an_uninterrupted_run(healthy, tmp_path, caplog, capsys):
-    train_fixtures.use_compilation_cache(tmp_path / "jax_cache")
     scenes = train_fixtures.make_data(tmp_path / "data", num_train=16)
     config = lambda steps: tiny_config(scenes, **{"train.num_steps": steps, "checkpoint.every_steps": 1})  # noqa: E731
     workdir = healthy.url("runs", "gs_workdir")

@@ -26,11 +26,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def xla_flags(devices: int, *, default_codegen: bool = False) -> str:
+    """This process's XLA_FLAGS (the session's compile options, tests/conftest.py) on `devices` CPU devices;
+    `default_codegen`: without those compile options (XLA's default code generation, what training uses)."""
+    import conftest
+
+    dropped = {"--xla_force_host_platform_device_count", *(conftest.TEST_XLA_FLAGS if default_codegen else ())}
+    kept = [word for word in os.environ.get("XLA_FLAGS", "").split() if word.split("=", 1)[0] not in dropped]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def worker_env(devices_per_process: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without the jax.distributed variables, on `devices_per_process` CPU devices."""
     env = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        XLA_FLAGS=xla_flags(devices_per_process),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         OMP_NUM_THREADS="1",

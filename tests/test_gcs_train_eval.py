@@ -14,7 +14,6 @@ from geoalign_jax.eval import overlap, runner
 
 
 def test_two_training_steps_from_a_bucket_equal_the_local_steps(healthy, tmp_path):
-    train_fixtures.use_compilation_cache(tmp_path / "jax_cache")
     from geoalign_jax.train import loop
 
     local = train_fixtures.make_data(tmp_path / "data", num_train=16)

@@ -33,11 +33,6 @@ REPO_ROOT = train_fixtures.REPO_ROOT
 
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    return train_fixtures.use_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> str:
     return train_fixtures.make_data(tmp_path_factory.mktemp("train_data"))
 
@@ -179,7 +174,7 @@ def test_micro_batches_take_strided_rows():
 # Runs
 
 
-def test_demo_config_learns_and_reports_and_exports_to_open_clip(cache_env, tmp_path, caplog):
+def test_demo_config_learns_and_reports_and_exports_to_open_clip(tmp_path, caplog):
     """configs/demo.py (every loss term on): the loss falls over a few dozen steps; metrics.jsonl, TensorBoard
     and config.json are written; evaluation runs during training and the best checkpoint by its metric is
     kept beside the latest; the workdir exports to open_clip with the JAX embeddings."""
@@ -278,7 +273,7 @@ def _next_batch(config, checkpoint_step_dir: pathlib.Path) -> dict[str, np.ndarr
         iterator.close()
 
 
-def test_sigterm_then_resume_equals_an_uninterrupted_run(cache_env, scenes, tmp_path):
+def test_sigterm_then_resume_equals_an_uninterrupted_run(scenes, tmp_path):
     """With 4 micro-batches (GradCache) and the EMA of the parameters, which checkpoints keep and export reads.
     Both runs evaluate at step 6 (4 training images): the straight one the EMA (eval.use_ema), the resumed one
     the raw parameters; each results.json must hash the weights it names."""
@@ -380,7 +375,7 @@ def test_a_failed_compile_uninstalls_the_sigterm_handler_and_closes_the_run(scen
     assert signal.getsignal(signal.SIGTERM) is before and closed == ["writer"]
 
 
-def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
+def test_nonfinite_step_is_skipped_and_counted(scenes):
     config = tiny_config(scenes)
     setup = loop.build(config)
     state = loop.initial_state(setup)
@@ -408,7 +403,7 @@ def test_nonfinite_step_is_skipped_and_counted(cache_env, scenes):
     assert not np.array_equal(before_params["['visual']['proj']"], np.asarray(state.params["visual"]["proj"]))
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(cache_env, scenes, tmp_path, monkeypatch):
+def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(scenes, tmp_path, monkeypatch):
     """The streak is read only at log and save steps (here 3 and 6): steps 4 and 5 are non-finite, step 6 is
     finite again, yet the run stops at step 6 without saving it."""
     config = tiny_config(scenes, **{"train.max_consecutive_nonfinite": 2, "train.log_every": 6,
@@ -433,7 +428,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_file_is_exit_2(cache_env, scenes, tmp_path):
+def test_init_from_params_and_open_clip_with_long_clip_stretch_and_a_truncated_file_is_exit_2(scenes, tmp_path):
     import param_fixtures
     from geoalign_jax.train import experiment
     from geoalign_jax.convert import __main__ as convert_cli

@@ -259,9 +259,11 @@ def test_global_batch_metrics_and_the_old_micro_batch_average_differs():
 
 
 def test_meshes_with_four_micro_batches_equal_one_device(tmp_path):
+    import process_harness
+
     result = subprocess.run(
         [sys.executable, __file__, str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "XLA_FLAGS": process_harness.xla_flags(8), "PYTHONPATH": str(REPO_ROOT)},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())

@@ -22,11 +22,10 @@ PREEMPT_STEP = 2
 TIMEOUT_S = 500
 
 
-def _run(data: str, out: pathlib.Path, cache_dir: pathlib.Path) -> list[dict]:
-    # The three runs of each process compile the same step: share the executables.
-    env = process_harness.worker_env(DEVICES_PER_PROCESS, {
-        "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+def _run(data: str, out: pathlib.Path) -> list[dict]:
+    # The three runs of each process compile the same step: they share the executables through the session's
+    # persistent compilation cache (tests/conftest.py), which the workers' environment inherits.
+    env = process_harness.worker_env(DEVICES_PER_PROCESS)
     coordinator = f"127.0.0.1:{process_harness.free_port()}"
     commands = [[sys.executable, str(WORKER), "--process-id", str(process_id), "--num-processes",
                  str(NUM_PROCESSES), "--coordinator", coordinator, "--data", data, "--out", str(out),
@@ -38,7 +37,7 @@ def test_two_processes_train_save_on_sigterm_together_and_resume_bitwise(tmp_pat
     data = train_fixtures.make_data(tmp_path / "data")
     out = tmp_path / "out"
     out.mkdir()
-    results = _run(data, out, tmp_path / "cache")
+    results = _run(data, out)
     first, second = results
     assert first["device_count"] == second["device_count"] == NUM_PROCESSES * DEVICES_PER_PROCESS
 

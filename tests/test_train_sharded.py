@@ -142,10 +142,11 @@ def _worker(data_dir: str, out: pathlib.Path) -> dict:
 
 def test_sharded_steps_match_one_device_and_checkpoints_move_between_meshes(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import process_harness
     import train_fixtures
 
     data_dir = train_fixtures.make_data(tmp_path / "data")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+    env = {**os.environ, "XLA_FLAGS": process_harness.xla_flags(DEVICES),
            "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"}
     out = tmp_path / "out"
     out.mkdir()

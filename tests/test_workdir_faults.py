@@ -22,11 +22,6 @@ from geoalign_jax.train import loop
 
 
 @pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    return train_fixtures.use_compilation_cache(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> str:
     return train_fixtures.make_data(tmp_path_factory.mktemp("train_data"), num_train=16)
 
@@ -35,7 +30,7 @@ def _largest_file(step_dir):
     return max((path for path in (step_dir / "params").rglob("*") if path.is_file()), key=lambda p: p.stat().st_size)
 
 
-def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(cache_env, scenes, tmp_path, caplog, capsys):
+def test_a_damaged_step_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(scenes, tmp_path, caplog, capsys):
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
     config = tiny_config(scenes, **{"train.num_steps": 2, "checkpoint.every_steps": 1})

@@ -1,13 +1,13 @@
 """Shared helpers of the trainer tests (imported by the test modules and the subprocess workers; not a test
-module): a tiny scene-only experiment config, demo data, the persistent compilation cache, tree comparison.
+module): a tiny scene-only experiment config, demo data, tree comparison.
 
 The trainer compiles one XLA program per (config, mesh); the tests run the same program several times (an
-uninterrupted run, a preempted one, its resumption), so they share jax's persistent compilation cache: the
-first compile stores the executable, the later ones load it. The numbers are the same either way.
+uninterrupted run, a preempted one, its resumption, in this process or in subprocesses): the session's
+persistent compilation cache (tests/conftest.py) stores the first compile's executable and the later ones load
+it. The numbers are the same either way.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 from typing import Any
@@ -17,23 +17,6 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-CACHE_ENV = "GEOALIGN_TEST_COMPILATION_CACHE"
-
-
-def use_compilation_cache(directory: str | os.PathLike) -> dict[str, str]:
-    """Turns on jax's persistent compilation cache in `directory` for this process (every program, however
-    fast it compiled) and returns the environment that does the same for a subprocess."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(directory),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
 
 
 def make_data(out: pathlib.Path, *, num_train: int = 48, image_size: int = 32) -> str:
