@@ -37,6 +37,7 @@ SAMPLE_ENTRIES = ("aid_sample", "captions", "dota_sample", "rsicd_sample")
 #: XLA:CPU compile options of the session (flag -> value): LLVM at -O0 without its expensive passes, XLA's
 #: elemental IR emitters instead of the MLIR fusion emitters, one LLVM module (no split for parallel codegen).
 #: The demo config's train step compiled in 7.9 s instead of 39.7 s (and ran 0.6 s a step instead of 0.36 s).
+#: Written for jaxlib 0.10.2 (pinned): XLA aborts on a flag it does not know, so a jaxlib upgrade rechecks them.
 TEST_XLA_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_llvm_disable_expensive_passes": "true",
                   "--xla_cpu_use_fusion_emitters": "false", "--xla_cpu_parallel_codegen_split_count": "1"}
 COMPILATION_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -55,9 +56,22 @@ def configure_session_environment(environ: MutableMapping[str, str]) -> str | No
         environ.setdefault(name, value)
     if environ.get(COMPILATION_CACHE_DIR_ENV):
         return None
-    created = tempfile.mkdtemp(prefix="geoalign-tests-jax-cache-")
+    _remove_orphaned_caches()
+    created = tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-")
     environ[COMPILATION_CACHE_DIR_ENV] = created
     return created
+
+
+CACHE_PREFIX = "geoalign-tests-jax-cache-"
+
+
+def _remove_orphaned_caches() -> None:
+    """A session killed by a signal (CI cancelling, `timeout`) never reaches pytest_unconfigure: its cache folder,
+    named with its process id, is removed by the next session once no process has that id."""
+    for folder in pathlib.Path(tempfile.gettempdir()).glob(f"{CACHE_PREFIX}*-*"):
+        pid = folder.name[len(CACHE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists() and pathlib.Path("/proc/self").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 _CREATED_CACHE_DIR = configure_session_environment(os.environ)
