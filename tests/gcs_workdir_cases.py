@@ -17,7 +17,7 @@ from gcs_fixtures import gcs, healthy  # noqa: F401 - fixtures
 from train_fixtures import assert_bitwise_equal, tiny_config
 from geoalign_jax import checkpoint_steps
 from geoalign_jax.params_checkpoint import load_params
-from geoalign_jax.train import loop, workdir_lock
+from geoalign_jax.train import loop, metrics, workdir_lock
 
 
 def test_a_gs_workdir_trains_is_leased_heals_and_resumes_like_an_uninterrupted_run(healthy, tmp_path, caplog, capsys):
@@ -73,6 +73,52 @@ def test_a_gs_workdir_trains_is_leased_heals_and_resumes_like_an_uninterrupted_r
                              "--out", str(tmp_path / "out")]) == 2  # one step named: its own line, no "damaged"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no EMA weights" in err and "does not read back" not in err, err
+
+
+def test_a_trainer_whose_lease_was_taken_over_stops_without_saving_or_logging_into_the_workdir(
+        healthy, tmp_path, monkeypatch):
+    """At step 2 another trainer takes the lease over (as it would a stale one) and writes its metrics.jsonl;
+    this run's next heartbeat finds it: the run stops at step 2 (a log and save step) with status "lease_lost",
+    saves no step after the loss and leaves the other owner's lease, metrics.jsonl and TensorBoard alone."""
+    import time
+
+    scenes = train_fixtures.make_data(tmp_path / "data", num_train=16)
+    workdir, fs = healthy.url("runs", "lease_lost"), healthy.fs
+    base, url = f"{healthy.name}/runs/lease_lost", f"{workdir}/{workdir_lock.LEASE_FILE}"
+    held = []
+
+    def acquire_for_run(where):  # the run's own lease, kept for the test
+        held.append(workdir_lock.acquire(where))
+        return held[-1]
+
+    monkeypatch.setattr(workdir_lock, "acquire_for_run", acquire_for_run)
+    theirs, seen = [], {}
+    other_metrics = b'{"step": 0, "by": "the other trainer"}\n'
+
+    def take_over(step):
+        if step != 2:
+            return
+        theirs.append(workdir_lock.Lease(workdir_lock.GcsLeaseStore(url), url,
+                                         clock=lambda: time.time() + 10_000).acquire())  # ours looks stale
+        fs.pipe(f"{base}/{metrics.METRICS_FILE}", other_metrics)
+        fs.invalidate_cache()
+        seen.update(fs.find(base, detail=True))
+        assert not held[0].heartbeat()  # the heartbeat thread's next beat, now
+
+    config = tiny_config(scenes, **{"train.num_steps": 4, "checkpoint.every_steps": 1})
+    result = loop.run(config, workdir, progress=False, on_step=take_over)
+    assert (result.status, result.step) == ("lease_lost", 2) and held[0].lost()
+    fs.invalidate_cache()
+    assert checkpoint_steps.finished_steps(f"{workdir}/checkpoints") == [1]
+    after = fs.find(base, detail=True)
+    changed = sorted(name.removeprefix(f"{base}/") for name, info in after.items()
+                     if info.get("generation") != seen.get(name, {}).get("generation"))
+    # since the loss only step 1's save (begun before it: its async write, its digest) may have gone on
+    assert all(name.startswith("checkpoints/1") for name in changed), changed
+    assert set(seen) <= set(after)  # nothing deleted
+    assert fs.cat(f"{base}/{metrics.METRICS_FILE}") == other_metrics
+    assert json.loads(workdir_lock.GcsLeaseStore(url).read()[0])["owner"] == theirs[0].holder["owner"]
+    theirs[0].release()
 
 
 def jax_params(tree):

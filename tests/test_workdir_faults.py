@@ -141,6 +141,7 @@ def test_one_workdir_one_run_on_a_disk(tmp_path):
 
     workdir = tmp_path / "w"
     held = workdir_lock.acquire(workdir)
+    assert not held.lost()  # a flock cannot be taken over
     with pytest.raises(workdir_lock.WorkdirBusyError, match=rf"in use by another trainer \(host \S+, pid {os.getpid()}, "
                                                             r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC; .*run.lock\)"):
         workdir_lock.acquire(workdir)
@@ -204,6 +205,52 @@ def test_a_lease_heartbeat_survives_a_failed_write_and_a_lost_answer(caplog):
     assert store.replaced >= 3 and store.text is None, (store.replaced, store.text)  # beat on, released its own
     assert "the heartbeat failed (ConnectionError: bucket unreachable); next try" in caplog.text
     assert "lost the lease" not in caplog.text
+
+
+class _LeaseObject:
+    """One object with GCS's generation preconditions, in memory (workdir_lock.LeaseStore)."""
+
+    def __init__(self):
+        self.text, self.generation = None, 0
+
+    def read(self):
+        return None if self.text is None else (self.text, self.generation)
+
+    def create(self, text):
+        return None if self.text is not None else self._store(text)
+
+    def replace(self, text, generation):
+        return None if self.text is None or generation != self.generation else self._store(text)
+
+    def _store(self, text):
+        self.text, self.generation = text, self.generation + 1
+        return self.generation
+
+    def delete(self, generation):
+        if generation == self.generation:
+            self.text = None
+
+
+def test_a_lease_taken_over_is_lost_its_release_leaves_the_new_owner_alone_and_the_cli_exits_3(caplog, capsys):
+    from geoalign_jax.train import __main__ as train_cli
+    from geoalign_jax.train import workdir_lock
+
+    store, now, where = _LeaseObject(), [1000.0], "gs://b/w/run.lease"
+    ours = workdir_lock.Lease(store, where, stale_s=600, clock=lambda: now[0]).acquire()
+    assert ours.heartbeat() and not ours.lost()
+    now[0] += 601  # our heartbeat stalled: the next trainer takes the stale lease over
+    theirs = workdir_lock.Lease(store, where, stale_s=600, clock=lambda: now[0]).acquire()
+    caplog.set_level(logging.ERROR)
+    assert not ours.heartbeat() and ours.lost() and not theirs.lost()
+    assert f"lost the lease {where} to another trainer" in caplog.text
+    ours.release()
+    assert json.loads(store.text)["owner"] == theirs.holder["owner"]
+    capsys.readouterr()
+    assert train_cli.ended("lease_lost", 7, "gs://b/w") == train_cli.LEASE_LOST_EXIT == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: workdir gs://b/w: stopped at step 7 without saving"), err
+    assert "another trainer owns the workdir now" in err
+    assert train_cli.ended("finished", 7, "gs://b/w") == 0 and train_cli.ended("preempted", 3, "w") == 0
 
 
 def test_cli_refusals_are_one_line_with_exit_2(scenes, tmp_path):

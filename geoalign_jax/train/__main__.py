@@ -9,7 +9,9 @@ the latest one. Multi-host: start one such process per host (see parallel/multih
 variables); every process runs the same command. Exit status: 0 finished, 0 after a preemption save (the
 scheduler restarts the job, which resumes), 1 on a training error, 2 on a bad config or an input that cannot be
 used (a missing, truncated or damaged `init.path`, training shard or evaluation dataset: one line naming it,
-before anything compiles), a workdir another trainer holds, or no intact checkpoint step. Errors are one line
+before anything compiles), a workdir another trainer holds, or no intact checkpoint step, 3 when another
+trainer took over the gs:// workdir's lease mid-run (this run let it go stale): stopped without saving, one
+line (`LEASE_LOST_EXIT`; restarting would only be refused, the workdir is the other trainer's). Errors are one line
 (train/cli_errors.py); `--debug` or GEOALIGN_DEBUG=1 adds the traceback. The process re-executes itself once
 with tcmalloc preloaded when the machine has it and it is not loaded (geoalign_jax/host_allocator.py;
 GEOALIGN_ALLOCATOR=system keeps the system allocator).
@@ -29,6 +31,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config.json, metric
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 _DEBUG = flags.DEFINE_bool("debug", False, "print the traceback of an error (also: GEOALIGN_DEBUG=1)")
 flags.mark_flags_as_required(["config", "workdir"])
+LEASE_LOST_EXIT = 3
+
+
+def ended(status: str, step: int, workdir: str) -> int:
+    """The exit status of a run that ended with `status` at `step`; a lost lease is also said on stderr."""
+    if status == "lease_lost":
+        print(f"error: workdir {workdir}: stopped at step {step} without saving it: another trainer owns the "
+              "workdir now (it took over this run's lease, which had gone stale)", file=sys.stderr)
+        return LEASE_LOST_EXIT
+    logging.info("run %s at step %d", status, step)
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -62,8 +75,7 @@ def main(argv: list[str]) -> int:
         result = loop.run(config, _WORKDIR.value, progress=_PROGRESS.value, setup=setup)
     except Exception as error:  # noqa: BLE001 - every failure is a line (and a traceback under --debug)
         return cli_errors.report(error, _WORKDIR.value, debug=debug)
-    logging.info("run %s at step %d", result.status, result.step)
-    return 0
+    return ended(result.status, result.step, _WORKDIR.value)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

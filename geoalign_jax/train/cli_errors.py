@@ -3,7 +3,8 @@
 Exit status 2, a refusal: a bad config or command-line argument, an input that cannot be used, a workdir
 held by another trainer, a workdir whose checkpoints are of another model or data order, no intact checkpoint
 step. Exit status 1, a failure: anything else (a full disk, a non-finite run, a bug); at most a few lines, the
-first says what failed. `--debug` or GEOALIGN_DEBUG=1 prints the traceback as well.
+first says what failed. `--debug` or GEOALIGN_DEBUG=1 prints the traceback as well. (Exit status 3, a gs://
+workdir lease another trainer took over mid-run, is no exception: the run returns it, `__main__.ended`.)
 
 The library log noise the CLI silences (three harmless messages) is named, and why each is harmless said, in
 geoalign_jax/cli_logging.py, which the evaluate and convert CLIs use as well.

@@ -70,7 +70,8 @@ class InputError(ValueError):
 
 @dataclasses.dataclass
 class RunResult:
-    """How a run ended: "finished" (reached train.num_steps) or "preempted" (saved on SIGTERM)."""
+    """How a run ended: "finished" (reached train.num_steps), "preempted" (saved on SIGTERM) or "lease_lost"
+    (another trainer took over the gs:// workdir: stopped at `step` without saving or logging it)."""
 
     status: str
     step: int
@@ -319,6 +320,15 @@ def _check_best_metric(best_metric: str, results: dict[str, float]) -> None:
                          f"{', '.join(sorted(results))}")
 
 
+def _agreed_checks(host_metrics: dict[str, Any], lock: workdir_lock.FileLock | workdir_lock.Lease | None,
+                   ) -> tuple[int, bool]:
+    """(this step's decode errors of every process, whether process 0 lost the workdir's lease): one collective
+    at the steps that log, evaluate or save, so every process stops at the same step."""
+    mine = np.array([host_metrics.get(pipeline.DECODE_ERRORS_KEY, 0), bool(lock and lock.lost())], np.int64)
+    every = np.asarray(multihost.gather_host_values(mine)).reshape(-1, 2)
+    return int(every[:, 0].sum()), bool(every[:, 1].any())
+
+
 class _NonFiniteGuard:
     """The longest run of non-finite steps since the last check, kept on the device: the host reads it only at
     log and save steps, so it never waits for the step just queued (a streak that reaches the limit and then
@@ -347,9 +357,10 @@ def _train(setup: Setup, compiled: step_lib.CompiledStep, state: state_lib.Train
            workdir: Any, inputs: _Inputs, writer: metrics_lib.MetricsWriter,
            checkpointer: checkpoint_lib.Checkpointer, preemption: checkpoint_lib.Preemption,
            saved_step: int | None, on_step: Callable[[int], None] | None,
+           lock: workdir_lock.FileLock | workdir_lock.Lease | None,
            ) -> tuple[state_lib.TrainState, int, str, dict[str, float]]:
-    """Steps from `step` to train.num_steps (or a preemption notice); returns (state, step, status, the last
-    logged metrics)."""
+    """Steps from `step` to train.num_steps (or a preemption notice, or the workdir's lease lost: checked before
+    each evaluation, log and save); returns (state, step, status, the last logged metrics)."""
     config = setup.config
     num_steps, log_every = int(config.train.num_steps), int(config.train.log_every)
     ckpt_config = config.checkpoint
@@ -372,7 +383,12 @@ def _train(setup: Setup, compiled: step_lib.CompiledStep, state: state_lib.Train
         if on_step is not None:
             on_step(step)
         metrics_for_save = None
-        if eval_every and (step % eval_every == 0 or step == num_steps):
+        log_now = step % log_every == 0 or step == num_steps
+        eval_now = bool(eval_every) and (step % eval_every == 0 or step == num_steps)
+        preempted = preemption.reached(step)
+        boundary = log_now or eval_now or preempted or step % int(ckpt_config.every_steps) == 0
+        decode_errors, lease_lost = _agreed_checks(host_metrics, lock) if boundary else (0, False)
+        if eval_now and not lease_lost:
             started = _after_queued_steps(state)
             results = _evaluate(setup, state, step, workdir, inputs.train_images)
             _check_best_metric(str(ckpt_config.best_metric), results)
@@ -381,10 +397,14 @@ def _train(setup: Setup, compiled: step_lib.CompiledStep, state: state_lib.Train
             writer.write(step, {**{f"eval/{key}": value for key, value in results.items()},
                                 "eval_seconds": eval_seconds})
             metrics_for_save = results
-        if step % log_every == 0 or step == num_steps:
+            lease_lost = _agreed_checks({}, lock)[1]  # an evaluation may take minutes: again before the save
+        if lease_lost:  # another trainer owns the workdir now: nothing more goes there
+            writer.abandon()
+            status = "lease_lost"
+            break
+        if log_now:
             values = {key: value for key, value in jax.device_get(step_metrics).items()}
-            errors = multihost.gather_host_values(np.int64(host_metrics.get(pipeline.DECODE_ERRORS_KEY, 0)))
-            values["decode_errors"] = int(np.sum(errors))
+            values["decode_errors"] = decode_errors
             values.update(metrics_lib.throughput(
                 seconds=timer.lap(), steps=steps_since_log, global_batch=int(config.data.batch_size),
                 flops_per_device=compiled.flops, device=jax.devices()[0],
@@ -393,7 +413,6 @@ def _train(setup: Setup, compiled: step_lib.CompiledStep, state: state_lib.Train
             writer.write(step, values)
             last_logged = {key: float(value) for key, value in values.items()}
             guard.check(step, saved_step, checkpointer.directory)
-        preempted = preemption.reached(step)
         if preempted or step % int(ckpt_config.every_steps) == 0 or step == num_steps or metrics_for_save:
             guard.check(step, saved_step, checkpointer.directory)  # never save a state past the limit
             started = _after_queued_steps(state)
@@ -418,7 +437,8 @@ def run(
     setup: Setup | None = None,
 ) -> RunResult:
     """Trains `config` in `workdir` until `train.num_steps` (resuming from its latest checkpoint), or until a
-    preemption notice, after which every process has saved the same step. `on_step(step)` is called after
+    preemption notice, after which every process has saved the same step, or until another trainer took over
+    the gs:// workdir's lease (status "lease_lost": every process stops there unsaved). `on_step(step)` is called after
     each step is dispatched (tests use it to deliver a signal at a known step). `setup`: `build(config)`
     when the caller has it already (the CLI validates the config with it first)."""
     workdir = filesystem.path(filesystem.absolute(workdir))  # a folder, or gs:// (data/filesystem.py)
@@ -468,7 +488,7 @@ def run(
         # phase 5: the loop
         state, step, status, last_logged = _train(
             setup, compiled, state, step, workdir=workdir, inputs=inputs, writer=writer, checkpointer=checkpointer,
-            preemption=preemption, saved_step=resumed_from, on_step=on_step,
+            preemption=preemption, saved_step=resumed_from, on_step=on_step, lock=lock,
         )
     return RunResult(status, step, resumed_from, state, last_logged)
 

@@ -79,6 +79,7 @@ class MetricsWriter:
         self._bar = None
         self._tb = None
         self._jsonl = None
+        self._tb_files = _BucketEventFiles()
         if not self.enabled:
             return
         workdir = filesystem.path(workdir)  # a folder, or gs://
@@ -88,7 +89,7 @@ class MetricsWriter:
             self._jsonl = _ObjectLog(workdir / METRICS_FILE)
         else:
             self._jsonl = (workdir / METRICS_FILE).open("a", encoding="utf-8")
-        self._tb = _open_tensorboard(os.fspath(workdir / TENSORBOARD_DIR), initial_step)
+        self._tb = _open_tensorboard(os.fspath(workdir / TENSORBOARD_DIR), initial_step, self._tb_files)
         self._flush_each_write = not filesystem.is_gcs(workdir)  # in a bucket: every TENSORBOARD_FLUSH_S
         if progress:
             from tqdm import tqdm
@@ -101,7 +102,7 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """One logged step: appended to metrics.jsonl, added to TensorBoard, summarised on the console."""
-        if not self.enabled:
+        if not self.enabled or self._jsonl is None:
             return
         values = {key: _scalar(value) for key, value in metrics.items()}
         # Strict JSON: a non-finite value (a skipped step's loss) is null.
@@ -130,26 +131,38 @@ class MetricsWriter:
         else:
             print(line, flush=True)
 
+    def abandon(self) -> None:
+        """Writes nothing more into the workdir, not even what close() would upload (the run lost its gs://
+        workdir to another trainer, whose metrics.jsonl and event files it must not overwrite); the console
+        still works."""
+        self._tb_files.closed = True  # tensorboardX's flushes and close, even from its threads, upload nothing
+        if isinstance(self._jsonl, _ObjectLog):
+            self._jsonl.discard()  # (a local file holds every record already: each write flushes it)
+        self.close()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._tb is not None:
             try:
                 self._tb.close()
             except Exception as error:  # noqa: BLE001 - as in write()
                 logger.warning("TensorBoard: the last event file did not close (%s)", one_line(error))
+            self._tb = None
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
 
 
-def _open_tensorboard(logdir: str, initial_step: int) -> Any:
+def _open_tensorboard(logdir: str, initial_step: int, bucket_files: _BucketEventFiles) -> Any:
     """tensorboardX's writer on `logdir` (a folder or gs://), or None, said in one line, when it cannot write
     there: TensorBoard is a view of what metrics.jsonl holds, never a reason to stop a run."""
     try:
         from tensorboardX import SummaryWriter, record_writer
 
         if filesystem.is_gcs(logdir):
-            record_writer.register_writer_factory("gs", _BucketEventFiles())
+            record_writer.register_writer_factory("gs", bucket_files)
         # In a bucket the whole event file is uploaded at each flush: every TENSORBOARD_FLUSH_S.
         return SummaryWriter(logdir=logdir, purge_step=initial_step + 1 if initial_step else None,
                              flush_secs=TENSORBOARD_FLUSH_S)
@@ -165,14 +178,14 @@ class _BucketEventFile:
     garbage-collected, which its atexit hook delays to the interpreter's exit: a 120 s hang and a traceback there
     when the bucket no longer answers (a lost network, a test's stopped emulator)."""
 
-    def __init__(self, path: str):
-        self._path, self._data, self._closed = filesystem.path(path), bytearray(), False
+    def __init__(self, path: str, files: _BucketEventFiles):
+        self._path, self._data, self._closed, self._files = filesystem.path(path), bytearray(), False, files
 
     def write(self, data: bytes) -> None:
         self._data += data
 
     def flush(self) -> None:
-        if not self._closed:
+        if not self._closed and not self._files.closed:
             self._path.write_bytes(bytes(self._data))
 
     def close(self) -> None:
@@ -181,10 +194,14 @@ class _BucketEventFile:
 
 
 class _BucketEventFiles:
-    """tensorboardX's writer factory for gs:// (`record_writer.register_writer_factory`)."""
+    """tensorboardX's writer factory for gs:// (`record_writer.register_writer_factory`) of one MetricsWriter;
+    `closed`: its files upload nothing more (`MetricsWriter.abandon`)."""
+
+    def __init__(self) -> None:
+        self.closed = False
 
     def open(self, path: str) -> _BucketEventFile:
-        return _BucketEventFile(path)
+        return _BucketEventFile(path, self)
 
     def directory_check(self, path: str) -> None:
         del path  # a bucket has no folders to create
@@ -213,6 +230,10 @@ class _ObjectLog:
 
     def close(self) -> None:
         self.flush(now=True)
+
+    def discard(self) -> None:
+        """Drops the records not uploaded yet: close() then uploads nothing."""
+        self._pending = False
 
 
 def _drop_records_after(path: Any, step: int) -> None:

@@ -9,8 +9,10 @@ which a refused trainer names.
 precondition), rewritten by a heartbeat every `LEASE_HEARTBEAT_S`, deleted at the end. A lease whose
 heartbeat is older than `LEASE_STALE_S` (default 600 s; `GEOALIGN_LEASE_STALE_S` changes it) belongs to a
 run that died without deleting it: the next trainer takes it over with a warning. A heartbeat that finds the
-lease taken by another owner logs an error (two runs would then write the workdir; the other one took over a
-lease this run let go stale); one that fails (the bucket unreachable) is logged and tried at the next beat.
+lease taken by another owner (it took over a lease this run let go stale) logs an error and marks the lease
+lost (`lost()`): the trainer stops at its next log or save step without saving or logging more into the
+workdir (train/loop.py), and its release leaves the new owner's lease alone. A heartbeat that fails (the
+bucket unreachable) is logged and tried at the next beat.
 
 Multi-host runs: process 0 holds the lock; if it cannot, every process stops (a collective). Evaluate and
 export only read and take no lock.
@@ -91,6 +93,10 @@ class FileLock:
         self._fd = fd
         return self
 
+    def lost(self) -> bool:
+        """A flock is held until it is released: never lost."""
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
@@ -159,6 +165,7 @@ class Lease:
     holder: dict[str, Any] = dataclasses.field(default_factory=_holder)
     generation: int | None = None
     _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _lost: threading.Event = dataclasses.field(default_factory=threading.Event)  # set by the heartbeat thread
 
     def _text(self) -> str:
         return json.dumps({**self.holder, "heartbeat": self.clock()})
@@ -187,7 +194,7 @@ class Lease:
         return self
 
     def heartbeat(self) -> bool:
-        """Renews the lease; False (and an error logged) when another owner holds it now."""
+        """Renews the lease; False (an error logged, `lost()` True from now on) when another owner holds it."""
         if self.generation is None:
             return False
         generation = self.store.replace(self._text(), self.generation)
@@ -198,8 +205,10 @@ class Lease:
             if found is not None and _owner(found[0]) == self.holder["owner"]:
                 self.generation = found[1]
                 return True
-            logger.error("lost the lease %s to another trainer: two runs may now write this workdir", self.where)
+            logger.error("lost the lease %s to another trainer: this run stops at its next log or save step, "
+                         "without saving", self.where)
             self.generation = None
+            self._lost.set()
             return False
         self.generation = generation
         return True
@@ -217,8 +226,12 @@ class Lease:
 
         threading.Thread(target=beat, name="workdir-lease", daemon=True).start()
 
+    def lost(self) -> bool:
+        """Did a heartbeat find that another trainer owns the lease now?"""
+        return self._lost.is_set()
+
     def release(self) -> None:
-        self._stop.set()
+        self._stop.set()  # a lost lease has no generation: the new owner's object is not deleted
         if self.generation is not None:
             self.store.delete(self.generation)
             self.generation = None
