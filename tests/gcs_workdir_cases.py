@@ -75,16 +75,18 @@ def test_a_gs_workdir_trains_is_leased_heals_and_resumes_like_an_uninterrupted_r
     assert err.count("\n") == 1 and "no EMA weights" in err and "does not read back" not in err, err
 
 
+@pytest.mark.parametrize("during", ["step", "evaluation"])
 def test_a_trainer_whose_lease_was_taken_over_stops_without_saving_or_logging_into_the_workdir(
-        healthy, tmp_path, monkeypatch):
-    """At step 2 another trainer takes the lease over (as it would a stale one) and writes its metrics.jsonl;
-    this run's next heartbeat finds it: the run stops at step 2 (a log and save step) with status "lease_lost",
-    saves no step after the loss and leaves the other owner's lease, metrics.jsonl and TensorBoard alone."""
+        healthy, tmp_path, monkeypatch, during):
+    """At step 2 (after the step, or while step 2's evaluation runs) another trainer takes the lease over (as it
+    would a stale one) and writes its metrics.jsonl; this run's next heartbeat finds it: the run stops at step 2
+    (a log, evaluation and save step) with status "lease_lost", writes no evaluation metrics, saves no step after
+    the loss and leaves the other owner's lease, metrics.jsonl and TensorBoard alone."""
     import time
 
     scenes = train_fixtures.make_data(tmp_path / "data", num_train=16)
-    workdir, fs = healthy.url("runs", "lease_lost"), healthy.fs
-    base, url = f"{healthy.name}/runs/lease_lost", f"{workdir}/{workdir_lock.LEASE_FILE}"
+    workdir, fs = healthy.url("runs", f"lease_lost_{during}"), healthy.fs
+    base, url = f"{healthy.name}/runs/lease_lost_{during}", f"{workdir}/{workdir_lock.LEASE_FILE}"
     held = []
 
     def acquire_for_run(where):  # the run's own lease, kept for the test
@@ -105,8 +107,18 @@ def test_a_trainer_whose_lease_was_taken_over_stops_without_saving_or_logging_in
         seen.update(fs.find(base, detail=True))
         assert not held[0].heartbeat()  # the heartbeat thread's next beat, now
 
-    config = tiny_config(scenes, **{"train.num_steps": 4, "checkpoint.every_steps": 1})
-    result = loop.run(config, workdir, progress=False, on_step=take_over)
+    def evaluate(setup, state, step, *args):  # stands in for the evaluation, during which the takeover comes
+        take_over(step)
+        return {"fake/top1": 1.0}
+
+    monkeypatch.setattr(loop, "_evaluate", evaluate)
+    monkeypatch.setattr(metrics, "BUCKET_UPLOAD_S", 0.0)  # every write uploads: one after the loss would show
+    config = tiny_config(scenes, **{"train.num_steps": 4, "checkpoint.every_steps": 1,
+                                    "eval.every_steps": 2 if during == "evaluation" else 0})
+    if during == "evaluation":  # a task is required with eval.every_steps; the stand-in never reads it
+        config.eval.tasks = (f"retrieval:seen={scenes},split=train,limit=2",)
+        config.eval.allow_train_split = True
+    result = loop.run(config, workdir, progress=False, on_step=take_over if during == "step" else None)
     assert (result.status, result.step) == ("lease_lost", 2) and held[0].lost()
     fs.invalidate_cache()
     assert checkpoint_steps.finished_steps(f"{workdir}/checkpoints") == [1]

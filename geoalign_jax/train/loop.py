@@ -385,19 +385,22 @@ def _train(setup: Setup, compiled: step_lib.CompiledStep, state: state_lib.Train
         metrics_for_save = None
         log_now = step % log_every == 0 or step == num_steps
         eval_now = bool(eval_every) and (step % eval_every == 0 or step == num_steps)
-        preempted = preemption.reached(step)
-        boundary = log_now or eval_now or preempted or step % int(ckpt_config.every_steps) == 0
+        boundary = log_now or eval_now or step % int(ckpt_config.every_steps) == 0
         decode_errors, lease_lost = _agreed_checks(host_metrics, lock) if boundary else (0, False)
         if eval_now and not lease_lost:
             started = _after_queued_steps(state)
             results = _evaluate(setup, state, step, workdir, inputs.train_images)
-            _check_best_metric(str(ckpt_config.best_metric), results)
-            eval_seconds = time.perf_counter() - started
-            timer.exclude(eval_seconds)
-            writer.write(step, {**{f"eval/{key}": value for key, value in results.items()},
-                                "eval_seconds": eval_seconds})
-            metrics_for_save = results
-            lease_lost = _agreed_checks({}, lock)[1]  # an evaluation may take minutes: again before the save
+            lease_lost = _agreed_checks({}, lock)[1]  # an evaluation may take minutes: again before writing
+            if not lease_lost:
+                _check_best_metric(str(ckpt_config.best_metric), results)
+                eval_seconds = time.perf_counter() - started
+                timer.exclude(eval_seconds)
+                writer.write(step, {**{f"eval/{key}": value for key, value in results.items()},
+                                    "eval_seconds": eval_seconds})
+                metrics_for_save = results
+        preempted = preemption.reached(step)  # after the evaluation: a notice that came during it saves this step
+        if preempted and not boundary:  # a save that no check above covered
+            lease_lost = _agreed_checks({}, lock)[1]
         if lease_lost:  # another trainer owns the workdir now: nothing more goes there
             writer.abandon()
             status = "lease_lost"

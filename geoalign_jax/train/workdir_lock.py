@@ -166,6 +166,7 @@ class Lease:
     generation: int | None = None
     _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     _lost: threading.Event = dataclasses.field(default_factory=threading.Event)  # set by the heartbeat thread
+    _beating: threading.Thread | None = None
 
     def _text(self) -> str:
         return json.dumps({**self.holder, "heartbeat": self.clock()})
@@ -224,7 +225,8 @@ class Lease:
                     logger.warning("lease %s: the heartbeat failed (%s: %s); next try in %.0f s", self.where,
                                    type(error).__name__, one_line(error), every_s)
 
-        threading.Thread(target=beat, name="workdir-lease", daemon=True).start()
+        self._beating = threading.Thread(target=beat, name="workdir-lease", daemon=True)
+        self._beating.start()
 
     def lost(self) -> bool:
         """Did a heartbeat find that another trainer owns the lease now?"""
@@ -232,6 +234,8 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()  # a lost lease has no generation: the new owner's object is not deleted
+        if self._beating is not None and self._beating is not threading.current_thread():
+            self._beating.join(timeout=30)  # a beat in flight would race the delete below (a hung one: not forever)
         if self.generation is not None:
             self.store.delete(self.generation)
             self.generation = None
