@@ -41,6 +41,7 @@ SAMPLE_ENTRIES = ("aid_sample", "captions", "dota_sample", "rsicd_sample")
 TEST_XLA_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_llvm_disable_expensive_passes": "true",
                   "--xla_cpu_use_fusion_emitters": "false", "--xla_cpu_parallel_codegen_split_count": "1"}
 COMPILATION_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+CACHE_PREFIX = "geoalign-tests-jax-cache-"  # + the session's process id: see _remove_orphaned_caches
 #: every program goes to the persistent cache, however small or fast to compile (jax's defaults skip those)
 COMPILATION_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
@@ -62,15 +63,14 @@ def configure_session_environment(environ: MutableMapping[str, str]) -> str | No
     return created
 
 
-CACHE_PREFIX = "geoalign-tests-jax-cache-"
-
-
 def _remove_orphaned_caches() -> None:
     """A session killed by a signal (CI cancelling, `timeout`) never reaches pytest_unconfigure: its cache folder,
     named with its process id, is removed by the next session once no process has that id."""
+    if not pathlib.Path("/proc/self").exists():  # no /proc (macOS): whether a pid lives is not known here
+        return
     for folder in pathlib.Path(tempfile.gettempdir()).glob(f"{CACHE_PREFIX}*-*"):
         pid = folder.name[len(CACHE_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists() and pathlib.Path("/proc/self").exists():
+        if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)
 
 
